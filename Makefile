@@ -1,0 +1,21 @@
+# Two commands on a fresh machine: `make demo` (the main job on the bundled digits data) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: test demo clean
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+demo: $(VENV)/.installed
+	$(PY) demo.py
+
+clean:
+	rm -rf outputs

@@ -1,0 +1,716 @@
+"""The AutoFormer search space (Chen et al., ICCV 2021) written with NNI 3.0 mutables.
+
+One supernet holds every vision transformer of the space; a subnet uses the leading slices of
+the largest weights ("weight entanglement"). Four dimensions are searched: ``embed_dim``,
+``depth``, and per layer ``mlp_ratio_{i}`` and ``num_head_{i}`` (head dim fixed at 64).
+
+Layouts:
+
+- supernet (this project): the state dict of ``RandomOneShot().mutate_model(AutoformerSpace(...))``.
+  ``blocks.blocks.{i}.attn.qkv`` keeps the official AutoFormer layout, which NNI's built-in
+  mixed operations cannot slice (see :class:`MixedQKV`).
+- subnet: the state dict of ``space.freeze(arch)``, a plain ViT whose ``qkv`` rows are q; k; v.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import urllib.error
+from pathlib import Path
+from typing import Any, Mapping
+
+import utils  # noqa: F401  (silences NNI's harmless torch-version warnings before nni is imported)
+from utils import UserError, torch_load
+
+import nni
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from nni.mutable import MutableExpression
+from nni.nas.hub.pytorch.autoformer import (AbsolutePositionEmbedding, ClassToken, MixedAbsolutePositionEmbedding,
+                                            MixedClassToken)
+from nni.nas.nn.pytorch import ModelSpace, MutableConv2d, MutableLayerNorm, MutableLinear, ParametrizedModule, Repeat
+from nni.nas.oneshot.pytorch.supermodule.operation import MixedOperation
+from timm.layers import DropPath
+
+HEAD_DIM = 64
+
+PRESETS: dict[str, dict[str, Any]] = {
+    'tiny': dict(search_embed_dim=(192, 216, 240), search_mlp_ratio=(3.0, 3.5, 4.0),
+                 search_num_heads=(3, 4), search_depth=(12, 13, 14)),
+    'small': dict(search_embed_dim=(320, 384, 448), search_mlp_ratio=(3.0, 3.5, 4.0),
+                  search_num_heads=(5, 6, 7), search_depth=(12, 13, 14)),
+    'base': dict(search_embed_dim=(528, 576, 624), search_mlp_ratio=(3.0, 3.5, 4.0),
+                 search_num_heads=(8, 9, 10), search_depth=(14, 15, 16)),
+}
+
+# AutoFormer-T/S/B as released (embed_dim, per-layer mlp ratios, per-layer heads).
+SEARCHED = {
+    'tiny': (192, [3.5, 3.5, 3.0, 3.5, 3.0, 3.0, 4.0, 4.0, 3.5, 4.0, 3.5, 4.0, 3.5],
+             [3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 4, 3, 3]),
+    'small': (384, [3.0, 3.5, 3.0, 3.5, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0, 3.5, 4.0],
+              [6, 6, 5, 7, 5, 5, 5, 6, 6, 7, 7, 6, 7]),
+    'base': (576, [3.5, 3.5, 4.0, 3.5, 4.0, 3.5, 3.5, 3.0, 4.0, 4.0, 3.0, 4.0, 3.0, 3.5],
+             [9, 9, 9, 9, 9, 10, 9, 9, 10, 9, 10, 9, 9, 10]),
+}
+
+DEFAULTS: dict[str, Any] = dict(
+    search_embed_dim=(192, 216, 240), search_mlp_ratio=(3.0, 3.5, 4.0), search_num_heads=(3, 4),
+    search_depth=(12, 13, 14), img_size=224, patch_size=16, in_channels=3, num_labels=1000, qkv_bias=True,
+    drop_rate=0., attn_drop_rate=0., drop_path_rate=0.1, pre_norm=True, global_pooling=True,
+    absolute_position=True, qk_scale=None, rpe=True, rpe_length=None,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+class MutableQKV(ParametrizedModule, nn.Linear, wraps=nn.Linear):
+    """The q, k, v projection. Frozen, it is a plain ``nn.Linear`` whose output rows are q; k; v.
+
+    In the supernet (:class:`MixedQKV`) its weight rows are interleaved and its bias is not,
+    exactly as the official ``qkv_super``.
+    """
+
+
+def official_qkv_slice(weight: torch.Tensor, bias: torch.Tensor | None, in_features: int,
+                       out_features: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The subnet's (q; k; v) weight and bias from an official-layout supernet qkv.
+
+    Weight rows are interleaved (q, k, v, q, k, v, ...) over the first ``out_features`` rows;
+    the bias is the contiguous prefix ``bias[:out_features]``, split in three by the caller.
+    """
+    rows = weight[:out_features, :in_features]
+    weight = torch.cat([rows[0::3], rows[1::3], rows[2::3]])
+    return weight, None if bias is None else bias[:out_features]
+
+
+class MixedQKV(MixedOperation, nn.Linear):
+    """One-shot version of :class:`MutableQKV`: slices the largest qkv the way the official code does.
+
+    NNI's ``MixedLinear`` takes prefixes of rows, which is right for the weight only after
+    de-interleaving and never right for the bias of a subnet with fewer heads than the maximum.
+    """
+    bound_type = MutableQKV
+    argument_list = ['in_features', 'out_features']
+
+    def super_init_argument(self, name: str, value_choice: MutableExpression) -> int:
+        return max(value_choice.grid())
+
+    def freeze_weight(self, in_features: int, out_features: int, **kwargs) -> dict[str, torch.Tensor | None]:
+        weight, bias = official_qkv_slice(self.weight, self.bias, in_features, out_features)
+        return {'weight': weight, 'bias': bias}
+
+    def forward_with_args(self, in_features: int, out_features: int, inputs: torch.Tensor) -> torch.Tensor:
+        weight, bias = official_qkv_slice(self.weight, self.bias, in_features, out_features)
+        return F.linear(inputs, weight, bias)
+
+
+class RelativePosition2D(nn.Module):
+    """AutoFormer's 2-D relative position encoding, computed without N x N x head_dim tensors.
+
+    A token pair's encoding is ``table_v[dv] + table_h[dh]`` with dv, dh the clipped row and
+    column distances (row 0 of each table is for pairs with the class token). Since every key
+    of one grid row shares dv (and of one grid column dh), the attention terms are computed per
+    row / column bucket: a few percent of the work and memory of the direct gather.
+    """
+
+    def __init__(self, head_dim: int, length: int) -> None:
+        super().__init__()
+        self.length = length
+        self.embeddings_table_v = nn.Parameter(torch.empty(2 * length + 2, head_dim))
+        self.embeddings_table_h = nn.Parameter(torch.empty(2 * length + 2, head_dim))
+        nn.init.trunc_normal_(self.embeddings_table_v, std=.02)
+        nn.init.trunc_normal_(self.embeddings_table_h, std=.02)
+        self._index_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def bucket_index(self, num_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Table rows of (query token, key grid row) and (query token, key grid column), each (N, side).
+
+        Built once per input size and device, not per forward.
+        """
+        key = (num_tokens, device)
+        if key not in self._index_cache:
+            side = math.isqrt(num_tokens - 1)
+            if side * side != num_tokens - 1:
+                raise ValueError(f'relative position encoding needs a square patch grid, got {num_tokens - 1} patches')
+            grid = torch.arange(side, device=device)
+            patch = torch.arange(num_tokens - 1, device=device)
+            self._index_cache[key] = (self._clipped(grid, patch // side), self._clipped(grid, patch % side))
+        return self._index_cache[key]
+
+    def _clipped(self, grid: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+        index = (grid[None, :] - query[:, None]).clamp(-self.length, self.length) + self.length + 1
+        return F.pad(index, (0, 0, 1, 0))  # the class-token query uses row 0 for every key
+
+    def key_bias(self, q: torch.Tensor) -> torch.Tensor:
+        """``q . r(i, j)`` for every query i and key j: (B, H, N, d) -> (B, H, N, N)."""
+        num_tokens = q.shape[-2]
+        rows, cols = self.bucket_index(num_tokens, q.device)
+        q_v = q @ self.embeddings_table_v.t()
+        q_h = q @ self.embeddings_table_h.t()
+        per_row = torch.take_along_dim(q_v, rows[None, None], dim=-1)
+        per_col = torch.take_along_dim(q_h, cols[None, None], dim=-1)
+        patches = (per_row[..., :, None] + per_col[..., None, :]).flatten(-2)
+        return torch.cat([q_v[..., :1] + q_h[..., :1], patches], dim=-1)
+
+    def value_sum(self, attn: torch.Tensor) -> torch.Tensor:
+        """``sum_j attn(i, j) r(i, j)``: (B, H, N, N) -> (B, H, N, d)."""
+        num_tokens = attn.shape[-1]
+        side = math.isqrt(num_tokens - 1)
+        rows, cols = self.bucket_index(num_tokens, attn.device)
+        grid = attn[..., 1:].unflatten(-1, (side, side))
+        out = torch.einsum('bhir,ird->bhid', grid.sum(-1), self.embeddings_table_v[rows])
+        out = out + torch.einsum('bhic,icd->bhid', grid.sum(-2), self.embeddings_table_h[cols])
+        return out + attn[..., :1] * (self.embeddings_table_v[0] + self.embeddings_table_h[0])
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fixed head dim; the head count follows from the qkv width."""
+
+    def __init__(self, embed_dim, num_heads, qkv_bias: bool, qk_scale: float | None, attn_drop: float,
+                 proj_drop: float, rpe: bool, rpe_length: int) -> None:
+        super().__init__()
+        self.scale = qk_scale or HEAD_DIM ** -0.5
+        self.qkv = MutableQKV(in_features=embed_dim, out_features=num_heads * 3 * HEAD_DIM, bias=qkv_bias)
+        self.proj = MutableLinear(in_features=num_heads * HEAD_DIM, out_features=embed_dim)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.rpe = rpe
+        if rpe:
+            self.rel_pos_embed_k = RelativePosition2D(HEAD_DIM, rpe_length)
+            self.rel_pos_embed_v = RelativePosition2D(HEAD_DIM, rpe_length)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, tokens, 3, -1, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        attn = q @ k.transpose(-2, -1)
+        if self.rpe:
+            attn = attn + self.rel_pos_embed_k.key_bias(q)
+        attn = self.attn_drop((attn * self.scale).softmax(dim=-1))
+        out = attn @ v
+        if self.rpe:
+            out = out + self.rel_pos_embed_v.value_sum(attn)
+        out = out.transpose(1, 2).reshape(batch, tokens, -1)
+        return self.proj_drop(self.proj(out))
+
+
+class Block(nn.Module):
+    """Transformer encoder layer; pre-norm (or post-norm), drop path on both residual branches."""
+
+    def __init__(self, embed_dim, num_heads, mlp_ratio, drop_path: float, drop_rate: float, pre_norm: bool,
+                 **attn_kwargs) -> None:
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.attn_layer_norm = MutableLayerNorm(embed_dim)
+        self.attn = Attention(embed_dim, num_heads, proj_drop=drop_rate, **attn_kwargs)
+        self.ffn_layer_norm = MutableLayerNorm(embed_dim)
+        hidden = MutableExpression.to_int(embed_dim * mlp_ratio)
+        self.fc1 = MutableLinear(in_features=embed_dim, out_features=hidden)
+        self.fc2 = MutableLinear(in_features=hidden, out_features=embed_dim)
+        self.act = nn.GELU()
+        self.dropout = nn.Dropout(drop_rate)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._residual(x, self.attn_layer_norm, self.attn)
+        return self._residual(x, self.ffn_layer_norm, self.mlp)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc2(self.dropout(self.act(self.fc1(x)))))
+
+    def _residual(self, x: torch.Tensor, norm: nn.Module, branch) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.drop_path(branch(norm(x)))
+        return norm(x + self.drop_path(branch(x)))
+
+
+# --------------------------------------------------------------------------------------------
+# The space
+# --------------------------------------------------------------------------------------------
+
+class AutoformerSpace(ModelSpace):
+    """The AutoFormer space. Constructor keywords follow NNI's hub ``AutoFormer`` (plus ``rpe_length``).
+
+    Train it with ``RandomOneShot`` (weight entanglement), search it with any strategy; an
+    ``arch`` is a dict with ``embed_dim``, ``depth``, ``mlp_ratio_{i}`` and ``num_head_{i}``.
+    """
+
+    def __init__(
+        self,
+        search_embed_dim: tuple[int, ...] = (192, 216, 240),
+        search_mlp_ratio: tuple[float, ...] = (3.0, 3.5, 4.0),
+        search_num_heads: tuple[int, ...] = (3, 4),
+        search_depth: tuple[int, ...] = (12, 13, 14),
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_channels: int = 3,
+        num_labels: int = 1000,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.,
+        attn_drop_rate: float = 0.,
+        drop_path_rate: float = 0.1,
+        pre_norm: bool = True,
+        global_pooling: bool = True,
+        absolute_position: bool = True,
+        qk_scale: float | None = None,
+        rpe: bool = True,
+        rpe_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = space_config(**{k: v for k, v in locals().items() if k in DEFAULTS})
+        rpe_length = self.config['rpe_length']
+        max_depth = max(search_depth)
+        embed_dim = nni.choice('embed_dim', list(search_embed_dim))
+        depth = nni.choice('depth', list(search_depth))
+        mlp_ratios = [nni.choice(f'mlp_ratio_{i}', list(search_mlp_ratio)) for i in range(max_depth)]
+        num_heads = [nni.choice(f'num_head_{i}', list(search_num_heads)) for i in range(max_depth)]
+
+        self.patch_embed = MutableConv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.num_patches = (img_size // patch_size) ** 2
+        self.global_pooling = global_pooling
+        self.cls_token = ClassToken(embed_dim)
+        self.pos_embed = AbsolutePositionEmbedding(self.num_patches + 1, embed_dim) if absolute_position \
+            else nn.Identity()
+        self.pos_drop = nn.Dropout(drop_rate)
+        drop_paths = [drop_path_rate * i / max(max_depth - 1, 1) for i in range(max_depth)]  # stochastic depth rule
+        self.blocks = Repeat(lambda i: Block(
+            embed_dim, num_heads[i], mlp_ratios[i], drop_path=drop_paths[i], drop_rate=drop_rate, pre_norm=pre_norm,
+            qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop_rate, rpe=rpe, rpe_length=rpe_length,
+        ), depth)
+        self.norm = MutableLayerNorm(embed_dim) if pre_norm else nn.Identity()
+        self.head = MutableLinear(in_features=embed_dim, out_features=num_labels) if num_labels > 0 \
+            else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = self.pos_drop(self.pos_embed(self.cls_token(x)))
+        x = self.norm(self.blocks(x))
+        x = x[:, 1:].mean(dim=1) if self.global_pooling else x[:, 0]
+        return self.head(x)
+
+    @classmethod
+    def extra_oneshot_hooks(cls, strategy) -> list:
+        return [MixedQKV.mutate, MixedAbsolutePositionEmbedding.mutate, MixedClassToken.mutate]
+
+    @classmethod
+    def preset(cls, name: str) -> dict[str, Any]:
+        """Constructor keywords of a preset search space: ``tiny``, ``small`` or ``base``."""
+        if name not in PRESETS:
+            raise UserError(f'unknown preset {name!r}: choose one of {", ".join(PRESETS)}')
+        return copy.deepcopy(PRESETS[name])
+
+    @classmethod
+    def searched_arch(cls, name: str) -> dict[str, Any]:
+        """The architecture of AutoFormer-T/S/B (``autoformer-tiny`` or just ``tiny``, ...)."""
+        size = name.removeprefix('autoformer-')
+        if size not in SEARCHED:
+            raise UserError(f'unknown searched model {name!r}: choose one of '
+                            f'{", ".join("autoformer-" + s for s in SEARCHED)}')
+        embed_dim, ratios, heads = SEARCHED[size]
+        return make_arch(embed_dim, ratios, heads)
+
+    @classmethod
+    def load_searched_model(cls, name: str, weights: str | Path | None = None) -> nn.Module:
+        """AutoFormer-T/S/B as a plain module. ``weights``: None (random init), a file, or ``'nni'`` (download).
+
+        A file may hold subnet weights (this project's or NNI hub's) or a whole supernet in any
+        supported layout, which is then sliced to the searched architecture.
+        """
+        size = name.removeprefix('autoformer-')
+        arch = cls.searched_arch(name)
+        model = cls(**cls.preset(size)).freeze(arch)
+        if weights is None:
+            return model
+        if weights == 'nni':
+            state_dict = convert_nni_subnet(torch_load(nni_download(f'autoformer-{size}-subnet'), 'NNI subnet'))
+        else:
+            state_dict = load_subnet_weights(weights, size, arch)
+        load_checked(model, state_dict, str(weights))
+        return model
+
+    @classmethod
+    def load_supernet_weights(cls, name: str | Mapping[str, Any], path: str | Path | None,
+                              format: str | None = None) -> dict[str, torch.Tensor]:
+        """Supernet weights in this project's layout, fitted to the space ``name`` (a preset or kwargs).
+
+        ``path`` may hold this project's layout, an official AutoFormer checkpoint or NNI hub's
+        supernet; ``'nni'`` downloads NNI's. ``format`` is detected from the keys when not given.
+        """
+        kwargs = cls.preset(name) if isinstance(name, str) else dict(name)
+        label = name if isinstance(name, str) else 'the given space'
+        if path == 'nni':
+            path = nni_download(f'autoformer-{name}-supernet')
+        state_dict = unwrap_state_dict(torch_load(path, 'supernet weights'))
+        converted = to_project_layout(state_dict, format or detect_format(state_dict, path))
+        return fit_to_space(converted, supernet_shapes(kwargs), label, path)
+
+    @classmethod
+    def load_strategy_checkpoint(cls, name: str, weights: str | Path | None = None) -> 'SupernetCheckpoint':
+        """The seed's ``load_strategy_checkpoint('random-one-shot-tiny')``: a trained ``RandomOneShot`` supernet."""
+        size = name.removeprefix('random-one-shot-')
+        supernet = build_supernet(cls.preset(size))
+        if weights is not None:
+            supernet.load_state_dict(cls.load_supernet_weights(size, weights))
+        return SupernetCheckpoint(supernet)
+
+    def count_params(self, arch: Mapping[str, Any]) -> int:
+        return count_params(arch, **self.config)
+
+    def count_flops(self, arch: Mapping[str, Any]) -> int:
+        return count_flops(arch, **self.config)
+
+    def freeze(self, sample: Mapping[str, Any]) -> nn.Module:
+        """A plain module for one architecture (refuses archs outside the space with a clear message)."""
+        return super().freeze(complete_arch(sample, self.config))
+
+
+class SupernetCheckpoint:
+    """A trained supernet with the seed's ``.model`` and ``.sub_state_dict(arch)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def sub_state_dict(self, arch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return sub_state_dict(self.model.state_dict(), arch)
+
+
+def build_supernet(space_kwargs: Mapping[str, Any]) -> AutoformerSpace:
+    """The weight-entangled supernet: the space mutated by NNI's ``RandomOneShot``."""
+    from nni.nas.strategy import RandomOneShot
+    return RandomOneShot().mutate_model(AutoformerSpace(**space_kwargs))
+
+
+# --------------------------------------------------------------------------------------------
+# Architectures
+# --------------------------------------------------------------------------------------------
+
+def space_config(**kwargs: Any) -> dict[str, Any]:
+    """All constructor keywords with defaults filled in (``rpe_length`` resolved)."""
+    unknown = set(kwargs) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f'unknown AutoformerSpace arguments: {sorted(unknown)}')
+    config = {**DEFAULTS, **kwargs}
+    if config['rpe_length'] is None:
+        config['rpe_length'] = config['img_size'] // config['patch_size']
+    return config
+
+
+def make_arch(embed_dim: int, mlp_ratios: list[float], num_heads: list[int]) -> dict[str, Any]:
+    """An arch dict from per-layer lists (their common length is the depth)."""
+    arch: dict[str, Any] = {'embed_dim': embed_dim, 'depth': len(mlp_ratios)}
+    for i, (ratio, heads) in enumerate(zip(mlp_ratios, num_heads, strict=True)):
+        arch[f'mlp_ratio_{i}'] = ratio
+        arch[f'num_head_{i}'] = heads
+    return arch
+
+
+def arch_choices(config: Mapping[str, Any]) -> dict[str, list]:
+    """Every label of the space with its allowed values."""
+    choices: dict[str, list] = {'embed_dim': list(config['search_embed_dim']), 'depth': list(config['search_depth'])}
+    for i in range(max(config['search_depth'])):
+        choices[f'mlp_ratio_{i}'] = list(config['search_mlp_ratio'])
+        choices[f'num_head_{i}'] = list(config['search_num_heads'])
+    return choices
+
+
+def check_arch(arch: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """Refuse a missing label or a value outside the space, naming the label and the allowed values."""
+    if not isinstance(arch, Mapping):
+        raise UserError(f'an arch must be a JSON object / dict of labels, got {type(arch).__name__}')
+    choices = arch_choices(config)
+    for label in ('embed_dim', 'depth'):
+        _check_label(arch, label, choices[label])
+    for i in range(arch['depth']):
+        for label in (f'mlp_ratio_{i}', f'num_head_{i}'):
+            _check_label(arch, label, choices[label])
+
+
+def _check_label(arch: Mapping[str, Any], label: str, allowed: list) -> None:
+    if label not in arch:
+        raise UserError(f'arch is missing the label {label!r} (allowed values: {allowed})')
+    value = arch[label]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in allowed:
+        raise UserError(f'arch value {label}={value!r} is outside the space (allowed values: {allowed})')
+
+
+def complete_arch(arch: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``arch`` and fill the labels of unused layers, which NNI still wants to see."""
+    check_arch(arch, config)
+    full = {label: values[0] for label, values in arch_choices(config).items()}
+    full.update({label: arch[label] for label in full if label in arch})
+    return full
+
+
+def layer_dims(arch: Mapping[str, Any]) -> list[tuple[int, int, int]]:
+    """(embed dim, q dim, mlp hidden dim) of each used layer, with the official int() rounding."""
+    embed = arch['embed_dim']
+    return [(embed, arch[f'num_head_{i}'] * HEAD_DIM, int(embed * arch[f'mlp_ratio_{i}']))
+            for i in range(arch['depth'])]
+
+
+def count_params(arch: Mapping[str, Any], **space_kwargs: Any) -> int:
+    """Parameters of a subnet by the official rule (``get_sampled_params_numel``); exact."""
+    config = space_config(**space_kwargs)
+    check_arch(arch, config)
+    embed = arch['embed_dim']
+    table_rows = 2 * config['rpe_length'] + 2
+    total = embed * config['in_channels'] * config['patch_size'] ** 2 + embed       # patch embed
+    total += embed * (_num_patches(config) + 2 if config['absolute_position'] else 1)  # class token, pos embed
+    for e, q, hidden in layer_dims(arch):
+        total += 3 * q * e + (3 * q if config['qkv_bias'] else 0)                     # qkv
+        total += q * e + e                                                           # proj
+        total += 4 * table_rows * HEAD_DIM if config['rpe'] else 0                   # 2 x 2 tables
+        total += 4 * e                                                               # two layer norms
+        total += 2 * e * hidden + hidden + e                                         # fc1, fc2
+    total += 2 * embed if config['pre_norm'] else 0
+    total += embed * config['num_labels'] + config['num_labels']
+    return total
+
+
+def _num_patches(config: Mapping[str, Any]) -> int:
+    return (config['img_size'] // config['patch_size']) ** 2
+
+
+def count_flops(arch: Mapping[str, Any], **space_kwargs: Any) -> int:
+    """Multiply-accumulates per image of ``space.freeze(arch)`` (matmuls and the patch conv, as
+    ``torch.utils.flop_counter`` counts them, halved)."""
+    config = space_config(**space_kwargs)
+    check_arch(arch, config)
+    embed = arch['embed_dim']
+    patches = _num_patches(config)
+    tokens = patches + 1
+    side = math.isqrt(patches)
+    table_rows = 2 * config['rpe_length'] + 2
+    total = patches * embed * config['in_channels'] * config['patch_size'] ** 2
+    for e, q, hidden in layer_dims(arch):
+        total += tokens * e * 3 * q + 2 * tokens * tokens * q + tokens * q * e     # qkv, qk^T, attn v, proj
+        if config['rpe']:
+            total += 2 * tokens * q * table_rows + 2 * tokens * q * side           # rpe on keys and values
+        total += 2 * tokens * e * hidden                                           # fc1, fc2
+    return total + embed * config['num_labels']
+
+
+# --------------------------------------------------------------------------------------------
+# Weights: slicing, layouts, loading
+# --------------------------------------------------------------------------------------------
+
+def sub_state_dict(supernet_state_dict: Mapping[str, torch.Tensor], arch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The exact weights of ``space.freeze(arch)`` sliced from a supernet state dict (this project's layout)."""
+    _check_arch_fits(supernet_state_dict, arch)
+    dims = layer_dims(arch)
+    embed = arch['embed_dim']
+    result = {}
+    for key, tensor in supernet_state_dict.items():
+        if key.startswith('blocks.blocks.'):
+            index, rest = key[len('blocks.blocks.'):].split('.', 1)
+            if int(index) >= len(dims):
+                continue
+            result[f'blocks.{index}.{rest}'] = _slice_block_tensor(rest, tensor, *dims[int(index)])
+        elif key in ('cls_token.cls_token', 'pos_embed.pos_embed'):
+            result[key] = tensor[..., :embed]
+        elif key == 'head.weight':
+            result[key] = tensor[:, :embed]
+        elif key == 'head.bias':
+            result[key] = tensor
+        else:  # patch_embed.*, norm.*
+            result[key] = tensor[:embed]
+    return {k: v.clone() for k, v in result.items()}
+
+
+def _slice_block_tensor(name: str, tensor: torch.Tensor, embed: int, q_dim: int, hidden: int) -> torch.Tensor:
+    if name == 'attn.qkv.weight':
+        return official_qkv_slice(tensor, None, embed, 3 * q_dim)[0]
+    if name == 'attn.qkv.bias':
+        return tensor[:3 * q_dim]
+    if name == 'attn.proj.weight':
+        return tensor[:embed, :q_dim]
+    if name.startswith('attn.rel_pos_embed'):
+        return tensor
+    if name == 'fc1.weight':
+        return tensor[:hidden, :embed]
+    if name == 'fc1.bias':
+        return tensor[:hidden]
+    if name == 'fc2.weight':
+        return tensor[:embed, :hidden]
+    return tensor[:embed]  # proj.bias, fc2.bias, layer norms
+
+
+def _check_arch_fits(state_dict: Mapping[str, torch.Tensor], arch: Mapping[str, Any]) -> None:
+    for label in ('embed_dim', 'depth'):
+        if label not in arch:
+            raise UserError(f'arch is missing the label {label!r}')
+    width = state_dict['patch_embed.weight'].shape[0]
+    depth = len({k.split('.')[2] for k in state_dict if k.startswith('blocks.blocks.')})
+    if not 0 < arch['embed_dim'] <= width:
+        raise UserError(f'arch value embed_dim={arch["embed_dim"]} does not fit a supernet {width} wide')
+    if not 0 < arch['depth'] <= depth:
+        raise UserError(f'arch value depth={arch["depth"]} does not fit a supernet of depth {depth}')
+    for i in range(arch['depth']):
+        prefix = f'blocks.blocks.{i}.'
+        for label, needed, rows in ((f'num_head_{i}', 3 * HEAD_DIM, state_dict[prefix + 'attn.qkv.weight'].shape[0]),
+                                    (f'mlp_ratio_{i}', arch['embed_dim'], state_dict[prefix + 'fc1.weight'].shape[0])):
+            if label not in arch:
+                raise UserError(f'arch is missing the label {label!r}')
+            if needed * arch[label] > rows:
+                raise UserError(f'arch value {label}={arch[label]} does not fit the supernet')
+
+
+def supernet_shapes(space_kwargs: Mapping[str, Any]) -> dict[str, torch.Size]:
+    """Shape of every tensor of the supernet of a space (built on the meta device: no memory, no init)."""
+    with torch.device('meta'):
+        return {k: v.shape for k, v in build_supernet(space_kwargs).state_dict().items()}
+
+
+def unwrap_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint (``{'model': ...}``, ``{'state_dict': ...}`` or plain)."""
+    if isinstance(checkpoint, Mapping):
+        for key in ('model', 'state_dict'):
+            if isinstance(checkpoint.get(key), Mapping):
+                return unwrap_state_dict(checkpoint[key])
+        if checkpoint and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint.items()):
+            return dict(checkpoint)
+    raise UserError('the file holds no state dict of tensors (expected a dict of tensors, '
+                    "or one under 'model' or 'state_dict')")
+
+
+def detect_format(state_dict: Mapping[str, torch.Tensor], path: Any = '') -> str:
+    """``official`` (Cream), ``nni`` (NNI hub after RandomOneShot) or ``project`` (this project's)."""
+    keys = set(state_dict)
+    if 'patch_embed_super.proj.weight' in keys:
+        return 'official'
+    if 'blocks.blocks.0.attn.q.weight' in keys:
+        return 'nni'
+    if 'blocks.blocks.0.attn.qkv.weight' in keys:
+        return 'project'
+    raise UserError(f'{path}: not an AutoFormer supernet checkpoint (no official, NNI hub or project '
+                    'keys such as patch_embed_super.proj.weight or blocks.blocks.0.attn.qkv.weight)')
+
+
+def to_project_layout(state_dict: Mapping[str, torch.Tensor], format: str) -> dict[str, torch.Tensor]:
+    """Rename (and for NNI hub, re-pack q/k/v) a supernet state dict into this project's layout."""
+    if format == 'project':
+        return dict(state_dict)
+    if format == 'official':
+        return {_official_key(k): v for k, v in state_dict.items()}
+    if format == 'nni':
+        return _nni_to_project(state_dict)
+    raise UserError(f'unknown checkpoint format {format!r}: choose official, nni or project')
+
+
+def _official_key(key: str) -> str:
+    if key.startswith('patch_embed_super.proj.'):
+        return 'patch_embed.' + key[len('patch_embed_super.proj.'):]
+    if key in ('cls_token', 'pos_embed'):
+        return f'{key}.{key}'
+    if key.startswith('blocks.'):
+        return 'blocks.' + key
+    return key
+
+
+def _nni_to_project(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """NNI hub keeps q, k, v apart; a supernet's per-head rows interleave, its biases concatenate."""
+    result = {}
+    for key, tensor in state_dict.items():
+        prefix, _, name = key.rpartition('.attn.')
+        if name in ('k.weight', 'v.weight', 'k.bias', 'v.bias'):
+            continue
+        if name == 'q.weight':
+            q, k, v = (state_dict[f'{prefix}.attn.{p}.weight'] for p in 'qkv')
+            result[f'{prefix}.attn.qkv.weight'] = torch.stack([q, k, v], dim=1).flatten(0, 1)
+        elif name == 'q.bias':
+            result[f'{prefix}.attn.qkv.bias'] = torch.cat([state_dict[f'{prefix}.attn.{p}.bias'] for p in 'qkv'])
+        else:
+            result[key] = tensor
+    return result
+
+
+def convert_nni_subnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An NNI hub subnet (separate q/k/v linears) as this project's subnet (one q;k;v linear)."""
+    result = {}
+    for key, tensor in state_dict.items():
+        prefix, _, name = key.rpartition('.attn.')
+        if name in ('q.weight', 'q.bias'):
+            kind = name.split('.')[1]
+            result[f'{prefix}.attn.qkv.{kind}'] = torch.cat([state_dict[f'{prefix}.attn.{p}.{kind}'] for p in 'qkv'])
+        elif name not in ('k.weight', 'v.weight', 'k.bias', 'v.bias'):
+            result[key] = tensor
+    return result
+
+
+# Dims that must match exactly; all others may be wider in the checkpoint and are prefix-sliced.
+# The qkv rows fix the head count, which tells the presets apart (tiny 4, small 7, base 10).
+_EXACT_DIMS = {'attn.qkv.weight': (0,), 'attn.qkv.bias': (0,), 'head.weight': (0,), 'head.bias': (0,),
+               'pos_embed.pos_embed': (0, 1), 'cls_token.cls_token': (0, 1), 'embeddings_table_v': (0,),
+               'embeddings_table_h': (0,), 'patch_embed.weight': (1, 2, 3)}
+
+
+def fit_to_space(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size], label: str,
+                 path: Any = '') -> dict[str, torch.Tensor]:
+    """Slice a (possibly wider) supernet to the space's shapes; refuse what cannot fit, naming the tensor."""
+    missing = [k for k in shapes if k not in state_dict]
+    if missing:
+        raise UserError(f'{path}: tensor {missing[0]} (shape {tuple(shapes[missing[0]])}) needed by {label} is '
+                        f'missing ({len(missing)} missing in all): the checkpoint is not a {label} supernet')
+    extra = [k for k in state_dict if k not in shapes and not _is_extra_layer(k, shapes)]
+    if extra:
+        raise UserError(f'{path}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all) for {label}')
+    result = {}
+    for key, shape in shapes.items():
+        tensor = state_dict[key]
+        exact = next((dims for suffix, dims in _EXACT_DIMS.items() if key.endswith(suffix)), ())
+        fits = tensor.dim() == len(shape) and all(
+            have == need if d in exact else have >= need for d, (have, need) in enumerate(zip(tensor.shape, shape)))
+        if not fits:
+            raise UserError(f'{path}: tensor {key} has shape {tuple(tensor.shape)} but {label} needs '
+                            f'{tuple(shape)}: the checkpoint is for another space or preset')
+        result[key] = tensor[tuple(slice(0, n) for n in shape)].clone()
+    return result
+
+
+def _is_extra_layer(key: str, shapes: Mapping[str, torch.Size]) -> bool:
+    """Layers past the space's maximum depth in a deeper checkpoint are dropped, like any wider dim."""
+    if not key.startswith('blocks.blocks.'):
+        return False
+    return f'blocks.blocks.0.{key.split(".", 3)[3]}' in shapes
+
+
+def load_subnet_weights(path: str | Path, size: str, arch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Subnet weights for ``arch`` from a subnet file (project or NNI hub layout) or any supernet file."""
+    state_dict = unwrap_state_dict(torch_load(path, 'weights'))
+    if 'blocks.0.attn.q.weight' in state_dict:
+        return convert_nni_subnet(state_dict)
+    if 'blocks.0.attn.qkv.weight' in state_dict:
+        return state_dict
+    supernet = AutoformerSpace.load_supernet_weights(size, path)
+    return sub_state_dict(supernet, arch)
+
+
+def load_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` that reports a mismatch as one clear line naming the tensor and both shapes."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state_dict:
+            raise UserError(f'{source}: tensor {key} is missing: these weights are not for this architecture')
+        if state_dict[key].shape != tensor.shape:
+            raise UserError(f'{source}: tensor {key} has shape {tuple(state_dict[key].shape)} but the model needs '
+                            f'{tuple(tensor.shape)}: these weights are for another architecture or preset')
+    extra = sorted(set(state_dict) - set(expected))
+    if extra:
+        raise UserError(f'{source}: unexpected tensor {extra[0]} ({len(extra)} in all): these weights are not '
+                        'for this architecture')
+    model.load_state_dict(state_dict)
+
+
+def nni_download(name: str) -> str:
+    """Fetch one of NNI's published AutoFormer files with NNI's own mechanism; a clear message offline."""
+    from nni.nas.hub.pytorch.utils.pretrained import PRETRAINED_WEIGHT_URLS, load_pretrained_weight
+    from nni.common.blob_utils import nni_cache_home
+    url = PRETRAINED_WEIGHT_URLS[name]
+    local = Path(nni_cache_home()) / 'nashub' / url.split('/')[-1]
+    try:
+        return load_pretrained_weight(name, download=True, progress=True)
+    except (OSError, urllib.error.URLError, RuntimeError, ValueError) as err:
+        raise UserError(f'cannot download NNI weights {name} ({type(err).__name__}: {err}). Download {url} '
+                        f'on a machine with internet access and put it at {local}') from None

@@ -1,0 +1,134 @@
+"""Small helpers shared by every script: clear user errors, safe checkpoint I/O, device choice."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import sys
+import tempfile
+import warnings
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+# NNI 3.0 predates torch 2.14 and warns once per torch class it does not know; nothing broader is silenced.
+warnings.filterwarnings('ignore', message=r".*is found to be not a nn\.Module, which is unexpected.*",
+                        category=RuntimeWarning)
+
+import torch  # noqa: E402
+
+
+class _DropMixedOpNestedMutableWarning(logging.Filter):
+    """NNI's own mixed class token / position embedding warn about their constructor on every mutation."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ('Found a nested mutable' in message and 'of class Mixed' in message)
+
+
+logging.getLogger('nni.nas.nn.pytorch.base').addFilter(_DropMixedOpNestedMutableWarning())
+
+
+class UserError(Exception):
+    """A problem with the user's input: the message says what is wrong and what to do."""
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a script's ``main`` and turn a :class:`UserError` into one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)
+
+
+def torch_load(path: str | os.PathLike, what: str = 'checkpoint') -> Any:
+    """``torch.load`` with ``weights_only=True`` and a clear message for every way a file can be unusable."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'{what} file {path} does not exist (check the path, or convert/download the weights first)')
+    if path.stat().st_size == 0:
+        raise UserError(f'{what} file {path} is empty (0 bytes): the file was not written completely; '
+                        'download or convert it again')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as err:
+        if 'Weights only load failed' in str(err):
+            raise UserError(
+                f'{what} file {path} needs to run pickled code to load, which is refused for safety '
+                '(torch.load(weights_only=True)). If you trust the file, convert it once to plain tensors: '
+                f'python -c "import torch; torch.save(torch.load(\'{path}\', weights_only=False), \'trusted.pth\')"'
+            ) from None
+        raise UserError(f'{what} file {path} is corrupt or truncated ({err}); download or convert it again') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, UnicodeDecodeError) as err:
+        raise UserError(f'{what} file {path} is corrupt or truncated ({type(err).__name__}: {err}); '
+                        'download or convert it again') from None
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """Save with ``torch.save`` so that ``path`` is never half-written."""
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except OSError as err:
+        raise UserError(f'cannot write {path}: {err.strerror or err}') from None
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write text so that ``path`` is never half-written."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    except OSError as err:
+        raise UserError(f'cannot write {path}: {err.strerror or err}') from None
+
+
+def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
+    atomic_write_text(json.dumps(obj, indent=2) + '\n', path)
+
+
+def pick_device(requested: str | None = None) -> torch.device:
+    """The requested device, else CUDA when present; says so when it falls back to the CPU."""
+    if requested:
+        if requested.startswith('cuda') and not torch.cuda.is_available():
+            logging.getLogger(__name__).warning('--device %s asked for but no CUDA GPU is visible; using the CPU',
+                                                requested)
+            return torch.device('cpu')
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device('cuda')
+    print('No CUDA GPU found: running on the CPU (slower).', file=sys.stderr)
+    return torch.device('cpu')
+
+
+def load_json_arg(value: str, what: str = '--arch') -> Any:
+    """Parse a JSON string or the path of a JSON file, with a clear message when it is neither."""
+    text = value
+    if not value.lstrip().startswith('{'):
+        path = Path(value)
+        if not path.is_file():
+            raise UserError(f'{what}: {value} is neither JSON text nor an existing file')
+        text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f'{what}: malformed JSON ({err})') from None
