@@ -382,6 +382,15 @@ def build_supernet(space_kwargs: Mapping[str, Any]) -> AutoformerSpace:
     return RandomOneShot().mutate_model(AutoformerSpace(**space_kwargs))
 
 
+def set_active_arch(supernet: AutoformerSpace, arch: Mapping[str, Any]) -> None:
+    """Make a one-shot supernet run ``arch`` from now on (NNI's resample, with every label given)."""
+    from nni.nas.oneshot.pytorch.supermodule.base import BaseSuperNetModule
+    memo = complete_arch(arch, supernet.config)
+    for module in supernet.modules():
+        if isinstance(module, BaseSuperNetModule):
+            module.resample(memo=memo)
+
+
 # --------------------------------------------------------------------------------------------
 # Architectures
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterator
 # NNI 3.0 predates torch 2.14 and warns once per torch class it does not know; nothing broader is silenced.
 warnings.filterwarnings('ignore', message=r".*is found to be not a nn\.Module, which is unexpected.*",
                         category=RuntimeWarning)
+warnings.filterwarnings('ignore', message='Using a non-tuple sequence for multidimensional indexing',
+                        category=UserWarning, module=r'nni\.')
 
 import torch  # noqa: E402
 

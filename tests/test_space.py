@@ -1,0 +1,178 @@
+import random
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import GOLDEN
+from space import (AutoformerSpace, arch_choices, build_supernet, count_flops, count_params, set_active_arch,
+                   sub_state_dict)
+from utils import UserError
+
+
+def relative_error(out, ref):
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def random_arch(config, rng):
+    return {label: rng.choice(values) for label, values in arch_choices(config).items()}
+
+
+@pytest.mark.parametrize('checkpoint', ['small-official.pth', 'small-nnihub.pth'])
+def test_golden_logits_and_params_for_every_case(golden, checkpoint):
+    kwargs, inputs, cases = golden
+    supernet = AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / checkpoint)
+    space = AutoformerSpace(**kwargs)
+    for case in cases:
+        subnet = space.freeze(case['arch']).eval()
+        subnet.load_state_dict(sub_state_dict(supernet, case['arch']))
+        with torch.no_grad():
+            logits = subnet(inputs)
+        assert relative_error(logits, torch.tensor(case['logits'])) < 1e-4, case['arch']
+        assert count_params(case['arch'], **kwargs) == case['params']
+        assert sum(p.numel() for p in subnet.parameters()) == case['params']
+
+
+def test_wider_checkpoint_is_sliced_to_a_narrower_space(golden):
+    kwargs, inputs, cases = golden
+    narrow = {**kwargs, 'search_embed_dim': [96, 112]}
+    supernet = AutoformerSpace.load_supernet_weights(narrow, GOLDEN / 'small-official.pth')
+    assert supernet['patch_embed.weight'].shape[0] == 112
+    space = AutoformerSpace(**narrow)
+    checked = 0
+    for case in cases:
+        if case['arch']['embed_dim'] <= 112:
+            subnet = space.freeze(case['arch']).eval()
+            subnet.load_state_dict(sub_state_dict(supernet, case['arch']))
+            assert relative_error(subnet(inputs).detach(), torch.tensor(case['logits'])) < 1e-4
+            checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize('name, params', [('tiny', 5_867_944), ('small', 22_891_432), ('base', 53_691_688)])
+def test_searched_models_have_the_published_parameter_counts(name, params):
+    model = AutoformerSpace.load_searched_model(f'autoformer-{name}')
+    assert sum(p.numel() for p in model.parameters()) == params
+    assert count_params(AutoformerSpace.searched_arch(name), **AutoformerSpace.preset(name)) == params
+
+
+def test_oneshot_supernet_runs_the_same_subnet_as_freeze(golden):
+    kwargs, inputs, _ = golden
+    supernet = build_supernet(kwargs).eval()
+    supernet.load_state_dict(AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / 'small-official.pth'))
+    space = AutoformerSpace(**kwargs)
+    rng = random.Random(0)
+    for _ in range(6):
+        arch = random_arch(space.config, rng)
+        set_active_arch(supernet, arch)
+        subnet = space.freeze(arch).eval()
+        subnet.load_state_dict(sub_state_dict(supernet.state_dict(), arch))
+        with torch.no_grad():
+            assert relative_error(supernet(inputs), subnet(inputs)) < 1e-5
+            # NNI's own freeze of the mixed operations gives the same weights as sub_state_dict.
+            assert relative_error(supernet.freeze(arch)(inputs), subnet(inputs)) < 1e-5
+
+
+def test_oneshot_supernet_trains_through_the_mixed_qkv(golden):
+    kwargs, inputs, _ = golden
+    supernet = build_supernet(kwargs)
+    arch = random_arch(supernet.config, random.Random(1))
+    arch['num_head_0'] = 1
+    set_active_arch(supernet, arch)
+    supernet(inputs).sum().backward()
+    grad = supernet.blocks.blocks[0].attn.qkv.bias.grad
+    # One head uses the first 3 x 64 bias entries (q, k, v in contiguous thirds); the rest stay untouched.
+    assert grad[:192].abs().sum() > 0 and grad[192:].abs().sum() == 0
+
+
+def test_count_flops_matches_torch_flop_counter(golden):
+    kwargs, inputs, _ = golden
+    space = AutoformerSpace(**kwargs)
+    rng = random.Random(2)
+    for _ in range(3):
+        arch = random_arch(space.config, rng)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            space.freeze(arch)(inputs[:1])
+        assert counter.get_total_flops() == 2 * count_flops(arch, **kwargs)
+
+
+def test_arch_outside_the_space_is_refused_with_label_and_values(golden):
+    kwargs, _, cases = golden
+    space = AutoformerSpace(**kwargs)
+    arch = dict(cases[0]['arch'], embed_dim=100)
+    with pytest.raises(UserError, match=r"embed_dim=100 .*\[96, 112, 128\]"):
+        space.freeze(arch)
+    arch = dict(cases[0]['arch'])
+    del arch['mlp_ratio_1']
+    with pytest.raises(UserError, match="missing the label 'mlp_ratio_1'"):
+        count_params(arch, **kwargs)
+
+
+def test_labels_past_depth_are_optional(golden):
+    kwargs, inputs, _ = golden
+    arch = {'embed_dim': 96, 'depth': 2, 'mlp_ratio_0': 3.0, 'num_head_0': 1, 'mlp_ratio_1': 4.0, 'num_head_1': 2}
+    assert len(AutoformerSpace(**kwargs).freeze(arch).blocks) == 2
+
+
+def test_checkpoint_of_another_preset_names_the_tensor_and_shapes():
+    with pytest.raises(UserError, match=r'tensor blocks.blocks.4.* needed by tiny is missing.*not a tiny supernet'):
+        AutoformerSpace.load_supernet_weights('tiny', GOLDEN / 'small-official.pth')
+
+
+def test_checkpoint_with_other_head_count_is_refused(golden):
+    kwargs, _, _ = golden
+    with pytest.raises(UserError, match=r'blocks.blocks.0.attn.qkv.weight has shape \(384, 128\) but'):
+        AutoformerSpace.load_supernet_weights({**kwargs, 'search_num_heads': [1]}, GOLDEN / 'small-official.pth')
+
+
+def test_bad_checkpoint_files_give_one_clear_error(tmp_path, golden):
+    kwargs, _, _ = golden
+    with pytest.raises(UserError, match='does not exist'):
+        AutoformerSpace.load_supernet_weights(kwargs, tmp_path / 'missing.pth')
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes((GOLDEN / 'small-official.pth').read_bytes()[:100_000])
+    with pytest.raises(UserError, match='corrupt or truncated'):
+        AutoformerSpace.load_supernet_weights(kwargs, truncated)
+    empty = tmp_path / 'empty.pth'
+    empty.write_bytes(b'')
+    with pytest.raises(UserError, match='empty'):
+        AutoformerSpace.load_supernet_weights(kwargs, empty)
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ('pickle code ran',))
+
+
+def test_checkpoint_needing_pickle_code_is_refused(tmp_path, golden, capsys):
+    kwargs, _, _ = golden
+    path = tmp_path / 'evil.pth'
+    torch.save({'model': Payload()}, path)
+    with pytest.raises(UserError, match='refused for safety'):
+        AutoformerSpace.load_supernet_weights(kwargs, path)
+    assert 'pickle code ran' not in capsys.readouterr().out
+
+
+def test_strategy_checkpoint_gives_model_and_sub_state_dict(tmp_path, golden):
+    kwargs, inputs, cases = golden
+    sd = AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / 'small-official.pth')
+    checkpoint = type('C', (), {})()
+    checkpoint.model = build_supernet(kwargs)
+    checkpoint.model.load_state_dict(sd)
+    case = cases[3]
+    subnet = AutoformerSpace(**kwargs).freeze(case['arch']).eval()
+    from space import SupernetCheckpoint
+    subnet.load_state_dict(SupernetCheckpoint(checkpoint.model).sub_state_dict(case['arch']))
+    assert relative_error(subnet(inputs).detach(), torch.tensor(case['logits'])) < 1e-4
+
+
+def test_nni_download_offline_names_file_and_place(monkeypatch):
+    import nni.nas.hub.pytorch.utils.pretrained as pretrained
+    import space
+
+    def offline(*args, **kwargs):
+        raise OSError('Network is unreachable')
+    monkeypatch.setattr(pretrained, 'load_pretrained_weight', offline)
+    with pytest.raises(UserError, match=r'autoformer-tiny-subnet-12ed42ff\.pth.*put it at .*nashub'):
+        space.AutoformerSpace.load_searched_model('autoformer-tiny', weights='nni')
