@@ -14,13 +14,14 @@ Layouts:
 from __future__ import annotations
 
 import copy
+import json
 import math
 import urllib.error
 from pathlib import Path
 from typing import Any, Mapping
 
 import utils  # noqa: F401  (silences NNI's harmless torch-version warnings before nni is imported)
-from utils import UserError, torch_load
+from utils import UserError, atomic_torch_save, torch_load
 
 import nni
 import torch
@@ -42,7 +43,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                   search_num_heads=(5, 6, 7), search_depth=(12, 13, 14)),
     'base': dict(search_embed_dim=(528, 576, 624), search_mlp_ratio=(3.0, 3.5, 4.0),
                  search_num_heads=(8, 9, 10), search_depth=(14, 15, 16)),
+    # Sized for a laptop CPU and the bundled 32 px digits; the space of the golden official cases.
+    'demo': dict(search_embed_dim=(96, 112, 128), search_mlp_ratio=(3.0, 3.5, 4.0), search_num_heads=(1, 2),
+                 search_depth=(2, 3, 4), img_size=32, patch_size=4, num_labels=10),
 }
+SEARCH_KEYS = ('search_embed_dim', 'search_mlp_ratio', 'search_num_heads', 'search_depth')
 
 # AutoFormer-T/S/B as released (embed_dim, per-layer mlp ratios, per-layer heads).
 SEARCHED = {
@@ -319,30 +324,23 @@ class AutoformerSpace(ModelSpace):
         supported layout, which is then sliced to the searched architecture.
         """
         size = name.removeprefix('autoformer-')
-        arch = cls.searched_arch(name)
-        model = cls(**cls.preset(size)).freeze(arch)
-        if weights is None:
-            return model
-        if weights == 'nni':
-            state_dict = convert_nni_subnet(torch_load(nni_download(f'autoformer-{size}-subnet'), 'NNI subnet'))
-        else:
-            state_dict = load_subnet_weights(weights, size, arch)
-        load_checked(model, state_dict, str(weights))
-        return model
+        cls.searched_arch(name)  # refuses an unknown name
+        return load_model(weights, size)[0]
 
     @classmethod
-    def load_supernet_weights(cls, name: str | Mapping[str, Any], path: str | Path | None,
+    def load_supernet_weights(cls, name: str | Mapping[str, Any] | None, path: str | Path,
                               format: str | None = None) -> dict[str, torch.Tensor]:
-        """Supernet weights in this project's layout, fitted to the space ``name`` (a preset or kwargs).
+        """Supernet weights in this project's layout, fitted to the space ``name``.
 
+        ``name``: a preset, constructor kwargs, or None for the space stored in the file.
         ``path`` may hold this project's layout, an official AutoFormer checkpoint or NNI hub's
         supernet; ``'nni'`` downloads NNI's. ``format`` is detected from the keys when not given.
         """
-        kwargs = cls.preset(name) if isinstance(name, str) else dict(name)
-        label = name if isinstance(name, str) else 'the given space'
         if path == 'nni':
             path = nni_download(f'autoformer-{name}-supernet')
-        state_dict = unwrap_state_dict(torch_load(path, 'supernet weights'))
+        state_dict, meta = read_weights(path)
+        kwargs = dict(name) if isinstance(name, Mapping) else resolve_space(name, meta.get('space'), path)
+        label = name if isinstance(name, str) else 'the space'
         converted = to_project_layout(state_dict, format or detect_format(state_dict, path))
         return fit_to_space(converted, supernet_shapes(kwargs), label, path)
 
@@ -572,15 +570,92 @@ def supernet_shapes(space_kwargs: Mapping[str, Any]) -> dict[str, torch.Size]:
         return {k: v.shape for k, v in build_supernet(space_kwargs).state_dict().items()}
 
 
-def unwrap_state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
+def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
+                 **extra: Any) -> None:
+    """Write weights with the space they belong to (and e.g. ``arch=`` for a subnet), atomically."""
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in space_config(**space_kwargs).items()}
+    atomic_torch_save({'space': config, 'state_dict': dict(state_dict), **extra}, path)
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict of a weights file and what is stored beside it (``space``, ``arch``; empty for foreign files)."""
+    checkpoint = torch_load(path, 'weights')
+    meta = {k: v for k, v in checkpoint.items() if k in ('space', 'arch')} if isinstance(checkpoint, Mapping) else {}
+    return unwrap_state_dict(checkpoint, path), meta
+
+
+def resolve_space(name: str | None, stored: Mapping[str, Any] | None, path: Any = '') -> dict[str, Any]:
+    """The space of a weights file: the stored one (checked against ``name``), else the preset ``name``."""
+    if stored is None:
+        return space_config(**AutoformerSpace.preset(name or 'tiny'))
+    if name is not None:
+        preset = AutoformerSpace.preset(name)
+        for key in SEARCH_KEYS:
+            if list(preset[key]) != list(stored[key]):
+                raise UserError(f'{path} holds weights of another space ({key}={list(stored[key])}), '
+                                f'not of preset {name} ({key}={list(preset[key])}); drop --name or pass the '
+                                'matching weights')
+    return space_config(**stored)
+
+
+def load_model(weights: str | Path | None, name: str | None = None,
+               arch: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """A frozen subnet with its weights: ``(model, arch, space kwargs)``.
+
+    ``weights``: None (random init), ``'nni'`` (NNI's AutoFormer-T/S/B download), a subnet file
+    (this project's or NNI hub's layout) or a supernet file in any layout, sliced to ``arch``.
+    Without ``arch``, the arch stored in a subnet file or the preset's searched arch is used.
+    """
+    raw, meta = read_weights(weights) if weights not in (None, 'nni') else ({}, {})
+    kwargs = resolve_space(name, meta.get('space'), weights)
+    size = name or preset_name(kwargs)
+    if raw and is_subnet(raw):
+        file_arch = meta.get('arch') or _searched_arch_of(size, weights)
+        if arch is not None and complete_arch(arch, kwargs) != complete_arch(file_arch, kwargs):
+            raise UserError(f'{weights} holds the weights of one subnet ({json.dumps(file_arch)}); '
+                            'pass a supernet weights file to evaluate another arch')
+        arch, state_dict = file_arch, convert_nni_subnet(raw)
+    else:
+        arch = arch or _searched_arch_of(size, weights)
+        if weights == 'nni':
+            state_dict = convert_nni_subnet(torch_load(nni_download(f'autoformer-{size}-subnet'), 'NNI subnet'))
+        elif raw:
+            supernet = AutoformerSpace.load_supernet_weights(kwargs, weights)
+            state_dict = sub_state_dict(supernet, complete_arch(arch, kwargs))
+        else:
+            state_dict = None
+    model = AutoformerSpace(**kwargs).freeze(arch)
+    if state_dict is not None:
+        load_checked(model, state_dict, str(weights))
+    return model, dict(arch), kwargs
+
+
+def preset_name(space_kwargs: Mapping[str, Any]) -> str | None:
+    """The preset whose search space ``space_kwargs`` has, if any."""
+    return next((name for name, preset in PRESETS.items()
+                 if all(list(preset[k]) == list(space_kwargs[k]) for k in SEARCH_KEYS)), None)
+
+
+def _searched_arch_of(size: str | None, weights: Any) -> dict[str, Any]:
+    if size not in SEARCHED:
+        raise UserError(f'there is no pre-searched arch for the {size or "given"} space: say which subnet to use '
+                        'with --arch (JSON text or file)')
+    return AutoformerSpace.searched_arch(size)
+
+
+def is_subnet(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return 'blocks.0.attn.qkv.weight' in state_dict or 'blocks.0.attn.q.weight' in state_dict
+
+
+def unwrap_state_dict(checkpoint: Any, path: Any = '') -> dict[str, torch.Tensor]:
     """The state dict inside a checkpoint (``{'model': ...}``, ``{'state_dict': ...}`` or plain)."""
     if isinstance(checkpoint, Mapping):
         for key in ('model', 'state_dict'):
             if isinstance(checkpoint.get(key), Mapping):
-                return unwrap_state_dict(checkpoint[key])
+                return unwrap_state_dict(checkpoint[key], path)
         if checkpoint and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint.items()):
             return dict(checkpoint)
-    raise UserError('the file holds no state dict of tensors (expected a dict of tensors, '
+    raise UserError(f'{path} holds no state dict of tensors (expected a dict of tensors, '
                     "or one under 'model' or 'state_dict')")
 
 
@@ -683,17 +758,6 @@ def _is_extra_layer(key: str, shapes: Mapping[str, torch.Size]) -> bool:
     if not key.startswith('blocks.blocks.'):
         return False
     return f'blocks.blocks.0.{key.split(".", 3)[3]}' in shapes
-
-
-def load_subnet_weights(path: str | Path, size: str, arch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Subnet weights for ``arch`` from a subnet file (project or NNI hub layout) or any supernet file."""
-    state_dict = unwrap_state_dict(torch_load(path, 'weights'))
-    if 'blocks.0.attn.q.weight' in state_dict:
-        return convert_nni_subnet(state_dict)
-    if 'blocks.0.attn.qkv.weight' in state_dict:
-        return state_dict
-    supernet = AutoformerSpace.load_supernet_weights(size, path)
-    return sub_state_dict(supernet, arch)
 
 
 def load_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:

@@ -1,0 +1,50 @@
+"""Convert official AutoFormer (Cream) or NNI hub supernet checkpoints to this project's layout.
+
+    python convert.py --name tiny      # weights/official-supernet-tiny.pth -> weights/{supernet,subnet}-tiny.pth
+    python convert.py --name tiny --input ckpt.pth --output weights/supernet-tiny.pth \\
+                      [--format official|nni] [--subnet-output weights/subnet-tiny.pth]
+
+The official supernets may be wider than the search space (the released tiny one is 256 wide
+for a space that tops out at 240): the converter slices them, exactly as the official code does.
+"""
+from __future__ import annotations
+
+import argparse
+
+from space import AutoformerSpace, save_weights, sub_state_dict
+from utils import run_main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--name', choices=['tiny', 'small', 'base'], default='tiny', help='preset of the supernet')
+    parser.add_argument('--input', default=None, help="checkpoint to convert, or 'nni' to download NNI's "
+                                                      '(default: weights/official-supernet-{name}.pth)')
+    parser.add_argument('--output', default=None, help='supernet weights to write (default: weights/supernet-{name}.pth)')
+    parser.add_argument('--format', choices=['official', 'nni', 'project'], default=None,
+                        help='layout of --input (default: detected from the keys)')
+    parser.add_argument('--subnet-output', default=None,
+                        help='also write the pre-searched AutoFormer subnet here '
+                             '(default with no --input/--output: weights/subnet-{name}.pth)')
+    args = parser.parse_args(argv)
+    if args.input is None and args.output is None and args.subnet_output is None:
+        args.subnet_output = f'weights/subnet-{args.name}.pth'
+    args.input = args.input or f'weights/official-supernet-{args.name}.pth'
+    args.output = args.output or f'weights/supernet-{args.name}.pth'
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    space_kwargs = AutoformerSpace.preset(args.name)
+    supernet = AutoformerSpace.load_supernet_weights(args.name, args.input, format=args.format)
+    save_weights(args.output, supernet, space_kwargs)
+    print(f'wrote supernet {args.output} ({sum(t.numel() for t in supernet.values()) / 1e6:.1f}M values)')
+    if args.subnet_output:
+        arch = AutoformerSpace.searched_arch(args.name)
+        save_weights(args.subnet_output, sub_state_dict(supernet, arch), space_kwargs, arch=arch)
+        print(f'wrote subnet autoformer-{args.name} {args.subnet_output}')
+
+
+if __name__ == '__main__':
+    run_main(main)

@@ -1,0 +1,343 @@
+"""Datasets and transforms shared by every script.
+
+``build_dataset(dataset, datapath, split, img_size, training)`` returns a map-style dataset of
+``(normalized float tensor CxHxW, int label)`` pairs with a ``.classes`` list; ``build_loader``
+wraps one in a DataLoader. Nothing is ever downloaded.
+
+* ``imagenet``: an ImageFolder tree ``datapath/train/<class>/*`` and ``datapath/val/<class>/*``
+  (split ``test`` reads ``val``). ``datapath`` may also be one split folder itself
+  (``.../imagenet/val``): then it is used for every split.
+* ``folder``: any ImageFolder. ``datapath/<split>`` when it exists (``val`` and ``test`` stand in
+  for each other when only one exists), else ``datapath`` itself when it has no split folders.
+* ``cifar10``: torchvision's on-disk python format; ``datapath`` is ``cifar-10-batches-py`` or
+  the folder holding it. ``train`` reads data_batch_1..5; ``val`` and ``test`` read test_batch.
+* ``digits``: scikit-learn's bundled ``load_digits`` (1,797 8x8 images, 10 classes;
+  ``datapath`` is ignored). Split once, stratified by class, with
+  ``sklearn.model_selection.train_test_split(random_state=0)``: 360 images for test, then 180
+  of the remaining 1,437 for val, leaving 1,257 for train.
+
+ImageNet/folder/CIFAR images use ImageNet mean/std and DeiT's transforms (timm
+``create_transform``); digits use mean 0.5 / std 0.5. Image files are decoded to RGB; a file
+that cannot be decoded is skipped (the next sample is returned instead), counted in the
+dataset's ``skipped`` set, and reported by one warning per process.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import pickle
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import InterpolationMode, v2
+
+from utils import UserError
+
+DATASETS = ('imagenet', 'cifar10', 'digits', 'folder')
+SPLITS = ('train', 'val', 'test')
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+CIFAR_DIR = 'cifar-10-batches-py'
+CIFAR_TRAIN_FILES = tuple(f'data_batch_{i}' for i in range(1, 6))
+DIGITS_SPLIT_SIZES = {'train': 1257, 'val': 180, 'test': 360}
+# Sub-folders of a `folder` dataset read for each split, first found wins.
+_FOLDER_SPLITS = {'train': ('train',), 'val': ('val', 'test'), 'test': ('test', 'val')}
+
+_AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'
+# What Pillow raises for corrupt, truncated or non-image files.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+# The only globals a CIFAR-10 pickle needs (numpy arrays written by Python 2 or 3); anything
+# else would run code from the file, so it is refused.
+_CIFAR_PICKLE_GLOBALS = {
+    ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+    ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),
+    ('numpy', 'ndarray'), ('numpy', 'dtype'), ('_codecs', 'encode'),
+}
+_EXPECTS = {
+    'imagenet': 'the ImageNet folder holding train/ and val/ (one sub-folder per class in each), '
+                'or one such split folder itself',
+    'folder': 'a folder with one sub-folder of images per class, optionally split into train/ val/ test/',
+    'cifar10': f'the folder holding {CIFAR_DIR}/ (torchvision\'s CIFAR-10 python format), or {CIFAR_DIR} itself',
+}
+_logger = logging.getLogger(__name__)
+
+
+def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
+    """The data flags every script shares, with the same names and meaning."""
+    parser.add_argument('--dataset', choices=DATASETS, default=None,
+                        help='default: imagenet when --datapath is given, else the bundled digits')
+    parser.add_argument('--datapath', default=None, help='dataset folder (not needed for digits)')
+    parser.add_argument('--batch-size', '--batch_size', dest='batch_size', type=int, default=batch_size,
+                        help=f'images per batch (default {batch_size})')
+    parser.add_argument('--num-workers', '--num_workers', dest='num_workers', type=int,
+                        default=min(8, os.cpu_count() or 1), help='data loading processes')
+
+
+def dataset_name(dataset: str | None, datapath: str | None) -> str:
+    """``--dataset``, defaulting to ImageNet when a folder is given and to the bundled digits otherwise."""
+    return dataset or ('imagenet' if datapath else 'digits')
+
+
+def build_dataset(dataset: str, datapath: str | os.PathLike | None, split: str, img_size: int,
+                  training: bool = False) -> Dataset:
+    """The ``split`` of ``dataset`` as ``(normalized CxHxW float tensor, int label)`` pairs, with ``.classes``."""
+    _check_dataset(dataset)
+    if split not in SPLITS:
+        raise UserError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
+    if dataset == 'digits':
+        return _digits(split, img_size, training)
+    root = _datapath(dataset, datapath)
+    if dataset == 'cifar10':
+        return Cifar10(_cifar_folder(root), split, _cifar_transform(img_size, training))
+    folder = _imagenet_split(root, split) if dataset == 'imagenet' else _folder_split(root, split)
+    return _image_folder(folder, _image_transform(img_size, training))
+
+
+def num_classes(dataset: str, datapath: str | os.PathLike | None) -> int:
+    """The number of classes, without scanning the images (cheap even for ImageNet)."""
+    _check_dataset(dataset)
+    if dataset in ('digits', 'cifar10'):
+        return 10
+    root = _datapath(dataset, datapath)
+    return len(_class_names(next((root / s for s in SPLITS if (root / s).is_dir()), root)))
+
+
+def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False,
+                 drop_last: bool = False) -> DataLoader:
+    workers = num_workers > 0
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=workers,
+                      # RandAugment on large images is CPU-heavy: keep more batches queued for the GPU.
+                      prefetch_factor=4 if workers else None)
+
+
+def _check_dataset(dataset: str) -> None:
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset '{dataset}': use one of {', '.join(DATASETS)}")
+
+
+def _datapath(dataset: str, datapath: str | os.PathLike | None) -> Path:
+    if not datapath:
+        raise UserError(f'--dataset {dataset} needs --datapath: {_EXPECTS[dataset]}')
+    root = Path(datapath).expanduser()
+    if not root.is_dir():
+        state = 'is not a folder' if root.exists() else 'does not exist'
+        raise UserError(f'--datapath {root} {state}; pass {_EXPECTS[dataset]}')
+    return root
+
+
+def _imagenet_split(root: Path, split: str) -> Path:
+    if _holds_class_folders(root):  # the user passed a split folder such as imagenet/val
+        return root
+    folder = root / ('train' if split == 'train' else 'val')
+    if not folder.is_dir():
+        raise UserError(f'{root} holds neither {folder.name}/ nor class folders of images: --dataset imagenet '
+                        f'needs --datapath to be {_EXPECTS["imagenet"]}')
+    return folder
+
+
+def _folder_split(root: Path, split: str) -> Path:
+    for name in _FOLDER_SPLITS[split]:
+        if (root / name).is_dir():
+            return root / name
+    present = [s for s in SPLITS if (root / s).is_dir()]
+    if present:  # using root itself would silently treat the split folders as classes
+        raise UserError(f'{root} has {"/, ".join(present)}/ but no {split}/ folder: add {root / split}/<class>/ '
+                        'with images, or point --datapath at a folder of class folders')
+    return root
+
+
+def _holds_class_folders(root: Path) -> bool:
+    with os.scandir(root) as entries:
+        return any(entry.is_dir() and _holds_images(entry.path) for entry in entries)
+
+
+def _holds_images(folder: str) -> bool:
+    with os.scandir(folder) as entries:
+        return any(entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS) for entry in entries)
+
+
+def _class_names(root: Path) -> list[str]:
+    if not root.is_dir():
+        raise UserError(f'{root} does not exist; check --datapath')
+    with os.scandir(root) as entries:
+        names = sorted(entry.name for entry in entries if entry.is_dir())
+    if not names:
+        raise UserError(f'{root} holds no class folders: put the images of each class in their own '
+                        f'sub-folder, e.g. {root / "<class>" / "image.jpg"}')
+    return names
+
+
+def _image_folder(root: Path, transform: Callable) -> SafeImageFolder:
+    _class_names(root)  # a clear error for a missing folder or one without class folders
+    dataset = SafeImageFolder(root, transform)
+    counts = np.bincount(dataset.targets, minlength=len(dataset.classes))
+    empty = [name for name, count in zip(dataset.classes, counts) if count == 0]
+    if empty:
+        others = f' (and {len(empty) - 1} more empty class folders)' if len(empty) > 1 else ''
+        raise UserError(f'class folder {root / empty[0]} has no images{others}; add images '
+                        f'({" ".join(IMG_EXTENSIONS)}) or remove the folder')
+    return dataset
+
+
+def _load_rgb(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        if image.mode.startswith('I'):
+            # 16-bit greyscale: convert('RGB') would clip every value above 255 to white.
+            image = image.convert('I').point(lambda value: value / 256).convert('L')
+        return image.convert('RGB')
+
+
+class SafeImageFolder(ImageFolder):
+    """ImageFolder that decodes every image to RGB and skips files that cannot be decoded."""
+
+    def __init__(self, root: Path, transform: Callable) -> None:
+        super().__init__(str(root), transform=transform, loader=_load_rgb, allow_empty=True)
+        self.skipped: set[str] = set()  # per process: each DataLoader worker keeps its own
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                image = self.loader(path)
+            except _DECODE_ERRORS as err:
+                self._skip(path, err)
+                continue
+            return self.transform(image), target
+        raise UserError(f'no image under {self.root} can be decoded: the files are corrupt or not images')
+
+    def _skip(self, path: str, err: Exception) -> None:
+        if not self.skipped:
+            _logger.warning('skipping undecodable image %s (%s: %s); later ones are skipped without a '
+                            'warning and counted in dataset.skipped', path, type(err).__name__, err)
+        self.skipped.add(path)
+
+
+def _train_transform(img_size: int) -> Callable:
+    return create_transform(img_size, is_training=True, auto_augment=_AUTO_AUGMENT, re_prob=0.25,
+                            interpolation='bicubic')
+
+
+def _image_transform(img_size: int, training: bool) -> Callable:
+    if training:
+        return _train_transform(img_size)
+    # DeiT's eval transform: bicubic resize to int(img_size / 0.875), center crop, normalize.
+    return create_transform(img_size, is_training=False, interpolation='bicubic', crop_pct=0.875)
+
+
+def _cifar_folder(root: Path) -> Path:
+    return root / CIFAR_DIR if (root / CIFAR_DIR).is_dir() else root
+
+
+def _cifar_transform(img_size: int, training: bool) -> Callable:
+    if training and img_size != 32:
+        return _train_transform(img_size)
+    if training:
+        steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+    elif img_size != 32:
+        steps = [transforms.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC)]
+    else:
+        steps = []
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f'refusing to load {module}.{name}')
+        return super().find_class(module, name)
+
+
+def _read_cifar_file(path: Path, *keys: str) -> list[Any]:
+    try:
+        # latin1 reads the Python 2 pickles that the CIFAR-10 archive ships.
+        content = _CifarUnpickler(io.BytesIO(path.read_bytes()), encoding='latin1').load()
+        content = {k.decode() if isinstance(k, bytes) else k: v for k, v in content.items()}
+        return [content[key] for key in keys]
+    except (pickle.UnpicklingError, EOFError, AttributeError, KeyError, TypeError, ValueError) as err:
+        raise UserError(f'{path} is not a CIFAR-10 python batch ({type(err).__name__}: {err}); '
+                        'extract cifar-10-python.tar.gz again') from None
+
+
+class Cifar10(Dataset):
+    """CIFAR-10 in torchvision's on-disk format, read without torchvision's download/MD5 logic."""
+
+    def __init__(self, folder: Path, split: str, transform: Callable) -> None:
+        files = CIFAR_TRAIN_FILES if split == 'train' else ('test_batch',)
+        missing = [name for name in files + ('batches.meta',) if not (folder / name).is_file()]
+        if missing:
+            raise UserError(f'{folder} lacks the CIFAR-10 file(s) {", ".join(missing)}: point --datapath at '
+                            f'{_EXPECTS["cifar10"]}, which holds {", ".join(CIFAR_TRAIN_FILES)}, test_batch '
+                            'and batches.meta (extracted from cifar-10-python.tar.gz; nothing is downloaded)')
+        batches = [_read_cifar_file(folder / name, 'data', 'labels') for name in files]
+        pixels = np.concatenate([np.asarray(rows, dtype=np.uint8) for rows, _ in batches])
+        self.images = np.ascontiguousarray(pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # NHWC for PIL
+        self.targets = [int(label) for _, labels in batches for label in labels]
+        (names,) = _read_cifar_file(folder / 'batches.meta', 'label_names')
+        self.classes = [name.decode() if isinstance(name, bytes) else name for name in names]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[index])), self.targets[index]
+
+
+_load_digits = lru_cache(maxsize=1)(load_digits)
+
+
+@lru_cache(maxsize=1)
+def _digits_indices() -> dict[str, np.ndarray]:
+    labels = _load_digits().target
+    rest, test = train_test_split(np.arange(len(labels)), test_size=DIGITS_SPLIT_SIZES['test'],
+                                  stratify=labels, random_state=0)
+    train, val = train_test_split(rest, test_size=DIGITS_SPLIT_SIZES['val'], stratify=labels[rest],
+                                  random_state=0)
+    return {'train': train, 'val': val, 'test': test}
+
+
+@lru_cache(maxsize=None)
+def _digits_tensors(split: str, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One channel of the split, resized and normalized: Nx1xSxS floats and N labels."""
+    digits, index = _load_digits(), _digits_indices()[split]
+    images = torch.from_numpy(digits.images[index]).float().div(16).unsqueeze(1)
+    images = F.interpolate(images, size=(img_size, img_size), mode='bilinear', antialias=True, align_corners=False)
+    return images.sub(0.5).div(0.5), torch.from_numpy(digits.target[index])
+
+
+def _digits(split: str, img_size: int, training: bool) -> DigitsDataset:
+    images, labels = _digits_tensors(split, img_size)
+    # No flips: digits are not mirror-symmetric. Fill -1 is the normalized black background.
+    augment = v2.RandomAffine(degrees=10, translate=(0.1, 0.1), interpolation=InterpolationMode.BILINEAR,
+                              fill=-1.0) if training else None
+    return DigitsDataset(images, labels, augment)
+
+
+class DigitsDataset(Dataset):
+    """Preprocessed digits held in memory; images are shared with the in-process cache."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: Callable | None) -> None:
+        self.images, self.labels, self.augment = images, labels, augment
+        self.classes = [str(digit) for digit in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index].repeat(3, 1, 1)  # a copy, so callers cannot alter the cache
+        return (self.augment(image) if self.augment else image), int(self.labels[index])

@@ -1,0 +1,54 @@
+"""Evaluate a pre-searched AutoFormer, or any arch of a supernet: top-1, top-5, params, FLOPs.
+
+    python evaluate.py --datapath path/to/imagenet/val --name tiny --weights path/to/weights.pth
+    python evaluate.py --dataset digits --weights outputs/demo/supernet.pth --arch best.json
+"""
+from __future__ import annotations
+
+import argparse
+
+import data
+from engine import evaluate
+from space import count_flops, count_params, load_model
+from utils import UserError, atomic_write_json, load_json_arg, pick_device, run_main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--name', choices=['tiny', 'small', 'base', 'demo'], default=None,
+                        help='preset; default: the space stored with --weights, else tiny')
+    parser.add_argument('--weights', default='nni',
+                        help="subnet weights, or a supernet weights file (with --arch); 'nni' downloads "
+                             "NNI's AutoFormer-T/S/B (default); 'none' evaluates random weights")
+    parser.add_argument('--arch', default=None, help='arch to slice from a supernet: JSON text or a JSON file')
+    data.add_data_args(parser)
+    parser.add_argument('--split', choices=data.SPLITS, default='test',
+                        help="split to evaluate (ImageNet's test is its val folder)")
+    parser.add_argument('--device', default=None, help='cpu, cuda, cuda:1, ... (default: CUDA when present)')
+    parser.add_argument('--output', default=None, help='also write the results to this JSON file')
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    arch = load_json_arg(args.arch) if args.arch else None
+    weights = None if args.weights == 'none' else args.weights
+    model, arch, space_kwargs = load_model(weights, args.name, arch)
+    args.dataset = data.dataset_name(args.dataset, args.datapath)
+    dataset = data.build_dataset(args.dataset, args.datapath, args.split, space_kwargs['img_size'])
+    if len(dataset.classes) != space_kwargs['num_labels']:
+        raise UserError(f'the {args.dataset} data has {len(dataset.classes)} classes but the model has '
+                        f'{space_kwargs["num_labels"]} outputs: pass weights trained for this dataset')
+    loader = data.build_loader(dataset, args.batch_size, args.num_workers)
+    metrics = evaluate(model, loader, pick_device(args.device))
+    results = {'weights': args.weights, 'dataset': args.dataset, 'split': args.split, 'arch': arch,
+               'params': count_params(arch, **space_kwargs), 'flops': count_flops(arch, **space_kwargs), **metrics}
+    print(f"top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  params {results['params'] / 1e6:.2f}M  "
+          f"FLOPs {results['flops'] / 1e9:.3f}G  {results['images']} images  {results['images_per_s']:.1f} images/s")
+    if args.output:
+        atomic_write_json(results, args.output)
+    return results
+
+
+if __name__ == '__main__':
+    run_main(main)

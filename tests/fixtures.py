@@ -1,0 +1,41 @@
+"""Writers of small on-disk datasets for tests: an ImageFolder tree and a CIFAR-10 folder."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CIFAR_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
+
+
+def write_image_folder(root: str | Path, classes: list[str] | tuple[str, ...], per_class: int,
+                       size: int = 16) -> Path:
+    """Write ``root/<class>/<i>.png``: ``per_class`` random RGB PNGs of ``size`` px per class; return root."""
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f'{i}.png')
+    return root
+
+
+def write_cifar10(root: str | Path, n_train_per_batch: int, n_test: int) -> Path:
+    """Write ``root/cifar-10-batches-py`` in torchvision's format with random images; return that folder."""
+    folder = Path(root) / 'cifar-10-batches-py'
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    batches = {f'data_batch_{i}': n_train_per_batch for i in range(1, 6)} | {'test_batch': n_test}
+    for name, count in batches.items():
+        batch = {b'batch_label': name.encode(),
+                 b'data': rng.integers(0, 256, (count, 3072), dtype=np.uint8),
+                 b'labels': [int(label) for label in rng.integers(0, 10, count)],
+                 b'filenames': [f'{name}_{i}.png'.encode() for i in range(count)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    meta = {b'label_names': [name.encode() for name in CIFAR_CLASSES], b'num_vis': 3072,
+            b'num_cases_per_batch': 10000}
+    (folder / 'batches.meta').write_bytes(pickle.dumps(meta))
+    return folder

@@ -1,0 +1,246 @@
+"""Tests of data.py: digits split, image folders with odd files, ImageNet layouts, CIFAR-10, bad input."""
+from __future__ import annotations
+
+import logging
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from fixtures import CIFAR_CLASSES, write_cifar10, write_image_folder
+from utils import UserError
+
+
+def _items(dataset) -> list[tuple[torch.Tensor, int]]:
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def test_digits_split_sizes_disjoint_and_deterministic():
+    first = {split: idx.copy() for split, idx in data._digits_indices().items()}
+    data._digits_indices.cache_clear()
+    again = data._digits_indices()
+    assert {split: len(idx) for split, idx in first.items()} == {'train': 1257, 'val': 180, 'test': 360}
+    assert all(np.array_equal(first[split], again[split]) for split in data.SPLITS)
+    assert len(np.unique(np.concatenate(list(first.values())))) == 1797
+    for split in data.SPLITS:
+        dataset = data.build_dataset('digits', None, split, 32)
+        assert len(dataset) == len(first[split])
+        assert set(dataset.labels.tolist()) == set(range(10))  # stratified: every class in every split
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_digits_samples(training):
+    dataset = data.build_dataset('digits', None, 'val', 32, training=training)
+    assert dataset.classes == [str(d) for d in range(10)] and data.num_classes('digits', None) == 10
+    batch, labels = next(iter(data.build_loader(dataset, 64, 0)))
+    assert batch.shape == (64, 3, 32, 32) and batch.dtype == torch.float32
+    assert batch.min() >= -1 and batch.max() <= 1
+    assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 10
+    assert torch.equal(batch[:, 0], batch[:, 1]) and torch.equal(batch[:, 1], batch[:, 2])
+
+
+def test_digits_cached_and_samples_are_copies():
+    first = data.build_dataset('digits', None, 'test', 16)
+    assert data.build_dataset('digits', None, 'test', 16).images is first.images
+    image, _ = first[0]
+    image.fill_(7)
+    assert first[0][0].max() <= 1
+
+
+def _write_odd_images(root: Path) -> Path:
+    """Class a: RGB PNG, greyscale PNG, CMYK JPEG; class b: 16-bit PNG, RGB JPEG, truncated JPEG."""
+    rng = np.random.default_rng(1)
+    (root / 'a').mkdir(parents=True)
+    (root / 'b').mkdir()
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / 'a' / 'rgb.png')
+    Image.fromarray(rng.integers(0, 256, (24, 20), dtype=np.uint8), mode='L').save(root / 'a' / 'grey.png')
+    Image.new('CMYK', (30, 30), (10, 200, 30, 0)).save(root / 'a' / 'cmyk.jpg')
+    Image.fromarray(np.full((16, 16), 0x8000, dtype=np.uint16)).save(root / 'b' / 'grey16.png')
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(root / 'b' / 'good.jpg', quality=90)
+    whole = (root / 'b' / 'good.jpg').read_bytes()
+    (root / 'b' / 'truncated.jpg').write_bytes(whole[:len(whole) // 2])
+    return root / 'b' / 'truncated.jpg'
+
+
+def test_image_modes_decode_and_16_bit_is_rescaled(tmp_path):
+    _write_odd_images(tmp_path)
+    with Image.open(tmp_path / 'b' / 'grey16.png') as grey16:
+        assert grey16.mode == 'I;16'
+    assert np.asarray(data._load_rgb(str(tmp_path / 'b' / 'grey16.png'))).max() == 128
+    for name in ('a/rgb.png', 'a/grey.png', 'a/cmyk.jpg', 'b/good.jpg'):
+        assert data._load_rgb(str(tmp_path / name)).mode == 'RGB'
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_folder_skips_corrupt_image(tmp_path, caplog, training):
+    bad = _write_odd_images(tmp_path)
+    dataset = data.build_dataset('folder', tmp_path, 'train', 32, training=training)
+    assert dataset.classes == ['a', 'b'] and len(dataset) == 6 and data.num_classes('folder', tmp_path) == 2
+    with caplog.at_level(logging.WARNING, logger='data'):
+        for _ in range(2):  # two epochs: still one warning
+            batches = list(data.build_loader(dataset, 4, 0))
+    images = torch.cat([images for images, _ in batches])
+    assert images.shape == (6, 3, 32, 32) and torch.isfinite(images).all()
+    assert dataset.skipped == {str(bad)}
+    assert len(caplog.records) == 1 and str(bad) in caplog.messages[0]
+
+
+def test_loader_with_workers(tmp_path):
+    _write_odd_images(tmp_path)
+    loader = data.build_loader(data.build_dataset('folder', tmp_path, 'val', 24), 3, 2, shuffle=True)
+    assert loader.persistent_workers and loader.prefetch_factor == 4
+    assert loader.pin_memory == torch.cuda.is_available()
+    labels = torch.cat([labels for _, labels in loader]).tolist()
+    assert len(labels) == 6 and set(labels) == {0, 1}  # the truncated JPEG (last) is replaced by sample 0
+
+
+def test_folder_split_folders(tmp_path):
+    write_image_folder(tmp_path / 'train', ['x', 'y', 'z'], 2)
+    write_image_folder(tmp_path / 'test', ['x', 'y', 'z'], 1)
+    assert len(data.build_dataset('folder', tmp_path, 'train', 16)) == 6
+    assert len(data.build_dataset('folder', tmp_path, 'val', 16)) == 3  # test/ stands in for val/
+    assert data.num_classes('folder', tmp_path) == 3
+
+
+def test_imagenet_layouts(tmp_path):
+    write_image_folder(tmp_path / 'train', ['n01', 'n02'], 3)
+    write_image_folder(tmp_path / 'val', ['n01', 'n02'], 2)
+    assert len(data.build_dataset('imagenet', tmp_path, 'train', 32, training=True)) == 6
+    for split in ('val', 'test'):
+        dataset = data.build_dataset('imagenet', tmp_path, split, 32)
+        assert len(dataset) == 4 and dataset.classes == ['n01', 'n02']
+        assert dataset[0][0].shape == (3, 32, 32)
+    assert data.num_classes('imagenet', tmp_path) == 2
+    direct = data.build_dataset('imagenet', tmp_path / 'val', 'train', 32)
+    assert len(direct) == 4 and direct.root == str(tmp_path / 'val')
+    assert data.num_classes('imagenet', str(tmp_path / 'val')) == 2
+
+
+def test_imagenet_eval_transform_is_deit():
+    steps = data._image_transform(224, training=False).transforms
+    assert steps[0].size == 256 and steps[1].size == (224, 224)
+
+
+@pytest.mark.parametrize('inside', [False, True])
+def test_cifar10_both_datapath_forms(tmp_path, inside):
+    folder = write_cifar10(tmp_path, n_train_per_batch=4, n_test=6)
+    datapath = folder if inside else tmp_path
+    train = data.build_dataset('cifar10', str(datapath), 'train', 32, training=True)
+    assert len(train) == 20 and train.classes == list(CIFAR_CLASSES)
+    for split in ('val', 'test'):
+        assert len(data.build_dataset('cifar10', datapath, split, 32)) == 6
+    image, label = data.build_dataset('cifar10', datapath, 'test', 32)[0]
+    assert image.shape == (3, 32, 32) and isinstance(label, int) and 0 <= label < 10
+    assert data.num_classes('cifar10', datapath) == 10
+
+
+@pytest.mark.parametrize('training', [False, True])
+def test_cifar10_resized(tmp_path, training):
+    write_cifar10(tmp_path, 2, 2)
+    assert data.build_dataset('cifar10', tmp_path, 'test', 48, training=training)[1][0].shape == (3, 48, 48)
+
+
+def test_cifar10_pixels_match_file(tmp_path):
+    folder = write_cifar10(tmp_path, 1, 2)
+    raw = pickle.loads((folder / 'test_batch').read_bytes())[b'data'][1].reshape(3, 32, 32)
+    image, _ = data.build_dataset('cifar10', tmp_path, 'test', 32)[1]
+    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
+    assert torch.allclose(image * std + mean, torch.from_numpy(raw).float() / 255, atol=1e-5)
+
+
+@pytest.mark.parametrize('dataset', ['imagenet', 'folder', 'cifar10'])
+def test_missing_datapath(dataset):
+    with pytest.raises(UserError, match='--datapath'):
+        data.build_dataset(dataset, None, 'val', 32)
+
+
+@pytest.mark.parametrize('dataset', ['imagenet', 'folder', 'cifar10'])
+def test_datapath_does_not_exist(tmp_path, dataset):
+    with pytest.raises(UserError, match='does not exist') as err:
+        data.build_dataset(dataset, tmp_path / 'nope', 'val', 32)
+    assert str(tmp_path / 'nope') in str(err.value)
+
+
+@pytest.mark.parametrize('dataset', ['imagenet', 'folder'])
+def test_empty_folder(tmp_path, dataset):
+    with pytest.raises(UserError) as err:
+        data.build_dataset(dataset, tmp_path, 'val', 32)
+    assert str(tmp_path) in str(err.value) and 'class folders' in str(err.value)
+    with pytest.raises(UserError, match='class folders'):
+        data.num_classes(dataset, tmp_path)
+
+
+def test_class_folder_without_images(tmp_path):
+    write_image_folder(tmp_path, ['cat'], 1)
+    (tmp_path / 'dog').mkdir()
+    (tmp_path / 'dog' / 'notes.txt').write_text('not an image')
+    with pytest.raises(UserError, match='has no images') as err:
+        data.build_dataset('folder', tmp_path, 'train', 32)
+    assert str(tmp_path / 'dog') in str(err.value)
+
+
+def test_imagenet_root_without_val(tmp_path):
+    write_image_folder(tmp_path / 'train', ['n01'], 1)
+    with pytest.raises(UserError, match='val/') as err:
+        data.build_dataset('imagenet', tmp_path, 'val', 32)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_folder_with_other_split_folders_only(tmp_path):
+    write_image_folder(tmp_path / 'val', ['x'], 1)
+    with pytest.raises(UserError, match='no train/') as err:
+        data.build_dataset('folder', tmp_path, 'train', 32)
+    assert str(tmp_path) in str(err.value)
+
+
+def test_all_images_corrupt(tmp_path):
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'a' / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
+    dataset = data.build_dataset('folder', tmp_path, 'train', 32)
+    with pytest.raises(UserError, match='can be decoded'):
+        dataset[0]
+
+
+@pytest.mark.parametrize('split, missing', [('train', 'data_batch_3'), ('test', 'test_batch'),
+                                            ('val', 'batches.meta')])
+def test_cifar10_missing_files(tmp_path, split, missing):
+    folder = write_cifar10(tmp_path, 1, 1)
+    (folder / missing).unlink()
+    with pytest.raises(UserError, match=missing) as err:
+        data.build_dataset('cifar10', tmp_path, split, 32)
+    assert str(folder) in str(err.value)
+
+
+def test_cifar10_folder_without_files(tmp_path):
+    with pytest.raises(UserError, match='data_batch_1') as err:
+        data.build_dataset('cifar10', tmp_path, 'train', 32)
+    assert str(tmp_path) in str(err.value)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return print, ('this must not run',)
+
+
+@pytest.mark.parametrize('content', [b'truncated', pickle.dumps({b'data': _RunsCode(), b'labels': []}),
+                                     pickle.dumps({b'labels': [1]})])
+def test_cifar10_bad_or_unsafe_batch(tmp_path, capsys, content):
+    folder = write_cifar10(tmp_path, 1, 1)
+    (folder / 'test_batch').write_bytes(content)
+    with pytest.raises(UserError, match='not a CIFAR-10 python batch') as err:
+        data.build_dataset('cifar10', folder, 'test', 32)
+    assert str(folder / 'test_batch') in str(err.value)
+    assert 'this must not run' not in capsys.readouterr().out
+
+
+def test_unknown_dataset_and_split():
+    with pytest.raises(UserError, match="'mnist'.*imagenet, cifar10, digits, folder"):
+        data.build_dataset('mnist', None, 'train', 32)
+    with pytest.raises(UserError, match="'mnist'"):
+        data.num_classes('mnist', None)
+    with pytest.raises(UserError, match="'valid'.*train, val, test"):
+        data.build_dataset('digits', None, 'valid', 32)

@@ -1,0 +1,127 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import convert
+import evaluate
+from conftest import GOLDEN
+from fixtures import write_cifar10, write_image_folder
+from space import AutoformerSpace, load_model, read_weights, save_weights, sub_state_dict
+from utils import UserError
+
+ROOT = Path(__file__).parent.parent
+ARCH = {'embed_dim': 112, 'depth': 3, 'mlp_ratio_0': 3.5, 'num_head_0': 1, 'mlp_ratio_1': 4.0, 'num_head_1': 2,
+        'mlp_ratio_2': 3.0, 'num_head_2': 1}
+
+
+@pytest.fixture(scope='module')
+def demo_supernet(tmp_path_factory):
+    """The golden official weights as a demo-space supernet file of this project."""
+    path = tmp_path_factory.mktemp('weights') / 'supernet-demo.pth'
+    kwargs = AutoformerSpace.preset('demo')
+    save_weights(path, AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / 'small-official.pth'), kwargs)
+    return path
+
+
+def test_evaluate_digits_with_supernet_and_arch(demo_supernet, tmp_path):
+    out = tmp_path / 'results.json'
+    results = evaluate.main(['--weights', str(demo_supernet), '--arch', json.dumps(ARCH), '--output', str(out),
+                             '--num-workers', '0'])
+    assert json.loads(out.read_text()) == results
+    assert results['images'] == 360 and 0 <= results['top1'] <= results['top5'] <= 100
+    assert results['params'] == sum(p.numel() for p in load_model(demo_supernet, arch=ARCH)[0].parameters())
+
+
+def test_evaluate_arch_from_file_on_image_folder(demo_supernet, tmp_path):
+    write_image_folder(tmp_path / 'images' / 'val', [str(i) for i in range(10)], per_class=2, size=40)
+    arch_file = tmp_path / 'arch.json'
+    arch_file.write_text(json.dumps(ARCH))
+    results = evaluate.main(['--weights', str(demo_supernet), '--arch', str(arch_file), '--dataset', 'folder',
+                             '--datapath', str(tmp_path / 'images'), '--num-workers', '0'])
+    assert results['images'] == 20
+
+
+def test_evaluate_subnet_file_on_cifar10_folder(demo_supernet, tmp_path):
+    supernet, meta = read_weights(demo_supernet)
+    subnet = tmp_path / 'subnet.pth'
+    save_weights(subnet, sub_state_dict(supernet, ARCH), meta['space'], arch=ARCH)
+    write_cifar10(tmp_path / 'cifar', n_train_per_batch=2, n_test=30)
+    results = evaluate.main(['--weights', str(subnet), '--dataset', 'cifar10', '--datapath', str(tmp_path / 'cifar'),
+                             '--num-workers', '0'])
+    assert results['images'] == 30 and results['arch'] == ARCH
+    with pytest.raises(UserError, match='holds the weights of one subnet'):
+        evaluate.main(['--weights', str(subnet), '--arch', json.dumps(dict(ARCH, embed_dim=96))])
+
+
+@pytest.mark.parametrize('datapath, message', [('missing', 'does not exist'), ('empty', 'empty|no class')])
+def test_evaluate_refuses_missing_or_empty_dataset_folder(demo_supernet, tmp_path, datapath, message):
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(UserError, match=message):
+        evaluate.main(['--weights', str(demo_supernet), '--arch', json.dumps(ARCH), '--dataset', 'folder',
+                       '--datapath', str(tmp_path / datapath)])
+
+
+def test_evaluate_cli_prints_one_clear_line(tmp_path):
+    result = subprocess.run([sys.executable, 'evaluate.py', '--weights', str(tmp_path / 'nope.pth')], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith('error: weights file')
+    assert 'Traceback' not in result.stderr
+
+
+def official_tiny_checkpoint(generator):
+    """Random weights with the shapes of the released official tiny supernet (256 wide, 4 heads, depth 14)."""
+    embed, heads, hidden = 256, 4, 1024
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator) * 0.05
+
+    model = {'pos_embed': rand(1, 197, embed), 'cls_token': rand(1, 1, embed),
+             'patch_embed_super.proj.weight': rand(embed, 3, 16, 16), 'patch_embed_super.proj.bias': rand(embed),
+             'norm.weight': 1 + rand(embed), 'norm.bias': rand(embed), 'head.weight': rand(1000, embed),
+             'head.bias': rand(1000)}
+    for i in range(14):
+        block = {'attn.qkv.weight': rand(3 * heads * 64, embed), 'attn.qkv.bias': rand(3 * heads * 64),
+                 'attn.proj.weight': rand(embed, heads * 64), 'attn.proj.bias': rand(embed),
+                 'attn_layer_norm.weight': 1 + rand(embed), 'attn_layer_norm.bias': rand(embed),
+                 'ffn_layer_norm.weight': 1 + rand(embed), 'ffn_layer_norm.bias': rand(embed),
+                 'fc1.weight': rand(hidden, embed), 'fc1.bias': rand(hidden), 'fc2.weight': rand(embed, hidden),
+                 'fc2.bias': rand(embed)}
+        for table in ('k', 'v'):
+            for axis in ('v', 'h'):
+                block[f'attn.rel_pos_embed_{table}.embeddings_table_{axis}'] = rand(30, 64)
+        model.update({f'blocks.{i}.{k}': v for k, v in block.items()})
+    return {'model': model, 'epoch': 499}
+
+
+def test_convert_wide_official_tiny_to_supernet_and_subnet(tmp_path):
+    official = official_tiny_checkpoint(torch.Generator().manual_seed(0))
+    torch.save(official, tmp_path / 'official.pth')
+    convert.main(['--name', 'tiny', '--input', str(tmp_path / 'official.pth'), '--output', str(tmp_path / 's.pth'),
+                  '--subnet-output', str(tmp_path / 'sub.pth')])
+    supernet, meta = read_weights(tmp_path / 's.pth')
+    assert meta['space']['search_embed_dim'] == [192, 216, 240]
+    assert torch.equal(supernet['patch_embed.weight'], official['model']['patch_embed_super.proj.weight'][:240])
+    assert torch.equal(supernet['blocks.blocks.13.attn.qkv.bias'], official['model']['blocks.13.attn.qkv.bias'])
+    # The subnet file and slicing the supernet file give the same model.
+    model = AutoformerSpace.load_searched_model('autoformer-tiny', weights=tmp_path / 'sub.pth').eval()
+    from_supernet = AutoformerSpace.load_searched_model('autoformer-tiny', weights=tmp_path / 's.pth').eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x), from_supernet(x))
+    # Layer 10 of AutoFormer-T has 4 heads, the others 3: the official qkv bias is a prefix, not three.
+    bias = model.state_dict()['blocks.0.attn.qkv.bias']
+    assert torch.equal(bias, official['model']['blocks.0.attn.qkv.bias'][:3 * 3 * 64])
+
+
+def test_convert_refuses_checkpoint_of_another_space(tmp_path):
+    result = subprocess.run([sys.executable, 'convert.py', '--name', 'tiny', '--input',
+                             str(GOLDEN / 'small-official.pth'), '--output', str(tmp_path / 'out.pth')],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert 'not a tiny supernet' in result.stderr
+    assert not (tmp_path / 'out.pth').exists()
