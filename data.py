@@ -35,9 +35,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+from timm.data import auto_augment as timm_auto_augment
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
@@ -57,6 +58,20 @@ DIGITS_SPLIT_SIZES = {'train': 1257, 'val': 180, 'test': 360}
 _FOLDER_SPLITS = {'train': ('train',), 'val': ('val', 'test'), 'test': ('test', 'val')}
 
 _AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize, with the 0-bit case (a black image) that older Pillow gave and Pillow 11 refuses."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+# RandAugment's increasing posterize reaches 0 bits at magnitude 10 (m9 + noise): keep DeiT's recipe working.
+for _name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+    timm_auto_augment.NAME_TO_OP[_name] = _posterize
 # What Pillow raises for corrupt, truncated or non-image files.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError)
 # The only globals a CIFAR-10 pickle needs (numpy arrays written by Python 2 or 3); anything

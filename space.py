@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                  search_num_heads=(8, 9, 10), search_depth=(14, 15, 16)),
     # Sized for a laptop CPU and the bundled 32 px digits; the space of the golden official cases.
     'demo': dict(search_embed_dim=(96, 112, 128), search_mlp_ratio=(3.0, 3.5, 4.0), search_num_heads=(1, 2),
-                 search_depth=(2, 3, 4), img_size=32, patch_size=4, num_labels=10),
+                 search_depth=(2, 3, 4), img_size=32, patch_size=8, num_labels=10),
 }
 SEARCH_KEYS = ('search_embed_dim', 'search_mlp_ratio', 'search_num_heads', 'search_depth')
 

@@ -19,10 +19,10 @@ ARCH = {'embed_dim': 112, 'depth': 3, 'mlp_ratio_0': 3.5, 'num_head_0': 1, 'mlp_
 
 
 @pytest.fixture(scope='module')
-def demo_supernet(tmp_path_factory):
-    """The golden official weights as a demo-space supernet file of this project."""
-    path = tmp_path_factory.mktemp('weights') / 'supernet-demo.pth'
-    kwargs = AutoformerSpace.preset('demo')
+def demo_supernet(tmp_path_factory, golden):
+    """The golden official weights as a supernet file of this project (32 px, 10 classes)."""
+    path = tmp_path_factory.mktemp('weights') / 'supernet-golden.pth'
+    kwargs = golden[0]
     save_weights(path, AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / 'small-official.pth'), kwargs)
     return path
 

@@ -1,0 +1,53 @@
+"""The official relative-position formulation, as a reference for tests and benchmarks.
+
+The official ``RelativePosition2D_super`` gathers an (N, N, head_dim) table per layer for keys and
+another for values on every forward and multiplies through them. ``direct_rpe()`` swaps that
+formulation into :class:`space.RelativePosition2D` so both can be timed side by side.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from space import RelativePosition2D
+
+
+def direct_table(module: RelativePosition2D, num_tokens: int) -> torch.Tensor:
+    """(N, N, d) encodings, recomputed per call exactly as the official code does."""
+    length_q = num_tokens - 1
+    side = int(length_q ** 0.5)
+    device = module.embeddings_table_v.device
+    positions = torch.arange(length_q, device=device)
+    distance_v = positions[None, :] // side - positions[:, None] // side
+    distance_h = positions[None, :] % side - positions[:, None] % side
+    index_v = F.pad(distance_v.clamp(-module.length, module.length) + module.length + 1, (1, 0, 1, 0))
+    index_h = F.pad(distance_h.clamp(-module.length, module.length) + module.length + 1, (1, 0, 1, 0))
+    return module.embeddings_table_v[index_v] + module.embeddings_table_h[index_h]
+
+
+def direct_key_bias(module: RelativePosition2D, q: torch.Tensor) -> torch.Tensor:
+    batch, heads, tokens, dim = q.shape
+    table = direct_table(module, tokens)
+    bias = q.permute(2, 0, 1, 3).reshape(tokens, heads * batch, dim) @ table.transpose(2, 1)
+    return bias.transpose(1, 0).reshape(batch, heads, tokens, tokens)
+
+
+def direct_value_sum(module: RelativePosition2D, attn: torch.Tensor) -> torch.Tensor:
+    batch, heads, tokens, _ = attn.shape
+    table = direct_table(module, tokens)
+    out = attn.permute(2, 0, 1, 3).reshape(tokens, batch * heads, tokens) @ table
+    return out.transpose(1, 0).reshape(batch, heads, tokens, -1)
+
+
+@contextlib.contextmanager
+def direct_rpe() -> Iterator[None]:
+    """Run every :class:`RelativePosition2D` with the official (direct) formulation inside the block."""
+    saved = RelativePosition2D.key_bias, RelativePosition2D.value_sum
+    RelativePosition2D.key_bias, RelativePosition2D.value_sum = direct_key_bias, direct_value_sum
+    try:
+        yield
+    finally:
+        RelativePosition2D.key_bias, RelativePosition2D.value_sum = saved

@@ -1,0 +1,76 @@
+"""Fine-tune an ImageNet-pretrained AutoFormer supernet to CIFAR-10 (or any supported dataset).
+
+    python finetune.py --gpus 4 --weights weights/supernet-tiny.pth --datapath path/to/cifar10 \\
+                       --epochs 100 --warmup 5 --learning_rate 0.0005
+
+The classifier head is re-initialised for the new classes; every other tensor is loaded (in
+``on_fit_start``). Images are resized to the supernet's input size (224) unless ``--img-size``
+asks for another: the absolute position embedding is then resampled (bicubic, as timm's
+``resample_abs_pos_embed``) and the relative-position tables keep their pretrained length.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+from timm.layers import resample_abs_pos_embed
+
+import data
+from lightning import add_training_args, train_supernet
+from space import AutoformerSpace, read_weights, resolve_space, space_config
+from utils import run_main
+
+RECIPES = {
+    'default': dict(epochs=100, warmup=5, learning_rate=5e-4, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
+                    smoothing=0.1, mixup=0.8, cutmix=1.0, drop_path=0.1, batch_size=128),
+    'digits': dict(epochs=5, warmup=1, learning_rate=5e-4, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
+                   smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=64),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--dataset', default=None)
+    pre.add_argument('--datapath', default=None)
+    known, _ = pre.parse_known_args(argv)
+    dataset = known.dataset or ('cifar10' if known.datapath else 'digits')
+    recipe = {**RECIPES.get(dataset, RECIPES['default']), 'output': f'outputs/finetune-{dataset}'}
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--name', choices=['tiny', 'small', 'base', 'demo'], default=None,
+                        help='preset of --weights (default: the space stored with them, else tiny)')
+    parser.add_argument('--weights', default='weights/supernet-tiny.pth',
+                        help='pretrained supernet weights (any supported layout)')
+    data.add_data_args(parser, batch_size=recipe['batch_size'])
+    add_training_args(parser, recipe)
+    args = parser.parse_args(argv)
+    args.dataset = dataset
+    return args
+
+
+def adapt_to_input_size(state_dict: dict[str, torch.Tensor], img_size: int, patch_size: int) -> None:
+    """Resample the absolute position embedding to the patch grid of ``img_size`` (in place)."""
+    pos = state_dict['pos_embed.pos_embed']
+    old_grid = math.isqrt(pos.shape[1] - 1)
+    new_grid = img_size // patch_size
+    if new_grid != old_grid:
+        state_dict['pos_embed.pos_embed'] = resample_abs_pos_embed(
+            pos, new_size=(new_grid, new_grid), old_size=(old_grid, old_grid), num_prefix_tokens=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    _, meta = read_weights(args.weights)
+    pretrained_space = resolve_space(args.name, meta.get('space'), args.weights)
+    pretrained = AutoformerSpace.load_supernet_weights(pretrained_space, args.weights)
+    img_size = args.img_size or pretrained_space['img_size']
+    space_kwargs = space_config(**{**pretrained_space, 'img_size': img_size,
+                                   'num_labels': data.num_classes(args.dataset, args.datapath)})
+    adapt_to_input_size(pretrained, img_size, space_kwargs['patch_size'])
+    pretrained = {k: v for k, v in pretrained.items() if not k.startswith('head.')}
+    train_supernet(args, space_kwargs, pretrained)
+
+
+if __name__ == '__main__':
+    run_main(main)

@@ -1,0 +1,57 @@
+"""Train an AutoFormer supernet from scratch (weight entanglement: one random subnet per step).
+
+    python scratch.py --dataset digits                       # the bundled demo, a few minutes on a CPU
+    python scratch.py --gpus 4 --datapath path/to/imagenet --batch_size 256 --warmup 20 --epochs 500 \\
+                      --learning_rate 0.001
+"""
+from __future__ import annotations
+
+import argparse
+
+import data
+from lightning import add_training_args, train_supernet
+from space import AutoformerSpace, space_config
+from utils import run_main
+
+# The paper's recipe (DeiT's) for ImageNet; the demo recipe is sized for a laptop CPU.
+RECIPES = {
+    'imagenet': dict(epochs=500, warmup=20, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05, smoothing=0.1,
+                     mixup=0.8, cutmix=1.0, drop_path=0.1, batch_size=128),
+    'cifar10': dict(epochs=300, warmup=20, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05, smoothing=0.1,
+                    mixup=0.8, cutmix=1.0, drop_path=0.1, batch_size=128),
+    'digits': dict(epochs=30, warmup=2, learning_rate=2e-3, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
+                   smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=32),
+}
+RECIPES['folder'] = RECIPES['imagenet']
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--dataset', default=None)
+    pre.add_argument('--datapath', default=None)
+    known, _ = pre.parse_known_args(argv)
+    dataset = data.dataset_name(known.dataset, known.datapath)
+    recipe = {**RECIPES.get(dataset, RECIPES['imagenet']), 'output': f'outputs/scratch-{dataset}'}
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--name', choices=['tiny', 'small', 'base', 'demo'], default=None,
+                        help='search space preset (default: demo for digits, tiny otherwise)')
+    data.add_data_args(parser, batch_size=recipe['batch_size'])
+    add_training_args(parser, recipe)
+    args = parser.parse_args(argv)
+    args.dataset = dataset
+    args.name = args.name or ('demo' if dataset == 'digits' else 'tiny')
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    space_kwargs = AutoformerSpace.preset(args.name)
+    space_kwargs['num_labels'] = data.num_classes(args.dataset, args.datapath)
+    if args.img_size:
+        space_kwargs['img_size'] = args.img_size
+    train_supernet(args, space_config(**space_kwargs))
+
+
+if __name__ == '__main__':
+    run_main(main)

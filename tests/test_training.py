@@ -1,0 +1,109 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune
+import scratch
+from conftest import GOLDEN
+from fixtures import write_cifar10
+from space import AutoformerSpace, read_weights, save_weights
+from utils import UserError
+
+ROOT = Path(__file__).parent.parent
+FAST = ['--dataset', 'digits', '--num-workers', '0']
+
+
+def run_script(*args, **kwargs):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, **kwargs)
+
+
+def test_scratch_digits_learns_and_writes_checkpoints_and_weights(tmp_path):
+    scratch.main([*FAST, '--epochs', '4', '--output', str(tmp_path)])
+    metrics = json.loads((tmp_path / 'metrics.json').read_text())
+    assert metrics['epochs'] == 4
+    assert metrics['val_acc_min'] > 40 and metrics['val_acc_max'] > 40  # chance is 10%
+    assert (tmp_path / 'checkpoints' / 'last.ckpt').is_file() and (tmp_path / 'checkpoints' / 'best.ckpt').is_file()
+    supernet = AutoformerSpace.load_supernet_weights(None, tmp_path / 'supernet.pth')
+    assert supernet['patch_embed.weight'].shape[0] == 128
+    with pytest.raises(UserError, match='already holds a run'):
+        scratch.main([*FAST, '--epochs', '4', '--output', str(tmp_path)])
+
+
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
+    result = run_script('scratch.py', *FAST, '--devices', '2', '--epochs', '1', '--output', str(tmp_path),
+                        timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'DDP: all 2 ranks hold identical supernet weights' in result.stdout
+    assert (tmp_path / 'supernet.pth').is_file()
+
+
+def test_resume_after_kill_mid_epoch_finishes_the_planned_epochs(tmp_path):
+    args = ['scratch.py', *FAST, '--epochs', '3', '--output', str(tmp_path)]
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    last = tmp_path / 'checkpoints' / 'last.ckpt'
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    time.sleep(2)  # into the second epoch
+    assert process.poll() is None, 'the run ended before it could be killed'
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = torch.load(last, map_location='cpu', weights_only=False)  # whole, not half-written
+    assert saved['epoch'] == 0
+    assert not (tmp_path / 'supernet.pth').exists()
+
+    result = run_script(*args, '--resume', timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / 'metrics.json').read_text())['epochs'] == 3
+    epochs = set()
+    for log in sorted((tmp_path / 'logs').glob('version_*/metrics.csv')):  # the killed run's log is kept
+        with open(log) as f:
+            epochs.update(row['epoch'] for row in csv.DictReader(f) if row.get('val_acc_max'))
+    assert epochs == {'0', '1', '2'}
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    with pytest.raises(UserError, match='no checkpoint'):
+        scratch.main([*FAST, '--resume', '--output', str(tmp_path)])
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory, golden):
+    """The golden official weights as a supernet file (32 px, patch 4, 10 classes)."""
+    kwargs = golden[0]
+    path = tmp_path_factory.mktemp('pretrained') / 'supernet.pth'
+    save_weights(path, AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / 'small-official.pth'), kwargs)
+    return path
+
+
+def test_finetune_loads_all_but_the_head_and_trains_on_cifar10(tmp_path, pretrained):
+    write_cifar10(tmp_path / 'cifar', n_train_per_batch=13, n_test=20)
+    output = tmp_path / 'run'
+    # With a zero learning rate, everything loaded comes out unchanged: what differs was not loaded.
+    finetune.main(['--weights', str(pretrained), '--datapath', str(tmp_path / 'cifar'), '--epochs', '1',
+                   '--learning-rate', '0', '--warmup-lr', '0', '--min-lr', '0', '--batch-size', '16',
+                   '--num-workers', '0', '--output', str(output)])
+    before, _ = read_weights(pretrained)
+    after, meta = read_weights(output / 'supernet.pth')
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert changed == ['head.bias', 'head.weight']
+    assert meta['space']['img_size'] == 32
+
+
+def test_finetune_at_another_input_size_resamples_the_position_embedding(tmp_path, pretrained):
+    write_cifar10(tmp_path / 'cifar', n_train_per_batch=13, n_test=20)
+    output = tmp_path / 'run'
+    finetune.main(['--weights', str(pretrained), '--datapath', str(tmp_path / 'cifar'), '--epochs', '1',
+                   '--img-size', '16', '--batch-size', '16', '--num-workers', '0', '--output', str(output)])
+    after, meta = read_weights(output / 'supernet.pth')
+    assert meta['space']['img_size'] == 16 and meta['space']['rpe_length'] == 8
+    assert after['pos_embed.pos_embed'].shape == (1, 17, 128)
