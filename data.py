@@ -41,12 +41,13 @@ from sklearn.model_selection import train_test_split
 from timm.data import auto_augment as timm_auto_augment
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
-from utils import UserError
+from utils import UserError, atomic_torch_save, torch_load
 
 DATASETS = ('imagenet', 'cifar10', 'digits', 'folder')
 SPLITS = ('train', 'val', 'test')
@@ -356,3 +357,73 @@ class DigitsDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = self.images[index].repeat(3, 1, 1)  # a copy, so callers cannot alter the cache
         return (self.augment(image) if self.augment else image), int(self.labels[index])
+
+
+# --------------------------------------------------------------------------------------------
+# The search split, decoded once into a cache every candidate reads
+# --------------------------------------------------------------------------------------------
+
+def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std the dataset's tensors are normalized with."""
+    return ((0.5,) * 3, (0.5,) * 3) if dataset == 'digits' else (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
+
+
+def search_split(dataset: str, datapath: str | os.PathLike | None, img_size: int, max_images: int,
+                 seed: int = 0) -> Dataset:
+    """What search ranks candidates on (eval transform): digits' val split; a validation folder as it is;
+    otherwise a fixed class-balanced subset of the training split ("subImageNet")."""
+    if dataset == 'digits':
+        return build_dataset(dataset, datapath, 'val', img_size)
+    root = _datapath(dataset, datapath)
+    if dataset in ('imagenet', 'folder') and not (root / 'train').is_dir():
+        return build_dataset(dataset, datapath, 'val', img_size)
+    train = build_dataset(dataset, datapath, 'train', img_size)
+    return torch.utils.data.Subset(train, balanced_indices(train.targets, max_images, seed))
+
+
+def balanced_indices(targets: list[int], max_images: int, seed: int) -> list[int]:
+    """At most ``max_images`` indices, the same number from every class, fixed by ``seed``."""
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(targets):
+        by_class.setdefault(label, []).append(index)
+    per_class = max(max_images // len(by_class), 1)
+    rng = np.random.default_rng(seed)
+    chosen = [i for label in sorted(by_class)
+              for i in rng.permutation(by_class[label])[:per_class].tolist()]
+    return sorted(chosen)
+
+
+def write_cache(split: Dataset, dataset: str, path: str | os.PathLike, batch_size: int = 256,
+                num_workers: int = 0) -> None:
+    """Decode and transform ``split`` once into uint8 tensors at the final resolution (atomically)."""
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalization(dataset))
+    images, labels = [], []
+    for batch, targets in tqdm(build_loader(split, batch_size, num_workers), desc='caching the search split'):
+        images.append((batch * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8))
+        labels.append(torch.as_tensor(targets))
+    if not images:
+        raise UserError('the search split is empty: check --dataset / --datapath')
+    atomic_torch_save({'images': torch.cat(images), 'labels': torch.cat(labels), 'mean': normalization(dataset)[0],
+                       'std': normalization(dataset)[1]}, path)
+
+
+class CachedSplit(Dataset):
+    """A split written by :func:`write_cache`: uint8 images normalized on the fly."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        cache = torch_load(path, 'search data cache')
+        self.images, self.labels = cache['images'], cache['labels']
+        self.mean = torch.tensor(cache['mean']).view(3, 1, 1) * 255
+        self.std = torch.tensor(cache['std']).view(3, 1, 1) * 255
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return (self.images[index].float() - self.mean) / self.std, int(self.labels[index])
+
+    def batches(self, batch_size: int):
+        """Whole normalized batches without a DataLoader (no per-sample Python work)."""
+        for start in range(0, len(self.labels), batch_size):
+            images = self.images[start:start + batch_size].float()
+            yield (images - self.mean) / self.std, self.labels[start:start + batch_size]

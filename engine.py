@@ -1,13 +1,27 @@
-"""The accuracy loop shared by evaluate.py, search.py and the Lightning validation."""
+"""The accuracy loop shared by evaluate.py and search.py, and the search trial built on it.
+
+The trial lives here, not in search.py, because NNI's training-service trials import it by name.
+"""
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
+import json
 import time
-from typing import Callable, Iterable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
 
+import nni
 import torch
 import torch.nn as nn
 from timm.utils import accuracy
 from tqdm import tqdm
+
+import data
+from space import count_flops, count_params, read_weights, sub_state_dict
+from utils import atomic_write_json, atomic_write_text, pick_device
 
 
 @torch.no_grad()
@@ -37,3 +51,75 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
         raise ValueError('the evaluation data is empty')
     return {'top1': 100 * correct1 / seen, 'top5': 100 * correct5 / seen, 'images': seen,
             'images_per_s': seen / max(seconds, 1e-9)}
+
+
+# --------------------------------------------------------------------------------------------
+# The search trial: one candidate with weights inherited from the supernet
+# --------------------------------------------------------------------------------------------
+
+def arch_key(arch: Mapping[str, Any]) -> str:
+    """A stable name of an arch (labels of unused layers ignored)."""
+    used = {k: int(arch[k]) for k in ('embed_dim', 'depth')}
+    for i in range(used['depth']):  # JSON round trips through NNI turn 3.0 into 3: compare as numbers
+        used[f'mlp_ratio_{i}'], used[f'num_head_{i}'] = float(arch[f'mlp_ratio_{i}']), int(arch[f'num_head_{i}'])
+    return hashlib.sha1(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=2)
+def _supernet(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state_dict, meta = read_weights(weights)
+    return state_dict, meta['space']
+
+
+@lru_cache(maxsize=2)
+def _search_data(cache: str) -> data.CachedSplit:
+    return data.CachedSplit(cache)
+
+
+def evaluate_candidate(model: torch.nn.Module, weights: str, cache: str, output: str, batch_size: int,
+                       device: str) -> None:
+    """NNI trial: top-1 of one subnet on the cached search split; reports it and writes its record."""
+    start = time.perf_counter()
+    arch = {label: float(v) if label.startswith('mlp_ratio') else int(v)
+            for label, v in nni.get_current_parameter().sample.items()}
+    key = arch_key(arch)
+    record_file = Path(output) / 'candidates' / f'{key}.json'
+    if record_file.is_file():  # a resumed search replays finished candidates without evaluating them again
+        record = json.loads(record_file.read_text())
+    else:
+        supernet, space_kwargs = _supernet(weights)
+        model.load_state_dict(sub_state_dict(supernet, arch))
+        split = _search_data(cache)
+        metrics = evaluate(model, split.batches(batch_size), pick_device(device), progress=False,
+                           on_batch=lambda index, top1: nni.report_intermediate_result(top1))
+        latency = json.loads(latency_file.read_text()).get(key) \
+            if (latency_file := Path(output) / 'latency.json').is_file() else None
+        record = {'arch': arch, 'params': count_params(arch, **space_kwargs) / 1e6,
+                  'flops': count_flops(arch, **space_kwargs) / 1e9, 'latency': latency,
+                  'top1': metrics['top1'], 'seconds': time.perf_counter() - start}
+        atomic_write_json(record, record_file)
+        write_results(Path(output))
+    nni.report_final_result({'default': record['top1'], 'params': record['params'], 'flops': record['flops'],
+                             **({'latency': record['latency']} if record['latency'] is not None else {})})
+
+
+def read_results(output: Path) -> list[dict]:
+    records = [json.loads(p.read_text()) for p in sorted((output / 'candidates').glob('*.json'))]
+    return sorted(records, key=lambda r: -r['top1'])
+
+
+def write_results(output: Path) -> list[dict]:
+    """Every finished candidate as candidates.json and candidates.csv (each written atomically)."""
+    records = read_results(output)
+    atomic_write_json(records, output / 'candidates.json')
+    fields = ['top1', 'params', 'flops', 'latency', 'seconds', 'arch']
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(fields)
+    for r in records:
+        writer.writerow([json.dumps(r['arch']) if f == 'arch' else '' if r[f] is None else f'{r[f]:.6g}'
+                         for f in fields])
+    atomic_write_text(buffer.getvalue(), output / 'candidates.csv')
+    return records
+
+

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import utils  # noqa: F401  (silences NNI's harmless torch-version warnings before nni is imported)
-from utils import UserError, atomic_torch_save, torch_load
+from utils import UserError, atomic_path, atomic_torch_save, atomic_write_json, torch_load
 
 import nni
 import torch
@@ -155,8 +155,8 @@ class RelativePosition2D(nn.Module):
         rows, cols = self.bucket_index(num_tokens, q.device)
         q_v = q @ self.embeddings_table_v.t()
         q_h = q @ self.embeddings_table_h.t()
-        per_row = torch.take_along_dim(q_v, rows[None, None], dim=-1)
-        per_col = torch.take_along_dim(q_h, cols[None, None], dim=-1)
+        per_row = q_v.gather(-1, rows.expand(*q_v.shape[:-1], rows.shape[-1]))
+        per_col = q_h.gather(-1, cols.expand(*q_h.shape[:-1], cols.shape[-1]))
         patches = (per_row[..., :, None] + per_col[..., None, :]).flatten(-2)
         return torch.cat([q_v[..., :1] + q_h[..., :1], patches], dim=-1)
 
@@ -787,3 +787,26 @@ def nni_download(name: str) -> str:
     except (OSError, urllib.error.URLError, RuntimeError, ValueError) as err:
         raise UserError(f'cannot download NNI weights {name} ({type(err).__name__}: {err}). Download {url} '
                         f'on a machine with internet access and put it at {local}') from None
+
+
+def export_standalone(model: nn.Module, info: Mapping[str, Any], space_kwargs: Mapping[str, Any],
+                      folder: str | Path) -> dict[str, Path]:
+    """The subnet as TorchScript and ONNX files that run without NNI or this project, with a JSON beside them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = model.eval().cpu()
+    size = space_kwargs['img_size']
+    example = torch.randn(1, space_kwargs['in_channels'], size, size)
+    files = {'torchscript': folder / 'subnet.torchscript.pt', 'onnx': folder / 'subnet.onnx',
+             'info': folder / 'subnet.json'}
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example)
+        with atomic_path(files['torchscript']) as tmp:
+            traced.save(str(tmp))
+        with atomic_path(files['onnx']) as tmp:
+            torch.onnx.export(model, (example,), str(tmp), input_names=['images'], output_names=['logits'],
+                              dynamic_axes={'images': {0: 'batch'}, 'logits': {0: 'batch'}}, dynamo=False)
+    summary = {**info, 'img_size': size, 'mean_std': 'normalize inputs as in training',
+               'files': {k: v.name for k, v in files.items() if k != 'info'}}
+    atomic_write_json(summary, files['info'])
+    return files
