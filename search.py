@@ -17,9 +17,11 @@ import argparse
 import copy
 import json
 import logging
+import os
 import random
 import socket
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -318,6 +320,21 @@ def build_strategy(args: argparse.Namespace, space_kwargs: Mapping[str, Any], bu
     return Chain(strategy, Filter(lambda model: budget.fits(model.sample), patience=100_000))
 
 
+class SearchExperiment(NasExperiment):
+    """A NAS experiment resumed from its candidate records rather than NNI's pickled strategy state.
+
+    The strategy restarts from its seed and proposes the same candidates again; each one already
+    recorded is answered from its record (no evaluation), so the search continues where it stopped.
+    (NNI 3.0's state file also holds numpy objects that torch >= 2.6 refuses to unpickle.)
+    """
+
+    def load_checkpoint(self) -> None:
+        pass
+
+    def _send_space_to_nni_manager(self) -> None:
+        """Not sent: NNI 3.0's ``nnictl view`` refuses a NAS experiment whose stored config has a search space."""
+
+
 def experiment_config(args: argparse.Namespace) -> NasExperimentConfig:
     if args.engine == 'sequential':
         config = NasExperimentConfig('sequential', 'raw')
@@ -327,7 +344,6 @@ def experiment_config(args: argparse.Namespace) -> NasExperimentConfig:
         config.trial_gpu_number = 1 if args.gpus > 0 else 0
         if args.gpus > 0:
             config.training_service.use_active_gpu = True
-        config.trial_code_directory = Path(__file__).resolve().parent
     config.max_trial_number = args.population * args.generations if args.strategy == 'autoformer' else args.trials
     if args.experiment_dir:
         config.experiment_working_directory = str(Path(args.experiment_dir).resolve())
@@ -351,9 +367,12 @@ def main(argv: list[str] | None = None) -> dict:
                         f'{space_kwargs["num_labels"]} outputs: pass a supernet trained for this dataset')
     if args.engine == 'ts':
         check_port_free(args.port)
+        # Trials import the trial function from engine.py, whatever folder the search was started from.
+        os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
+                                                                 os.environ.get('PYTHONPATH')]))
 
     config = experiment_config(args)
-    experiment = NasExperiment(AutoformerSpace(**space_kwargs), FunctionalEvaluator(lambda *a, **k: None),
+    experiment = SearchExperiment(AutoformerSpace(**space_kwargs), FunctionalEvaluator(lambda *a, **k: None),
                                Random(), config, id=args.resume)
     output = Path(args.output or f'outputs/search-{experiment.id}').resolve()
     if output.joinpath('best.json').exists() and not args.resume:
@@ -361,6 +380,8 @@ def main(argv: list[str] | None = None) -> dict:
     budget = Budget(space_kwargs, args.min_params, args.max_params, args.max_flops, args.max_latency,
                     args.latency_device, args.latency_batch_size, output / 'latency.json')
     budget.check_feasible()
+    atomic_write_json({'experiment_id': experiment.id, 'argv': sys.argv[1:] if argv is None else argv},
+                      output / 'experiment.json')
     weights = Path(args.weights).resolve()
     if 'space' not in meta:  # an official or NNI hub file: trials read a converted copy
         weights = output / 'supernet.pth'

@@ -1,0 +1,164 @@
+import json
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import onnxruntime
+import pytest
+import torch
+
+import data
+import evaluate
+import scratch
+import search
+from engine import evaluate as accuracy
+from space import AutoformerSpace, arch_choices, load_model, read_weights
+from utils import UserError
+
+ROOT = Path(__file__).parent.parent
+BUDGET = 0.25  # M params
+SMALL_EVOLUTION = ['--strategy', 'autoformer', '--max-params', str(BUDGET), '--generations', '3', '--population',
+                   '8', '--select', '4', '--mutation-num', '4', '--crossover-num', '4', '--num-workers', '0']
+
+
+@pytest.fixture(scope='module')
+def supernet(tmp_path_factory):
+    """A demo supernet trained on digits by scratch.py (shortened)."""
+    output = tmp_path_factory.mktemp('scratch')
+    scratch.main(['--dataset', 'digits', '--num-workers', '0', '--epochs', '12', '--output', str(output)])
+    return output / 'supernet.pth'
+
+
+@pytest.fixture(scope='module')
+def median_random_top1(supernet):
+    """Median test top-1 of 20 random archs within the budget."""
+    _, meta = read_weights(supernet)
+    budget = search.Budget(meta['space'], max_params=BUDGET)
+    rng = random.Random(0)
+    test = data.build_loader(data.build_dataset('digits', None, 'test', 32), 256, 0)
+    scores = []
+    while len(scores) < 20:
+        arch = {label: rng.choice(values) for label, values in arch_choices(meta['space']).items()}
+        if budget.fits(arch):
+            scores.append(accuracy(load_model(supernet, arch=arch)[0], test, progress=False)['top1'])
+    return statistics.median(scores)
+
+
+def top1_on_test_split(best_subnet):
+    return evaluate.main(['--weights', str(best_subnet), '--num-workers', '0'])['top1']
+
+
+def check_search_result(output, median):
+    best = json.loads((output / 'best.json').read_text())
+    assert best['params'] <= BUDGET
+    records = json.loads((output / 'candidates.json').read_text())
+    assert records and all(r['params'] <= BUDGET for r in records)
+    assert best['top1'] == max(r['top1'] for r in records)
+    assert (output / 'pareto.png').stat().st_size > 0
+    assert (output / 'candidates.csv').read_text().count('\n') == len(records) + 1
+    assert top1_on_test_split(output / 'best-subnet.pth') >= median
+
+
+def test_autoformer_search_sequential_beats_the_median_random_arch(supernet, median_random_top1, tmp_path):
+    best = search.main(['--weights', str(supernet), *SMALL_EVOLUTION, '--engine', 'sequential',
+                        '--output', str(tmp_path), '--export'])
+    check_search_result(tmp_path, median_random_top1)
+    assert best['candidates'] >= 8
+    check_standalone_export(tmp_path / 'export', tmp_path / 'best-subnet.pth')
+
+
+def check_standalone_export(folder, subnet):
+    model = load_model(subnet)[0].eval()
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+    torch.save({'images': images}, folder / 'input.pt')
+    # A fresh interpreter in which neither nni nor this project can be imported.
+    code = ("import sys; sys.modules['nni'] = None; sys.modules['space'] = None; import torch; "
+            f"m = torch.jit.load({str(folder / 'subnet.torchscript.pt')!r}); "
+            f"x = torch.load({str(folder / 'input.pt')!r})['images']; "
+            f"torch.save(m(x), {str(folder / 'out.pt')!r})")
+    result = subprocess.run([sys.executable, '-I', '-c', code], capture_output=True, text=True, cwd='/')
+    assert result.returncode == 0, result.stderr
+    scripted = torch.load(folder / 'out.pt')
+    assert ((scripted - expected).abs().max() / expected.abs().max()) < 1e-5
+    session = onnxruntime.InferenceSession(str(folder / 'subnet.onnx'))
+    onnx_out = torch.from_numpy(session.run(None, {'images': images.numpy()})[0])
+    assert ((onnx_out - expected).abs().max() / expected.abs().max()) < 1e-5
+    info = json.loads((folder / 'subnet.json').read_text())
+    assert {'arch', 'params', 'flops', 'top1'} <= set(info)
+
+
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def test_ts_engine_search_and_nnictl_view(supernet, median_random_top1, tmp_path):
+    port, experiments = free_port(), tmp_path / 'nni-experiments'
+    output = tmp_path / 'search'
+    best = search.main(['--weights', str(supernet), *SMALL_EVOLUTION, '--generations', '2', '--engine', 'ts',
+                        '--concurrency', '2', '--port', str(port), '--experiment-dir', str(experiments),
+                        '--output', str(output)])
+    check_search_result(output, median_random_top1)
+    view_port = free_port()
+    nnictl = str(Path(sys.executable).parent / 'nnictl')
+    subprocess.run([nnictl, 'view', best['experiment_id'], '--port', str(view_port), '--experiment_dir',
+                    str(experiments)], check=True, capture_output=True, timeout=120)
+    try:
+        with urllib.request.urlopen(f'http://127.0.0.1:{view_port}/api/v1/nni/trial-jobs', timeout=30) as reply:
+            trials = json.loads(reply.read())
+        assert len(trials) >= best['candidates']  # two trials may differ only in labels of unused layers
+        assert all(trial.get('finalMetricData') for trial in trials)
+    finally:
+        subprocess.run([nnictl, 'stop', '--port', str(view_port)], capture_output=True, timeout=120)
+
+
+def test_search_killed_and_resumed_completes_the_planned_trials(supernet, tmp_path):
+    args = ['search.py', '--weights', str(supernet), '--strategy', 'random', '--trials', '16', '--max-params',
+            str(BUDGET), '--engine', 'sequential', '--num-workers', '0']
+    reference = search.main(args[1:] + ['--output', str(tmp_path / 'reference')])
+    output = tmp_path / 'killed'
+    process = subprocess.Popen([sys.executable, *args, '--output', str(output)], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list((output / 'candidates').glob('*.json'))) < 4 and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = {p.name: p.read_text() for p in (output / 'candidates').glob('*.json')}
+    assert len(before) < reference['candidates'], 'the search finished before it could be killed'
+    experiment_id = json.loads((output / 'experiment.json').read_text())['experiment_id']
+    resumed = search.main(args[1:] + ['--output', str(output), '--resume', experiment_id])
+    assert resumed['candidates'] == reference['candidates']
+    assert {p.name: p.read_text() for p in (output / 'candidates').glob('*.json') if p.name in before} == before
+    assert resumed['arch'] == reference['arch']
+
+
+def test_impossible_budget_is_refused_before_starting(supernet, tmp_path):
+    with pytest.raises(UserError, match='no architecture of the space meets the budget'):
+        search.main(['--weights', str(supernet), '--max-params', '0.01', '--engine', 'sequential',
+                     '--output', str(tmp_path)])
+    assert not (tmp_path / 'search-data.pt').exists()
+
+
+def test_weights_of_another_preset_are_refused(supernet, tmp_path):
+    with pytest.raises(UserError, match='not of preset tiny'):
+        search.main(['--weights', str(supernet), '--name', 'tiny', '--output', str(tmp_path)])
+
+
+def test_busy_port_is_refused(supernet, tmp_path):
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        sock.listen()
+        with pytest.raises(UserError, match=f'port {sock.getsockname()[1]} is busy'):
+            search.main(['--weights', str(supernet), '--port', str(sock.getsockname()[1]), '--output',
+                         str(tmp_path)])
