@@ -98,7 +98,7 @@ def evaluate_candidate(model: torch.nn.Module, weights: str, cache: str, output:
                   'flops': count_flops(arch, **space_kwargs) / 1e9, 'latency': latency,
                   'top1': metrics['top1'], 'seconds': time.perf_counter() - start}
         atomic_write_json(record, record_file)
-        write_results(Path(output))
+        write_results(Path(output), every_seconds=2.0)
     nni.report_final_result({'default': record['top1'], 'params': record['params'], 'flops': record['flops'],
                              **({'latency': record['latency']} if record['latency'] is not None else {})})
 
@@ -108,8 +108,19 @@ def read_results(output: Path) -> list[dict]:
     return sorted(records, key=lambda r: -r['top1'])
 
 
-def write_results(output: Path) -> list[dict]:
-    """Every finished candidate as candidates.json and candidates.csv (each written atomically)."""
+_last_results_write = 0.0
+
+
+def write_results(output: Path, every_seconds: float = 0.0) -> list[dict]:
+    """Every finished candidate as candidates.json and candidates.csv (each written atomically).
+
+    Each candidate's own record is written the moment it finishes; these summaries, which grow
+    with the search, are rewritten at most every ``every_seconds`` in one process (and at the end).
+    """
+    global _last_results_write
+    if time.monotonic() - _last_results_write < every_seconds:
+        return []
+    _last_results_write = time.monotonic()
     records = read_results(output)
     atomic_write_json(records, output / 'candidates.json')
     fields = ['top1', 'params', 'flops', 'latency', 'seconds', 'arch']

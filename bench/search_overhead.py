@@ -1,0 +1,76 @@
+"""Search overhead per candidate beyond the pure forward passes over the cached search split.
+
+    python bench/search_overhead.py --engine sequential
+    python bench/search_overhead.py --engine ts --small 2 --large 6
+
+Runs the same random search (demo space, digits) with ``--small`` and ``--large`` trials and takes
+the marginal seconds per candidate, so start-up costs cancel out; then subtracts the time the
+forward passes alone take for those candidates. Prints figures, asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+import data  # noqa: E402
+import search  # noqa: E402
+from engine import evaluate  # noqa: E402
+from space import AutoformerSpace, build_supernet, save_weights, space_config, sub_state_dict  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--engine', choices=['sequential', 'ts'], default='sequential', help='NNI engine')
+    parser.add_argument('--small', type=int, default=8, help='trials of the shorter search')
+    parser.add_argument('--large', type=int, default=32, help='trials of the longer search')
+    parser.add_argument('--port', type=int, default=8765, help='web UI port (ts)')
+    return parser.parse_args()
+
+
+def timed_search(workdir: Path, weights: Path, trials: int, args: argparse.Namespace) -> tuple[float, list[dict]]:
+    output = workdir / f'search-{trials}'
+    start = time.perf_counter()
+    search.main(['--weights', str(weights), '--trials', str(trials), '--engine', args.engine, '--num-workers', '0',
+                 '--port', str(args.port), '--output', str(output), '--experiment-dir', str(workdir / 'nni')])
+    return time.perf_counter() - start, json.loads((output / 'candidates.json').read_text())
+
+
+def forward_seconds(weights: Path, cache: Path, records: list[dict], space_kwargs: dict) -> float:
+    """Mean seconds of the forward passes alone over the cached split, per candidate."""
+    supernet = torch.load(weights, weights_only=True)['state_dict']
+    split = data.CachedSplit(cache)
+    total = 0.0
+    for record in records:
+        model = AutoformerSpace(**space_kwargs).freeze(record['arch'])
+        model.load_state_dict(sub_state_dict(supernet, record['arch']))
+        start = time.perf_counter()
+        evaluate(model, split.batches(256), progress=False)
+        total += time.perf_counter() - start
+    return total / len(records)
+
+
+def main() -> None:
+    args = parse_args()
+    space_kwargs = space_config(**AutoformerSpace.preset('demo'))
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        weights = workdir / 'supernet.pth'
+        save_weights(weights, build_supernet(space_kwargs).state_dict(), space_kwargs)
+        small_time, _ = timed_search(workdir, weights, args.small, args)
+        large_time, records = timed_search(workdir, weights, args.large, args)
+        per_candidate = (large_time - small_time) / (args.large - args.small)
+        forward = forward_seconds(weights, workdir / f'search-{args.large}' / 'search-data.pt', records, space_kwargs)
+    print(f'search_overhead engine {args.engine}: {per_candidate:.3f} s per candidate, forward alone {forward:.3f} s, '
+          f'overhead {per_candidate - forward:.3f} s ({100 * (per_candidate - forward) / forward:.0f}% of forward)')
+
+
+if __name__ == '__main__':
+    main()
