@@ -15,7 +15,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 demo: $(VENV)/.installed
-	$(PY) demo.py
+	$(PY) demo.py $(if $(FRESH),--fresh,)
 
 clean:
 	rm -rf outputs

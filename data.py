@@ -133,6 +133,8 @@ def num_classes(dataset: str, datapath: str | os.PathLike | None) -> int:
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False,
                  drop_last: bool = False) -> DataLoader:
+    if isinstance(dataset, (DigitsDataset, CachedSplit)):
+        num_workers = 0  # tensors already in memory: worker processes only add start-up and contention
     workers = num_workers > 0
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       drop_last=drop_last, pin_memory=torch.cuda.is_available(),

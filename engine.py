@@ -20,7 +20,7 @@ from timm.utils import accuracy
 from tqdm import tqdm
 
 import data
-from space import count_flops, count_params, read_weights, sub_state_dict
+from space import count_flops, count_params, read_weights, sub_state_dict, used_arch
 from utils import atomic_write_json, atomic_write_text, pick_device
 
 
@@ -59,10 +59,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
 
 def arch_key(arch: Mapping[str, Any]) -> str:
     """A stable name of an arch (labels of unused layers ignored)."""
-    used = {k: int(arch[k]) for k in ('embed_dim', 'depth')}
-    for i in range(used['depth']):  # JSON round trips through NNI turn 3.0 into 3: compare as numbers
-        used[f'mlp_ratio_{i}'], used[f'num_head_{i}'] = float(arch[f'mlp_ratio_{i}']), int(arch[f'num_head_{i}'])
-    return hashlib.sha1(json.dumps(used, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha1(json.dumps(used_arch(arch), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @lru_cache(maxsize=2)

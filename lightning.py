@@ -25,7 +25,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3, accuracy
 
-from space import AutoformerSpace, arch_choices, preset_name, set_active_arch, SEARCHED
+from space import SEARCHED, AutoformerSpace, arch_choices, extreme_arch, preset_name, set_active_arch
 from utils import UserError, atomic_write_json
 
 _logger = logging.getLogger(__name__)
@@ -43,8 +43,7 @@ def sample_arch(config: Mapping[str, Any], rng: random.Random) -> dict[str, Any]
 
 def fixed_archs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The subnets validation reports: ``min``, ``max`` and, for a preset, ``searched``."""
-    choices = arch_choices(config)
-    archs = {'min': {k: min(v) for k, v in choices.items()}, 'max': {k: max(v) for k, v in choices.items()}}
+    archs = {'min': extreme_arch(config, min), 'max': extreme_arch(config, max)}
     name = preset_name(config)
     if name in SEARCHED:
         archs['searched'] = AutoformerSpace.searched_arch(name)

@@ -19,7 +19,7 @@ RECIPES = {
                      mixup=0.8, cutmix=1.0, drop_path=0.1, batch_size=128),
     'cifar10': dict(epochs=300, warmup=20, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05, smoothing=0.1,
                     mixup=0.8, cutmix=1.0, drop_path=0.1, batch_size=128),
-    'digits': dict(epochs=30, warmup=2, learning_rate=2e-3, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
+    'digits': dict(epochs=40, warmup=2, learning_rate=2e-3, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
                    smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=32),
 }
 RECIPES['folder'] = RECIPES['imagenet']

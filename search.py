@@ -34,11 +34,12 @@ from nni.nas.experiment import NasExperiment, NasExperimentConfig
 from nni.nas.strategy import Random, RegularizedEvolution
 from nni.nas.strategy.base import Strategy
 from nni.nas.strategy.middleware import Chain, Filter
-from space import (AutoformerSpace, arch_choices, count_flops, count_params, export_standalone, read_weights,
+from space import (AutoformerSpace, arch_choices, count_flops, extreme_arch, count_params, export_standalone, read_weights,
                    resolve_space, save_weights, sub_state_dict)
 from utils import UserError, atomic_write_json, run_main
 
 _logger = logging.getLogger(__name__)
+ROOT = Path(__file__).resolve().parent
 
 
 # --------------------------------------------------------------------------------------------
@@ -89,9 +90,7 @@ class Budget:
 
     def check_feasible(self) -> None:
         """Say before starting when no arch of the space can meet the budget."""
-        choices = arch_choices(self.space_kwargs)
-        smallest = {k: min(v) for k, v in choices.items()}
-        largest = {k: max(v) for k, v in choices.items()}
+        smallest, largest = extreme_arch(self.space_kwargs, min), extreme_arch(self.space_kwargs, max)
         low, high = (count_params(a, **self.space_kwargs) / 1e6 for a in (smallest, largest))
         problems = []
         if self.max_params is not None and low > self.max_params:
@@ -290,6 +289,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--gpus', type=int, default=0, help='trials at once, one GPU each (ts engine)')
     parser.add_argument('--concurrency', type=int, default=None, help='trials at once (default: --gpus or 1)')
     parser.add_argument('--port', type=int, default=8080, help='web UI port (ts engine)')
+    parser.add_argument('--web-ui-host', choices=['loopback', 'all'], default='loopback',
+                        help='interfaces the web UI (no authentication) listens on; default: this machine only')
     parser.add_argument('--experiment-dir', default=None, help="NNI's experiment folder (default ~/nni-experiments)")
     parser.add_argument('--device', default=None, help='device trials evaluate on (default: CUDA when present)')
     parser.add_argument('--resume', default=None, metavar='ID', help='continue the experiment with this id')
@@ -368,8 +369,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.engine == 'ts':
         check_port_free(args.port)
         # Trials import the trial function from engine.py, whatever folder the search was started from.
-        os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent),
-                                                                 os.environ.get('PYTHONPATH')]))
+        os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))
+        if args.web_ui_host == 'loopback':
+            os.environ['NODE_OPTIONS'] = f"{os.environ.get('NODE_OPTIONS', '')} --require {ROOT / 'loopback.js'}".strip()
 
     config = experiment_config(args)
     experiment = SearchExperiment(AutoformerSpace(**space_kwargs), FunctionalEvaluator(lambda *a, **k: None),
@@ -397,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
     experiment.strategy = build_strategy(args, space_kwargs, budget)
     print(f'experiment {experiment.id}: {args.strategy} search, budget {budget.describe()}, results in {output}')
     if args.engine == 'ts':
-        print(f'web UI: http://127.0.0.1:{args.port}  (after the run: nnictl view {experiment.id} --port {args.port})')
+        print(f'web UI: http://127.0.0.1:{args.port}  (after the run: nnictl view {experiment.id} --port {args.port}; '
+              f'listening on {"this machine only" if args.web_ui_host == "loopback" else "every interface"})')
     if args.resume:
         experiment.resume(port=args.port, wait_completion=True)
     else:

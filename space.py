@@ -18,9 +18,9 @@ import json
 import math
 import urllib.error
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-import utils  # noqa: F401  (silences NNI's harmless torch-version warnings before nni is imported)
+# utils first: it silences NNI's harmless torch-version warnings before nni is imported.
 from utils import UserError, atomic_path, atomic_torch_save, atomic_write_json, torch_load
 
 import nni
@@ -432,6 +432,22 @@ def arch_choices(config: Mapping[str, Any]) -> dict[str, list]:
     return choices
 
 
+def extreme_arch(config: Mapping[str, Any], pick: Callable = min) -> dict[str, Any]:
+    """The smallest (``pick=min``) or largest (``pick=max``) subnet of a space."""
+    return {label: pick(values) for label, values in arch_choices(config).items()}
+
+
+def used_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """The labels an arch really uses (unused layers dropped), as plain ints and floats.
+
+    NNI's JSON round trips turn a ratio of 3.0 into 3; this form compares equal either way.
+    """
+    used: dict[str, Any] = {k: int(arch[k]) for k in ('embed_dim', 'depth')}
+    for i in range(used['depth']):
+        used[f'mlp_ratio_{i}'], used[f'num_head_{i}'] = float(arch[f'mlp_ratio_{i}']), int(arch[f'num_head_{i}'])
+    return used
+
+
 def check_arch(arch: Mapping[str, Any], config: Mapping[str, Any]) -> None:
     """Refuse a missing label or a value outside the space, naming the label and the allowed values."""
     if not isinstance(arch, Mapping):
@@ -439,7 +455,7 @@ def check_arch(arch: Mapping[str, Any], config: Mapping[str, Any]) -> None:
     choices = arch_choices(config)
     for label in ('embed_dim', 'depth'):
         _check_label(arch, label, choices[label])
-    for i in range(arch['depth']):
+    for i in range(int(arch['depth'])):
         for label in (f'mlp_ratio_{i}', f'num_head_{i}'):
             _check_label(arch, label, choices[label])
 
@@ -462,9 +478,9 @@ def complete_arch(arch: Mapping[str, Any], config: Mapping[str, Any]) -> dict[st
 
 def layer_dims(arch: Mapping[str, Any]) -> list[tuple[int, int, int]]:
     """(embed dim, q dim, mlp hidden dim) of each used layer, with the official int() rounding."""
-    embed = arch['embed_dim']
-    return [(embed, arch[f'num_head_{i}'] * HEAD_DIM, int(embed * arch[f'mlp_ratio_{i}']))
-            for i in range(arch['depth'])]
+    embed = int(arch['embed_dim'])
+    return [(embed, int(arch[f'num_head_{i}']) * HEAD_DIM, int(embed * arch[f'mlp_ratio_{i}']))
+            for i in range(int(arch['depth']))]
 
 
 def count_params(arch: Mapping[str, Any], **space_kwargs: Any) -> int:
@@ -760,6 +776,7 @@ def fit_to_space(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, to
             raise UserError(f'{path}: tensor {key} has shape {tuple(tensor.shape)} but {label} needs '
                             f'{tuple(shape)}: the checkpoint is for another space or preset')
         result[key] = tensor[tuple(slice(0, n) for n in shape)].clone()
+    check_finite(result, path)
     return result
 
 
@@ -770,8 +787,17 @@ def _is_extra_layer(key: str, shapes: Mapping[str, torch.Size]) -> bool:
     return f'blocks.blocks.0.{key.split(".", 3)[3]}' in shapes
 
 
+def check_finite(state_dict: Mapping[str, torch.Tensor], source: Any) -> None:
+    """Refuse weights holding NaN or Inf: they would only spread through training or give garbage."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f'{source}: tensor {key} holds NaN or Inf values: the weights are damaged '
+                            '(a diverged run or a corrupt file); use an earlier checkpoint')
+
+
 def load_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """``load_state_dict`` that reports a mismatch as one clear line naming the tensor and both shapes."""
+    check_finite(state_dict, source)
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in state_dict:

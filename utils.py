@@ -8,7 +8,6 @@ import pickle
 import sys
 import tempfile
 import warnings
-import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -64,7 +63,7 @@ def torch_load(path: str | os.PathLike, what: str = 'checkpoint') -> Any:
                 f'python -c "import torch; torch.save(torch.load(\'{path}\', weights_only=False), \'trusted.pth\')"'
             ) from None
         raise UserError(f'{what} file {path} is corrupt or truncated ({err}); download or convert it again') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, UnicodeDecodeError) as err:
+    except Exception as err:  # whatever a damaged archive makes the unpickler raise
         raise UserError(f'{what} file {path} is corrupt or truncated ({type(err).__name__}: {err}); '
                         'download or convert it again') from None
 

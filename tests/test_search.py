@@ -17,7 +17,7 @@ import evaluate
 import scratch
 import search
 from engine import evaluate as accuracy
-from space import AutoformerSpace, arch_choices, load_model, read_weights
+from space import arch_choices, load_model, read_weights
 from utils import UserError
 
 ROOT = Path(__file__).parent.parent

@@ -1,0 +1,152 @@
+"""The whole AutoFormer pipeline on the bundled digits data, end to end on a CPU (``make demo``).
+
+1. train a ``demo`` supernet from scratch (scratch.py);
+2. search it under a parameter budget with the paper's evolution, as an NNI experiment (search.py);
+3. evaluate the best subnet, and the smallest and largest, on the test split (evaluate.py);
+4. write outputs/demo/report.md with the figures and pictures.
+
+Each stage runs the real command line (printed as it starts). A second run reuses the supernet
+and the search already in --output; --fresh starts over.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from space import extreme_arch, read_weights, used_arch
+from utils import atomic_write_text, run_main
+
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--output', default='outputs/demo', help='folder of every result of the demo')
+    parser.add_argument('--max-params', type=float, default=0.25, help='search budget in M parameters')
+    parser.add_argument('--engine', choices=['ts', 'sequential'], default='ts',
+                        help="search engine (ts: NNI's training service, viewable in the web UI)")
+    parser.add_argument('--port', type=int, default=8080, help='web UI port of the search')
+    parser.add_argument('--fresh', action='store_true', help='delete --output first and run every stage again')
+    return parser.parse_args(argv)
+
+
+def run_stage(name: str, args: list[str], times: dict[str, float]) -> None:
+    command = [sys.executable, *args]
+    print(f'\n== {name}: python {" ".join(args)}', flush=True)
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT)
+    if result.returncode != 0:
+        sys.exit(f'demo: the {name} stage failed (exit status {result.returncode}); its output is above')
+    times[name] = time.perf_counter() - start
+
+
+def evaluate_arch(output: Path, weights: Path, arch: dict | None, name: str, times: dict[str, float]) -> dict:
+    results = output / f'test-{name}.json'
+    args = ['evaluate.py', '--weights', str(weights), '--dataset', 'digits', '--split', 'test', '--num-workers', '0',
+            '--output', str(results)]
+    run_stage(f'evaluate {name}', args + (['--arch', json.dumps(arch)] if arch else []), times)
+    return json.loads(results.read_text())
+
+
+def plot_training(log_folder: Path, path: Path) -> None:
+    """Training loss and the validation top-1 of the smallest and largest subnet, per epoch."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    rows = [row for log in sorted(log_folder.glob('version_*/metrics.csv')) for row in csv.DictReader(log.open())]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    losses = [(float(r['step']), float(r['train_loss'])) for r in rows if r.get('train_loss')]
+    loss_ax.plot(*zip(*losses), lw=0.8)
+    loss_ax.set(xlabel='step', ylabel='training loss')
+    for key, label in (('val_acc_min', 'smallest subnet'), ('val_acc_max', 'largest subnet')):
+        points = [(int(r['epoch']), float(r[key])) for r in rows if r.get(key)]
+        acc_ax.plot(*zip(*points), marker='.', label=label)
+    acc_ax.set(xlabel='epoch', ylabel='validation top-1 (%)')
+    acc_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    output = Path(args.output).resolve()
+    if args.fresh and output.exists():
+        shutil.rmtree(output)
+    times: dict[str, float] = {}
+    supernet = output / 'scratch' / 'supernet.pth'
+    if supernet.is_file():
+        print(f'reusing the supernet {supernet} (pass --fresh to train again)')
+    else:
+        run_stage('train', ['scratch.py', '--dataset', 'digits', '--output', str(output / 'scratch')], times)
+    search = output / 'search'
+    if (search / 'best.json').is_file():
+        print(f'reusing the search in {search} (pass --fresh to search again)')
+    else:
+        shutil.rmtree(search, ignore_errors=True)  # an unfinished search starts over
+        run_stage('search', ['search.py', '--dataset', 'digits', '--weights', str(supernet), '--strategy',
+                             'autoformer', '--max-params', str(args.max_params), '--generations', '3',
+                             '--population', '6', '--select', '3', '--mutation-num', '3', '--crossover-num', '3',
+                             '--engine', args.engine, '--concurrency', '2', '--port', str(args.port),
+                             '--num-workers', '0', '--output', str(search)], times)
+    best = json.loads((search / 'best.json').read_text())
+    candidates = json.loads((search / 'candidates.json').read_text())
+    scratch_metrics = json.loads((output / 'scratch' / 'metrics.json').read_text())
+    searched = evaluate_arch(output, search / 'best-subnet.pth', None, 'searched', times)
+    space = read_weights(supernet)[1]['space']
+    smallest = evaluate_arch(output, supernet, extreme_arch(space, min), 'smallest', times)
+    largest = evaluate_arch(output, supernet, extreme_arch(space, max), 'largest', times)
+    plot_training(output / 'scratch' / 'logs', output / 'training.png')
+    shutil.copyfile(search / 'pareto.png', output / 'pareto.png')
+    report = output / 'report.md'
+    atomic_write_text(render_report(best, searched, smallest, largest, scratch_metrics, len(candidates), times,
+                                    args.max_params), report)
+    print(f'\nreport: {report}')
+    if args.engine == 'ts':
+        print(f'web UI of the search: nnictl view {best["experiment_id"]} --port {args.port}   '
+              f'(stop it with: nnictl stop --port {args.port})')
+    return report
+
+
+def render_report(best: dict, searched: dict, smallest: dict, largest: dict, scratch_metrics: dict, candidates: int,
+                  times: dict[str, float], budget: float) -> str:
+    def row(name: str, result: dict) -> str:
+        return (f"| {name} | {result['top1']:.2f} | {result['params'] / 1e6:.3f} | {result['flops'] / 1e6:.2f} |")
+
+    stage_times = '\n'.join(f'| {name} | {seconds:.0f} |' for name, seconds in times.items()) or \
+        '| (every stage reused from an earlier run) | |'
+    return f"""# AutoFormer demo on digits
+
+A `demo` supernet trained from scratch on scikit-learn's digits (1,257 training images, 32 px),
+searched under a budget of {budget}M parameters with AutoFormer's evolution ({candidates} candidates
+evaluated on the 180-image validation split), every subnet evaluated on the 360-image test split.
+
+| subnet | test top-1 (%) | params (M) | FLOPs (M MACs) |
+|---|---|---|---|
+{row('smallest', smallest)}
+{row('largest', largest)}
+{row(f'searched (<= {budget}M)', searched)}
+
+Searched arch: `{json.dumps(used_arch(best['arch']))}` (search-split top-1 {best['top1']:.2f}%, NNI experiment
+`{best['experiment_id']}`). Supernet validation top-1 after {scratch_metrics['epochs']} epochs:
+smallest {scratch_metrics['val_acc_min']:.2f}%, largest {scratch_metrics['val_acc_max']:.2f}%.
+
+| stage (this run) | seconds |
+|---|---|
+{stage_times}
+
+![training curves](training.png)
+
+![top-1 against parameters, Pareto front](pareto.png)
+"""
+
+
+if __name__ == '__main__':
+    run_main(main)

@@ -1,0 +1,29 @@
+"""Every Python block of tutorials.md and README.md runs (in order, one session per document)."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parent.parent
+
+
+def python_blocks(document: Path) -> list[str]:
+    return re.findall(r'```python\n(.*?)```', document.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize('document', ['tutorials.md', 'README.md'])
+def test_python_blocks_run(document, tmp_path):
+    blocks = python_blocks(ROOT / document)
+    if document == 'tutorials.md':
+        assert len(blocks) >= 6
+    for index, block in enumerate(blocks):
+        (tmp_path / f'block{index}.py').write_text(block)
+    # One session: each block sees the names of the blocks before it, as a reader would.
+    runner = ('import sys, runpy\nnamespace = {}\n'
+              f'for i in range({len(blocks)}):\n'
+              f'    print(f"--- block {{i}}", flush=True)\n'
+              f'    exec(compile(open(f"{tmp_path}/block{{i}}.py").read(), f"{document} block {{i}}", "exec"), namespace)\n')
+    result = subprocess.run([sys.executable, '-c', runner], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
