@@ -1,6 +1,7 @@
 """Small helpers shared by every script: clear user errors, safe checkpoint I/O, device choice."""
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -90,9 +91,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """Save with ``torch.save`` so that ``path`` is never half-written."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # serialise first: a full disk then shows as an OSError from the write
     try:
         with atomic_path(path) as tmp:
-            torch.save(obj, tmp)
+            tmp.write_bytes(buffer.getbuffer())
     except OSError as err:
         raise UserError(f'cannot write {path}: {err.strerror or err}') from None
 
