@@ -34,8 +34,8 @@ from nni.nas.experiment import NasExperiment, NasExperimentConfig
 from nni.nas.strategy import Random, RegularizedEvolution
 from nni.nas.strategy.base import Strategy
 from nni.nas.strategy.middleware import Chain, Filter
-from space import (AutoformerSpace, arch_choices, count_flops, extreme_arch, count_params, export_standalone, read_weights,
-                   resolve_space, save_weights, sub_state_dict)
+from space import (AutoformerSpace, arch_choices, count_flops, count_params, export_standalone, extreme_arch,
+                   read_weights, resolve_space, save_weights, sub_state_dict, used_arch)
 from utils import UserError, atomic_write_json, run_main
 
 _logger = logging.getLogger(__name__)
@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
         # Trials import the trial function from engine.py, whatever folder the search was started from.
         os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))
         if args.web_ui_host == 'loopback':
-            os.environ['NODE_OPTIONS'] = f"{os.environ.get('NODE_OPTIONS', '')} --require {ROOT / 'loopback.js'}".strip()
+            preload = f"--require {ROOT / 'loopback.js'}"
+            os.environ['NODE_OPTIONS'] = f"{os.environ.get('NODE_OPTIONS', '')} {preload}".strip()
 
     config = experiment_config(args)
     experiment = SearchExperiment(AutoformerSpace(**space_kwargs), FunctionalEvaluator(lambda *a, **k: None),
@@ -410,16 +411,33 @@ def main(argv: list[str] | None = None) -> dict:
     return best
 
 
+def nni_top_model(experiment: NasExperiment, best_top1: float, records: list[dict],
+                  patience: float = 30.0) -> dict | None:
+    """NNI's ``export_top_models`` answer, once it has caught up with the records (the training service
+    reports a trial's final metric a moment after the trial ends)."""
+    top1_of = {arch_key(r['arch']): r['top1'] for r in records}
+    deadline = time.monotonic() + patience
+    while True:
+        top = experiment.export_top_models(top_k=1, formatter='dict')
+        if top and top1_of.get(arch_key(top[0])) == best_top1:
+            return used_arch(top[0])
+        if time.monotonic() > deadline:
+            _logger.warning('NNI\'s export_top_models gives %s, not a candidate with the best top-1 %.2f',
+                            top, best_top1)
+            return used_arch(top[0]) if top else None
+        time.sleep(0.5)
+
+
 def finish(experiment: NasExperiment, output: Path, supernet: Mapping[str, torch.Tensor],
            space_kwargs: Mapping[str, Any], args: argparse.Namespace) -> dict:
     """best.json (NNI's top model), its weights, the plot and, with --export, standalone files."""
     records = write_results(output)
     if not records:
         raise UserError('no candidate was evaluated: widen the budget or raise --trials')
-    top = experiment.export_top_models(top_k=1, formatter='dict')
-    arch = top[0] if top else records[0]['arch']
-    best = next(r for r in records if arch_key(r['arch']) == arch_key(arch))
-    best = {**best, 'experiment_id': experiment.id, 'strategy': args.strategy, 'candidates': len(records)}
+    best = max(records, key=lambda r: (r['top1'], -r['params']))
+    nni_top = nni_top_model(experiment, best['top1'], records)
+    best = {**best, 'experiment_id': experiment.id, 'strategy': args.strategy, 'candidates': len(records),
+            'nni_top_model': nni_top}
     atomic_write_json(best, output / 'best.json')
     save_weights(output / 'best-subnet.pth', sub_state_dict(supernet, best['arch']), space_kwargs, arch=best['arch'])
     plot_pareto(records, output / 'pareto.png', f'{args.strategy} search, {len(records)} candidates')

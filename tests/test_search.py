@@ -59,6 +59,8 @@ def check_search_result(output, median):
     records = json.loads((output / 'candidates.json').read_text())
     assert records and all(r['params'] <= BUDGET for r in records)
     assert best['top1'] == max(r['top1'] for r in records)
+    top1_of = {search.arch_key(r['arch']): r['top1'] for r in records}
+    assert top1_of[search.arch_key(best['nni_top_model'])] == best['top1']  # NNI's export_top_models agrees
     assert (output / 'pareto.png').stat().st_size > 0
     assert (output / 'candidates.csv').read_text().count('\n') == len(records) + 1
     assert top1_on_test_split(output / 'best-subnet.pth') >= median
