@@ -124,7 +124,7 @@ class SupernetModule(LightningModule):
         hp = self.hparams
         # Base lr 1: the schedule gives absolute values (also when the peak lr is 0).
         optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': hp.weight_decay},
-                                       {'params': no_decay, 'weight_decay': 0.0}], lr=1.0)
+                                       {'params': no_decay, 'weight_decay': 0.0}], lr=1.0, fused=True)
         warmup, total = hp.warmup_epochs * hp.steps_per_epoch, max(hp.epochs * hp.steps_per_epoch, 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
             step, warmup, total, hp.learning_rate, hp.warmup_lr, hp.min_lr))

@@ -163,14 +163,22 @@ class RelativePosition2D(nn.Module):
         return torch.cat([q_v[..., :1] + q_h[..., :1], patches], dim=-1)
 
     def value_sum(self, attn: torch.Tensor) -> torch.Tensor:
-        """``sum_j attn(i, j) r(i, j)``: (B, H, N, N) -> (B, H, N, d)."""
+        """``sum_j attn(i, j) r(i, j)``: (B, H, N, N) -> (B, H, N, d).
+
+        The attention of each query is summed per table row (bucket) first, then one matmul
+        with each small table does the rest.
+        """
         num_tokens = attn.shape[-1]
         side = math.isqrt(num_tokens - 1)
         rows, cols = self.bucket_index(num_tokens, attn.device)
         grid = attn[..., 1:].unflatten(-1, (side, side))
-        out = torch.einsum('bhir,ird->bhid', grid.sum(-1), self.embeddings_table_v[rows])
-        out = out + torch.einsum('bhic,icd->bhid', grid.sum(-2), self.embeddings_table_h[cols])
-        return out + attn[..., :1] * (self.embeddings_table_v[0] + self.embeddings_table_h[0])
+        buckets = attn.new_zeros(*attn.shape[:-1], self.embeddings_table_v.shape[0])
+        per_v = buckets.scatter_add(-1, rows.expand(*attn.shape[:-1], side), grid.sum(-1))
+        per_h = buckets.scatter_add(-1, cols.expand(*attn.shape[:-1], side), grid.sum(-2))
+        cls = attn[..., :1]  # the class token sits in row 0 of both tables
+        per_v = torch.cat([per_v[..., :1] + cls, per_v[..., 1:]], dim=-1)
+        per_h = torch.cat([per_h[..., :1] + cls, per_h[..., 1:]], dim=-1)
+        return per_v @ self.embeddings_table_v + per_h @ self.embeddings_table_h
 
 
 class Attention(nn.Module):
@@ -192,10 +200,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
         q, k, v = self.qkv(x).view(batch, tokens, 3, -1, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        q = q * self.scale  # scaling q scales both q.k and the relative-position term, on N x d not N x N
         attn = q @ k.transpose(-2, -1)
         if self.rpe:
             attn = attn + self.rel_pos_embed_k.key_bias(q)
-        attn = self.attn_drop((attn * self.scale).softmax(dim=-1))
+        attn = self.attn_drop(attn.softmax(dim=-1))
         out = attn @ v
         if self.rpe:
             out = out + self.rel_pos_embed_v.value_sum(attn)
@@ -514,13 +523,12 @@ def count_flops(arch: Mapping[str, Any], **space_kwargs: Any) -> int:
     embed = arch['embed_dim']
     patches = _num_patches(config)
     tokens = patches + 1
-    side = math.isqrt(patches)
     table_rows = 2 * config['rpe_length'] + 2
     total = patches * embed * config['in_channels'] * config['patch_size'] ** 2
     for e, q, hidden in layer_dims(arch):
         total += tokens * e * 3 * q + 2 * tokens * tokens * q + tokens * q * e     # qkv, qk^T, attn v, proj
         if config['rpe']:
-            total += 2 * tokens * q * table_rows + 2 * tokens * q * side           # rpe on keys and values
+            total += 4 * tokens * q * table_rows                                   # rpe on keys and values
         total += 2 * tokens * e * hidden                                           # fc1, fc2
     return total + embed * config['num_labels']
 
