@@ -18,7 +18,7 @@ from timm.layers import resample_abs_pos_embed
 
 import data
 from lightning import add_training_args, train_supernet
-from space import AutoformerSpace, read_weights, resolve_space, space_config
+from space import load_supernet_file, space_config
 from utils import run_main
 
 RECIPES = {
@@ -61,9 +61,7 @@ def adapt_to_input_size(state_dict: dict[str, torch.Tensor], img_size: int, patc
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    _, meta = read_weights(args.weights)
-    pretrained_space = resolve_space(args.name, meta.get('space'), args.weights)
-    pretrained = AutoformerSpace.load_supernet_weights(pretrained_space, args.weights)
+    pretrained, pretrained_space, _ = load_supernet_file(args.weights, args.name)
     img_size = args.img_size or pretrained_space['img_size']
     space_kwargs = space_config(**{**pretrained_space, 'img_size': img_size,
                                    'num_labels': data.num_classes(args.dataset, args.datapath)})

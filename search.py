@@ -35,7 +35,7 @@ from nni.nas.strategy import Random, RegularizedEvolution
 from nni.nas.strategy.base import Strategy
 from nni.nas.strategy.middleware import Chain, Filter
 from space import (AutoformerSpace, arch_choices, count_flops, count_params, export_standalone, extreme_arch,
-                   read_weights, resolve_space, save_weights, sub_state_dict, used_arch)
+                   load_supernet_file, save_weights, sub_state_dict, used_arch)
 from utils import UserError, atomic_write_json, run_main
 
 _logger = logging.getLogger(__name__)
@@ -359,9 +359,7 @@ def check_port_free(port: int) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    _, meta = read_weights(args.weights)
-    space_kwargs = resolve_space(args.name, meta.get('space'), args.weights)
-    supernet = AutoformerSpace.load_supernet_weights(space_kwargs, args.weights)
+    supernet, space_kwargs, meta = load_supernet_file(args.weights, args.name)
     split_classes = data.num_classes(args.dataset, args.datapath)
     if split_classes != space_kwargs['num_labels']:
         raise UserError(f'the {args.dataset} data has {split_classes} classes but the supernet has '
@@ -375,8 +373,9 @@ def main(argv: list[str] | None = None) -> dict:
             os.environ['NODE_OPTIONS'] = f"{os.environ.get('NODE_OPTIONS', '')} {preload}".strip()
 
     config = experiment_config(args)
+    # The experiment id names the output folder the evaluator writes to: evaluator and strategy come after.
     experiment = SearchExperiment(AutoformerSpace(**space_kwargs), FunctionalEvaluator(lambda *a, **k: None),
-                               Random(), config, id=args.resume)
+                                  Random(), config, id=args.resume)
     output = Path(args.output or f'outputs/search-{experiment.id}').resolve()
     if output.joinpath('best.json').exists() and not args.resume:
         raise UserError(f'{output} already holds a finished search: choose another --output or pass --resume')

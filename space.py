@@ -347,13 +347,7 @@ class AutoformerSpace(ModelSpace):
         ``path`` may hold this project's layout, an official AutoFormer checkpoint or NNI hub's
         supernet; ``'nni'`` downloads NNI's. ``format`` is detected from the keys when not given.
         """
-        if path == 'nni':
-            path = nni_download(f'autoformer-{name}-supernet')
-        state_dict, meta = read_weights(path)
-        kwargs = dict(name) if isinstance(name, Mapping) else resolve_space(name, meta.get('space'), path)
-        label = name if isinstance(name, str) else 'the space'
-        converted = to_project_layout(state_dict, format or detect_format(state_dict, path))
-        return fit_to_space(converted, supernet_shapes(kwargs), label, path)
+        return load_supernet_file(path, name, format)[0]
 
     @classmethod
     def load_strategy_checkpoint(cls, name: str, weights: str | Path | None = None) -> 'SupernetCheckpoint':
@@ -602,6 +596,22 @@ def supernet_shapes(space_kwargs: Mapping[str, Any]) -> dict[str, torch.Size]:
     """Shape of every tensor of the supernet of a space (built on the meta device: no memory, no init)."""
     with torch.device('meta'):
         return {k: v.shape for k, v in build_supernet(space_kwargs).state_dict().items()}
+
+
+def load_supernet_file(path: str | Path, name: str | Mapping[str, Any] | None = None, format: str | None = None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """A supernet file read once: its weights in this project's layout, fitted to its space; the space;
+    and what the file stores beside the weights (empty for official and NNI hub files).
+
+    ``name``: a preset, constructor kwargs, or None for the space stored in the file (else tiny).
+    """
+    if path == 'nni':
+        path = nni_download(f'autoformer-{name}-supernet')
+    state_dict, meta = read_weights(path)
+    kwargs = space_config(**name) if isinstance(name, Mapping) else resolve_space(name, meta.get('space'), path)
+    label = name if isinstance(name, str) else 'the space'
+    converted = to_project_layout(state_dict, format or detect_format(state_dict, path))
+    return fit_to_space(converted, supernet_shapes(kwargs), label, path), kwargs, meta
 
 
 def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
