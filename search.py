@@ -411,9 +411,10 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def nni_top_model(experiment: NasExperiment, best_top1: float, records: list[dict],
-                  patience: float = 30.0) -> dict | None:
-    """NNI's ``export_top_models`` answer, once it has caught up with the records (the training service
-    reports a trial's final metric a moment after the trial ends)."""
+                  patience: float = 10.0) -> dict | None:
+    """NNI's ``export_top_models`` answer, once it agrees with the records (the training service reports a
+    trial's final metric a moment after the trial ends; with concurrent trials NNI 3.0 was also seen to pair
+    metrics with the wrong models, so best.json follows the records and this answer is only reported)."""
     top1_of = {arch_key(r['arch']): r['top1'] for r in records}
     deadline = time.monotonic() + patience
     while True:

@@ -53,14 +53,15 @@ def top1_on_test_split(best_subnet):
     return evaluate.main(['--weights', str(best_subnet), '--num-workers', '0'])['top1']
 
 
-def check_search_result(output, median):
+def check_search_result(output, median, nni_agrees=True):
     best = json.loads((output / 'best.json').read_text())
     assert best['params'] <= BUDGET
     records = json.loads((output / 'candidates.json').read_text())
     assert records and all(r['params'] <= BUDGET for r in records)
     assert best['top1'] == max(r['top1'] for r in records)
-    top1_of = {search.arch_key(r['arch']): r['top1'] for r in records}
-    assert top1_of[search.arch_key(best['nni_top_model'])] == best['top1']  # NNI's export_top_models agrees
+    if nni_agrees:
+        top1_of = {search.arch_key(r['arch']): r['top1'] for r in records}
+        assert top1_of[search.arch_key(best['nni_top_model'])] == best['top1']  # NNI's export_top_models agrees
     assert (output / 'pareto.png').stat().st_size > 0
     assert (output / 'candidates.csv').read_text().count('\n') == len(records) + 1
     assert top1_on_test_split(output / 'best-subnet.pth') >= median
@@ -109,7 +110,9 @@ def test_ts_engine_search_and_nnictl_view(supernet, median_random_top1, tmp_path
     best = search.main(['--weights', str(supernet), *SMALL_EVOLUTION, '--generations', '2', '--engine', 'ts',
                         '--concurrency', '2', '--port', str(port), '--experiment-dir', str(experiments),
                         '--output', str(output)])
-    check_search_result(output, median_random_top1)
+    # With concurrent training-service trials, NNI 3.0's export_top_models was seen to pair metrics with the
+    # wrong models (top model 77.8% by the records, 85.6% best): best.json follows the records there.
+    check_search_result(output, median_random_top1, nni_agrees=False)
     view_port = free_port()
     nnictl = str(Path(sys.executable).parent / 'nnictl')
     subprocess.run([nnictl, 'view', best['experiment_id'], '--port', str(view_port), '--experiment_dir',
