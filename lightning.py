@@ -25,7 +25,7 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3, accuracy
 
-from space import SEARCHED, AutoformerSpace, arch_choices, extreme_arch, preset_name, set_active_arch
+from space import SEARCHED, AutoformerSpace, extreme_arch, preset_name, sample_arch, set_active_arch
 from utils import UserError, atomic_write_json
 
 _logger = logging.getLogger(__name__)
@@ -34,11 +34,6 @@ warnings.filterwarnings('ignore', message='When using training service to spawn 
 
 # Parameters without weight decay besides norms and biases (the official ``no_weight_decay``).
 NO_DECAY = ('cls_token', 'pos_embed', 'rel_pos_embed')
-
-
-def sample_arch(config: Mapping[str, Any], rng: random.Random) -> dict[str, Any]:
-    """One architecture drawn uniformly, label by label."""
-    return {label: rng.choice(values) for label, values in arch_choices(config).items()}
 
 
 def fixed_archs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

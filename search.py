@@ -35,7 +35,7 @@ from nni.nas.strategy import Random, RegularizedEvolution
 from nni.nas.strategy.base import Strategy
 from nni.nas.strategy.middleware import Chain, Filter
 from space import (AutoformerSpace, arch_choices, count_flops, count_params, export_standalone, extreme_arch,
-                   load_supernet_file, save_weights, sub_state_dict, used_arch)
+                   load_supernet_file, sample_arch, save_weights, sub_state_dict, used_arch)
 from utils import UserError, atomic_write_json, run_main
 
 _logger = logging.getLogger(__name__)
@@ -97,9 +97,9 @@ class Budget:
             problems.append(f'the smallest subnet has {low:.3f}M params > --max-params {self.max_params}')
         if self.min_params is not None and high < self.min_params:
             problems.append(f'the largest subnet has {high:.3f}M params < --min-params {self.min_params}')
-        if self.max_flops is not None and count_flops(smallest, **self.space_kwargs) / 1e9 > self.max_flops:
-            problems.append(f'the smallest subnet needs {count_flops(smallest, **self.space_kwargs) / 1e9:.4f}G '
-                            f'FLOPs > --max-flops {self.max_flops}')
+        least_flops = count_flops(smallest, **self.space_kwargs) / 1e9
+        if self.max_flops is not None and least_flops > self.max_flops:
+            problems.append(f'the smallest subnet needs {least_flops:.4f}G FLOPs > --max-flops {self.max_flops}')
         if self.max_latency is not None and self.latency(smallest) > self.max_latency:
             problems.append(f'the smallest subnet takes {self.latency(smallest):.2f}ms > --max-latency '
                             f'{self.max_latency}')
@@ -137,6 +137,7 @@ class AutoformerEvolution(Strategy):
                  select: int = 10, mutation_num: int = 25, crossover_num: int = 25, mutation_prob: float = 0.2,
                  param_mutation_prob: float = 0.4, generations: int = 20, seed: int = 0) -> None:
         super().__init__()
+        self.space_kwargs = dict(space_kwargs)
         self.choices = arch_choices(space_kwargs)
         self.fits = fits
         self.population, self.select, self.generations = population, select, generations
@@ -187,7 +188,7 @@ class AutoformerEvolution(Strategy):
         return [(float(m.metric), m.sample) for m in models if m.metric is not None]
 
     def _random(self) -> dict:
-        return {label: self.rng.choice(values) for label, values in self.choices.items()}
+        return sample_arch(self.space_kwargs, self.rng)
 
     def _mutate(self, parent: dict) -> dict:
         child = copy.copy(parent)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import random
 import urllib.error
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -433,6 +434,11 @@ def arch_choices(config: Mapping[str, Any]) -> dict[str, list]:
         choices[f'mlp_ratio_{i}'] = list(config['search_mlp_ratio'])
         choices[f'num_head_{i}'] = list(config['search_num_heads'])
     return choices
+
+
+def sample_arch(config: Mapping[str, Any], rng: random.Random) -> dict[str, Any]:
+    """One architecture drawn uniformly, label by label."""
+    return {label: rng.choice(values) for label, values in arch_choices(config).items()}
 
 
 def extreme_arch(config: Mapping[str, Any], pick: Callable = min) -> dict[str, Any]:

@@ -18,8 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from lightning import sample_arch  # noqa: E402
-from space import AutoformerSpace, build_supernet, set_active_arch, space_config  # noqa: E402
+from space import AutoformerSpace, build_supernet, sample_arch, set_active_arch, space_config  # noqa: E402
 from reference import direct_rpe  # noqa: E402
 
 

@@ -17,7 +17,7 @@ import evaluate
 import scratch
 import search
 from engine import evaluate as accuracy
-from space import arch_choices, load_model, read_weights
+from space import load_model, read_weights, sample_arch
 from utils import UserError
 
 ROOT = Path(__file__).parent.parent
@@ -43,7 +43,7 @@ def median_random_top1(supernet):
     test = data.build_loader(data.build_dataset('digits', None, 'test', 32), 256, 0)
     scores = []
     while len(scores) < 20:
-        arch = {label: rng.choice(values) for label, values in arch_choices(meta['space']).items()}
+        arch = sample_arch(meta['space'], rng)
         if budget.fits(arch):
             scores.append(accuracy(load_model(supernet, arch=arch)[0], test, progress=False)['top1'])
     return statistics.median(scores)

@@ -5,17 +5,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import GOLDEN
-from space import (AutoformerSpace, arch_choices, build_supernet, count_flops, count_params, set_active_arch,
+from space import (AutoformerSpace, build_supernet, count_flops, count_params, sample_arch, set_active_arch,
                    sub_state_dict)
 from utils import UserError
 
 
 def relative_error(out, ref):
     return ((out - ref).abs().max() / ref.abs().max()).item()
-
-
-def random_arch(config, rng):
-    return {label: rng.choice(values) for label, values in arch_choices(config).items()}
 
 
 @pytest.mark.parametrize('checkpoint', ['small-official.pth', 'small-nnihub.pth'])
@@ -63,7 +59,7 @@ def test_oneshot_supernet_runs_the_same_subnet_as_freeze(golden):
     space = AutoformerSpace(**kwargs)
     rng = random.Random(0)
     for _ in range(6):
-        arch = random_arch(space.config, rng)
+        arch = sample_arch(space.config, rng)
         set_active_arch(supernet, arch)
         subnet = space.freeze(arch).eval()
         subnet.load_state_dict(sub_state_dict(supernet.state_dict(), arch))
@@ -76,7 +72,7 @@ def test_oneshot_supernet_runs_the_same_subnet_as_freeze(golden):
 def test_oneshot_supernet_trains_through_the_mixed_qkv(golden):
     kwargs, inputs, _ = golden
     supernet = build_supernet(kwargs)
-    arch = random_arch(supernet.config, random.Random(1))
+    arch = sample_arch(supernet.config, random.Random(1))
     arch['num_head_0'] = 1
     set_active_arch(supernet, arch)
     supernet(inputs).sum().backward()
@@ -90,7 +86,7 @@ def test_count_flops_matches_torch_flop_counter(golden):
     space = AutoformerSpace(**kwargs)
     rng = random.Random(2)
     for _ in range(3):
-        arch = random_arch(space.config, rng)
+        arch = sample_arch(space.config, rng)
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             space.freeze(arch)(inputs[:1])
