@@ -21,12 +21,13 @@ import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 from nni.nas.evaluator.pytorch import Lightning, LightningModule, Trainer
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3, accuracy
 
 from space import SEARCHED, AutoformerSpace, extreme_arch, preset_name, sample_arch, set_active_arch
-from utils import UserError, atomic_write_json
+from utils import UserError, atomic_torch_save, atomic_write_json, check_writable, remove_unfinished_writes
 
 _logger = logging.getLogger(__name__)
 # NNI's evaluator asks for traced DataLoaders, which only matter for trials it spawns; training runs here.
@@ -163,6 +164,13 @@ def load_pretrained(supernet: nn.Module, state_dict: Mapping[str, torch.Tensor])
     supernet.load_state_dict(state_dict, strict=False)
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, fsynced before the rename, and a full disk ends in one clear message."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        atomic_torch_save(checkpoint, path)
+
+
 def build_evaluator(module: SupernetModule, train_loader, val_loader, trainer_kwargs: Mapping[str, Any],
                     ckpt_path: str | None = None) -> Lightning:
     """NNI's Lightning evaluator around ``module`` (``evaluator.evaluate(supernet)`` trains it)."""
@@ -246,6 +254,9 @@ def train_supernet(args: argparse.Namespace, space_kwargs: Mapping[str, Any],
         raise UserError(f'--resume: no checkpoint {last} to continue from')
     if not args.resume and last.exists():
         raise UserError(f'{output} already holds a run: pass --resume to continue it, or choose another --output')
+    check_writable(output)
+    if args.resume:
+        remove_unfinished_writes(last.parent)
     pl.seed_everything(args.seed, workers=True, verbose=False)
     trainer_kwargs, processes = trainer_settings(args)
     train_set = data.build_dataset(args.dataset, args.datapath, 'train', space_kwargs['img_size'], training=True)
@@ -264,7 +275,7 @@ def train_supernet(args: argparse.Namespace, space_kwargs: Mapping[str, Any],
         cutmix=args.cutmix, ema_decay=args.ema_decay or 0.0, seed=args.seed, pretrained=pretrained)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=output / 'checkpoints', filename='best', monitor='val_acc_max',
                                                mode='max', save_last=True)
-    trainer_kwargs.update(callbacks=[checkpoints], logger=pl.loggers.CSVLogger(output, name='logs'))  # a new version per (resumed) run: nothing overwritten
+    trainer_kwargs.update(callbacks=[checkpoints], plugins=[AtomicCheckpointIO()], logger=pl.loggers.CSVLogger(output, name='logs'))  # a new version per (resumed) run: nothing overwritten
     evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs, str(last) if args.resume else None)
     supernet = build_supernet({**space_kwargs, 'drop_path_rate': args.drop_path})
     evaluator.evaluate(supernet)

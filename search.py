@@ -36,7 +36,7 @@ from nni.nas.strategy.base import Strategy
 from nni.nas.strategy.middleware import Chain, Filter
 from space import (AutoformerSpace, arch_choices, count_flops, count_params, export_standalone, extreme_arch,
                    load_supernet_file, sample_arch, save_weights, sub_state_dict, used_arch)
-from utils import UserError, atomic_write_json, run_main
+from utils import UserError, atomic_write_json, check_writable, remove_unfinished_writes, run_main
 
 _logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
@@ -380,6 +380,10 @@ def main(argv: list[str] | None = None) -> dict:
     output = Path(args.output or f'outputs/search-{experiment.id}').resolve()
     if output.joinpath('best.json').exists() and not args.resume:
         raise UserError(f'{output} already holds a finished search: choose another --output or pass --resume')
+    check_writable(output)
+    if args.resume:
+        for folder in (output, output / 'candidates'):
+            remove_unfinished_writes(folder)
     budget = Budget(space_kwargs, args.min_params, args.max_params, args.max_flops, args.max_latency,
                     args.latency_device, args.latency_batch_size, output / 'latency.json')
     budget.check_feasible()

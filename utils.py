@@ -89,6 +89,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def check_writable(folder: str | os.PathLike, flag: str = '--output') -> None:
+    """Refuse up front an output folder that cannot be written, before hours of work are spent."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix='.write-test.', dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f'{flag} {folder} cannot be written ({err.strerror or err}): '
+                        f'fix its permissions or free space, or choose another {flag}') from None
+
+
+def remove_unfinished_writes(folder: str | os.PathLike) -> None:
+    """Delete the temporary files of writes a killed run left in ``folder`` (see :func:`atomic_path`)."""
+    for tmp in Path(folder).glob('.*.tmp'):
+        tmp.unlink(missing_ok=True)
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """Save with ``torch.save`` so that ``path`` is never half-written."""
     buffer = io.BytesIO()

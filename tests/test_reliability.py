@@ -1,7 +1,11 @@
 """Faults, bad input and untrusted files: one clear error, nothing lost."""
 import json
 import logging
+import os
 import random
+import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +63,57 @@ def test_full_disk_stops_with_one_message_and_keeps_the_old_file(tmp_path, golde
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f'error: cannot write {target}: File too large']
     assert target.read_bytes() == before
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def as_read_only(folder: Path, command: list[str]) -> list[str]:
+    """``command`` seeing ``folder`` read-only: a read-only bind mount for root (which ignores modes)."""
+    if os.geteuid() != 0:
+        for path in [folder, *folder.rglob('*')]:
+            if path.is_dir():
+                path.chmod(0o555)
+        return command
+    if shutil.which('unshare') and subprocess.run(['unshare', '-m', 'true'], capture_output=True).returncode == 0:
+        remount = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" "$0" && exec "$@"'
+        return ['unshare', '-m', 'sh', '-c', remount, str(folder), *command]
+    pytest.skip('root without mount namespaces: no way to make a folder read-only here')
+
+
+def test_read_only_output_is_refused_up_front_and_earlier_results_kept(tmp_path):
+    run = tmp_path / 'run'
+    scratch.main(['--dataset', 'digits', '--epochs', '1', '--output', str(run)])
+    before = snapshot(run)
+    for script in (['scratch.py', '--dataset', 'digits', '--epochs', '2', '--resume', '--output', str(run)],
+                   ['search.py', '--weights', str(run / 'supernet.pth'), '--output', str(run / 'search')]):
+        result = subprocess.run(as_read_only(run, [sys.executable, *script]), cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert 'Traceback' not in result.stderr
+        folder = run / 'search' if script[0] == 'search.py' else run
+        assert re.fullmatch(rf'error: --output {re.escape(str(folder))} cannot be written '
+                            r'\((Read-only file system|Permission denied)\): .*', result.stderr.strip().splitlines()[-1])
+    assert snapshot(run) == before
+
+
+def test_full_disk_during_training_stops_with_one_message_and_keeps_the_last_checkpoint(tmp_path):
+    run = tmp_path / 'run'
+    scratch.main(['--dataset', 'digits', '--epochs', '1', '--output', str(run)])
+    before = snapshot(run / 'checkpoints')
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))  # logs fit, a checkpoint does not
+    result = subprocess.run([sys.executable, 'scratch.py', '--dataset', 'digits', '--epochs', '2', '--resume',
+                             '--output', str(run)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            preexec_fn=small_disk)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert 'Traceback' not in result.stderr
+    assert re.fullmatch(rf'error: cannot write {re.escape(str(run / "checkpoints"))}/(best|last)\.ckpt: '
+                        'File too large', result.stderr.strip().splitlines()[-1])
+    assert snapshot(run / 'checkpoints') == before
 
 
 def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, golden):

@@ -126,11 +126,7 @@ def test_ts_engine_search_and_nnictl_view(supernet, median_random_top1, tmp_path
         subprocess.run([nnictl, 'stop', '--port', str(view_port)], capture_output=True, timeout=120)
 
 
-def test_search_killed_and_resumed_completes_the_planned_trials(supernet, tmp_path):
-    args = ['search.py', '--weights', str(supernet), '--strategy', 'random', '--trials', '16', '--max-params',
-            str(BUDGET), '--engine', 'sequential', '--num-workers', '0']
-    reference = search.main(args[1:] + ['--output', str(tmp_path / 'reference')])
-    output = tmp_path / 'killed'
+def kill_after_four_candidates(args, output):
     process = subprocess.Popen([sys.executable, *args, '--output', str(output)], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -138,6 +134,24 @@ def test_search_killed_and_resumed_completes_the_planned_trials(supernet, tmp_pa
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
+
+
+def kill_mid_results_write(args, output):
+    """Killed halfway through writing the 4th candidate's record: the other results must be whole."""
+    result = subprocess.run([sys.executable, 'tests/die_mid_write.py', r'[0-9a-f]{16}\.json', '4', *args,
+                             '--output', str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert len(list((output / 'candidates').glob('*.json'))) == 3
+    assert len(json.loads((output / 'candidates.json').read_text())) == 1  # the first summary, whole
+
+
+@pytest.mark.parametrize('kill', [kill_after_four_candidates, kill_mid_results_write])
+def test_search_killed_and_resumed_completes_the_planned_trials(supernet, tmp_path, kill):
+    args = ['search.py', '--weights', str(supernet), '--strategy', 'random', '--trials', '16', '--max-params',
+            str(BUDGET), '--engine', 'sequential', '--num-workers', '0']
+    reference = search.main(args[1:] + ['--output', str(tmp_path / 'reference')])
+    output = tmp_path / 'killed'
+    kill(args, output)
     before = {p.name: p.read_text() for p in (output / 'candidates').glob('*.json')}
     assert len(before) < reference['candidates'], 'the search finished before it could be killed'
     experiment_id = json.loads((output / 'experiment.json').read_text())['experiment_id']
@@ -145,6 +159,7 @@ def test_search_killed_and_resumed_completes_the_planned_trials(supernet, tmp_pa
     assert resumed['candidates'] == reference['candidates']
     assert {p.name: p.read_text() for p in (output / 'candidates').glob('*.json') if p.name in before} == before
     assert resumed['arch'] == reference['arch']
+    assert not list(output.glob('**/.*.tmp'))
 
 
 def test_impossible_budget_is_refused_before_starting(supernet, tmp_path):

@@ -70,6 +70,21 @@ def test_resume_after_kill_mid_epoch_finishes_the_planned_epochs(tmp_path):
     assert epochs == {'0', '1', '2'}
 
 
+def test_kill_mid_checkpoint_write_keeps_the_previous_checkpoint_and_resume_finishes(tmp_path):
+    args = ['scratch.py', *FAST, '--epochs', '3', '--output', str(tmp_path)]
+    checkpoints = tmp_path / 'checkpoints'
+    killed = run_script('tests/die_mid_write.py', r'last\.ckpt', '2', *args, timeout=600)  # half of epoch 1's
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert list(checkpoints.glob('.last.ckpt.*.tmp')), 'the kill did not land in the write'
+    assert torch.load(checkpoints / 'last.ckpt', map_location='cpu', weights_only=False)['epoch'] == 0
+
+    result = run_script(*args, '--resume', timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / 'metrics.json').read_text())['epochs'] == 3
+    assert torch.load(checkpoints / 'last.ckpt', map_location='cpu', weights_only=False)['epoch'] == 2
+    assert not list(checkpoints.glob('.*.tmp'))  # the killed write's leftover is cleared on resume
+
+
 def test_resume_without_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(UserError, match='no checkpoint'):
         scratch.main([*FAST, '--resume', '--output', str(tmp_path)])
