@@ -1,8 +1,9 @@
-"""The official relative-position formulation, as a reference for tests and benchmarks.
+"""The official relative-position attention, as a reference for tests and benchmarks.
 
-The official ``RelativePosition2D_super`` gathers an (N, N, head_dim) table per layer for keys and
-another for values on every forward and multiplies through them. ``direct_rpe()`` swaps that
-formulation into :class:`space.RelativePosition2D` so both can be timed side by side.
+The official ``AttentionSuper`` scales ``q @ k^T`` and, through ``RelativePosition2D_super``,
+gathers an (N, N, head_dim) table per layer for keys and another for values on every forward and
+multiplies through them. ``direct_rpe()`` swaps that formulation into
+:class:`space.RelativePosition2D` so both can be compared and timed side by side.
 """
 from __future__ import annotations
 
@@ -42,12 +43,20 @@ def direct_value_sum(module: RelativePosition2D, attn: torch.Tensor) -> torch.Te
     return out.transpose(1, 0).reshape(batch, heads, tokens, -1)
 
 
+def direct_logits(module: RelativePosition2D, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    return (q @ k.transpose(-2, -1)) * scale + direct_key_bias(module, q) * scale
+
+
+def direct_attend(module: RelativePosition2D, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return attn @ v + direct_value_sum(module, attn)
+
+
 @contextlib.contextmanager
 def direct_rpe() -> Iterator[None]:
     """Run every :class:`RelativePosition2D` with the official (direct) formulation inside the block."""
-    saved = RelativePosition2D.key_bias, RelativePosition2D.value_sum
-    RelativePosition2D.key_bias, RelativePosition2D.value_sum = direct_key_bias, direct_value_sum
+    saved = RelativePosition2D.logits, RelativePosition2D.attend
+    RelativePosition2D.logits, RelativePosition2D.attend = direct_logits, direct_attend
     try:
         yield
     finally:
-        RelativePosition2D.key_bias, RelativePosition2D.value_sum = saved
+        RelativePosition2D.logits, RelativePosition2D.attend = saved

@@ -1,0 +1,89 @@
+"""The fast paths against the plain formulations: bucketed relative positions, sliced linear layers."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'bench'))
+from reference import direct_rpe  # noqa: E402
+from space import Attention, SlicedLinear, official_qkv_slice, qkv_rows  # noqa: E402
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours - reference).norm() / reference.norm()).item()
+
+
+@pytest.mark.parametrize('tokens, length', [(197, 14), (17, 2), (65, 14), (50, 4)])
+def test_attention_matches_the_direct_formulation_forward_and_gradients(tokens, length):
+    torch.manual_seed(tokens)
+    attention = Attention(192, 3, qkv_bias=True, qk_scale=None, attn_drop=0., proj_drop=0., rpe=True,
+                          rpe_length=length).double()
+    for table in (attention.rel_pos_embed_k, attention.rel_pos_embed_v):  # training-scale tables, not init's
+        torch.nn.init.normal_(table.embeddings_table_v)
+        torch.nn.init.normal_(table.embeddings_table_h)
+    x = torch.randn(2, tokens, 192, dtype=torch.double)
+
+    def run():
+        attention.zero_grad()
+        inputs = x.clone().requires_grad_()
+        out = attention(inputs)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+        return [out, inputs.grad] + [p.grad.clone() for p in attention.parameters()]
+
+    ours = run()
+    with direct_rpe():
+        reference = run()
+    names = ['output', 'input grad'] + [name for name, _ in attention.named_parameters()]
+    errors = {name: relative_error(a, b) for name, a, b in zip(names, ours, reference)}
+    assert max(errors.values()) < 1e-10, errors  # float64: any error above rounding is a bug
+
+
+def test_attention_in_float32_stays_within_1e_5_of_the_direct_formulation():
+    torch.manual_seed(0)
+    attention = Attention(240, 4, qkv_bias=True, qk_scale=None, attn_drop=0., proj_drop=0., rpe=True, rpe_length=14)
+    x = torch.randn(4, 197, 240)
+    ours = attention(x)
+    with direct_rpe():
+        reference = attention(x)
+    assert relative_error(ours, reference) < 1e-5
+
+
+@pytest.mark.parametrize('rows', [5, 'qkv'])
+def test_sliced_linear_equals_autograd_slicing_and_passes_gradcheck(rows):
+    torch.manual_seed(0)
+    weight = torch.randn(12, 7, dtype=torch.double, requires_grad=True)
+    bias = torch.randn(12, dtype=torch.double, requires_grad=True)
+    inputs = torch.randn(2, 3, 4, dtype=torch.double, requires_grad=True)
+    rows = qkv_rows(9, torch.device('cpu')) if rows == 'qkv' else rows
+    out_features = len(rows) if isinstance(rows, torch.Tensor) else rows
+
+    def plain(x, w, b):
+        block = w[rows, :4] if isinstance(rows, torch.Tensor) else w[:rows, :4]
+        return torch.nn.functional.linear(x, block, b[:out_features])
+
+    grad = torch.randn(2, 3, out_features, dtype=torch.double)
+    expected = torch.autograd.grad(plain(inputs, weight, bias), (inputs, weight, bias), grad)
+    ours = torch.autograd.grad(SlicedLinear.apply(inputs, weight, bias, rows, 4), (inputs, weight, bias), grad)
+    assert all(torch.equal(a, b) for a, b in zip(ours, expected))
+    assert torch.autograd.gradcheck(lambda x, w, b: SlicedLinear.apply(x, w, b, rows, 4), (inputs, weight, bias))
+    if isinstance(rows, torch.Tensor):  # the official qkv layout, de-interleaved
+        assert torch.equal(weight[rows, :4], official_qkv_slice(weight, bias, 4, 9)[0])
+
+
+@pytest.mark.parametrize('rows', [5, 'qkv'])
+def test_sliced_linear_under_bf16_autocast_matches_autograd_slicing(rows):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(12, 7, requires_grad=True), torch.randn(12, requires_grad=True)
+    inputs = torch.randn(2, 3, 4, requires_grad=True)
+    rows = qkv_rows(9, torch.device('cpu')) if rows == 'qkv' else rows
+    out_features = len(rows) if isinstance(rows, torch.Tensor) else rows
+    block = weight[rows, :4] if isinstance(rows, torch.Tensor) else weight[:rows, :4]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        expected = torch.nn.functional.linear(inputs, block, bias[:out_features])
+        ours = SlicedLinear.apply(inputs, weight, bias, rows, 4)
+    assert ours.dtype == expected.dtype == torch.bfloat16 and torch.equal(ours, expected)
+    grad = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (inputs, weight, bias), grad),
+                    torch.autograd.grad(expected, (inputs, weight, bias), grad)):
+        assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-2, atol=1e-2)
