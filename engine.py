@@ -21,23 +21,28 @@ from tqdm import tqdm
 
 import data
 from space import count_flops, count_params, read_weights, sub_state_dict, used_arch
-from utils import atomic_write_json, atomic_write_text, pick_device
+from utils import AUTOCAST, atomic_write_json, atomic_write_text, pick_device
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'cpu', progress: bool = True,
-             desc: str = 'eval', on_batch: Callable[[int, float], None] | None = None) -> dict[str, float]:
+             desc: str = 'eval', on_batch: Callable[[int, float], None] | None = None,
+             precision: str = '32-true') -> dict[str, float]:
     """Top-1 / top-5 (in %) of ``model`` over ``loader``, with images/s of the forward passes.
 
     ``on_batch(batch_index, running_top1)`` is called after every batch (NNI intermediate results).
+    ``precision``: ``bf16-mixed`` or ``16-mixed`` autocast on CUDA (ignored on the CPU).
     """
+    device = torch.device(device)
+    dtype = AUTOCAST[precision] if device.type == 'cuda' else None
     model.eval().to(device)
     correct1 = correct5 = seen = 0
     seconds = 0.0
     for index, (images, targets) in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         start = time.perf_counter()
-        logits = model(images)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images)
         if logits.device.type == 'cuda':
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start

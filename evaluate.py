@@ -6,11 +6,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
+
+import torch
 
 import data
 from engine import evaluate
 from space import count_flops, count_params, load_model
-from utils import UserError, atomic_write_json, load_json_arg, pick_device, run_main
+from utils import (UserError, add_precision_args, atomic_write_json, configure_cuda, load_json_arg, pick_device,
+                   run_main)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,6 +29,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--split', choices=data.SPLITS, default='test',
                         help="split to evaluate (ImageNet's test is its val folder)")
     parser.add_argument('--device', default=None, help='cpu, cuda, cuda:1, ... (default: CUDA when present)')
+    add_precision_args(parser)
+    parser.add_argument('--compile', action='store_true',
+                        help='torch.compile the subnet before evaluating (compiled once: worth it for a large '
+                             'evaluation on a GPU; training and search change the arch and stay eager)')
     parser.add_argument('--output', default=None, help='also write the results to this JSON file')
     return parser.parse_args(argv)
 
@@ -40,7 +48,14 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f'the {args.dataset} data has {len(dataset.classes)} classes but the model has '
                         f'{space_kwargs["num_labels"]} outputs: pass weights trained for this dataset')
     loader = data.build_loader(dataset, args.batch_size, args.num_workers)
-    metrics = evaluate(model, loader, pick_device(args.device))
+    device = pick_device(args.device)
+    if device.type == 'cuda':
+        configure_cuda(args.tf32)
+    elif args.precision != '32-true':
+        logging.getLogger(__name__).warning('--precision %s needs CUDA: evaluating in fp32', args.precision)
+    if args.compile:
+        model = torch.compile(model)
+    metrics = evaluate(model, loader, device, precision=args.precision)
     results = {'weights': args.weights, 'dataset': args.dataset, 'split': args.split, 'arch': arch,
                'params': count_params(arch, **space_kwargs), 'flops': count_flops(arch, **space_kwargs), **metrics}
     print(f"top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  params {results['params'] / 1e6:.2f}M  "

@@ -27,7 +27,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3, accuracy
 
 from space import SEARCHED, AutoformerSpace, extreme_arch, preset_name, sample_arch, set_active_arch
-from utils import UserError, atomic_torch_save, atomic_write_json, check_writable, remove_unfinished_writes
+from utils import (UserError, add_precision_args, atomic_torch_save, atomic_write_json, check_writable, configure_cuda,
+                   remove_unfinished_writes)
 
 _logger = logging.getLogger(__name__)
 # NNI's evaluator asks for traced DataLoaders, which only matter for trials it spawns; training runs here.
@@ -208,8 +209,7 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
     parser.add_argument('--devices', type=int, default=1, help='CPU processes when there is no GPU (DDP, gloo)')
     parser.add_argument('--num-nodes', '--num_nodes', dest='num_nodes', type=int, default=1,
                         help='machines (launched with torchrun or SLURM)')
-    parser.add_argument('--precision', default='32-true', choices=['32-true', 'bf16-mixed', '16-mixed'],
-                        help='numeric precision (mixed precision on CUDA)')
+    add_precision_args(parser)
     parser.add_argument('--resume', action='store_true', help='continue the run in --output from its last checkpoint')
     parser.add_argument('--seed', type=int, default=0, help='random seed (data order, architectures, init)')
     parser.add_argument('--output', default=recipe.get('output'), help='folder for checkpoints, logs and weights')
@@ -220,6 +220,8 @@ def trainer_settings(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     if args.gpus > 0 and not torch.cuda.is_available():
         _logger.warning('--gpus %d asked for but no CUDA GPU is visible: training on the CPU', args.gpus)
     use_gpu = args.gpus > 0 and torch.cuda.is_available()
+    if use_gpu:
+        configure_cuda(args.tf32)
     devices = args.gpus if use_gpu else args.devices
     processes = devices * args.num_nodes
     precision = args.precision if use_gpu else '32-true'

@@ -179,6 +179,29 @@ def qkv_rows(out_features: int, device: torch.device) -> torch.Tensor:
     return torch.cat([rows[0::3], rows[1::3], rows[2::3]])
 
 
+class MatmulWithMembers(torch.autograd.Function):
+    """``left @ [right, members]`` or, with ``transpose``, ``left @ [right, members]^T``.
+
+    The 0/1 bucket ``members`` of :class:`RelativePosition2D` need no gradient, so the gradient
+    of ``right`` is computed for its own columns only (a third of that matmul saved).
+    """
+
+    @staticmethod
+    def forward(ctx, left: torch.Tensor, right: torch.Tensor, members: torch.Tensor,
+                transpose: bool) -> torch.Tensor:
+        full = torch.cat([right, members.to(right.dtype).expand(*right.shape[:-1], members.shape[-1])], dim=-1)
+        ctx.save_for_backward(left, full)
+        ctx.transpose, ctx.width = transpose, right.shape[-1]
+        return left @ (full.transpose(-2, -1) if transpose else full)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        left, full = (t.to(grad.dtype) for t in ctx.saved_tensors)  # autocast: the forward's dtype
+        if ctx.transpose:
+            return grad @ full, grad.transpose(-2, -1) @ left[..., :ctx.width], None, None
+        return grad @ full.transpose(-2, -1), left.transpose(-2, -1) @ grad[..., :ctx.width], None, None
+
+
 class RelativePosition2D(nn.Module):
     """AutoFormer's 2-D relative position encoding, computed without N x N x head_dim tensors.
 
@@ -244,13 +267,12 @@ class RelativePosition2D(nn.Module):
         q = q * scale  # on N x d rather than N x N
         members, rows = self.buckets(q.shape[-2], q.device)
         per_bucket = (q @ self.table().t()).gather(-1, rows.expand(*q.shape[:-1], rows.shape[-1]))
-        keys = torch.cat([k, members.to(k.dtype).expand(*k.shape[:-1], members.shape[-1])], dim=-1)
-        return torch.cat([q, per_bucket.to(q.dtype)], dim=-1) @ keys.transpose(-2, -1)
+        return MatmulWithMembers.apply(torch.cat([q, per_bucket.to(q.dtype)], dim=-1), k, members, True)
 
     def attend(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``sum_j attn(i, j) (v_j + r(i, j))``: (B, H, N, N), (B, H, N, d) -> (B, H, N, d)."""
         members, rows = self.buckets(attn.shape[-1], attn.device)
-        out = attn @ torch.cat([v, members.to(v.dtype).expand(*v.shape[:-1], members.shape[-1])], dim=-1)
+        out = MatmulWithMembers.apply(attn, v, members, False)
         out, per_bucket = out.split([v.shape[-1], members.shape[-1]], dim=-1)
         table = self.table()
         per_row = per_bucket.new_zeros(*per_bucket.shape[:-1], table.shape[0])

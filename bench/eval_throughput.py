@@ -4,7 +4,7 @@
     python bench/eval_throughput.py --name tiny --batch-size 128 --device cuda --precision bf16
 
 The arch is the preset's pre-searched one (AutoFormer-T/S/B). Prints figures, asserts nothing.
-``--reference`` also times the official (direct) relative-position formulation in the same run.
+``--reference`` also times the official formulation (``bench/reference.py``) in the same run.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from reference import direct_rpe  # noqa: E402
+from reference import official_formulation  # noqa: E402
 from space import AutoformerSpace, build_supernet, set_active_arch, space_config  # noqa: E402
 
 
@@ -30,7 +30,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--steps', type=int, default=10, help='timed forwards')
     parser.add_argument('--warmup', type=int, default=2, help='untimed forwards first')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (torch.set_num_threads)')
-    parser.add_argument('--reference', action='store_true', help='also time the official RPE formulation')
+    parser.add_argument('--reference', action='store_true',
+                        help='also time the official formulation (bench/reference.py)')
     parser.add_argument('--rounds', type=int, default=3, help='measurements of each, interleaved; the best is kept')
     return parser.parse_args()
 
@@ -67,16 +68,17 @@ def main() -> None:
         for name, model in (('subnet', subnet), ('supernet', supernet)):
             figures[name] = max(figures.get(name, 0.0), images_per_second(model, images, args))
         if args.reference:
-            with direct_rpe():
+            with official_formulation():
                 reference = images_per_second(subnet, images, args)
-            figures['subnet, official RPE'] = max(figures.get('subnet, official RPE', 0.0), reference)
+            name = 'subnet, official formulation'
+            figures[name] = max(figures.get(name, 0.0), reference)
     label = (f'eval autoformer-{args.name} {config["img_size"]}px batch {args.batch_size} {args.device} '
              f'{args.precision} threads {torch.get_num_threads()}')
     if device.type == 'cuda':
         label += f' peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB'
     summary = ', '.join(f'{name} {value:.2f} images/s' for name, value in figures.items())
     if args.reference:
-        summary += f'; ratio {figures["subnet"] / figures["subnet, official RPE"]:.2f}x'
+        summary += f'; ratio {figures["subnet"] / figures["subnet, official formulation"]:.2f}x'
     print(f'{label}: {summary}')
 
 

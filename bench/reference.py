@@ -1,9 +1,10 @@
-"""The official relative-position attention, as a reference for tests and benchmarks.
+"""The official formulation of the supernet's hot paths, as a reference for tests and benchmarks.
 
 The official ``AttentionSuper`` scales ``q @ k^T`` and, through ``RelativePosition2D_super``,
 gathers an (N, N, head_dim) table per layer for keys and another for values on every forward and
-multiplies through them. ``direct_rpe()`` swaps that formulation into
-:class:`space.RelativePosition2D` so both can be compared and timed side by side.
+multiplies through them; ``direct_rpe()`` swaps that into :class:`space.RelativePosition2D`. The
+official ``LinearSuper`` / ``qkv_super`` slice their weights with autograd (as NNI's
+``MixedLinear`` does); ``official_formulation()`` swaps in both, so the two can be timed side by side.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from space import RelativePosition2D
+from nni.nas.oneshot.pytorch.supermodule.operation import MixedLinear
+
+from space import MixedPrefixLinear, MixedQKV, RelativePosition2D, official_qkv_slice
 
 
 def direct_table(module: RelativePosition2D, num_tokens: int) -> torch.Tensor:
@@ -60,3 +63,21 @@ def direct_rpe() -> Iterator[None]:
         yield
     finally:
         RelativePosition2D.logits, RelativePosition2D.attend = saved
+
+
+def qkv_sliced_by_autograd(module: MixedQKV, in_features: int, out_features: int,
+                           inputs: torch.Tensor) -> torch.Tensor:
+    return F.linear(inputs, *official_qkv_slice(module.weight, module.bias, in_features, out_features))
+
+
+@contextlib.contextmanager
+def official_formulation() -> Iterator[None]:
+    """The direct relative positions and weights sliced through autograd, inside the block."""
+    saved = MixedPrefixLinear.forward_with_args, MixedQKV.forward_with_args
+    MixedPrefixLinear.forward_with_args = MixedLinear.forward_with_args
+    MixedQKV.forward_with_args = qkv_sliced_by_autograd
+    try:
+        with direct_rpe():
+            yield
+    finally:
+        MixedPrefixLinear.forward_with_args, MixedQKV.forward_with_args = saved

@@ -3,8 +3,9 @@
     python bench/train_step.py --name tiny --batch-size 8 --threads 2          # CPU, fp32
     python bench/train_step.py --name tiny --batch-size 128 --device cuda --precision bf16
 
-Prints figures, asserts nothing. ``--reference`` also times the official (direct) relative
-position formulation in the same run, for a before / after ratio.
+Prints figures, asserts nothing. ``--reference`` also times the official formulation
+(``bench/reference.py``: direct relative positions, weights sliced through autograd) in the
+same run, on the same archs, for a before / after ratio.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from space import AutoformerSpace, build_supernet, sample_arch, set_active_arch, space_config  # noqa: E402
-from reference import direct_rpe  # noqa: E402
+from reference import official_formulation  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -32,7 +33,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--steps', type=int, default=10, help='timed steps')
     parser.add_argument('--warmup', type=int, default=2, help='untimed steps first')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (torch.set_num_threads)')
-    parser.add_argument('--reference', action='store_true', help='also time the official RPE formulation')
+    parser.add_argument('--reference', action='store_true',
+                        help='also time the official formulation (bench/reference.py)')
     parser.add_argument('--rounds', type=int, default=2, help='measurements of each, interleaved; the best is kept')
     parser.add_argument('--seed', type=int, default=0, help='random seed')
     return parser.parse_args()
@@ -79,12 +81,12 @@ def main() -> None:
     for _ in range(args.rounds):  # interleaved, so that a noisy moment does not favour one of them
         ours = max(ours, time_steps(supernet, config, args, device))
         if args.reference:
-            with direct_rpe():
+            with official_formulation():
                 reference = max(reference, time_steps(supernet, config, args, device))
     if device.type == 'cuda':
         label += f' peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB'
     if args.reference:
-        print(f'{label}: {ours:.2f} images/s; official RPE formulation {reference:.2f} images/s; '
+        print(f'{label}: {ours:.2f} images/s; official formulation {reference:.2f} images/s; '
               f'ratio {ours / reference:.2f}x')
     else:
         print(f'{label}: {ours:.2f} images/s')

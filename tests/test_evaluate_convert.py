@@ -36,6 +36,14 @@ def test_evaluate_digits_with_supernet_and_arch(demo_supernet, tmp_path):
     assert results['params'] == sum(p.numel() for p in load_model(demo_supernet, arch=ARCH)[0].parameters())
 
 
+def test_evaluate_compiled_gives_the_same_accuracy(demo_supernet, caplog):
+    args = ['--weights', str(demo_supernet), '--arch', json.dumps(ARCH), '--num-workers', '0']
+    eager = evaluate.main(args)
+    compiled = evaluate.main(args + ['--compile', '--precision', 'bf16-mixed'])  # no CUDA: fp32, with a warning
+    assert 'needs CUDA: evaluating in fp32' in caplog.text
+    assert compiled['top1'] == eager['top1'] and compiled['top5'] == eager['top5']
+
+
 def test_evaluate_arch_from_file_on_image_folder(demo_supernet, tmp_path):
     write_image_folder(tmp_path / 'images' / 'val', [str(i) for i in range(10)], per_class=2, size=40)
     arch_file = tmp_path / 'arch.json'

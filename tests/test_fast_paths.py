@@ -87,3 +87,21 @@ def test_sliced_linear_under_bf16_autocast_matches_autograd_slicing(rows):
     for a, b in zip(torch.autograd.grad(ours, (inputs, weight, bias), grad),
                     torch.autograd.grad(expected, (inputs, weight, bias), grad)):
         assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-2, atol=1e-2)
+
+
+def test_attention_under_bf16_autocast_runs_forward_and_backward_near_the_direct_formulation():
+    torch.manual_seed(0)
+    attention = Attention(192, 3, qkv_bias=True, qk_scale=None, attn_drop=0., proj_drop=0., rpe=True, rpe_length=4)
+    x = torch.randn(2, 50, 192)
+
+    def run():
+        attention.zero_grad()
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = attention(x)
+        out.float().sum().backward()
+        return out.float(), attention.rel_pos_embed_k.embeddings_table_v.grad.clone()
+
+    ours = run()
+    with direct_rpe():
+        reference = run()
+    assert ours[0].dtype == torch.float32 and all(relative_error(a, b) < 3e-2 for a, b in zip(ours, reference))
