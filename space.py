@@ -179,6 +179,11 @@ def qkv_rows(out_features: int, device: torch.device) -> torch.Tensor:
     return torch.cat([rows[0::3], rows[1::3], rows[2::3]])
 
 
+def with_members(right: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """``[right, members]`` along the last dim, ``members`` (N, buckets) broadcast over batch and heads."""
+    return torch.cat([right, members.to(right.dtype).expand(*right.shape[:-1], members.shape[-1])], dim=-1)
+
+
 class MatmulWithMembers(torch.autograd.Function):
     """``left @ [right, members]`` or, with ``transpose``, ``left @ [right, members]^T``.
 
@@ -189,7 +194,7 @@ class MatmulWithMembers(torch.autograd.Function):
     @staticmethod
     def forward(ctx, left: torch.Tensor, right: torch.Tensor, members: torch.Tensor,
                 transpose: bool) -> torch.Tensor:
-        full = torch.cat([right, members.to(right.dtype).expand(*right.shape[:-1], members.shape[-1])], dim=-1)
+        full = with_members(right, members)
         ctx.save_for_backward(left, full)
         ctx.transpose, ctx.width = transpose, right.shape[-1]
         return left @ (full.transpose(-2, -1) if transpose else full)
@@ -200,6 +205,15 @@ class MatmulWithMembers(torch.autograd.Function):
         if ctx.transpose:
             return grad @ full, grad.transpose(-2, -1) @ left[..., :ctx.width], None, None
         return grad @ full.transpose(-2, -1), left.transpose(-2, -1) @ grad[..., :ctx.width], None, None
+
+
+def matmul_with_members(left: torch.Tensor, right: torch.Tensor, members: torch.Tensor,
+                        transpose: bool) -> torch.Tensor:
+    """:class:`MatmulWithMembers` when training; plain ops otherwise (TorchScript and ONNX export them)."""
+    if (left.requires_grad or right.requires_grad) and not torch.jit.is_tracing():
+        return MatmulWithMembers.apply(left, right, members, transpose)
+    full = with_members(right, members)
+    return left @ (full.transpose(-2, -1) if transpose else full)
 
 
 class RelativePosition2D(nn.Module):
@@ -267,12 +281,12 @@ class RelativePosition2D(nn.Module):
         q = q * scale  # on N x d rather than N x N
         members, rows = self.buckets(q.shape[-2], q.device)
         per_bucket = (q @ self.table().t()).gather(-1, rows.expand(*q.shape[:-1], rows.shape[-1]))
-        return MatmulWithMembers.apply(torch.cat([q, per_bucket.to(q.dtype)], dim=-1), k, members, True)
+        return matmul_with_members(torch.cat([q, per_bucket.to(q.dtype)], dim=-1), k, members, True)
 
     def attend(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``sum_j attn(i, j) (v_j + r(i, j))``: (B, H, N, N), (B, H, N, d) -> (B, H, N, d)."""
         members, rows = self.buckets(attn.shape[-1], attn.device)
-        out = MatmulWithMembers.apply(attn, v, members, False)
+        out = matmul_with_members(attn, v, members, False)
         out, per_bucket = out.split([v.shape[-1], members.shape[-1]], dim=-1)
         table = self.table()
         per_row = per_bucket.new_zeros(*per_bucket.shape[:-1], table.shape[0])
