@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import statistics
 import time
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (torch.set_num_threads)')
     parser.add_argument('--reference', action='store_true',
                         help='also time the official formulation (bench/reference.py)')
-    parser.add_argument('--rounds', type=int, default=3, help='measurements of each, interleaved; the best is kept')
+    parser.add_argument('--rounds', type=int, default=3, help='measurements of each, interleaved: the best images/s, the median ratio')
     return parser.parse_args()
 
 
@@ -64,6 +65,7 @@ def main() -> None:
     set_active_arch(supernet, arch)
     images = torch.randn(args.batch_size, 3, config['img_size'], config['img_size'], device=device)
     figures: dict[str, float] = {}
+    ratios = []
     for _ in range(args.rounds):  # interleaved, so that a noisy moment does not favour one of them
         for name, model in (('subnet', subnet), ('supernet', supernet)):
             figures[name] = max(figures.get(name, 0.0), images_per_second(model, images, args))
@@ -72,13 +74,16 @@ def main() -> None:
                 reference = images_per_second(subnet, images, args)
             name = 'subnet, official formulation'
             figures[name] = max(figures.get(name, 0.0), reference)
+            ratios.append(images_per_second(subnet, images, args) / reference)  # back to back
     label = (f'eval autoformer-{args.name} {config["img_size"]}px batch {args.batch_size} {args.device} '
              f'{args.precision} threads {torch.get_num_threads()}')
     if device.type == 'cuda':
         label += f' peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB'
     summary = ', '.join(f'{name} {value:.2f} images/s' for name, value in figures.items())
     if args.reference:
-        summary += f'; ratio {figures["subnet"] / figures["subnet, official formulation"]:.2f}x'
+        ratios.sort()
+        summary += (f'; ratio {statistics.median(ratios):.2f}x (median of {len(ratios)} rounds, '
+                    f'{ratios[0]:.2f}-{ratios[-1]:.2f})')
     print(f'{label}: {summary}')
 
 
