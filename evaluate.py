@@ -6,15 +6,14 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 import torch
 
 import data
 from engine import evaluate
 from space import count_flops, count_params, load_model
-from utils import (UserError, add_precision_args, atomic_write_json, configure_cuda, load_json_arg, pick_device,
-                   run_main)
+from utils import (UserError, add_precision_args, atomic_write_json, load_json_arg, pick_device, run_main,
+                   set_up_precision)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,13 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
                         f'{space_kwargs["num_labels"]} outputs: pass weights trained for this dataset')
     loader = data.build_loader(dataset, args.batch_size, args.num_workers)
     device = pick_device(args.device)
-    if device.type == 'cuda':
-        configure_cuda(args.tf32)
-    elif args.precision != '32-true':
-        logging.getLogger(__name__).warning('--precision %s needs CUDA: evaluating in fp32', args.precision)
+    precision = set_up_precision(args, device.type == 'cuda', 'evaluating')
     if args.compile:
         model = torch.compile(model)
-    metrics = evaluate(model, loader, device, precision=args.precision)
+    metrics = evaluate(model, loader, device, precision=precision)
     results = {'weights': args.weights, 'dataset': args.dataset, 'split': args.split, 'arch': arch,
                'params': count_params(arch, **space_kwargs), 'flops': count_flops(arch, **space_kwargs), **metrics}
     print(f"top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  params {results['params'] / 1e6:.2f}M  "

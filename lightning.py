@@ -27,8 +27,8 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3, accuracy
 
 from space import SEARCHED, AutoformerSpace, extreme_arch, preset_name, sample_arch, set_active_arch
-from utils import (UserError, add_precision_args, atomic_torch_save, atomic_write_json, check_writable, configure_cuda,
-                   remove_unfinished_writes)
+from utils import (UserError, add_precision_args, atomic_torch_save, atomic_write_json, check_writable,
+                   remove_unfinished_writes, set_up_precision)
 
 _logger = logging.getLogger(__name__)
 # NNI's evaluator asks for traced DataLoaders, which only matter for trials it spawns; training runs here.
@@ -220,13 +220,9 @@ def trainer_settings(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     if args.gpus > 0 and not torch.cuda.is_available():
         _logger.warning('--gpus %d asked for but no CUDA GPU is visible: training on the CPU', args.gpus)
     use_gpu = args.gpus > 0 and torch.cuda.is_available()
-    if use_gpu:
-        configure_cuda(args.tf32)
+    precision = set_up_precision(args, use_gpu, 'training')
     devices = args.gpus if use_gpu else args.devices
     processes = devices * args.num_nodes
-    precision = args.precision if use_gpu else '32-true'
-    if precision != args.precision:
-        _logger.warning('--precision %s needs CUDA: training in fp32 on the CPU', args.precision)
     return dict(accelerator='gpu' if use_gpu else 'cpu', devices=devices, num_nodes=args.num_nodes,
                 strategy='ddp_find_unused_parameters_true' if processes > 1 else 'auto', precision=precision,
                 max_epochs=args.epochs, gradient_clip_val=args.clip_grad, deterministic=not use_gpu,
@@ -277,7 +273,9 @@ def train_supernet(args: argparse.Namespace, space_kwargs: Mapping[str, Any],
         cutmix=args.cutmix, ema_decay=args.ema_decay or 0.0, seed=args.seed, pretrained=pretrained)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=output / 'checkpoints', filename='best', monitor='val_acc_max',
                                                mode='max', save_last=True)
-    trainer_kwargs.update(callbacks=[checkpoints], plugins=[AtomicCheckpointIO()], logger=pl.loggers.CSVLogger(output, name='logs'))  # a new version per (resumed) run: nothing overwritten
+    # The CSV logger starts a new version per (resumed) run: no log is overwritten.
+    trainer_kwargs.update(callbacks=[checkpoints], plugins=[AtomicCheckpointIO()],
+                          logger=pl.loggers.CSVLogger(output, name='logs'))
     evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs, str(last) if args.resume else None)
     supernet = build_supernet({**space_kwargs, 'drop_path_rate': args.drop_path})
     evaluator.evaluate(supernet)

@@ -147,16 +147,6 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device('cpu')
 
 
-def configure_cuda(tf32: bool) -> None:
-    """cuDNN autotuning (fixed input sizes) and, when asked, TF32 tensor cores for fp32 matmuls and convs.
-
-    TF32 is off by default: it keeps 10 mantissa bits, so outputs move by about 1e-3 relative.
-    """
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = tf32
-    torch.backends.cudnn.allow_tf32 = tf32
-
-
 AUTOCAST = {'32-true': None, 'bf16-mixed': torch.bfloat16, '16-mixed': torch.float16}
 
 
@@ -166,6 +156,22 @@ def add_precision_args(parser: argparse.ArgumentParser) -> None:
                         help='numeric precision: mixed precision (autocast) on CUDA; the CPU runs fp32')
     parser.add_argument('--tf32', action='store_true',
                         help='TF32 tensor cores for fp32 matmuls on CUDA (faster, about 1e-3 relative error)')
+
+
+def set_up_precision(args: argparse.Namespace, cuda: bool, doing: str) -> str:
+    """The precision to run in (``args.precision`` on CUDA, else fp32 with a warning naming ``doing``).
+
+    On CUDA it also turns on cuDNN autotuning (fixed input sizes) and, with ``--tf32``, TF32 tensor
+    cores for fp32 matmuls and convs (off by default: 10 mantissa bits move outputs by about 1e-3).
+    """
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+        return args.precision
+    if args.precision != '32-true':
+        logging.getLogger(__name__).warning('--precision %s needs CUDA: %s in fp32 on the CPU', args.precision, doing)
+    return '32-true'
 
 
 def load_json_arg(value: str, what: str = '--arch') -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import statistics
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from common import add_timing_args, ratio_summary  # noqa: E402
 from reference import official_formulation  # noqa: E402
 from space import AutoformerSpace, build_supernet, set_active_arch, space_config  # noqa: E402
 
@@ -26,14 +26,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--name', choices=['tiny', 'small', 'base'], default='tiny', help='preset')
     parser.add_argument('--batch-size', type=int, default=8, help='images per forward')
-    parser.add_argument('--device', default='cpu', help='cpu or cuda')
-    parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='autocast dtype')
-    parser.add_argument('--steps', type=int, default=10, help='timed forwards')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed forwards first')
-    parser.add_argument('--threads', type=int, default=None, help='CPU threads (torch.set_num_threads)')
-    parser.add_argument('--reference', action='store_true',
-                        help='also time the official formulation (bench/reference.py)')
-    parser.add_argument('--rounds', type=int, default=3, help='measurements of each, interleaved: the best images/s, the median ratio')
+    add_timing_args(parser, 'forwards', rounds=3)
     return parser.parse_args()
 
 
@@ -81,9 +74,7 @@ def main() -> None:
         label += f' peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB'
     summary = ', '.join(f'{name} {value:.2f} images/s' for name, value in figures.items())
     if args.reference:
-        ratios.sort()
-        summary += (f'; ratio {statistics.median(ratios):.2f}x (median of {len(ratios)} rounds, '
-                    f'{ratios[0]:.2f}-{ratios[-1]:.2f})')
+        summary += f'; {ratio_summary(ratios)}'
     print(f'{label}: {summary}')
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from space import AutoformerSpace, build_supernet, sample_arch, set_active_arch, space_config  # noqa: E402
+from common import add_timing_args, ratio_summary  # noqa: E402
 from reference import official_formulation  # noqa: E402
 
 
@@ -29,15 +29,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--name', choices=['tiny', 'small', 'base', 'demo'], default='tiny', help='preset')
     parser.add_argument('--batch-size', type=int, default=8, help='images per step')
     parser.add_argument('--img-size', type=int, default=None, help="input size (default: the preset's)")
-    parser.add_argument('--device', default='cpu', help='cpu or cuda')
-    parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='autocast dtype')
-    parser.add_argument('--steps', type=int, default=10, help='timed steps')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed steps first')
-    parser.add_argument('--threads', type=int, default=None, help='CPU threads (torch.set_num_threads)')
-    parser.add_argument('--reference', action='store_true',
-                        help='also time the official formulation (bench/reference.py)')
-    parser.add_argument('--rounds', type=int, default=5,
-                        help='measurements of each, interleaved: the best images/s, the median ratio')
+    add_timing_args(parser, 'steps', rounds=5)
     parser.add_argument('--seed', type=int, default=0, help='random seed')
     return parser.parse_args()
 
@@ -88,10 +80,8 @@ def main() -> None:
     if device.type == 'cuda':
         label += f' peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB'
     if args.reference:
-        ratios = sorted(a / b for a, b in zip(ours, reference))  # each round's pair ran back to back
         print(f'{label}: {max(ours):.2f} images/s; official formulation {max(reference):.2f} images/s; '
-              f'ratio {statistics.median(ratios):.2f}x (median of {len(ratios)} rounds, '
-              f'{ratios[0]:.2f}-{ratios[-1]:.2f})')
+              f'{ratio_summary([a / b for a, b in zip(ours, reference)])}')
     else:
         print(f'{label}: {max(ours):.2f} images/s')
 
