@@ -58,7 +58,7 @@ def torch_load(path: str | os.PathLike, what: str = 'checkpoint') -> Any:
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as err:
-        if 'Weights only load failed' in str(err):
+        if 'Unsupported global' in str(err):  # a class or function to import: only code can rebuild it
             raise UserError(
                 f'{what} file {path} needs to run pickled code to load, which is refused for safety '
                 '(torch.load(weights_only=True)). If you trust the file, convert it once to plain tensors: '

@@ -138,6 +138,10 @@ def test_bad_checkpoint_files_give_one_clear_error(tmp_path, golden):
     empty.write_bytes(b'')
     with pytest.raises(UserError, match='empty'):
         AutoformerSpace.load_supernet_weights(kwargs, empty)
+    garbage = tmp_path / 'garbage.pth'  # not an archive: read as a legacy pickle, whose first byte is no opcode
+    garbage.write_bytes(b'garbage\n')
+    with pytest.raises(UserError, match='corrupt or truncated'):
+        AutoformerSpace.load_supernet_weights(kwargs, garbage)
 
 
 class Payload:
