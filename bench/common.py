@@ -1,25 +1,67 @@
-"""Flags and summaries shared by the throughput benchmarks."""
+"""Flags, interleaving and summaries shared by the throughput benchmarks.
+
+A machine shared with other jobs drifts by 10-30% from one minute to the next, so timing all of
+ours and then all of the reference compares two different machines. ``interleaved_seconds``
+times the variants step by step instead, one right after the other on the same input (rotating
+which goes first), and ratios are those of their summed times.
+"""
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
+from typing import Callable
+
+import torch
+
+OURS, OFFICIAL = 'ours', 'official formulation'
 
 
-def add_timing_args(parser: argparse.ArgumentParser, unit: str, rounds: int) -> None:
-    """Device, precision, how much to time and the interleaved rounds against the official formulation."""
+def add_timing_args(parser: argparse.ArgumentParser, unit: str) -> None:
+    """Device, precision, how much to time and whether to pair each of ours with the official formulation."""
     parser.add_argument('--device', default='cpu', help='cpu or cuda')
     parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='autocast dtype')
-    parser.add_argument('--steps', type=int, default=10, help=f'timed {unit}')
-    parser.add_argument('--warmup', type=int, default=2, help=f'untimed {unit} first')
+    parser.add_argument('--steps', type=int, default=10, help=f'timed {unit} of each variant')
+    parser.add_argument('--warmup', type=int, default=2, help=f'untimed {unit} of each variant first')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (torch.set_num_threads)')
     parser.add_argument('--reference', action='store_true',
-                        help='also time the official formulation (bench/reference.py)')
-    parser.add_argument('--rounds', type=int, default=rounds,
-                        help='measurements of each, interleaved: the best images/s, the median ratio')
+                        help='time the official formulation (bench/reference.py) right after or before each of ours')
 
 
-def ratio_summary(ratios: list[float]) -> str:
-    """The median of per-round ratios (each round's pair ran back to back) and their range."""
-    ratios = sorted(ratios)
-    return (f'ratio {statistics.median(ratios):.2f}x (median of {len(ratios)} rounds, '
-            f'{ratios[0]:.2f}-{ratios[-1]:.2f})')
+def seconds(function: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of one call, waiting for the GPU before and after."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    function()
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved_seconds(make_steps: Callable[[int], dict[str, Callable[[], object]]],
+                        args: argparse.Namespace) -> dict[str, list[float]]:
+    """Seconds of each variant's timed steps; ``make_steps(i)`` gives step i of every variant (same arch, same batch)."""
+    times: dict[str, list[float]] = {}
+    for index in range(args.warmup + args.steps):
+        steps = make_steps(index)
+        names = list(steps)
+        for name in names[index % len(names):] + names[:index % len(names)]:
+            elapsed = seconds(steps[name], torch.device(args.device))
+            if index >= args.warmup:
+                times.setdefault(name, []).append(elapsed)
+    return {name: times[name] for name in names}
+
+
+def interleaved_summary(times: dict[str, list[float]], images_per_step: int) -> str:
+    """Images/s of each variant and, against the official formulation, how many times faster the others are."""
+    parts = [f'{name} {images_per_step * len(values) / sum(values):.2f} images/s' for name, values in times.items()]
+    official = times.get(OFFICIAL)
+    for name, values in times.items():
+        if official and name != OFFICIAL:
+            ratios = sorted(b / a for a, b in zip(values, official))
+            quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+            parts.append(f'{name} / official {sum(official) / sum(values):.2f}x over {len(values)} interleaved steps '
+                         f'(per step: median {statistics.median(ratios):.2f}x, '
+                         f'quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}x)')
+    return '; '.join(parts)

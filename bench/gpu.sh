@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 for precision in bf16 fp32; do
-  "$PY" bench/train_step.py --name tiny --batch-size 128 --device cuda --precision "$precision" --steps 20 --reference
+  "$PY" bench/train_step.py --name tiny --batch-size 128 --device cuda --precision "$precision" --steps 20 --reference --ceiling
   "$PY" bench/eval_throughput.py --name tiny --batch-size 128 --device cuda --precision "$precision" --steps 20 --reference
 done
 "$PY" bench/search_overhead.py --engine sequential

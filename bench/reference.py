@@ -14,9 +14,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from nni.nas.oneshot.pytorch.supermodule.operation import MixedLinear
-
+# space first: it silences NNI's harmless torch-version warnings before nni is imported.
 from space import MixedPrefixLinear, MixedQKV, RelativePosition2D, official_qkv_slice
+from nni.nas.oneshot.pytorch.supermodule.operation import MixedLinear
 
 
 def direct_table(module: RelativePosition2D, num_tokens: int) -> torch.Tensor:

@@ -1,0 +1,75 @@
+"""Where a supernet training step's time goes: matmuls against everything else, and the top operators.
+
+    python bench/profile_step.py --name tiny --batch-size 8 --threads 2
+    python bench/profile_step.py --name tiny --batch-size 8 --threads 2 --reference   # the official formulation
+
+Runs ``--steps`` steps (random archs, fixed batch) under ``torch.profiler`` after ``--warmup``
+untimed ones. Prints figures, asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import sys
+from pathlib import Path
+
+os.environ.setdefault('KINETO_LOG_LEVEL', '5')  # else the profiler logs a failed GPU query as an ERROR on CPU machines
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from space import AutoformerSpace, build_supernet, sample_arch, space_config  # noqa: E402
+from common import add_timing_args  # noqa: E402
+from reference import official_formulation  # noqa: E402
+from train_step import training_step  # noqa: E402
+
+MATMULS = {'aten::mm', 'aten::bmm', 'aten::addmm', 'aten::addmm_', 'aten::baddbmm', 'aten::addbmm'}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--name', choices=['tiny', 'small', 'base', 'demo'], default='tiny', help='preset')
+    parser.add_argument('--batch-size', type=int, default=8, help='images per step')
+    add_timing_args(parser, 'steps')
+    parser.add_argument('--top', type=int, default=12, help='operators to list')
+    parser.add_argument('--seed', type=int, default=0, help='random seed')
+    parser.set_defaults(steps=4)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    config = space_config(**AutoformerSpace.preset(args.name))
+    images = torch.randn(args.batch_size, 3, config['img_size'], config['img_size'], device=device)
+    targets = torch.randint(0, config['num_labels'], (args.batch_size,), device=device)
+    step = training_step(build_supernet(config).to(device).train(), images, targets, args.precision)
+    rng = random.Random(args.seed)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with official_formulation() if args.reference else contextlib.nullcontext():
+        for _ in range(args.warmup):
+            step(sample_arch(config, rng))
+        with profile(activities=activities) as profiler:
+            for _ in range(args.steps):
+                step(sample_arch(config, rng))
+    events = profiler.key_averages()
+    attr = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    total = sum(getattr(event, attr) for event in events)
+    matmuls = sum(getattr(event, attr) for event in events if event.key in MATMULS)
+    formulation = 'official formulation' if args.reference else 'ours'
+    print(f'profile_step {args.name} batch {args.batch_size} {args.device} {args.precision} '
+          f'threads {torch.get_num_threads()} {formulation}: {total / args.steps / 1e3:.0f} ms per step '
+          f'(profiled), matmuls {100 * matmuls / total:.0f}%')
+    for event in sorted(events, key=lambda event: -getattr(event, attr))[:args.top]:
+        print(f'  {event.key:40s} {getattr(event, attr) / args.steps / 1e3:8.1f} ms per step, '
+              f'{event.count // args.steps} calls')
+
+
+if __name__ == '__main__':
+    main()
