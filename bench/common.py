@@ -41,7 +41,7 @@ def seconds(function: Callable[[], object], device: torch.device) -> float:
 
 def interleaved_seconds(make_steps: Callable[[int], dict[str, Callable[[], object]]],
                         args: argparse.Namespace) -> dict[str, list[float]]:
-    """Seconds of each variant's timed steps; ``make_steps(i)`` gives step i of every variant (same arch, same batch)."""
+    """Seconds of each variant's timed steps; ``make_steps(i)`` gives step i of every variant (same arch and batch)."""
     times: dict[str, list[float]] = {}
     for index in range(args.warmup + args.steps):
         steps = make_steps(index)

@@ -2,6 +2,7 @@
 
     python bench/search_overhead.py --engine sequential
     python bench/search_overhead.py --engine ts --small 2 --large 6
+    python bench/search_overhead.py --engine ts --small 2 --large 6 --concurrency 2
 
 Runs the same random search (demo space, digits) with ``--small`` and ``--large`` trials and takes
 the marginal seconds per candidate, so start-up costs cancel out; then subtracts the time the
@@ -32,6 +33,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--small', type=int, default=8, help='trials of the shorter search')
     parser.add_argument('--large', type=int, default=32, help='trials of the longer search')
     parser.add_argument('--port', type=int, default=8765, help='web UI port (ts)')
+    parser.add_argument('--concurrency', type=int, default=1, help='trials at once (ts)')
     return parser.parse_args()
 
 
@@ -39,7 +41,8 @@ def timed_search(workdir: Path, weights: Path, trials: int, args: argparse.Names
     output = workdir / f'search-{trials}'
     start = time.perf_counter()
     search.main(['--weights', str(weights), '--trials', str(trials), '--engine', args.engine, '--num-workers', '0',
-                 '--port', str(args.port), '--output', str(output), '--experiment-dir', str(workdir / 'nni')])
+                 '--port', str(args.port), '--concurrency', str(args.concurrency), '--output', str(output),
+                 '--experiment-dir', str(workdir / 'nni')])
     return time.perf_counter() - start, json.loads((output / 'candidates.json').read_text())
 
 
@@ -68,7 +71,9 @@ def main() -> None:
         large_time, records = timed_search(workdir, weights, args.large, args)
         per_candidate = (large_time - small_time) / (args.large - args.small)
         forward = forward_seconds(weights, workdir / f'search-{args.large}' / 'search-data.pt', records, space_kwargs)
-    print(f'search_overhead engine {args.engine}: {per_candidate:.3f} s per candidate, forward alone {forward:.3f} s, '
+    engine = f'{args.engine} concurrency {args.concurrency}' if args.engine == 'ts' else args.engine
+    print(f'search_overhead engine {engine}: {per_candidate:.3f} s per candidate, '
+          f'forward alone {forward:.3f} s, '
           f'overhead {per_candidate - forward:.3f} s ({100 * (per_candidate - forward) / forward:.0f}% of forward)')
 
 
