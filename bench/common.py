@@ -28,6 +28,14 @@ def add_timing_args(parser: argparse.ArgumentParser, unit: str) -> None:
                         help='time the official formulation (bench/reference.py) right after or before each of ours')
 
 
+def set_up(args: argparse.Namespace) -> torch.device:
+    """Threads, seed and device from the shared flags."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(getattr(args, 'seed', 0))
+    return torch.device(args.device)
+
+
 def seconds(function: Callable[[], object], device: torch.device) -> float:
     """Wall-clock seconds of one call, waiting for the GPU before and after."""
     if device.type == 'cuda':

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from common import OFFICIAL, OURS, add_timing_args, interleaved_seconds, interleaved_summary  # noqa: E402
+from common import OFFICIAL, OURS, add_timing_args, interleaved_seconds, interleaved_summary, set_up  # noqa: E402
 from reference import official_formulation  # noqa: E402
 from space import AutoformerSpace, build_supernet, set_active_arch, space_config  # noqa: E402
 
@@ -50,9 +50,7 @@ def in_official_formulation(forward: Callable[[], None]) -> None:
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = set_up(args)
     config = space_config(**AutoformerSpace.preset(args.name))
     arch = AutoformerSpace.searched_arch(args.name)
     subnet = AutoformerSpace(**config).freeze(arch).eval().to(device)

@@ -22,9 +22,9 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from space import AutoformerSpace, build_supernet, sample_arch, space_config  # noqa: E402
-from common import add_timing_args  # noqa: E402
+from common import add_timing_args, set_up  # noqa: E402
 from reference import official_formulation  # noqa: E402
-from train_step import training_step  # noqa: E402
+from train_step import random_batch, training_step  # noqa: E402
 
 MATMULS = {'aten::mm', 'aten::bmm', 'aten::addmm', 'aten::addmm_', 'aten::baddbmm', 'aten::addbmm'}
 
@@ -42,13 +42,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = set_up(args)
     config = space_config(**AutoformerSpace.preset(args.name))
-    images = torch.randn(args.batch_size, 3, config['img_size'], config['img_size'], device=device)
-    targets = torch.randint(0, config['num_labels'], (args.batch_size,), device=device)
+    images, targets = random_batch(config, args.batch_size, device)
     step = training_step(build_supernet(config).to(device).train(), images, targets, args.precision)
     rng = random.Random(args.seed)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from space import AutoformerSpace, build_supernet, sample_arch, set_active_arch, space_config  # noqa: E402
-from common import OFFICIAL, OURS, add_timing_args, interleaved_seconds, interleaved_summary  # noqa: E402
+from common import OFFICIAL, OURS, add_timing_args, interleaved_seconds, interleaved_summary, set_up  # noqa: E402
 from reference import official_formulation  # noqa: E402
 
 
@@ -37,6 +37,11 @@ def parse_args() -> argparse.Namespace:
                         help='also time the same steps on a supernet without relative positions')
     parser.add_argument('--seed', type=int, default=0, help='random seed')
     return parser.parse_args()
+
+
+def random_batch(config: dict, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.randn(batch_size, 3, config['img_size'], config['img_size'], device=device)
+    return images, torch.randint(0, config['num_labels'], (batch_size,), device=device)
 
 
 def training_step(supernet, images, targets, precision: str) -> Callable[[dict], None]:
@@ -61,16 +66,12 @@ def in_official_formulation(step: Callable[[dict], None], arch: dict) -> None:
 
 def main() -> None:
     args = parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = set_up(args)
     kwargs = AutoformerSpace.preset(args.name)
     if args.img_size:
         kwargs['img_size'] = args.img_size
     config = space_config(**kwargs)
-    images = torch.randn(args.batch_size, 3, config['img_size'], config['img_size'], device=device)
-    targets = torch.randint(0, config['num_labels'], (args.batch_size,), device=device)
+    images, targets = random_batch(config, args.batch_size, device)
     step = training_step(build_supernet(config).to(device).train(), images, targets, args.precision)
     if args.ceiling:
         no_rpe = build_supernet({**config, 'rpe': False}).to(device).train()
