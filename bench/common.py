@@ -17,11 +17,18 @@ import torch
 OURS, OFFICIAL = 'ours', 'official formulation'
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
 def add_timing_args(parser: argparse.ArgumentParser, unit: str) -> None:
     """Device, precision, how much to time and whether to pair each of ours with the official formulation."""
     parser.add_argument('--device', default='cpu', help='cpu or cuda')
     parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='autocast dtype')
-    parser.add_argument('--steps', type=int, default=10, help=f'timed {unit} of each variant')
+    parser.add_argument('--steps', type=positive_int, default=10, help=f'timed {unit} of each variant')
     parser.add_argument('--warmup', type=int, default=2, help=f'untimed {unit} of each variant first')
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (torch.set_num_threads)')
     parser.add_argument('--reference', action='store_true',
