@@ -8,9 +8,10 @@ which goes first), and ratios are those of their summed times.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
-from typing import Callable
+from typing import Callable, ContextManager
 
 import torch
 
@@ -41,6 +42,18 @@ def set_up(args: argparse.Namespace) -> torch.device:
         torch.set_num_threads(args.threads)
     torch.manual_seed(getattr(args, 'seed', 0))
     return torch.device(args.device)
+
+
+def autocast(device: torch.device, precision: str) -> ContextManager:
+    """``--precision`` as an autocast context (none for fp32)."""
+    if precision == 'fp32':
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def peak_memory(device: torch.device) -> str:
+    """' peak X GiB' of GPU memory so far, for a figure's label; nothing on the CPU."""
+    return f' peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB' if device.type == 'cuda' else ''
 
 
 def seconds(function: Callable[[], object], device: torch.device) -> float:

@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from common import OFFICIAL, OURS, add_timing_args, interleaved_seconds, interleaved_summary, set_up  # noqa: E402
-from reference import official_formulation  # noqa: E402
+from common import (OFFICIAL, OURS, add_timing_args, autocast, interleaved_seconds, interleaved_summary,  # noqa: E402
+                    peak_memory, set_up)
+from reference import in_official_formulation  # noqa: E402
 from space import AutoformerSpace, build_supernet, set_active_arch, space_config  # noqa: E402
 
 
@@ -34,18 +35,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def inference(model: torch.nn.Module, images: torch.Tensor, precision: str) -> Callable[[], None]:
-    dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
-
     @torch.no_grad()
     def forward() -> None:
-        with torch.autocast(images.device.type, dtype=dtype, enabled=precision != 'fp32'):
+        with autocast(images.device, precision):
             model(images)
     return forward
-
-
-def in_official_formulation(forward: Callable[[], None]) -> None:
-    with official_formulation():
-        forward()
 
 
 def main() -> None:
@@ -63,9 +57,7 @@ def main() -> None:
         forwards[OFFICIAL] = functools.partial(in_official_formulation, forwards[OURS])
     times = interleaved_seconds(lambda index: forwards, args)
     label = (f'eval autoformer-{args.name} frozen subnet {config["img_size"]}px batch {args.batch_size} '
-             f'{args.device} {args.precision} threads {torch.get_num_threads()}')
-    if device.type == 'cuda':
-        label += f' peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB'
+             f'{args.device} {args.precision} threads {torch.get_num_threads()}{peak_memory(device)}')
     print(f'{label}: {interleaved_summary(times, args.batch_size)}')
 
 

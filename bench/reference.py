@@ -9,7 +9,7 @@ official ``LinearSuper`` / ``qkv_super`` slice their weights with autograd (as N
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -81,3 +81,9 @@ def official_formulation() -> Iterator[None]:
             yield
     finally:
         MixedPrefixLinear.forward_with_args, MixedQKV.forward_with_args = saved
+
+
+def in_official_formulation(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` run in the official formulation."""
+    with official_formulation():
+        return function(*args)

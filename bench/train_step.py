@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from space import AutoformerSpace, build_supernet, sample_arch, set_active_arch, space_config  # noqa: E402
-from common import OFFICIAL, OURS, add_timing_args, interleaved_seconds, interleaved_summary, set_up  # noqa: E402
-from reference import official_formulation  # noqa: E402
+from common import (OFFICIAL, OURS, add_timing_args, autocast, interleaved_seconds, interleaved_summary,  # noqa: E402
+                    peak_memory, set_up)
+from reference import in_official_formulation  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,21 +48,15 @@ def random_batch(config: dict, batch_size: int, device: torch.device) -> tuple[t
 def training_step(supernet, images, targets, precision: str) -> Callable[[dict], None]:
     """``step(arch)``: forward, backward and AdamW step of ``supernet`` running ``arch`` on a fixed batch."""
     optimizer = torch.optim.AdamW(supernet.parameters(), lr=1e-4, fused=True)  # as lightning.py
-    dtype = torch.bfloat16 if precision == 'bf16' else torch.float32
 
     def step(arch: dict) -> None:
         set_active_arch(supernet, arch)
-        with torch.autocast(images.device.type, dtype=dtype, enabled=precision != 'fp32'):
+        with autocast(images.device, precision):
             loss = torch.nn.functional.cross_entropy(supernet(images), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     return step
-
-
-def in_official_formulation(step: Callable[[dict], None], arch: dict) -> None:
-    with official_formulation():
-        step(arch)
 
 
 def main() -> None:
@@ -88,9 +83,7 @@ def main() -> None:
         return steps
     times = interleaved_seconds(make_steps, args)
     label = (f'train_step {args.name} {config["img_size"]}px batch {args.batch_size} {args.device} {args.precision} '
-             f'threads {torch.get_num_threads()}')
-    if device.type == 'cuda':
-        label += f' peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB'
+             f'threads {torch.get_num_threads()}{peak_memory(device)}')
     print(f'{label}: {interleaved_summary(times, args.batch_size)}')
 
 
