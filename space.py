@@ -101,7 +101,7 @@ class SlicedLinear(torch.autograd.Function):
     ``rows``: the number of leading rows, or a tensor of row indices. The weight gradient is
     written straight into one full-size tensor; slicing in autograd makes the block's gradient,
     then a zero tensor per slice to copy it into, and for qkv's interleaved rows three of them
-    summed (``bench/kernels.py`` times a prefix-sliced fc1: 0.95x-1.01x, within a CPU's noise).
+    summed (``bench/kernels.py`` times a prefix-sliced fc1: 0.99x-1.01x, within a CPU's noise).
     """
 
     @staticmethod
