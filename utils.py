@@ -64,10 +64,21 @@ def torch_load(path: str | os.PathLike, what: str = 'checkpoint') -> Any:
                 '(torch.load(weights_only=True)). If you trust the file, convert it once to plain tensors: '
                 f'python -c "import torch; torch.save(torch.load(\'{path}\', weights_only=False), \'trusted.pth\')"'
             ) from None
-        raise UserError(f'{what} file {path} is corrupt or truncated ({err}); download or convert it again') from None
+        raise UserError(f'{what} file {path} is corrupt or truncated ({unpickler_detail(err)}); '
+                        'download or convert it again') from None
     except Exception as err:  # whatever a damaged archive makes the unpickler raise
         raise UserError(f'{what} file {path} is corrupt or truncated ({type(err).__name__}: {err}); '
                         'download or convert it again') from None
+
+
+def unpickler_detail(err: pickle.UnpicklingError) -> str:
+    """The one line of torch's weights-only error that says what was wrong (its other paragraphs
+    suggest ``weights_only=False``, which is no help for a damaged file)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line, following in zip(lines, lines[1:]):
+        if line.endswith('WeightsUnpickler error:'):
+            return f'WeightsUnpickler error: {following}'
+    return lines[0] if lines else type(err).__name__
 
 
 @contextmanager
