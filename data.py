@@ -28,6 +28,7 @@ import io
 import logging
 import os
 import pickle
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
@@ -370,17 +371,26 @@ def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return ((0.5,) * 3, (0.5,) * 3) if dataset == 'digits' else (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
 
 
-def search_split(dataset: str, datapath: str | os.PathLike | None, img_size: int, max_images: int,
+SEARCH_IMAGES_PER_CLASS = 100  # the paper's subImageNet: 100 training images of each ImageNet class
+
+
+def search_split(dataset: str, datapath: str | os.PathLike | None, img_size: int, max_images: int | None = None,
                  seed: int = 0) -> Dataset:
-    """What search ranks candidates on (eval transform): digits' val split; a validation folder as it is;
-    otherwise a fixed class-balanced subset of the training split ("subImageNet")."""
+    """What search ranks candidates on (eval transform): digits' validation split (its supernet trained on
+    every training image); a folder without ``train/`` as it is; otherwise a fixed class-balanced subset of
+    the training split, ``max_images`` in all or 100 per class ("subImageNet")."""
     if dataset == 'digits':
         return build_dataset(dataset, datapath, 'val', img_size)
     root = _datapath(dataset, datapath)
     if dataset in ('imagenet', 'folder') and not (root / 'train').is_dir():
+        print(f'searching on {root} itself: the top-1 reported for the best candidate is then measured on the '
+              'images the search selected it on (optimistic); give the dataset root with train/ to search on '
+              'a subset of its training images instead', file=sys.stderr)
         return build_dataset(dataset, datapath, 'val', img_size)
     train = build_dataset(dataset, datapath, 'train', img_size)
-    return torch.utils.data.Subset(train, balanced_indices(train.targets, max_images, seed))
+    targets = list(train.targets)
+    images = max_images or SEARCH_IMAGES_PER_CLASS * len(set(targets))
+    return torch.utils.data.Subset(train, balanced_indices(targets, images, seed))
 
 
 def balanced_indices(targets: list[int], max_images: int, seed: int) -> list[int]:

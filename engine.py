@@ -1,6 +1,7 @@
 """The accuracy loop shared by evaluate.py and search.py, and the search trial built on it.
 
-The trial lives here, not in search.py, because NNI's training-service trials import it by name.
+The trial lives here, not in search.py: NNI's in-process trials import it by name, and the warm
+workers of ``trial.py`` run it for web-UI trials.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from timm.utils import accuracy
 from tqdm import tqdm
 
 import data
-from space import count_flops, count_params, read_weights, sub_state_dict, used_arch
+from space import AutoformerSpace, count_flops, count_params, read_weights, sub_state_dict, used_arch
+from trial import record_failure
 from utils import AUTOCAST, atomic_write_json, atomic_write_text, pick_device
 
 
@@ -78,31 +80,80 @@ def _search_data(cache: str) -> data.CachedSplit:
     return data.CachedSplit(cache)
 
 
+INTERMEDIATE_RESULTS = 20  # per candidate at most: the web UI's chart, not one point per batch
+
+
+def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
+                  split: data.CachedSplit, output: Path, batch_size: int, device: torch.device,
+                  report: Callable[[float], None]) -> dict[str, Any]:
+    """Top-1 of one subnet (weights inherited from the supernet) on the search split; writes its record.
+
+    A candidate already recorded in ``output`` (a resumed search) is answered from its record.
+    """
+    start = time.perf_counter()
+    key = arch_key(arch)
+    record_file = output / 'candidates' / f'{key}.json'
+    if record_file.is_file():
+        return json.loads(record_file.read_text())
+    model = AutoformerSpace(**space_kwargs).freeze(arch)
+    model.load_state_dict(sub_state_dict(supernet, arch))
+    batches = -(-len(split) // batch_size)
+    every = max(1, batches // INTERMEDIATE_RESULTS)
+
+    def on_batch(index: int, top1: float) -> None:
+        if (index + 1) % every == 0 or index + 1 == batches:
+            report(top1)
+
+    metrics = evaluate(model, split.batches(batch_size), device, progress=False, on_batch=on_batch)
+    latency = json.loads(latency_file.read_text()).get(key) \
+        if (latency_file := output / 'latency.json').is_file() else None
+    record = {'arch': arch, 'params': count_params(arch, **space_kwargs) / 1e6,
+              'flops': count_flops(arch, **space_kwargs) / 1e9, 'latency': latency,
+              'top1': metrics['top1'], 'seconds': time.perf_counter() - start}
+    atomic_write_json(record, record_file)
+    write_results(output, every_seconds=2.0)
+    return record
+
+
+def final_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    """What NNI shows of a candidate: top-1 as the default metric, then its cost."""
+    return {'default': record['top1'], 'params': record['params'], 'flops': record['flops'],
+            **({'latency': record['latency']} if record['latency'] is not None else {})}
+
+
+def arch_of(sample: Mapping[str, Any]) -> dict[str, Any]:
+    """An NNI sample as an arch (NNI's JSON round trips turn a ratio of 3.0 into 3)."""
+    return {label: float(v) if label.startswith('mlp_ratio') else int(v) for label, v in sample.items()}
+
+
 def evaluate_candidate(model: torch.nn.Module, weights: str, cache: str, output: str, batch_size: int,
                        device: str) -> None:
-    """NNI trial: top-1 of one subnet on the cached search split; reports it and writes its record."""
-    start = time.perf_counter()
-    arch = {label: float(v) if label.startswith('mlp_ratio') else int(v)
-            for label, v in nni.get_current_parameter().sample.items()}
-    key = arch_key(arch)
-    record_file = Path(output) / 'candidates' / f'{key}.json'
-    if record_file.is_file():  # a resumed search replays finished candidates without evaluating them again
-        record = json.loads(record_file.read_text())
-    else:
-        supernet, space_kwargs = _supernet(weights)
-        model.load_state_dict(sub_state_dict(supernet, arch))
-        split = _search_data(cache)
-        metrics = evaluate(model, split.batches(batch_size), pick_device(device), progress=False,
-                           on_batch=lambda index, top1: nni.report_intermediate_result(top1))
-        latency = json.loads(latency_file.read_text()).get(key) \
-            if (latency_file := Path(output) / 'latency.json').is_file() else None
-        record = {'arch': arch, 'params': count_params(arch, **space_kwargs) / 1e6,
-                  'flops': count_flops(arch, **space_kwargs) / 1e9, 'latency': latency,
-                  'top1': metrics['top1'], 'seconds': time.perf_counter() - start}
-        atomic_write_json(record, record_file)
-        write_results(Path(output), every_seconds=2.0)
-    nni.report_final_result({'default': record['top1'], 'params': record['params'], 'flops': record['flops'],
-                             **({'latency': record['latency']} if record['latency'] is not None else {})})
+    """NNI trial run in the search's own process (``--engine sequential``): evaluates and reports."""
+    supernet, space_kwargs = _supernet(weights)
+    arch = arch_of(nni.get_current_parameter().sample)
+    try:
+        record = evaluate_arch(arch, supernet, space_kwargs, _search_data(cache), Path(output), batch_size,
+                               pick_device(device), nni.report_intermediate_result)
+    except Exception as err:
+        record_failure({'output': output}, arch_key(arch), f'{type(err).__name__}: {err}')
+        raise
+    nni.report_final_result(final_metrics(record))
+
+
+def candidate_server(spec: Mapping[str, Any]) -> Callable[[str, Callable[[dict], None]], None]:
+    """What a warm worker (trial.py) runs per candidate: the supernet, the split and the imports stay loaded."""
+    supernet, space_kwargs = _supernet(spec['weights'])
+    split = _search_data(spec['cache'])
+    device = pick_device(spec['device'])
+    output = Path(spec['output'])
+
+    def evaluate_parameter(parameter: str, send: Callable[[dict], None]) -> None:
+        arch = arch_of(nni.load(parameter)['parameters'].sample)
+        record = evaluate_arch(arch, supernet, space_kwargs, split, output, spec['batch_size'], device,
+                               lambda top1: send({'intermediate': top1}))
+        send({'final': final_metrics(record)})
+
+    return evaluate_parameter
 
 
 def read_results(output: Path) -> list[dict]:

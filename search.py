@@ -14,13 +14,17 @@ weights, and a plot of top-1 against parameters with the Pareto front.
 from __future__ import annotations
 
 import argparse
-import copy
+import ctypes
 import json
 import logging
 import os
 import random
+import secrets
+import shlex
+import signal
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,15 +32,22 @@ from typing import Any, Callable, Mapping
 
 import data
 import torch
-from engine import arch_key, evaluate_candidate, write_results
+import trial
+from engine import arch_key, evaluate_candidate, final_metrics, read_results, write_results
+from nni.experiment import launcher
 from nni.nas.evaluator import FunctionalEvaluator
+from nni.nas.execution import training_service
+from nni.nas.execution.event import ModelEventType
 from nni.nas.experiment import NasExperiment, NasExperimentConfig
+from nni.nas.space import ModelStatus
 from nni.nas.strategy import Random, RegularizedEvolution
 from nni.nas.strategy.base import Strategy
-from nni.nas.strategy.middleware import Chain, Filter
+from nni.nas.strategy.middleware import Chain, Filter, StrategyMiddleware
+from nni.runtime.tuner_command_channel import TunerCommandChannel
+from nni.runtime.tuner_command_channel.command_type import CommandType
 from space import (AutoformerSpace, arch_choices, count_flops, count_params, export_standalone, extreme_arch,
                    load_supernet_file, sample_arch, save_weights, sub_state_dict, used_arch)
-from utils import UserError, atomic_write_json, check_writable, remove_unfinished_writes, run_main
+from utils import UserError, atomic_path, atomic_write_json, check_writable, remove_unfinished_writes, run_main
 
 _logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
@@ -129,6 +140,11 @@ def measure_latency(model: torch.nn.Module, img_size: int, batch_size: int, devi
 # The paper's evolution as an NNI strategy
 # --------------------------------------------------------------------------------------------
 
+OFFSPRING_ATTEMPTS = 10  # proposals per wanted mutant or crossover child, as in the official evolution.py
+CROSSOVER_REDRAWS = 50  # parent pairs drawn for one crossover until their depths match (official)
+RANDOM_ATTEMPTS = 100  # the official code draws random archs without limit; a tight budget would then hang
+
+
 class AutoformerEvolution(Strategy):
     """AutoFormer's evolution: keep the top ``select`` of all evaluated, then ``mutation_num`` mutants and
     ``crossover_num`` crossovers of them, topped up with random archs to ``population``, each within budget."""
@@ -170,8 +186,9 @@ class AutoformerEvolution(Strategy):
             if not self.top:
                 return
             parents = [arch for _, arch in self.top]
-            children = self._make(self.mutation_num, lambda: self._mutate(self.rng.choice(parents)))
-            children += self._make(self.crossover_num, lambda: self._crossover(*self.rng.choices(parents, k=2)))
+            children = self._make(self.mutation_num, lambda: self._mutate(self.rng.choice(parents)),
+                                  self.mutation_num * OFFSPRING_ATTEMPTS)
+            children += self._make(self.crossover_num, self._crossover, self.crossover_num * OFFSPRING_ATTEMPTS)
             candidates = self._fill(children)
 
     def _evaluate(self, samples: list[dict]) -> list[tuple[float, dict]] | None:
@@ -191,23 +208,46 @@ class AutoformerEvolution(Strategy):
         return sample_arch(self.space_kwargs, self.rng)
 
     def _mutate(self, parent: dict) -> dict:
-        child = copy.copy(parent)
-        for label, values in self.choices.items():
-            prob = self.param_mutation_prob if label in ('embed_dim', 'depth') else self.mutation_prob
-            if self.rng.random() < prob:
-                child[label] = self.rng.choice(values)
+        """The official mutation: a new depth (added layers get fresh genes) and embed dim with
+        ``param_mutation_prob``, each used layer's MLP ratio and heads with ``mutation_prob``."""
+        child = dict(parent)
+        depth = int(parent['depth'])
+        if self.rng.random() < self.param_mutation_prob:
+            new_depth = self.rng.choice(self.choices['depth'])
+            for i in range(depth, new_depth):
+                child[f'mlp_ratio_{i}'] = self.rng.choice(self.choices[f'mlp_ratio_{i}'])
+            for i in range(depth, new_depth):
+                child[f'num_head_{i}'] = self.rng.choice(self.choices[f'num_head_{i}'])
+            depth = child['depth'] = new_depth
+        for gene in ('mlp_ratio', 'num_head'):
+            for i in range(depth):
+                if self.rng.random() < self.mutation_prob:
+                    child[f'{gene}_{i}'] = self.rng.choice(self.choices[f'{gene}_{i}'])
+        if self.rng.random() < self.param_mutation_prob:
+            child['embed_dim'] = self.rng.choice(self.choices['embed_dim'])
         return child
 
-    def _crossover(self, first: dict, second: dict) -> dict:
+    def _crossover(self) -> dict | None:
+        """The official crossover: two parents of equal depth (up to 50 redraws), each gene from either."""
+        parents = [arch for _, arch in self.top]
+        first, second = self.rng.choice(parents), self.rng.choice(parents)
+        for _ in range(CROSSOVER_REDRAWS):
+            if first['depth'] == second['depth']:
+                break
+            first, second = self.rng.choice(parents), self.rng.choice(parents)
+        else:
+            return None
         return {label: self.rng.choice([first[label], second[label]]) for label in self.choices}
 
-    def _make(self, count: int, propose: Callable[[], dict], tries: int = 100) -> list[dict]:
-        """Up to ``count`` new archs within budget, never one seen before."""
-        made = []
-        for _ in range(count * tries):
+    def _make(self, count: int, propose: Callable[[], dict | None], attempts: int) -> list[dict]:
+        """Up to ``count`` new archs within budget, never one seen before, from at most ``attempts`` proposals."""
+        made: list[dict] = []
+        for _ in range(attempts):
             if len(made) == count:
                 break
             arch = propose()
+            if arch is None:
+                continue
             key = arch_key(arch)
             if key not in self.seen and self.fits(arch):
                 self.seen.add(key)
@@ -215,7 +255,8 @@ class AutoformerEvolution(Strategy):
         return made
 
     def _fill(self, candidates: list[dict]) -> list[dict]:
-        return candidates + self._make(self.population - len(candidates), self._random)
+        missing = self.population - len(candidates)
+        return candidates + self._make(missing, self._random, missing * RANDOM_ATTEMPTS)
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,8 +301,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='preset of --weights (default: the space stored with them, else tiny)')
     parser.add_argument('--weights', default='weights/supernet-tiny.pth', help='trained supernet weights')
     data.add_data_args(parser, batch_size=256)
-    parser.add_argument('--search-images', type=int, default=10000,
-                        help='class-balanced training images to search on (ImageNet: subImageNet)')
+    parser.add_argument('--search-images', type=int, default=None,
+                        help='class-balanced training images to search on (default: 100 per class, the '
+                             "paper's subImageNet; digits: its validation split)")
     parser.add_argument('--strategy', choices=['random', 'evolution', 'autoformer'], default='random',
                         help="NNI's Random, NNI's RegularizedEvolution, or the paper's evolution")
     parser.add_argument('--evolution', action='store_true', help='same as --strategy evolution (seed CLI)')
@@ -287,13 +329,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--latency-batch-size', type=int, default=1, help='batch latency is measured at')
     parser.add_argument('--engine', choices=['ts', 'sequential'], default='ts',
                         help="ts: NNI's training service with the web UI; sequential: one process")
-    parser.add_argument('--gpus', type=int, default=0, help='trials at once, one GPU each (ts engine)')
-    parser.add_argument('--concurrency', type=int, default=None, help='trials at once (default: --gpus or 1)')
+    parser.add_argument('--gpus', type=int, default=None,
+                        help='GPUs to spread trials over, one trial and one warm worker each (default: 1 when '
+                             'CUDA is present, else 0)')
+    parser.add_argument('--concurrency', type=int, default=None,
+                        help='trials at once, one warm worker each (default: --gpus, at least 1; ts engine)')
     parser.add_argument('--port', type=int, default=8080, help='web UI port (ts engine)')
     parser.add_argument('--web-ui-host', choices=['loopback', 'all'], default='loopback',
                         help='interfaces the web UI (no authentication) listens on; default: this machine only')
     parser.add_argument('--experiment-dir', default=None, help="NNI's experiment folder (default ~/nni-experiments)")
-    parser.add_argument('--device', default=None, help='device trials evaluate on (default: CUDA when present)')
+    parser.add_argument('--machines', default=None, metavar='FILE',
+                        help="JSON list of machines to run the trials on over SSH (NNI's remote training service; "
+                             'ts engine; see the README for the file and the shared-folder contract)')
+    parser.add_argument('--manager-ip', default=None,
+                        help='with --machines: the address of this machine they connect back to (default: '
+                             '127.0.0.1 when every machine is this one, else its address on the route to the first '
+                             'other machine)')
+    parser.add_argument('--device', choices=['cuda', 'cpu'], default=None,
+                        help='device candidates evaluate on (default: CUDA when present; cpu opts out)')
     parser.add_argument('--resume', default=None, metavar='ID', help='continue the experiment with this id')
     parser.add_argument('--export', action='store_true', help='also export the best subnet (TorchScript, ONNX)')
     parser.add_argument('--output', default=None, help='results folder (default: outputs/search-<experiment id>)')
@@ -306,50 +359,318 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         _logger.warning('--evolution-sample-size %d > --evolution-population-size %d: using %d',
                         args.evolution_sample_size, args.evolution_population_size, args.evolution_population_size)
         args.evolution_sample_size = args.evolution_population_size
+    args.machine_list = read_machines(args) if args.machines is not None else None  # refused before anything loads
     return args
 
 
-def build_strategy(args: argparse.Namespace, space_kwargs: Mapping[str, Any], budget: Budget) -> Strategy:
+def build_strategy(args: argparse.Namespace, space_kwargs: Mapping[str, Any], budget: Budget,
+                   ledger: 'SearchLedger') -> Strategy:
+    """The strategy, with candidates outside the budget rejected before they are submitted (never evaluated)
+    and the ledger (records, count, progress) between it and the engine."""
     if args.strategy == 'autoformer':
-        return AutoformerEvolution(space_kwargs, budget.fits, population=args.population, select=args.select,
-                                   mutation_num=args.mutation_num, crossover_num=args.crossover_num,
-                                   mutation_prob=args.mutation_prob, param_mutation_prob=args.param_mutation_prob,
-                                   generations=args.generations, seed=args.seed)
+        strategy = AutoformerEvolution(space_kwargs, budget.fits, population=args.population, select=args.select,
+                                       mutation_num=args.mutation_num, crossover_num=args.crossover_num,
+                                       mutation_prob=args.mutation_prob,
+                                       param_mutation_prob=args.param_mutation_prob,
+                                       generations=args.generations, seed=args.seed)
+        return Chain(strategy, ledger)
     strategy = Random(seed=args.seed) if args.strategy == 'random' else RegularizedEvolution(
         population_size=args.evolution_population_size, sample_size=args.evolution_sample_size,
         mutation_prob=args.evolution_mutation_prob, seed=args.seed)
-    # Candidates outside the budget are rejected before they are submitted: never evaluated.
-    return Chain(strategy, Filter(lambda model: budget.fits(model.sample), patience=100_000))
+    return Chain(strategy, Filter(lambda model: budget.fits(model.sample), patience=100_000), ledger)
+
+
+class SearchLedger(StrategyMiddleware):
+    """Between the strategy and NNI's engine: answers candidates already recorded (a resumed search) from
+    their records without a trial, stops at the planned number of candidates, waits for its own trials
+    (no fixed patience), and prints progress and the first failure's error."""
+
+    def __init__(self, output: Path, planned: int) -> None:
+        super().__init__()
+        self.output, self.planned = output, planned
+        self.records = {arch_key(r['arch']): r for r in read_results(output)}
+        self.submitted = self.done = self.failed = 0
+        self.pending: dict[int, Any] = {}  # NNI's engine keeps only weak references: the strategy may drop them
+        self.replays: list = []
+        self.best: dict | None = None
+        self.started = self.first_done = time.monotonic()
+        self.first_failure: str | None = None
+
+    def _initialize_engine(self, engine) -> None:
+        engine.register_model_event_callback(ModelEventType.TrainingEnd, self._on_end)
+
+    def register_model_event_callback(self, event_type, callback) -> None:
+        super().register_model_event_callback(event_type, callback)
+        self.engine.register_model_event_callback(event_type, callback)
+
+    def unregister_model_event_callback(self, event_type, callback) -> None:
+        super().unregister_model_event_callback(event_type, callback)
+        self.engine.unregister_model_event_callback(event_type, callback)
+
+    def state_dict(self) -> dict:
+        return {}  # a resumed search replays its candidates from their records
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+    def budget_available(self) -> bool:
+        return self.submitted < self.planned and self.engine.budget_available()
+
+    def submit_models(self, *models) -> None:
+        for model in models:
+            self.submitted += 1
+            record = self.records.get(arch_key(model.sample))
+            if record is None:
+                self.pending[id(model)] = model
+                self.engine.submit_models(model)
+                continue
+            self.replays.append(model)
+            self.dispatch_model_event(ModelEventType.FinalMetric, metric=final_metrics(record), model=model)
+            self.dispatch_model_event(ModelEventType.TrainingEnd, status=ModelStatus.Trained, model=model)
+            self._count(model, ModelStatus.Trained)
+
+    def list_models(self, status=None):
+        yield from self.engine.list_models(status)
+        yield from (model for model in self.replays if status is None or model.status == status)
+
+    def wait_pending(self) -> None:
+        while self.pending:
+            time.sleep(0.1)
+
+    def _on_end(self, event) -> None:
+        if self.pending.pop(id(event.model), None) is not None:
+            self._count(event.model, event.status)
+
+    def _count(self, model, status) -> None:
+        self.done += 1
+        metric = model.metrics.final if status == ModelStatus.Trained else None
+        if metric is None:
+            self.failed += 1
+            if self.first_failure is None:
+                self.first_failure = first_failure(self.output) or 'no error recorded (see the trial\'s stderr ' \
+                                                                   'in the web UI)'
+                print(f'a candidate failed: {self.first_failure}', flush=True)
+        else:
+            top1 = metric['default'] if isinstance(metric, Mapping) else float(metric)
+            if self.best is None or top1 > self.best['top1']:
+                self.best = {'top1': top1, 'params': metric.get('params') if isinstance(metric, Mapping) else None}
+        print(self.progress(), flush=True)
+
+    def progress(self) -> str:
+        """``candidate 12/100 | best top-1 85.30 (0.231M) | 1.4 s each | ETA 2m 3s``."""
+        evaluated = self.done - len(self.replays)
+        if evaluated == 1:
+            self.first_done = time.monotonic()
+        parts = [f'candidate {self.done}/{self.planned}']
+        if self.best is not None:
+            size = f" ({self.best['params']:.3f}M)" if self.best['params'] is not None else ''
+            parts.append(f"best top-1 {self.best['top1']:.2f}{size}")
+        if self.failed:
+            parts.append(f'{self.failed} failed')
+        if evaluated:
+            # After the first candidate, whose time includes NNI's start-up and the workers' loading.
+            each = (time.monotonic() - self.first_done) / (evaluated - 1) if evaluated > 1 else \
+                time.monotonic() - self.started
+            left = max(self.planned - self.done, 0) * each
+            parts += [f'{each:.1f} s each', f'ETA {int(left // 60)}m {int(left % 60)}s']
+        return ' | '.join(parts)
+
+
+def first_failure(output: Path) -> str | None:
+    """The first error a candidate of this search failed with (written by the trial or its worker)."""
+    files = sorted((output / 'failures').glob('*.txt'))
+    return files[0].read_text().strip().splitlines()[0] if files else None
+
+
+class _TunerChannel(TunerCommandChannel):
+    """NNI 3.0's tuner channel without the ``ValueError`` it raises on the commands NNI's manager sends a
+    resumed experiment (ImportData, AddCustomizedTrialJob): that error kills the engine's listener thread,
+    and the resumed search waits forever for trial slots."""
+
+    def _receive(self):
+        while True:
+            command_type, data = super()._receive()
+            if command_type not in (CommandType.ImportData, CommandType.AddCustomizedTrialJob):
+                return command_type, data
+
+
+def _die_with_parent() -> None:
+    """Run in NNI's manager process before it starts: its own process group (as NNI does), and a SIGTERM
+    from the kernel when the search dies, even by SIGKILL (Linux), so no web server is left behind."""
+    os.setpgrp()
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        pass  # not Linux: an orphan manager is stopped by the next --resume instead
+
+
+def _popen_dying_with_parent(*args, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(*args, **{**kwargs, 'preexec_fn': _die_with_parent})
 
 
 class SearchExperiment(NasExperiment):
     """A NAS experiment resumed from its candidate records rather than NNI's pickled strategy state.
 
     The strategy restarts from its seed and proposes the same candidates again; each one already
-    recorded is answered from its record (no evaluation), so the search continues where it stopped.
-    (NNI 3.0's state file also holds numpy objects that torch >= 2.6 refuses to unpickle.)
+    recorded is answered from its record by the :class:`SearchLedger` (no trial), so the search
+    continues where it stopped. (NNI 3.0's state file also holds numpy objects that torch >= 2.6
+    refuses to unpickle.)
     """
 
+    planned = 0
+
+    def execution_engine_factory(self, config):
+        training_service.TunerCommandChannel = _TunerChannel
+        return super().execution_engine_factory(config)
+
+    def _start_nni_manager(self, *args, **kwargs) -> None:
+        launcher.Popen = _popen_dying_with_parent
+        try:
+            super()._start_nni_manager(*args, **kwargs)
+        finally:
+            launcher.Popen = subprocess.Popen
+
     def load_checkpoint(self) -> None:
-        pass
+        """On resume: room in NNI's trial count for the candidates still to come (its count includes the
+        trials of the stopped run, the interrupted ones among them)."""
+        if self._nni_manager_required() and self.port is not None:  # NNI also calls this before starting
+            self.update_max_trial_number(len(self.list_trial_jobs()) + self.planned)
 
     def _send_space_to_nni_manager(self) -> None:
         """Not sent: NNI 3.0's ``nnictl view`` refuses a NAS experiment whose stored config has a search space."""
 
 
-def experiment_config(args: argparse.Namespace) -> NasExperimentConfig:
+def experiment_config(args: argparse.Namespace, spec: Path | None) -> NasExperimentConfig:
     if args.engine == 'sequential':
         config = NasExperimentConfig('sequential', 'raw')
     else:
-        config = NasExperimentConfig('ts', 'simplified', 'local')
-        config.trial_concurrency = args.concurrency or max(args.gpus, 1)
+        machines = getattr(args, 'machine_list', None)
+        config = NasExperimentConfig('ts', 'simplified', 'remote' if machines else 'local')
+        config.trial_concurrency = args.concurrency
         config.trial_gpu_number = 1 if args.gpus > 0 else 0
-        if args.gpus > 0:
+        python = sys.executable
+        if machines:  # NNI's remote training service; every machine sees ROOT, --weights and --output
+            config.training_service.machine_list = remote_machines(machines, args)
+            config.training_service.reuse_mode = False
+            config.nni_manager_ip = args.manager_ip
+            python = machines[0]['python']  # the same on every machine (read_machines)
+        elif args.gpus > 0:
             config.training_service.use_active_gpu = True
-    config.max_trial_number = args.population * args.generations if args.strategy == 'autoformer' else args.trials
+        # NNI fixes the trial command to "{envs} {python} -m nni.nas.execution.training_service trial";
+        # trial.py, run as the "python", ignores the module arguments after it and asks a warm worker.
+        config._trial_command_params = {
+            'envs': f'{trial.SPEC_ENV}={shlex.quote(str(spec))}',
+            'python': f'{shlex.quote(python)} {shlex.quote(str(ROOT / "trial.py"))}'}
+    config.max_trial_number = planned_candidates(args)
     if args.experiment_dir:
         config.experiment_working_directory = str(Path(args.experiment_dir).resolve())
     return config
+
+
+MACHINE_EXAMPLE = ('[{"host": "10.0.0.2", "port": 22, "user": "me", "ssh_key_file": "~/.ssh/id_rsa", '
+                   '"python": "/opt/conda/envs/af/bin/python", "gpus": [0, 1]}]')
+MACHINE_KEYS = ('host', 'port', 'user', 'ssh_key_file', 'password', 'python', 'gpus')
+
+
+def read_machines(args: argparse.Namespace) -> list[dict]:
+    """The ``--machines`` file, checked (each refusal one line, before anything loads); also sets
+    ``args.manager_ip`` when not given."""
+    if args.engine == 'sequential':
+        raise UserError('--machines needs --engine ts: the sequential engine evaluates every candidate in this process')
+    path = Path(args.machines).expanduser()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f'--machines file {path} cannot be read ({getattr(err, "strerror", None) or err})') from None
+    try:
+        machines = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f'--machines file {path} is not valid JSON ({err}); expected e.g. {MACHINE_EXAMPLE}') from None
+    if not isinstance(machines, list) or not machines or not all(isinstance(m, dict) for m in machines):
+        raise UserError(f'--machines file {path} must hold a non-empty JSON list of machines, e.g. {MACHINE_EXAMPLE}')
+    for number, machine in enumerate(machines, 1):
+        where = f'--machines file {path}, machine {number}'
+        unknown = sorted(set(machine) - set(MACHINE_KEYS))
+        if unknown:
+            raise UserError(f'{where}: unknown key(s) {", ".join(unknown)} (known: {", ".join(MACHINE_KEYS)})')
+        for key in ('host', 'user', 'python'):
+            if not isinstance(machine.get(key), str) or not machine[key].strip():
+                raise UserError(f'{where} has no "{key}" (a non-empty string), e.g. {MACHINE_EXAMPLE}')
+        if not os.path.isabs(machine['python']):
+            raise UserError(f'{where}: "python" must be an absolute path (the interpreter of the python environment '
+                            f'there, the same on every machine), got {machine["python"]!r}')
+        port = machine.get('port', 22)
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise UserError(f'{where}: "port" must be a port number, got {port!r}')
+        gpus = machine.get('gpus')
+        if gpus is not None and (not isinstance(gpus, list) or not gpus or not all(
+                isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus)):
+            raise UserError(f'{where}: "gpus" must be a non-empty list of GPU indices such as [0, 1], got {gpus!r}')
+        if machine.get('password') is None:
+            key_file = Path(machine.get('ssh_key_file') or '~/.ssh/id_rsa').expanduser()
+            if not key_file.is_file():
+                raise UserError(f'{where}: SSH key file {key_file} does not exist (give "ssh_key_file" or "password")')
+    pythons = sorted({m['python'] for m in machines})
+    if len(pythons) > 1:
+        raise UserError(f'--machines file {path}: the machines disagree on "python" ({", ".join(pythons)}): one '
+                        'trial command serves every machine, so the python environment must have the same path '
+                        'on each')
+    if Path.cwd().resolve() != ROOT:
+        raise UserError(f'--machines: start search.py from the project folder {ROOT} (NNI uploads the current '
+                        f'folder, {Path.cwd()}, to every machine)')
+    if args.manager_ip is None:
+        args.manager_ip = manager_ip(machines)
+    if args.web_ui_host == 'loopback' and not _is_loopback(args.manager_ip):
+        raise UserError(f'--machines: the machines connect back to NNI\'s manager at {args.manager_ip}:{args.port}, '
+                        'which --web-ui-host loopback (the default) keeps to this machine: pass --web-ui-host all '
+                        '(NNI\'s server has no authentication: let a firewall admit only the machines to --port)')
+    return machines
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    if host == 'localhost':
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def manager_ip(machines: list[dict]) -> str:
+    """127.0.0.1 when every machine is this one, else this machine's address on the route to the first other
+    machine (NNI's trial keeper on each machine connects back to the manager at it)."""
+    others = [m for m in machines if not _is_loopback(m['host'])]
+    if not others:
+        return '127.0.0.1'
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((others[0]['host'], others[0].get('port', 22)))  # UDP: picks the route, sends nothing
+            return sock.getsockname()[0]
+    except OSError as err:
+        raise UserError(f'cannot find this machine\'s address towards {others[0]["host"]} ({err}): pass '
+                        '--manager-ip with an address of this machine that the machines can reach') from None
+
+
+def remote_machines(machines: list[dict], args: argparse.Namespace) -> list:
+    """NNI's machine configs: python_path is the folder of the machines' python (NNI puts it first in PATH
+    and runs ``python -m pip install nni --upgrade`` with it when it connects); ``gpus`` restricts NNI to
+    those GPUs, busy or not."""
+    from nni.experiment.config import RemoteMachineConfig
+    configs = []
+    for m in machines:
+        password = m.get('password')
+        configs.append(RemoteMachineConfig(
+            host=m['host'], port=m.get('port', 22), user=m['user'], password=password,
+            ssh_key_file=None if password is not None else str(Path(m.get('ssh_key_file') or '~/.ssh/id_rsa')
+                                                               .expanduser()),
+            python_path=os.path.dirname(m['python']), gpu_indices=m.get('gpus'),
+            use_active_gpu=m.get('gpus') is not None))
+    return configs
+
+
+def planned_candidates(args: argparse.Namespace) -> int:
+    return args.population * args.generations if args.strategy == 'autoformer' else args.trials
 
 
 def check_port_free(port: int) -> None:
@@ -358,8 +679,81 @@ def check_port_free(port: int) -> None:
             raise UserError(f'port {port} is busy (another web UI or service uses it): pass another --port')
 
 
+def stop_orphan_manager(experiment_id: str) -> None:
+    """A previous run of this experiment killed before it could stop NNI's manager (not Linux): stop it."""
+    from nni.tools.nnictl.config_utils import Experiments
+    entry = Experiments().get_all_experiments().get(experiment_id, {})
+    pid = entry.get('pid')
+    if entry.get('status') in ('STOPPED', 'DONE', 'ERROR') or not pid or not trial._alive(pid):
+        return
+    print(f'stopping the NNI manager (pid {pid}) left running by the stopped search', flush=True)
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while trial._alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if trial._alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def resolve_devices(args: argparse.Namespace) -> None:
+    """CUDA whenever present (one GPU unless --gpus says more); the CPU with one line otherwise. With
+    --machines, the machines' GPUs decide: CUDA when any lists ``gpus``, one trial per listed GPU."""
+    machines = args.machine_list or []
+    remote_gpus = [len(m.get('gpus') or []) for m in machines]
+    cuda = any(remote_gpus) if machines else torch.cuda.is_available()
+    if args.device == 'cuda' and not cuda:
+        print('--device cuda asked for but no CUDA GPU is visible: evaluating on the CPU', flush=True)
+    if args.device is None and not cuda:
+        print('No CUDA GPU found: evaluating candidates on the CPU (slower).', flush=True)
+    args.device = 'cuda' if cuda and args.device != 'cpu' else 'cpu'
+    if args.device == 'cpu':
+        if args.gpus:
+            print(f'--gpus {args.gpus} ignored: evaluating on the CPU', flush=True)
+        args.gpus = 0
+    elif args.gpus is None:
+        args.gpus = max(remote_gpus) if machines else 1
+    if args.engine == 'sequential' and args.gpus > 1:
+        print(f'--gpus {args.gpus}: the sequential engine uses one GPU (--engine ts spreads trials)', flush=True)
+    default = (sum(remote_gpus) if args.device == 'cuda' else len(machines)) if machines else args.gpus
+    args.concurrency = max(args.concurrency or default, 1)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for flag in ('trials', 'generations', 'population', 'batch_size'):
+        if getattr(args, flag) < 1:
+            raise UserError(f'--{flag.replace("_", "-")} must be at least 1, got {getattr(args, flag)}')
+    if args.concurrency is not None and args.concurrency < 1:
+        raise UserError(f'--concurrency must be at least 1, got {args.concurrency}')
+    if args.gpus is not None and args.gpus < 0:
+        raise UserError(f'--gpus must be 0 or more, got {args.gpus}')
+
+
+def write_worker_spec(output: Path, weights: Path, cache: Path, args: argparse.Namespace) -> Path:
+    """What every warm worker loads (read by trial.py), with a token only this user can read."""
+    spec = output / 'worker.json'
+    with atomic_path(spec) as tmp:
+        os.chmod(tmp, 0o600)
+        tmp.write_text(json.dumps({
+            'weights': str(weights), 'cache': str(cache), 'output': str(output), 'batch_size': args.batch_size,
+            'device': args.device, 'workers': args.concurrency, 'gpus': args.gpus, 'owner_pid': os.getpid(),
+            'host': trial.machine_name(), 'token': secrets.token_hex(16), 'idle_seconds': 3600}, indent=2))
+    return spec
+
+
+def start_workers(spec: Path, args: argparse.Namespace) -> None:
+    """One warm worker per device, loading while NNI's manager starts (a trial starts any that is missing)."""
+    for slot, env in trial.worker_slots(trial.read_spec(spec)):
+        trial.start_worker(spec, slot, {**os.environ, **env})
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM reached the search."""
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    check_args(args)
+    resolve_devices(args)
     supernet, space_kwargs, meta = load_supernet_file(args.weights, args.name)
     split_classes = data.num_classes(args.dataset, args.datapath)
     if split_classes != space_kwargs['num_labels']:
@@ -367,16 +761,16 @@ def main(argv: list[str] | None = None) -> dict:
                         f'{space_kwargs["num_labels"]} outputs: pass a supernet trained for this dataset')
     if args.engine == 'ts':
         check_port_free(args.port)
-        # Trials import the trial function from engine.py, whatever folder the search was started from.
-        os.environ['PYTHONPATH'] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))
+        if args.resume:
+            stop_orphan_manager(args.resume)
         if args.web_ui_host == 'loopback':
             preload = f"--require {ROOT / 'loopback.js'}"
             os.environ['NODE_OPTIONS'] = f"{os.environ.get('NODE_OPTIONS', '')} {preload}".strip()
 
-    config = experiment_config(args)
-    # The experiment id names the output folder the evaluator writes to: evaluator and strategy come after.
+    # The experiment id names the output folder: the config (which names the worker spec in it), the
+    # evaluator and the strategy come after.
     experiment = SearchExperiment(AutoformerSpace(**space_kwargs), FunctionalEvaluator(lambda *a, **k: None),
-                                  Random(), config, id=args.resume)
+                                  Random(), NasExperimentConfig('sequential', 'raw'), id=args.resume)
     output = Path(args.output or f'outputs/search-{experiment.id}').resolve()
     if output.joinpath('best.json').exists() and not args.resume:
         raise UserError(f'{output} already holds a finished search: choose another --output or pass --resume')
@@ -398,21 +792,86 @@ def main(argv: list[str] | None = None) -> dict:
         split = data.search_split(args.dataset, args.datapath, space_kwargs['img_size'], args.search_images,
                                   args.seed)
         data.write_cache(split, args.dataset, cache, num_workers=args.num_workers)
+    spec = write_worker_spec(output, weights, cache, args) if args.engine == 'ts' else None
+    experiment.config = experiment_config(args, spec)
     experiment.evaluator = FunctionalEvaluator(evaluate_candidate, weights=str(weights), cache=str(cache),
-                                               output=str(output), batch_size=args.batch_size,
-                                               device=args.device or ('cuda' if args.gpus else 'cpu'))
-    experiment.strategy = build_strategy(args, space_kwargs, budget)
-    print(f'experiment {experiment.id}: {args.strategy} search, budget {budget.describe()}, results in {output}')
+                                               output=str(output), batch_size=args.batch_size, device=args.device)
+    ledger = SearchLedger(output, planned_candidates(args))
+    experiment.planned = ledger.planned - len(ledger.records)
+    experiment.strategy = build_strategy(args, space_kwargs, budget, ledger)
+    print(f'experiment {experiment.id}: {args.strategy} search of {ledger.planned} candidates on {args.device}, '
+          f'budget {budget.describe()}, results in {output}')
+    if ledger.records:
+        print(f'{len(ledger.records)} candidates already evaluated: answered from their records')
     if args.engine == 'ts':
         print(f'web UI: http://127.0.0.1:{args.port}  (after the run: nnictl view {experiment.id} --port {args.port}; '
               f'listening on {"this machine only" if args.web_ui_host == "loopback" else "every interface"})')
-    if args.resume:
-        experiment.resume(port=args.port, wait_completion=True)
-    else:
-        experiment.run(port=args.port, wait_completion=True)
+        if not args.machine_list:  # each machine's first trial starts the workers there
+            start_workers(spec, args)
+    try:
+        run_experiment(experiment, ledger, args)
+    except Interrupted as stop:
+        return finish_interrupted(experiment, output, supernet, space_kwargs, args, str(stop))
+    finally:
+        if spec is not None:
+            trial.stop_workers(trial.read_spec(spec))
+            spec.unlink(missing_ok=True)  # workers on other machines see it gone and exit
     best = finish(experiment, output, supernet, space_kwargs, args)
     experiment.stop()
     return best
+
+
+def run_experiment(experiment: SearchExperiment, ledger: SearchLedger, args: argparse.Namespace) -> None:
+    """Run the strategy and wait for its trials; SIGINT and SIGTERM stop NNI cleanly and raise Interrupted."""
+    caught: list[str] = []
+
+    def on_signal(signum, frame) -> None:
+        caught.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt
+
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            start = experiment.resume if args.resume else experiment.run
+            start(port=args.port, wait_completion=False)  # NNI stops the experiment itself on KeyboardInterrupt
+            if not caught:
+                ledger.wait_pending()
+        except KeyboardInterrupt:
+            caught.append(caught[0] if caught else 'SIGINT')
+            experiment.stop()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise Interrupted(caught[0])
+
+
+def finish_interrupted(experiment: NasExperiment, output: Path, supernet: Mapping[str, torch.Tensor],
+                       space_kwargs: Mapping[str, Any], args: argparse.Namespace, signal_name: str) -> dict:
+    """best.json from the finished candidates, marked as interrupted, and the command that continues."""
+    records = write_results(output)
+    command = ' '.join(shlex.quote(a) for a in resume_argv(args, experiment.id, output))
+    best: dict = {'interrupted': signal_name}
+    if records:
+        best = write_best(records, output, supernet, space_kwargs, args, experiment.id,
+                          {'interrupted': signal_name, 'nni_top_model': None})
+    print(f'search stopped by {signal_name} after {len(records)} candidates'
+          f'{"; best so far in " + str(output / "best.json") if records else ""}. Continue with: {command}',
+          flush=True)
+    return best
+
+
+def resume_argv(args: argparse.Namespace, experiment_id: str, output: Path) -> list[str]:
+    argv = json.loads((output / 'experiment.json').read_text())['argv']
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ('--resume', '--output'):
+            skip = True
+        elif not arg.startswith(('--resume=', '--output=')):
+            kept.append(arg)
+    return ['python', 'search.py', *kept, '--output', str(output), '--resume', experiment_id]
 
 
 def nni_top_model(experiment: NasExperiment, best_top1: float, records: list[dict],
@@ -433,19 +892,32 @@ def nni_top_model(experiment: NasExperiment, best_top1: float, records: list[dic
         time.sleep(0.5)
 
 
-def finish(experiment: NasExperiment, output: Path, supernet: Mapping[str, torch.Tensor],
-           space_kwargs: Mapping[str, Any], args: argparse.Namespace) -> dict:
-    """best.json (NNI's top model), its weights, the plot and, with --export, standalone files."""
-    records = write_results(output)
-    if not records:
-        raise UserError('no candidate was evaluated: widen the budget or raise --trials')
+def write_best(records: list[dict], output: Path, supernet: Mapping[str, torch.Tensor],
+               space_kwargs: Mapping[str, Any], args: argparse.Namespace, experiment_id: str,
+               extra: dict) -> dict:
     best = max(records, key=lambda r: (r['top1'], -r['params']))
-    nni_top = nni_top_model(experiment, best['top1'], records)
-    best = {**best, 'experiment_id': experiment.id, 'strategy': args.strategy, 'candidates': len(records),
-            'nni_top_model': nni_top}
+    best = {**best, 'experiment_id': experiment_id, 'strategy': args.strategy, 'candidates': len(records), **extra}
     atomic_write_json(best, output / 'best.json')
     save_weights(output / 'best-subnet.pth', sub_state_dict(supernet, best['arch']), space_kwargs, arch=best['arch'])
     plot_pareto(records, output / 'pareto.png', f'{args.strategy} search, {len(records)} candidates')
+    return best
+
+
+def finish(experiment: NasExperiment, output: Path, supernet: Mapping[str, torch.Tensor],
+           space_kwargs: Mapping[str, Any], args: argparse.Namespace) -> dict:
+    """best.json (from the records, with NNI's top model beside it), its weights, the plot and, with
+    --export, standalone files."""
+    records = write_results(output)
+    if not records:
+        experiment.stop()
+        failure = first_failure(output)
+        if failure:
+            raise UserError(f'every candidate failed; the first error: {failure} '
+                            f'(all errors in {output / "failures"})')
+        raise UserError('no candidate was evaluated: widen the budget or raise --trials')
+    best = max(records, key=lambda r: (r['top1'], -r['params']))
+    best = write_best(records, output, supernet, space_kwargs, args, experiment.id,
+                      {'nni_top_model': nni_top_model(experiment, best['top1'], records)})
     print(f"best: top-1 {best['top1']:.2f} on the search split, {best['params']:.3f}M params, "
           f"{best['flops']:.4f}G FLOPs; {output / 'best.json'}")
     if args.export:
@@ -455,5 +927,11 @@ def finish(experiment: NasExperiment, output: Path, supernet: Mapping[str, torch
     return best
 
 
+def cli() -> None:
+    interrupted = main().get('interrupted')
+    if interrupted:  # stopped, not finished: a calling script must not take best.json as final
+        sys.exit(128 + signal.Signals[interrupted].value)
+
+
 if __name__ == '__main__':
-    run_main(main)
+    run_main(cli)

@@ -1,7 +1,7 @@
 """Search overhead per candidate beyond the pure forward passes over the cached search split.
 
     python bench/search_overhead.py --engine sequential
-    python bench/search_overhead.py --engine ts --small 2 --large 6
+    python bench/search_overhead.py --engine ts sequential --small 2 --large 6
     python bench/search_overhead.py --engine ts --small 2 --large 6 --concurrency 2
 
 Runs the same random search (demo space, digits) with ``--small`` and ``--large`` trials and takes
@@ -29,7 +29,8 @@ from space import AutoformerSpace, build_supernet, save_weights, space_config, s
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--engine', choices=['sequential', 'ts'], default='sequential', help='NNI engine')
+    parser.add_argument('--engine', choices=['sequential', 'ts'], nargs='+', default=['sequential'],
+                        help='NNI engine(s), measured one after the other')
     parser.add_argument('--small', type=int, default=8, help='trials of the shorter search')
     parser.add_argument('--large', type=int, default=32, help='trials of the longer search')
     parser.add_argument('--port', type=int, default=8765, help='web UI port (ts)')
@@ -37,10 +38,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def timed_search(workdir: Path, weights: Path, trials: int, args: argparse.Namespace) -> tuple[float, list[dict]]:
-    output = workdir / f'search-{trials}'
+def timed_search(workdir: Path, weights: Path, trials: int, engine: str,
+                 args: argparse.Namespace) -> tuple[float, list[dict]]:
+    output = workdir / f'search-{engine}-{trials}'
     start = time.perf_counter()
-    search.main(['--weights', str(weights), '--trials', str(trials), '--engine', args.engine, '--num-workers', '0',
+    search.main(['--weights', str(weights), '--trials', str(trials), '--engine', engine, '--num-workers', '0',
                  '--port', str(args.port), '--concurrency', str(args.concurrency), '--output', str(output),
                  '--experiment-dir', str(workdir / 'nni')])
     return time.perf_counter() - start, json.loads((output / 'candidates.json').read_text())
@@ -63,18 +65,25 @@ def forward_seconds(weights: Path, cache: Path, records: list[dict], space_kwarg
 def main() -> None:
     args = parse_args()
     space_kwargs = space_config(**AutoformerSpace.preset('demo'))
+    per_candidate = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         weights = workdir / 'supernet.pth'
         save_weights(weights, build_supernet(space_kwargs).state_dict(), space_kwargs)
-        small_time, _ = timed_search(workdir, weights, args.small, args)
-        large_time, records = timed_search(workdir, weights, args.large, args)
-        per_candidate = (large_time - small_time) / (args.large - args.small)
-        forward = forward_seconds(weights, workdir / f'search-{args.large}' / 'search-data.pt', records, space_kwargs)
-    engine = f'{args.engine} concurrency {args.concurrency}' if args.engine == 'ts' else args.engine
-    print(f'search_overhead engine {engine}: {per_candidate:.3f} s per candidate, '
-          f'forward alone {forward:.3f} s, '
-          f'overhead {per_candidate - forward:.3f} s ({100 * (per_candidate - forward) / forward:.0f}% of forward)')
+        for engine in args.engine:
+            small_time, _ = timed_search(workdir, weights, args.small, engine, args)
+            large_time, records = timed_search(workdir, weights, args.large, engine, args)
+            per_candidate[engine] = (large_time - small_time) / (args.large - args.small)
+            forward = forward_seconds(weights, workdir / f'search-{engine}-{args.large}' / 'search-data.pt', records,
+                                      space_kwargs)
+            name = f'{engine} concurrency {args.concurrency}' if engine == 'ts' else engine
+            overhead = per_candidate[engine] - forward
+            print(f'search_overhead engine {name}: {per_candidate[engine]:.3f} s per candidate, '
+                  f'forward alone {forward:.3f} s, overhead {overhead:.3f} s ({100 * overhead / forward:.0f}% of forward)')
+    if len(args.engine) == 2:
+        first, second = args.engine
+        print(f'search_overhead {first} beyond {second}: '
+              f'{per_candidate[first] - per_candidate[second]:.3f} s per candidate')
 
 
 if __name__ == '__main__':

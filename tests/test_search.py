@@ -1,4 +1,5 @@
 import json
+import os
 import random
 import signal
 import statistics
@@ -121,17 +122,126 @@ def test_ts_engine_search_and_nnictl_view(supernet, random_archs, tmp_path):
     # With concurrent training-service trials, NNI 3.0's export_top_models was seen to pair metrics with the
     # wrong models (top model 77.8% by the records, 85.6% best): best.json follows the records there.
     check_search_result(output, supernet, random_archs, nni_agrees=False)
+    assert not processes_of(output, best['experiment_id'])
     view_port = free_port()
     nnictl = str(Path(sys.executable).parent / 'nnictl')
     subprocess.run([nnictl, 'view', best['experiment_id'], '--port', str(view_port), '--experiment_dir',
                     str(experiments)], check=True, capture_output=True, timeout=120)
     try:
-        with urllib.request.urlopen(f'http://127.0.0.1:{view_port}/api/v1/nni/trial-jobs', timeout=30) as reply:
-            trials = json.loads(reply.read())
+        trials = rest(view_port, 'trial-jobs')
         assert len(trials) >= best['candidates']  # two trials may differ only in labels of unused layers
-        assert all(trial.get('finalMetricData') for trial in trials)
+        records = {round(r['top1'], 6) for r in json.loads((output / 'candidates.json').read_text())}
+        for trial in trials:
+            final = json.loads(json.loads(trial['finalMetricData'][0]['data']))
+            assert {'default', 'params', 'flops'} <= set(final) and round(final['default'], 6) in records
+            intermediate = [m for m in rest(view_port, f"metric-data/{trial['trialJobId']}")
+                            if m['type'] == 'PERIODICAL']
+            assert intermediate, f"trial {trial['trialJobId']} shows no intermediate result"
+            assert float(json.loads(json.loads(intermediate[-1]['data']))) == pytest.approx(final['default'])
     finally:
         subprocess.run([nnictl, 'stop', '--port', str(view_port)], capture_output=True, timeout=120)
+
+
+def rest(port, path):
+    with urllib.request.urlopen(f'http://127.0.0.1:{port}/api/v1/nni/{path}', timeout=30) as reply:
+        return json.loads(reply.read())
+
+
+def processes_of(output, experiment_id):
+    """Live processes of a search: NNI's manager (its command line names the experiment), the workers (theirs
+    name the output folder) and the trials (their environment does)."""
+    found = []
+    for proc in Path('/proc').iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if (proc / 'stat').read_text().split(') ')[1][0] == 'Z':
+                continue
+            text = (proc / 'cmdline').read_bytes() + (proc / 'environ').read_bytes()
+        except (OSError, IndexError):
+            continue
+        if str(output).encode() in text or experiment_id.encode() in text:
+            found.append(int(proc.name))
+    return found
+
+
+def wait_for(condition, seconds, what):
+    deadline = time.time() + seconds
+    while not condition():
+        assert time.time() < deadline, f'timed out waiting for {what}'
+        time.sleep(0.05)
+
+
+TS_ARGS = ['--strategy', 'random', '--trials', '8', '--max-params', str(BUDGET), '--num-workers', '0']
+
+
+def comparable(records):
+    return sorted((json.dumps(r['arch'], sort_keys=True), r['top1'], r['params'], r['flops']) for r in records)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(supernet, tmp_path_factory):
+    """The records of the search the interrupted ones must end up with."""
+    output = tmp_path_factory.mktemp('uninterrupted')
+    search.main(['--weights', str(supernet), *TS_ARGS, '--engine', 'sequential', '--output', str(output)])
+    return comparable(json.loads((output / 'candidates.json').read_text()))
+
+
+@pytest.mark.parametrize('sig', [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_ts_search_interrupted_then_resumed_gives_the_uninterrupted_records(supernet, uninterrupted, tmp_path, sig):
+    output, experiments = tmp_path / 'search', tmp_path / 'nni'
+    args = ['--weights', str(supernet), *TS_ARGS, '--engine', 'ts', '--experiment-dir', str(experiments),
+            '--output', str(output)]
+    process = subprocess.Popen([sys.executable, 'search.py', *args, '--port', str(free_port())], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: len(list((output / 'candidates').glob('*.json'))) >= 3, 300, 'three candidates')
+    process.send_signal(sig)
+    out = process.communicate(timeout=120)[0]
+    experiment_id = json.loads((output / 'experiment.json').read_text())['experiment_id']
+    wait_for(lambda: not processes_of(output, experiment_id), 15, 'every process of the search to end')
+    if sig != signal.SIGKILL:
+        assert process.returncode == 128 + sig, out[-3000:]
+        assert 'Traceback' not in out, out[-3000:]
+        best = json.loads((output / 'best.json').read_text())
+        assert best['interrupted'] == sig.name and best['candidates'] >= 3
+        command = out.strip().splitlines()[-1].split('Continue with: ')[1]
+        assert command.endswith(f'--output {output} --resume {experiment_id}')
+    before = {p.name: p.read_text() for p in (output / 'candidates').glob('*.json')}
+    resumed = search.main(args + ['--port', str(free_port()), '--resume', experiment_id])
+    assert 'interrupted' not in resumed
+    assert comparable(json.loads((output / 'candidates.json').read_text())) == uninterrupted
+    assert {p.name: p.read_text() for p in (output / 'candidates').glob('*.json') if p.name in before} == before
+    assert not processes_of(output, experiment_id)
+
+
+def test_a_killed_worker_does_not_stop_the_search(supernet, uninterrupted, tmp_path):
+    output = tmp_path / 'search'
+    process = subprocess.Popen([sys.executable, 'search.py', '--weights', str(supernet), *TS_ARGS, '--engine', 'ts',
+                                '--port', str(free_port()), '--experiment-dir', str(tmp_path / 'nni'),
+                                '--output', str(output)], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: len(list((output / 'candidates').glob('*.json'))) >= 2, 300, 'two candidates')
+    pid_file = next((output / 'workers').glob('*/worker0.pid'))
+    first = int(pid_file.read_text())
+    os.kill(first, signal.SIGKILL)
+    out = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, out[-3000:]
+    assert comparable(json.loads((output / 'candidates.json').read_text())) == uninterrupted
+    assert 'failed' not in out and 'candidate 8/8' in out
+    assert (output / 'workers' / pid_file.parent.name / 'worker0.log').read_text().count('ready') >= 2
+
+
+def test_a_search_whose_trials_all_fail_reports_their_error(supernet, tmp_path):
+    output = tmp_path / 'search'
+    output.mkdir()
+    (output / 'search-data.pt').write_bytes(b'not a tensor file')  # every worker fails to load it
+    result = subprocess.run([sys.executable, 'search.py', '--weights', str(supernet), *TS_ARGS, '--trials', '3',
+                             '--engine', 'ts', '--port', str(free_port()), '--experiment-dir', str(tmp_path / 'nni'),
+                             '--output', str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith('error: every candidate failed; the first error: ') and 'corrupt or truncated' in error
+    assert 'a candidate failed: ' in result.stdout and 'corrupt or truncated' in result.stdout
 
 
 def kill_after_four_candidates(args, output):
