@@ -407,15 +407,24 @@ def balanced_indices(targets: list[int], max_images: int, seed: int) -> list[int
 
 def write_cache(split: Dataset, dataset: str, path: str | os.PathLike, batch_size: int = 256,
                 num_workers: int = 0) -> None:
-    """Decode and transform ``split`` once into uint8 tensors at the final resolution (atomically)."""
+    """Decode and transform ``split`` once into uint8 tensors at the final resolution (atomically).
+
+    The images go straight into one preallocated tensor: subImageNet at 224 px is 15 GB, which
+    must not be held twice.
+    """
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalization(dataset))
-    images, labels = [], []
+    images = labels = None
+    filled = 0
     for batch, targets in tqdm(build_loader(split, batch_size, num_workers), desc='caching the search split'):
-        images.append((batch * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8))
-        labels.append(torch.as_tensor(targets))
-    if not images:
+        if images is None:
+            images = torch.empty((len(split), *batch.shape[1:]), dtype=torch.uint8)
+            labels = torch.empty(len(split), dtype=torch.long)
+        images[filled:filled + len(batch)] = (batch * std + mean).mul(255).round().clamp(0, 255).to(torch.uint8)
+        labels[filled:filled + len(batch)] = torch.as_tensor(targets)
+        filled += len(batch)
+    if images is None:
         raise UserError('the search split is empty: check --dataset / --datapath')
-    atomic_torch_save({'images': torch.cat(images), 'labels': torch.cat(labels), 'mean': normalization(dataset)[0],
+    atomic_torch_save({'images': images[:filled], 'labels': labels[:filled], 'mean': normalization(dataset)[0],
                        'std': normalization(dataset)[1]}, path)
 
 
@@ -423,7 +432,7 @@ class CachedSplit(Dataset):
     """A split written by :func:`write_cache`: uint8 images normalized on the fly."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        cache = torch_load(path, 'search data cache')
+        cache = torch_load(path, 'search data cache', mmap=True)  # the workers of a search share one copy
         self.images, self.labels = cache['images'], cache['labels']
         self.mean = torch.tensor(cache['mean']).view(3, 1, 1) * 255
         self.std = torch.tensor(cache['std']).view(3, 1, 1) * 255

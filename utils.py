@@ -47,8 +47,11 @@ def run_main(main: Callable[[], Any]) -> None:
         sys.exit(2)
 
 
-def torch_load(path: str | os.PathLike, what: str = 'checkpoint') -> Any:
-    """``torch.load`` with ``weights_only=True`` and a clear message for every way a file can be unusable."""
+def torch_load(path: str | os.PathLike, what: str = 'checkpoint', mmap: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` and a clear message for every way a file can be unusable.
+
+    ``mmap``: tensors stay in the file's pages, which the processes reading one file share.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f'{what} file {path} does not exist (check the path, or convert/download the weights first)')
@@ -56,7 +59,7 @@ def torch_load(path: str | os.PathLike, what: str = 'checkpoint') -> Any:
         raise UserError(f'{what} file {path} is empty (0 bytes): the file was not written completely; '
                         'download or convert it again')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if 'Unsupported global' in str(err):  # a class or function to import: only code can rebuild it
             raise UserError(

@@ -17,8 +17,9 @@ import data
 import evaluate
 import scratch
 import search
-from engine import evaluate as accuracy
+from engine import arch_key, evaluate as accuracy
 from space import load_model, read_weights, sample_arch
+from strategy import Budget
 from utils import UserError
 
 ROOT = Path(__file__).parent.parent
@@ -39,7 +40,7 @@ def supernet(tmp_path_factory):
 def random_archs(supernet):
     """20 random archs within the budget, and their test top-1."""
     _, meta = read_weights(supernet)
-    budget = search.Budget(meta['space'], max_params=BUDGET)
+    budget = Budget(meta['space'], max_params=BUDGET)
     rng = random.Random(0)
     test = data.build_loader(data.build_dataset('digits', None, 'test', 32), 256, 0)
     archs = []
@@ -61,8 +62,8 @@ def check_search_result(output, supernet, random_archs, nni_agrees=True):
     assert records and all(r['params'] <= BUDGET for r in records)
     assert best['top1'] == max(r['top1'] for r in records)
     if nni_agrees:
-        top1_of = {search.arch_key(r['arch']): r['top1'] for r in records}
-        assert top1_of[search.arch_key(best['nni_top_model'])] == best['top1']  # NNI's export_top_models agrees
+        top1_of = {arch_key(r['arch']): r['top1'] for r in records}
+        assert top1_of[arch_key(best['nni_top_model'])] == best['top1']  # NNI's export_top_models agrees
     assert (output / 'pareto.png').stat().st_size > 0
     assert (output / 'candidates.csv').read_text().count('\n') == len(records) + 1
     # The search beats the median random arch on what it optimises, the search split...

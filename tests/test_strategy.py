@@ -1,4 +1,4 @@
-"""The paper's evolution operators (official evolution.py) and the search's choice of device."""
+"""The paper's evolution operators (official evolution.py), and the search's choice of device."""
 import argparse
 import random
 
@@ -6,15 +6,16 @@ import pytest
 import torch
 
 import search
+import strategy
 from engine import arch_key
-from space import AutoformerSpace, arch_choices, count_params, space_config, used_arch
+from space import AutoformerSpace, arch_choices, count_params, space_config
 
 SPACE = space_config(**AutoformerSpace.preset('tiny'))
 CHOICES = arch_choices(SPACE)
 
 
-def evolution(**kwargs) -> search.AutoformerEvolution:
-    return search.AutoformerEvolution(SPACE, kwargs.pop('fits', lambda arch: True), **kwargs)
+def evolution(**kwargs) -> strategy.AutoformerEvolution:
+    return strategy.AutoformerEvolution(SPACE, kwargs.pop('fits', lambda arch: True), **kwargs)
 
 
 def arch_of_depth(depth: int, rng: random.Random, unused: dict | None = None) -> dict:
@@ -72,19 +73,19 @@ def test_layers_added_by_a_depth_mutation_take_values_from_the_whole_choice_set(
 
 
 def test_offspring_are_within_budget_never_seen_and_capped_at_ten_attempts_each():
-    budget = search.Budget(SPACE, max_params=6.0)
-    strategy = evolution(seed=3, fits=budget.fits)
-    strategy.top = [(0.0, a) for a in strategy._fill([])[:10]]
-    seen_before = set(strategy.seen)
-    children = strategy._make(25, lambda: strategy._mutate(random.choice([a for _, a in strategy.top])), 250)
-    children += strategy._make(25, strategy._crossover, 250)
+    budget = strategy.Budget(SPACE, max_params=6.0)
+    parents = evolution(seed=3, fits=budget.fits)
+    parents.top = [(0.0, a) for a in parents._fill([])[:10]]
+    seen_before = set(parents.seen)
+    children = parents._make(25, lambda: parents._mutate(random.choice([a for _, a in parents.top])), 250)
+    children += parents._make(25, parents._crossover, 250)
     keys = [arch_key(c) for c in children]
     assert children and len(set(keys)) == len(keys) and not set(keys) & seen_before
     assert all(count_params(c, **SPACE) / 1e6 <= 6.0 for c in children)
 
     proposals = []
     nothing_fits = evolution(seed=4, fits=lambda arch: False)
-    nothing_fits._make(7, lambda: proposals.append(1) or nothing_fits._random(), 7 * search.OFFSPRING_ATTEMPTS)
+    nothing_fits._make(7, lambda: proposals.append(1) or nothing_fits._random(), 7 * strategy.OFFSPRING_ATTEMPTS)
     assert len(proposals) == 70
 
 

@@ -1,0 +1,353 @@
+"""Search strategies and budgets: the paper's evolution as an NNI strategy, parameter / FLOPs /
+latency budgets, and the ledger between a strategy and NNI's engine (records, count, progress).
+
+Used by ``search.py``; each piece works on its own in any NNI 3.0 experiment.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from nni.nas.execution.event import ModelEventType
+from nni.nas.space import ModelStatus
+from nni.nas.strategy import Random, RegularizedEvolution
+from nni.nas.strategy.base import Strategy
+from nni.nas.strategy.middleware import Chain, Filter, StrategyMiddleware
+
+from engine import arch_key, final_metrics, read_results
+from space import AutoformerSpace, arch_choices, count_flops, count_params, extreme_arch, sample_arch
+from utils import UserError, atomic_write_json
+
+_logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Budgets
+# --------------------------------------------------------------------------------------------
+
+class Budget:
+    """Parameter (M), FLOPs (G) and latency (ms) limits; latency measured once per arch and cached in a file."""
+
+    def __init__(self, space_kwargs: Mapping[str, Any], min_params: float | None = None,
+                 max_params: float | None = None, max_flops: float | None = None, max_latency: float | None = None,
+                 latency_device: str = 'cpu', latency_batch_size: int = 1, latency_file: Path | None = None) -> None:
+        self.space_kwargs = dict(space_kwargs)
+        self.min_params, self.max_params, self.max_flops, self.max_latency = min_params, max_params, max_flops, \
+            max_latency
+        self.latency_device, self.latency_batch_size = latency_device, latency_batch_size
+        self.latency_file = latency_file
+        self._latency: dict[str, float] = json.loads(latency_file.read_text()) \
+            if latency_file is not None and latency_file.is_file() else {}
+
+    def describe(self) -> str:
+        parts = [f'params >= {self.min_params}M' if self.min_params is not None else '',
+                 f'params <= {self.max_params}M' if self.max_params is not None else '',
+                 f'FLOPs <= {self.max_flops}G' if self.max_flops is not None else '',
+                 f'latency <= {self.max_latency}ms' if self.max_latency is not None else '']
+        return ', '.join(p for p in parts if p) or 'none'
+
+    def fits(self, arch: Mapping[str, Any]) -> bool:
+        params = count_params(arch, **self.space_kwargs) / 1e6
+        if self.min_params is not None and params < self.min_params:
+            return False
+        if self.max_params is not None and params > self.max_params:
+            return False
+        if self.max_flops is not None and count_flops(arch, **self.space_kwargs) / 1e9 > self.max_flops:
+            return False
+        return self.max_latency is None or self.latency(arch) <= self.max_latency
+
+    def latency(self, arch: Mapping[str, Any]) -> float:
+        """Median milliseconds of a forward pass of the frozen subnet after warm-up (cached per arch)."""
+        key = arch_key(arch)
+        if key not in self._latency:
+            self._latency[key] = measure_latency(AutoformerSpace(**self.space_kwargs).freeze(arch),
+                                                 self.space_kwargs['img_size'], self.latency_batch_size,
+                                                 torch.device(self.latency_device))
+            if self.latency_file is not None:
+                atomic_write_json(self._latency, self.latency_file)
+        return self._latency[key]
+
+    def check_feasible(self) -> None:
+        """Say before starting when no arch of the space can meet the budget."""
+        smallest, largest = extreme_arch(self.space_kwargs, min), extreme_arch(self.space_kwargs, max)
+        low, high = (count_params(a, **self.space_kwargs) / 1e6 for a in (smallest, largest))
+        problems = []
+        if self.max_params is not None and low > self.max_params:
+            problems.append(f'the smallest subnet has {low:.3f}M params > --max-params {self.max_params}')
+        if self.min_params is not None and high < self.min_params:
+            problems.append(f'the largest subnet has {high:.3f}M params < --min-params {self.min_params}')
+        least_flops = count_flops(smallest, **self.space_kwargs) / 1e9
+        if self.max_flops is not None and least_flops > self.max_flops:
+            problems.append(f'the smallest subnet needs {least_flops:.4f}G FLOPs > --max-flops {self.max_flops}')
+        if self.max_latency is not None and self.latency(smallest) > self.max_latency:
+            problems.append(f'the smallest subnet takes {self.latency(smallest):.2f}ms > --max-latency '
+                            f'{self.max_latency}')
+        if problems:
+            raise UserError('no architecture of the space meets the budget: ' + '; '.join(problems))
+
+
+@torch.no_grad()
+def measure_latency(model: torch.nn.Module, img_size: int, batch_size: int, device: torch.device,
+                    warmup: int = 3, repeats: int = 10) -> float:
+    model.eval().to(device)
+    images = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    times = []
+    for i in range(warmup + repeats):
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(images)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+# --------------------------------------------------------------------------------------------
+# The paper's evolution as an NNI strategy
+# --------------------------------------------------------------------------------------------
+
+OFFSPRING_ATTEMPTS = 10  # proposals per wanted mutant or crossover child, as in the official evolution.py
+CROSSOVER_REDRAWS = 50  # parent pairs drawn for one crossover until their depths match (official)
+RANDOM_ATTEMPTS = 100  # the official code draws random archs without limit; a tight budget would then hang
+
+
+class AutoformerEvolution(Strategy):
+    """AutoFormer's evolution: keep the top ``select`` of all evaluated, then ``mutation_num`` mutants and
+    ``crossover_num`` crossovers of them, topped up with random archs to ``population``, each within budget."""
+
+    def __init__(self, space_kwargs: Mapping[str, Any], fits: Callable[[dict], bool], population: int = 50,
+                 select: int = 10, mutation_num: int = 25, crossover_num: int = 25, mutation_prob: float = 0.2,
+                 param_mutation_prob: float = 0.4, generations: int = 20, seed: int = 0) -> None:
+        super().__init__()
+        self.space_kwargs = dict(space_kwargs)
+        self.choices = arch_choices(space_kwargs)
+        self.fits = fits
+        self.population, self.select, self.generations = population, select, generations
+        self.mutation_num, self.crossover_num = mutation_num, crossover_num
+        self.mutation_prob, self.param_mutation_prob = mutation_prob, param_mutation_prob
+        self.rng = random.Random(seed)
+        self.seen: set[str] = set()
+        self.top: list[tuple[float, dict]] = []
+
+    def extra_repr(self) -> str:
+        return f'population={self.population}, select={self.select}, generations={self.generations}'
+
+    def _initialize(self, model_space, engine):
+        return model_space
+
+    def state_dict(self) -> dict:
+        return {}  # a resumed search replays its finished candidates from their records (see evaluate_candidate)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+    def _run(self) -> None:
+        candidates = self._fill([])
+        for generation in range(self.generations):
+            _logger.info('generation %d: %d candidates', generation, len(candidates))
+            evaluated = self._evaluate(candidates)
+            if evaluated is None:
+                return
+            self.top = sorted(self.top + evaluated, key=lambda item: -item[0])[:self.select]
+            if not self.top:
+                return
+            parents = [arch for _, arch in self.top]
+            children = self._make(self.mutation_num, lambda: self._mutate(self.rng.choice(parents)),
+                                  self.mutation_num * OFFSPRING_ATTEMPTS)
+            children += self._make(self.crossover_num, self._crossover, self.crossover_num * OFFSPRING_ATTEMPTS)
+            candidates = self._fill(children)
+
+    def _evaluate(self, samples: list[dict]) -> list[tuple[float, dict]] | None:
+        models = []
+        for sample in samples:
+            if not self.wait_for_resource():
+                break
+            model = self.model_space.freeze(sample)
+            self.engine.submit_models(model)
+            models.append(model)
+        if not models:
+            return None
+        self.engine.wait_models(*models)
+        return [(float(m.metric), m.sample) for m in models if m.metric is not None]
+
+    def _random(self) -> dict:
+        return sample_arch(self.space_kwargs, self.rng)
+
+    def _mutate(self, parent: dict) -> dict:
+        """The official mutation: a new depth (added layers get fresh genes) and embed dim with
+        ``param_mutation_prob``, each used layer's MLP ratio and heads with ``mutation_prob``."""
+        child = dict(parent)
+        depth = int(parent['depth'])
+        if self.rng.random() < self.param_mutation_prob:
+            new_depth = self.rng.choice(self.choices['depth'])
+            for i in range(depth, new_depth):
+                child[f'mlp_ratio_{i}'] = self.rng.choice(self.choices[f'mlp_ratio_{i}'])
+            for i in range(depth, new_depth):
+                child[f'num_head_{i}'] = self.rng.choice(self.choices[f'num_head_{i}'])
+            depth = child['depth'] = new_depth
+        for gene in ('mlp_ratio', 'num_head'):
+            for i in range(depth):
+                if self.rng.random() < self.mutation_prob:
+                    child[f'{gene}_{i}'] = self.rng.choice(self.choices[f'{gene}_{i}'])
+        if self.rng.random() < self.param_mutation_prob:
+            child['embed_dim'] = self.rng.choice(self.choices['embed_dim'])
+        return child
+
+    def _crossover(self) -> dict | None:
+        """The official crossover: two parents of equal depth (up to 50 redraws), each gene from either."""
+        parents = [arch for _, arch in self.top]
+        first, second = self.rng.choice(parents), self.rng.choice(parents)
+        for _ in range(CROSSOVER_REDRAWS):
+            if first['depth'] == second['depth']:
+                break
+            first, second = self.rng.choice(parents), self.rng.choice(parents)
+        else:
+            return None
+        return {label: self.rng.choice([first[label], second[label]]) for label in self.choices}
+
+    def _make(self, count: int, propose: Callable[[], dict | None], attempts: int) -> list[dict]:
+        """Up to ``count`` new archs within budget, never one seen before, from at most ``attempts`` proposals."""
+        made: list[dict] = []
+        for _ in range(attempts):
+            if len(made) == count:
+                break
+            arch = propose()
+            if arch is None:
+                continue
+            key = arch_key(arch)
+            if key not in self.seen and self.fits(arch):
+                self.seen.add(key)
+                made.append(arch)
+        return made
+
+    def _fill(self, candidates: list[dict]) -> list[dict]:
+        missing = self.population - len(candidates)
+        return candidates + self._make(missing, self._random, missing * RANDOM_ATTEMPTS)
+
+
+def build_strategy(args: argparse.Namespace, space_kwargs: Mapping[str, Any], budget: Budget,
+                   ledger: 'SearchLedger') -> Strategy:
+    """The strategy, with candidates outside the budget rejected before they are submitted (never evaluated)
+    and the ledger (records, count, progress) between it and the engine."""
+    if args.strategy == 'autoformer':
+        strategy = AutoformerEvolution(space_kwargs, budget.fits, population=args.population, select=args.select,
+                                       mutation_num=args.mutation_num, crossover_num=args.crossover_num,
+                                       mutation_prob=args.mutation_prob,
+                                       param_mutation_prob=args.param_mutation_prob,
+                                       generations=args.generations, seed=args.seed)
+        return Chain(strategy, ledger)
+    strategy = Random(seed=args.seed) if args.strategy == 'random' else RegularizedEvolution(
+        population_size=args.evolution_population_size, sample_size=args.evolution_sample_size,
+        mutation_prob=args.evolution_mutation_prob, seed=args.seed)
+    return Chain(strategy, Filter(lambda model: budget.fits(model.sample), patience=100_000), ledger)
+
+
+class SearchLedger(StrategyMiddleware):
+    """Between the strategy and NNI's engine: answers candidates already recorded (a resumed search) from
+    their records without a trial, stops at the planned number of candidates, waits for its own trials
+    (no fixed patience), and prints progress and the first failure's error."""
+
+    def __init__(self, output: Path, planned: int) -> None:
+        super().__init__()
+        self.output, self.planned = output, planned
+        self.records = {arch_key(r['arch']): r for r in read_results(output)}
+        self.submitted = self.done = self.failed = 0
+        self.pending: dict[int, Any] = {}  # NNI's engine keeps only weak references: the strategy may drop them
+        self.replays: list = []
+        self.best: dict | None = None
+        self.started = self.first_done = time.monotonic()
+        self.first_failure: str | None = None
+
+    def _initialize_engine(self, engine) -> None:
+        engine.register_model_event_callback(ModelEventType.TrainingEnd, self._on_end)
+
+    def register_model_event_callback(self, event_type, callback) -> None:
+        super().register_model_event_callback(event_type, callback)
+        self.engine.register_model_event_callback(event_type, callback)
+
+    def unregister_model_event_callback(self, event_type, callback) -> None:
+        super().unregister_model_event_callback(event_type, callback)
+        self.engine.unregister_model_event_callback(event_type, callback)
+
+    def state_dict(self) -> dict:
+        return {}  # a resumed search replays its candidates from their records
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+    def budget_available(self) -> bool:
+        return self.submitted < self.planned and self.engine.budget_available()
+
+    def submit_models(self, *models) -> None:
+        for model in models:
+            self.submitted += 1
+            record = self.records.get(arch_key(model.sample))
+            if record is None:
+                self.pending[id(model)] = model
+                self.engine.submit_models(model)
+                continue
+            self.replays.append(model)
+            self.dispatch_model_event(ModelEventType.FinalMetric, metric=final_metrics(record), model=model)
+            self.dispatch_model_event(ModelEventType.TrainingEnd, status=ModelStatus.Trained, model=model)
+            self._count(model, ModelStatus.Trained)
+
+    def list_models(self, status=None):
+        yield from self.engine.list_models(status)
+        yield from (model for model in self.replays if status is None or model.status == status)
+
+    def wait_pending(self) -> None:
+        while self.pending:
+            time.sleep(0.1)
+
+    def _on_end(self, event) -> None:
+        if self.pending.pop(id(event.model), None) is not None:
+            self._count(event.model, event.status)
+
+    def _count(self, model, status) -> None:
+        self.done += 1
+        metric = model.metrics.final if status == ModelStatus.Trained else None
+        if metric is None:
+            self.failed += 1
+            if self.first_failure is None:
+                self.first_failure = first_failure(self.output) or 'no error recorded (see the trial\'s stderr ' \
+                                                                   'in the web UI)'
+                print(f'a candidate failed: {self.first_failure}', flush=True)
+        else:
+            top1 = metric['default'] if isinstance(metric, Mapping) else float(metric)
+            if self.best is None or top1 > self.best['top1']:
+                self.best = {'top1': top1, 'params': metric.get('params') if isinstance(metric, Mapping) else None}
+        print(self.progress(), flush=True)
+
+    def progress(self) -> str:
+        """``candidate 12/100 | best top-1 85.30 (0.231M) | 1.4 s each | ETA 2m 3s``."""
+        evaluated = self.done - len(self.replays)
+        if evaluated == 1:
+            self.first_done = time.monotonic()
+        parts = [f'candidate {self.done}/{self.planned}']
+        if self.best is not None:
+            size = f" ({self.best['params']:.3f}M)" if self.best['params'] is not None else ''
+            parts.append(f"best top-1 {self.best['top1']:.2f}{size}")
+        if self.failed:
+            parts.append(f'{self.failed} failed')
+        if evaluated:
+            # After the first candidate, whose time includes NNI's start-up and the workers' loading.
+            each = (time.monotonic() - self.first_done) / (evaluated - 1) if evaluated > 1 else \
+                time.monotonic() - self.started
+            left = max(self.planned - self.done, 0) * each
+            parts += [f'{each:.1f} s each', f'ETA {int(left // 60)}m {int(left % 60)}s']
+        return ' | '.join(parts)
+
+
+def first_failure(output: Path) -> str | None:
+    """The first error a candidate of this search failed with (written by the trial or its worker)."""
+    files = sorted((output / 'failures').glob('*.txt'))
+    return files[0].read_text().strip().splitlines()[0] if files else None
