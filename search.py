@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -25,13 +26,14 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import data
 import torch
 import trial
-from engine import arch_key, evaluate_candidate, write_results
+from engine import arch_key, evaluate_candidate, read_results, write_results
 from nni.experiment import launcher
 from nni.nas.evaluator import FunctionalEvaluator
 from nni.nas.execution import training_service
@@ -40,7 +42,7 @@ from nni.nas.strategy import Random
 from nni.runtime.tuner_command_channel import TunerCommandChannel
 from nni.runtime.tuner_command_channel.command_type import CommandType
 from space import AutoformerSpace, export_standalone, load_supernet_file, save_weights, sub_state_dict, used_arch
-from strategy import Budget, SearchLedger, build_strategy, first_failure
+from strategy import Budget, SearchLedger, build_strategy
 from utils import UserError, atomic_path, atomic_write_json, check_writable, remove_unfinished_writes, run_main
 
 _logger = logging.getLogger(__name__)
@@ -163,14 +165,24 @@ class _TunerChannel(TunerCommandChannel):
                 return command_type, data
 
 
+def _prctl() -> Callable | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        return None  # not Linux: an orphan manager is stopped by the next --resume instead
+
+
+_PRCTL = _prctl()  # looked up here: loading a library between fork and exec can deadlock
+
+
 def _die_with_parent() -> None:
     """Run in NNI's manager process before it starts: its own process group (as NNI does), and a SIGTERM
     from the kernel when the search dies, even by SIGKILL (Linux), so no web server is left behind."""
     os.setpgrp()
-    try:
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (AttributeError, OSError):
-        pass  # not Linux: an orphan manager is stopped by the next --resume instead
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the search died before the line above: nobody would send the signal
+            os._exit(1)
 
 
 def _popen_dying_with_parent(*args, **kwargs) -> subprocess.Popen:
@@ -223,8 +235,9 @@ def experiment_config(args: argparse.Namespace, spec: Path | None) -> NasExperim
             config.training_service.reuse_mode = False
             config.nni_manager_ip = args.manager_ip
             python = machines[0]['python']  # the same on every machine (read_machines)
-        elif args.gpus > 0:
+        elif args.gpus > 0:  # the GPUs the workers were started for, busy or not
             config.training_service.use_active_gpu = True
+            config.training_service.gpu_indices = list(range(args.gpus))
         # NNI fixes the trial command to "{envs} {python} -m nni.nas.execution.training_service trial";
         # trial.py, run as the "python", ignores the module arguments after it and asks a warm worker.
         config._trial_command_params = {
@@ -353,15 +366,10 @@ def stop_orphan_manager(experiment_id: str) -> None:
     from nni.tools.nnictl.config_utils import Experiments
     entry = Experiments().get_all_experiments().get(experiment_id, {})
     pid = entry.get('pid')
-    if entry.get('status') in ('STOPPED', 'DONE', 'ERROR') or not pid or not trial._alive(pid):
+    if entry.get('status') in ('STOPPED', 'DONE', 'ERROR') or not pid or not trial.alive(pid):
         return
     print(f'stopping the NNI manager (pid {pid}) left running by the stopped search', flush=True)
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    while trial._alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    if trial._alive(pid):
-        os.kill(pid, signal.SIGKILL)
+    trial.stop_process(pid, patience=20)
 
 
 def resolve_devices(args: argparse.Namespace) -> None:
@@ -441,17 +449,21 @@ def main(argv: list[str] | None = None) -> dict:
     experiment = SearchExperiment(AutoformerSpace(**space_kwargs), FunctionalEvaluator(lambda *a, **k: None),
                                   Random(), NasExperimentConfig('sequential', 'raw'), id=args.resume)
     output = Path(args.output or f'outputs/search-{experiment.id}').resolve()
-    if output.joinpath('best.json').exists() and not args.resume:
-        raise UserError(f'{output} already holds a finished search: choose another --output or pass --resume')
     check_writable(output)
-    if args.resume:
-        for folder in (output, output / 'candidates'):
-            remove_unfinished_writes(folder)
+    with lock_output(output):
+        return run_search(args, argv, experiment, output, supernet, space_kwargs, meta)
+
+
+def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'SearchExperiment', output: Path,
+               supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any], meta: Mapping[str, Any]) -> dict:
+    """The search into a locked ``output``: inputs checked and cached, the experiment run, the results."""
+    fingerprint = search_fingerprint(args)
+    check_output(output, args, fingerprint)
     budget = Budget(space_kwargs, args.min_params, args.max_params, args.max_flops, args.max_latency,
                     args.latency_device, args.latency_batch_size, output / 'latency.json')
     budget.check_feasible()
-    atomic_write_json({'experiment_id': experiment.id, 'argv': sys.argv[1:] if argv is None else argv},
-                      output / 'experiment.json')
+    atomic_write_json({'experiment_id': experiment.id, 'argv': sys.argv[1:] if argv is None else argv,
+                       'fingerprint': fingerprint}, output / 'experiment.json')
     weights = Path(args.weights).resolve()
     if 'space' not in meta:  # an official or NNI hub file: trials read a converted copy
         weights = output / 'supernet.pth'
@@ -466,12 +478,13 @@ def main(argv: list[str] | None = None) -> dict:
     experiment.evaluator = FunctionalEvaluator(evaluate_candidate, weights=str(weights), cache=str(cache),
                                                output=str(output), batch_size=args.batch_size, device=args.device)
     ledger = SearchLedger(output, planned_candidates(args))
-    experiment.planned = ledger.planned - len(ledger.records)
+    experiment.planned = ledger.planned
     experiment.strategy = build_strategy(args, space_kwargs, budget, ledger)
     print(f'experiment {experiment.id}: {args.strategy} search of {ledger.planned} candidates on {args.device}, '
           f'budget {budget.describe()}, results in {output}')
-    if ledger.records:
-        print(f'{len(ledger.records)} candidates already evaluated: answered from their records')
+    recorded = len(read_results(output))
+    if recorded:
+        print(f'{recorded} candidates already evaluated: answered from their records')
     if args.engine == 'ts':
         print(f'web UI: http://127.0.0.1:{args.port}  (after the run: nnictl view {experiment.id} --port {args.port}; '
               f'listening on {"this machine only" if args.web_ui_host == "loopback" else "every interface"})')
@@ -480,14 +493,71 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         run_experiment(experiment, ledger, args)
     except Interrupted as stop:
+        stop_all_workers(spec)  # before best.json: a worker may still be writing a record
         return finish_interrupted(experiment, output, supernet, space_kwargs, args, str(stop))
     finally:
-        if spec is not None:
-            trial.stop_workers(trial.read_spec(spec))
-            spec.unlink(missing_ok=True)  # workers on other machines see it gone and exit
+        stop_all_workers(spec)
     best = finish(experiment, output, supernet, space_kwargs, args)
     experiment.stop()
     return best
+
+
+def stop_all_workers(spec: Path | None) -> None:
+    """This machine's workers stopped; the spec removed, so that workers on other machines exit too."""
+    if spec is not None and spec.is_file():
+        trial.stop_workers(trial.read_spec(spec))
+        spec.unlink()
+
+
+@contextmanager
+def lock_output(output: Path) -> Iterator[None]:
+    """An exclusive lock on ``output`` while a search runs (two searches into one folder would mix their
+    candidates)."""
+    with open(output / '.lock', 'w') as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f'another search is running with --output {output}: wait for it or choose another '
+                            '--output') from None
+        yield
+
+
+def search_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
+    """What a candidate's record depends on: the weights, the search split and the budget."""
+    weights = Path(args.weights).resolve()
+    stat = weights.stat()
+    return {'weights': str(weights), 'weights_size': stat.st_size, 'weights_mtime_ns': stat.st_mtime_ns,
+            'name': args.name, 'dataset': args.dataset,
+            'datapath': str(Path(args.datapath).resolve()) if args.datapath else None,
+            'search_images': args.search_images, 'seed': args.seed, 'min_params': args.min_params,
+            'max_params': args.max_params, 'max_flops': args.max_flops, 'max_latency': args.max_latency,
+            'latency_device': args.latency_device, 'latency_batch_size': args.latency_batch_size}
+
+
+def check_output(output: Path, args: argparse.Namespace, fingerprint: dict[str, Any]) -> None:
+    """Refuse to mix this search's candidates with another's; reuse the split cache and latencies of the
+    same search only."""
+    previous = json.loads((output / 'experiment.json').read_text()) if (output / 'experiment.json').is_file() \
+        else {}
+    has_candidates = any((output / 'candidates').glob('*.json'))
+    if args.resume:
+        if previous.get('experiment_id') != args.resume:
+            raise UserError(f'{output} does not hold experiment {args.resume} '
+                            f'({"it holds " + previous["experiment_id"] if previous else "no search"}): pass the '
+                            '--output of that search')
+        changed = sorted(k for k in fingerprint if previous.get('fingerprint', {}).get(k) != fingerprint[k])
+        if changed:
+            raise UserError(f'--resume {args.resume} with other {", ".join(changed)} than the search had: its '
+                            'candidates would not be comparable; resume with the same flags or start a new search')
+        for folder in (output, output / 'candidates'):
+            remove_unfinished_writes(folder)
+        return
+    if has_candidates or (output / 'best.json').exists():
+        raise UserError(f'{output} already holds the candidates of search {previous.get("experiment_id", "?")}: '
+                        'pass --resume with its id to continue it, or choose another --output')
+    if previous.get('fingerprint') != fingerprint:  # another search's split or latencies
+        for stale in ('search-data.pt', 'latency.json'):
+            (output / stale).unlink(missing_ok=True)
 
 
 def run_experiment(experiment: SearchExperiment, ledger: SearchLedger, args: argparse.Namespace) -> None:
@@ -504,7 +574,7 @@ def run_experiment(experiment: SearchExperiment, ledger: SearchLedger, args: arg
             start = experiment.resume if args.resume else experiment.run
             start(port=args.port, wait_completion=False)  # NNI stops the experiment itself on KeyboardInterrupt
             if not caught:
-                ledger.wait_pending()
+                ledger.wait_pending(lambda: manager_running(experiment))
         except KeyboardInterrupt:
             caught.append(caught[0] if caught else 'SIGINT')
             experiment.stop()
@@ -513,6 +583,16 @@ def run_experiment(experiment: SearchExperiment, ledger: SearchLedger, args: arg
             signal.signal(sig, handler)
     if caught:
         raise Interrupted(caught[0])
+
+
+def manager_running(experiment: NasExperiment) -> bool:
+    """NNI's manager answers and has not stopped (the sequential engine has none: always true)."""
+    if not experiment._nni_manager_required():
+        return True
+    try:
+        return experiment.get_status() not in ('STOPPED', 'ERROR')
+    except Exception:  # no answer at all: the manager is gone
+        return False
 
 
 def finish_interrupted(experiment: NasExperiment, output: Path, supernet: Mapping[str, torch.Tensor],
@@ -561,11 +641,15 @@ def nni_top_model(experiment: NasExperiment, best_top1: float, records: list[dic
         time.sleep(0.5)
 
 
+def best_record(records: list[dict]) -> dict:
+    """The highest top-1, the fewer parameters on a tie."""
+    return max(records, key=lambda r: (r['top1'], -r['params']))
+
+
 def write_best(records: list[dict], output: Path, supernet: Mapping[str, torch.Tensor],
                space_kwargs: Mapping[str, Any], args: argparse.Namespace, experiment_id: str,
                extra: dict) -> dict:
-    best = max(records, key=lambda r: (r['top1'], -r['params']))
-    best = {**best, 'experiment_id': experiment_id, 'strategy': args.strategy, 'candidates': len(records), **extra}
+    best = {**best_record(records), 'experiment_id': experiment_id, 'strategy': args.strategy, 'candidates': len(records), **extra}
     atomic_write_json(best, output / 'best.json')
     save_weights(output / 'best-subnet.pth', sub_state_dict(supernet, best['arch']), space_kwargs, arch=best['arch'])
     plot_pareto(records, output / 'pareto.png', f'{args.strategy} search, {len(records)} candidates')
@@ -579,14 +663,13 @@ def finish(experiment: NasExperiment, output: Path, supernet: Mapping[str, torch
     records = write_results(output)
     if not records:
         experiment.stop()
-        failure = first_failure(output)
+        failure = trial.first_failure(output)
         if failure:
             raise UserError(f'every candidate failed; the first error: {failure} '
                             f'(all errors in {output / "failures"})')
         raise UserError('no candidate was evaluated: widen the budget or raise --trials')
-    best = max(records, key=lambda r: (r['top1'], -r['params']))
     best = write_best(records, output, supernet, space_kwargs, args, experiment.id,
-                      {'nni_top_model': nni_top_model(experiment, best['top1'], records)})
+                      {'nni_top_model': nni_top_model(experiment, best_record(records)['top1'], records)})
     print(f"best: top-1 {best['top1']:.2f} on the search split, {best['params']:.3f}M params, "
           f"{best['flops']:.4f}G FLOPs; {output / 'best.json'}")
     if args.export:

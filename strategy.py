@@ -12,17 +12,19 @@ import random
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
-from nni.nas.execution.event import ModelEventType
-from nni.nas.space import ModelStatus
+from nni.nas.execution import ExecutionEngine
+from nni.nas.execution.event import ModelEventType, TrainingEndEvent
+from nni.nas.space import ExecutableModelSpace, ModelStatus
 from nni.nas.strategy import Random, RegularizedEvolution
 from nni.nas.strategy.base import Strategy
 from nni.nas.strategy.middleware import Chain, Filter, StrategyMiddleware
 
-from engine import arch_key, final_metrics, read_results
+from engine import arch_key, final_metrics
 from space import AutoformerSpace, arch_choices, count_flops, count_params, extreme_arch, sample_arch
+from trial import first_failure
 from utils import UserError, atomic_write_json
 
 _logger = logging.getLogger(__name__)
@@ -158,7 +160,7 @@ class AutoformerEvolution(Strategy):
             if evaluated is None:
                 return
             self.top = sorted(self.top + evaluated, key=lambda item: -item[0])[:self.select]
-            if not self.top:
+            if not self.top or generation == self.generations - 1:
                 return
             parents = [arch for _, arch in self.top]
             children = self._make(self.mutation_num, lambda: self._mutate(self.rng.choice(parents)),
@@ -252,29 +254,29 @@ def build_strategy(args: argparse.Namespace, space_kwargs: Mapping[str, Any], bu
 
 
 class SearchLedger(StrategyMiddleware):
-    """Between the strategy and NNI's engine: answers candidates already recorded (a resumed search) from
-    their records without a trial, stops at the planned number of candidates, waits for its own trials
-    (no fixed patience), and prints progress and the first failure's error."""
+    """Between the strategy and NNI's engine: answers a candidate already recorded in ``output`` (a resumed
+    search, or an arch equal to an earlier one but for the labels of unused layers) from its record without
+    a trial, stops at the planned number of candidates, waits for its own trials (no fixed patience), and
+    prints progress and the first failure's error."""
 
     def __init__(self, output: Path, planned: int) -> None:
         super().__init__()
         self.output, self.planned = output, planned
-        self.records = {arch_key(r['arch']): r for r in read_results(output)}
         self.submitted = self.done = self.failed = 0
-        self.pending: dict[int, Any] = {}  # NNI's engine keeps only weak references: the strategy may drop them
-        self.replays: list = []
-        self.best: dict | None = None
+        self.pending: dict[int, ExecutableModelSpace] = {}  # NNI's engine keeps only weak references to them
+        self.replays: list[ExecutableModelSpace] = []
+        self.best: dict[str, float] | None = None
         self.started = self.first_done = time.monotonic()
         self.first_failure: str | None = None
 
-    def _initialize_engine(self, engine) -> None:
+    def _initialize_engine(self, engine: ExecutionEngine) -> None:
         engine.register_model_event_callback(ModelEventType.TrainingEnd, self._on_end)
 
-    def register_model_event_callback(self, event_type, callback) -> None:
+    def register_model_event_callback(self, event_type: ModelEventType, callback: Callable) -> None:
         super().register_model_event_callback(event_type, callback)
         self.engine.register_model_event_callback(event_type, callback)
 
-    def unregister_model_event_callback(self, event_type, callback) -> None:
+    def unregister_model_event_callback(self, event_type: ModelEventType, callback: Callable) -> None:
         super().unregister_model_event_callback(event_type, callback)
         self.engine.unregister_model_event_callback(event_type, callback)
 
@@ -287,10 +289,10 @@ class SearchLedger(StrategyMiddleware):
     def budget_available(self) -> bool:
         return self.submitted < self.planned and self.engine.budget_available()
 
-    def submit_models(self, *models) -> None:
+    def submit_models(self, *models: ExecutableModelSpace) -> None:
         for model in models:
             self.submitted += 1
-            record = self.records.get(arch_key(model.sample))
+            record = self._record(model)
             if record is None:
                 self.pending[id(model)] = model
                 self.engine.submit_models(model)
@@ -300,42 +302,52 @@ class SearchLedger(StrategyMiddleware):
             self.dispatch_model_event(ModelEventType.TrainingEnd, status=ModelStatus.Trained, model=model)
             self._count(model, ModelStatus.Trained)
 
-    def list_models(self, status=None):
+    def list_models(self, status: ModelStatus | None = None) -> Iterator[ExecutableModelSpace]:
         yield from self.engine.list_models(status)
         yield from (model for model in self.replays if status is None or model.status == status)
 
-    def wait_pending(self) -> None:
+    def wait_pending(self, running: Callable[[], bool], check_every: float = 5.0) -> None:
+        """Until every submitted trial has ended; ``running()`` (checked every few seconds) says whether NNI's
+        manager can still end them."""
+        last_check = time.monotonic()
         while self.pending:
             time.sleep(0.1)
+            if time.monotonic() - last_check > check_every:
+                last_check = time.monotonic()
+                if self.pending and not running():
+                    raise UserError(f"NNI's manager stopped with {len(self.pending)} candidates still to finish; "
+                                    "its log is in the experiment folder's log/nnimanager.log (continue with "
+                                    "--resume)")
 
-    def _on_end(self, event) -> None:
+    def _record(self, model: ExecutableModelSpace) -> dict | None:
+        path = self.output / 'candidates' / f'{arch_key(model.sample)}.json'
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def _on_end(self, event: TrainingEndEvent) -> None:
         if self.pending.pop(id(event.model), None) is not None:
             self._count(event.model, event.status)
 
-    def _count(self, model, status) -> None:
+    def _count(self, model: ExecutableModelSpace, status: ModelStatus) -> None:
         self.done += 1
-        metric = model.metrics.final if status == ModelStatus.Trained else None
-        if metric is None:
+        record = self._record(model) if status == ModelStatus.Trained else None
+        if record is None:
             self.failed += 1
             if self.first_failure is None:
-                self.first_failure = first_failure(self.output) or 'no error recorded (see the trial\'s stderr ' \
-                                                                   'in the web UI)'
+                self.first_failure = first_failure(self.output) or \
+                    "no error recorded (see the trial's stderr in the web UI)"
                 print(f'a candidate failed: {self.first_failure}', flush=True)
-        else:
-            top1 = metric['default'] if isinstance(metric, Mapping) else float(metric)
-            if self.best is None or top1 > self.best['top1']:
-                self.best = {'top1': top1, 'params': metric.get('params') if isinstance(metric, Mapping) else None}
+        elif self.best is None or record['top1'] > self.best['top1']:
+            self.best = {'top1': record['top1'], 'params': record['params']}
+        if self.done - len(self.replays) == 1:
+            self.first_done = time.monotonic()
         print(self.progress(), flush=True)
 
     def progress(self) -> str:
         """``candidate 12/100 | best top-1 85.30 (0.231M) | 1.4 s each | ETA 2m 3s``."""
         evaluated = self.done - len(self.replays)
-        if evaluated == 1:
-            self.first_done = time.monotonic()
         parts = [f'candidate {self.done}/{self.planned}']
         if self.best is not None:
-            size = f" ({self.best['params']:.3f}M)" if self.best['params'] is not None else ''
-            parts.append(f"best top-1 {self.best['top1']:.2f}{size}")
+            parts.append(f"best top-1 {self.best['top1']:.2f} ({self.best['params']:.3f}M)")
         if self.failed:
             parts.append(f'{self.failed} failed')
         if evaluated:
@@ -345,9 +357,3 @@ class SearchLedger(StrategyMiddleware):
             left = max(self.planned - self.done, 0) * each
             parts += [f'{each:.1f} s each', f'ETA {int(left // 60)}m {int(left % 60)}s']
         return ' | '.join(parts)
-
-
-def first_failure(output: Path) -> str | None:
-    """The first error a candidate of this search failed with (written by the trial or its worker)."""
-    files = sorted((output / 'failures').glob('*.txt'))
-    return files[0].read_text().strip().splitlines()[0] if files else None

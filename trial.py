@@ -26,13 +26,14 @@ import tempfile
 import threading
 import time
 import traceback
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 SPEC_ENV = 'AUTOFORMER_SEARCH'  # the search's worker.json: what every worker loads and where results go
-STARTUP_SECONDS = 900  # a worker decoding nothing but loading a 15 GB subImageNet cache from a slow disk
+STARTUP_SECONDS = 900  # importing torch and reading a large supernet from a slow network filesystem
 POLL_SECONDS = 1.0
 
 
@@ -41,13 +42,19 @@ POLL_SECONDS = 1.0
 # --------------------------------------------------------------------------------------------
 
 def read_spec(path: str | os.PathLike) -> dict[str, Any]:
+    """The search's ``worker.json``, written by search.py."""
     return json.loads(Path(path).read_text())
 
 
 def socket_address(spec: dict[str, Any], slot: str) -> str:
-    """A short socket path (AF_UNIX paths are capped at 107 bytes; output folders can be longer)."""
+    """A short socket path (AF_UNIX paths are capped at 107 bytes; output folders can be longer), in a
+    folder only this user can enter (another user could otherwise take the name first)."""
+    folder = Path(tempfile.gettempdir()) / f'autoformer-{os.getuid()}'
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_uid != os.getuid() or folder.stat().st_mode & 0o077:
+        raise RuntimeError(f'{folder} belongs to another user or is open to others: remove it')
     digest = hashlib.sha1(f"{spec['output']}|{slot}".encode()).hexdigest()[:16]
-    return str(Path(tempfile.gettempdir()) / f'autoformer-{digest}.sock')
+    return str(folder / f'{digest}.sock')
 
 
 def machine_name() -> str:
@@ -80,32 +87,34 @@ def start_worker(spec_path: str | os.PathLike, slot: str, env: dict[str, str] | 
 
 
 def connect(spec: dict[str, Any], slot: str) -> Connection | None:
+    """A connection to the slot's worker, or None when no worker of this search answers there."""
     try:
         return Client(socket_address(spec, slot), family='AF_UNIX', authkey=spec['token'].encode())
-    except (FileNotFoundError, ConnectionRefusedError):
+    except (OSError, EOFError, AuthenticationError):  # none yet, or a stale one of an earlier run
         return None
 
 
 def stop_workers(spec: dict[str, Any]) -> None:
-    """Stop every worker of a search on this machine and wait until each has exited (SIGKILL after 10 s)."""
+    """Stop every worker of a search on this machine, mid-candidate or not, and wait until each has exited
+    (SIGKILL after 10 s)."""
     for pid_file in workers_folder(spec).glob('*.pid'):
         pid = worker_pid(spec, pid_file.stem)
-        if pid is not None and _is_worker(pid):
-            conn = connect(spec, pid_file.stem)
-            if conn is None:  # still loading
-                os.kill(pid, signal.SIGTERM)
-            else:
-                with conn:
-                    conn.send({'stop': True})
-            deadline = time.monotonic() + 10
-            while _is_worker(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _is_worker(pid):
-                os.kill(pid, signal.SIGKILL)
+        if pid is not None and is_worker(pid, spec):
+            stop_process(pid)
         pid_file.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def stop_process(pid: int, patience: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if the process is still there after ``patience`` seconds."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + patience
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
     """A running process (a zombie, which a search that started a worker has not reaped yet, is not)."""
     try:
         os.kill(pid, 0)
@@ -119,14 +128,15 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _is_worker(pid: int) -> bool:
-    """A live worker, not another process that took the pid of one long gone."""
-    if not _alive(pid):
+def is_worker(pid: int, spec: dict[str, Any]) -> bool:
+    """A live worker of this search, not another process that took the pid of one long gone."""
+    if not alive(pid):
         return False
     try:
-        return b'--serve' in Path(f'/proc/{pid}/cmdline').read_bytes()
+        cmdline = Path(f'/proc/{pid}/cmdline').read_bytes()
     except OSError:
         return True  # no /proc (not Linux): trust the pid file
+    return b'--serve' in cmdline and spec['output'].encode() in cmdline
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +181,9 @@ class TrialChannel:
         metric = {'parameter_id': self.parameter_id, 'trial_job_id': os.environ.get('NNI_TRIAL_JOB_ID'),
                   'type': kind, 'sequence': self.sequence if kind == 'PERIODICAL' else 0,
                   'value': json.dumps(value)}
-        self._request('PUT', {'type': 'metric', 'metric': json.dumps(metric)})
+        status, body = self._request('PUT', {'type': 'metric', 'metric': json.dumps(metric)})
+        if status >= 400:
+            raise OSError(f'NNI trial channel refused a metric: HTTP {status} {body[:200]!r}')
         if kind == 'PERIODICAL':
             self.sequence += 1
 
@@ -225,14 +237,14 @@ def ask_worker(spec_path: str, spec: dict[str, Any], slot: str, parameter: str,
 def wait_for_worker(spec_path: str, spec: dict[str, Any], slot: str) -> Connection:
     """A connection to the slot's worker: the one still loading, else a new one."""
     pid = worker_pid(spec, slot)
-    if pid is None or not _is_worker(pid):
+    if pid is None or not is_worker(pid, spec):
         pid = start_worker(spec_path, slot).pid
     deadline = time.monotonic() + STARTUP_SECONDS
     while time.monotonic() < deadline:
         conn = connect(spec, slot)
         if conn is not None:
             return conn
-        if not _is_worker(pid):
+        if not is_worker(pid, spec):
             raise RuntimeError(f'worker {slot} exited while starting: {worker_log_tail(spec, slot)}')
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
@@ -240,6 +252,7 @@ def wait_for_worker(spec_path: str, spec: dict[str, Any], slot: str) -> Connecti
 
 
 def worker_pid(spec: dict[str, Any], slot: str) -> int | None:
+    """The pid its pid file gives for the slot's worker (written as soon as the worker is started)."""
     try:
         return int((workers_folder(spec) / f'{slot}.pid').read_text())
     except (OSError, ValueError):
@@ -247,6 +260,7 @@ def worker_pid(spec: dict[str, Any], slot: str) -> int | None:
 
 
 def worker_log_tail(spec: dict[str, Any], slot: str, lines: int = 5) -> str:
+    """The last lines of the slot's worker log, on one line, for an error message."""
     path = workers_folder(spec) / f'{slot}.log'
     text = path.read_text(errors='replace') if path.is_file() else ''
     return ' | '.join(line for line in text.strip().splitlines()[-lines:]) or f'(nothing in {path})'
@@ -257,6 +271,12 @@ def record_failure(spec: dict[str, Any], name: str, message: str) -> None:
     folder = Path(spec['output']) / 'failures'
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f'{time.time_ns()}-{name}.txt').write_text(message + '\n')
+
+
+def first_failure(output: Path) -> str | None:
+    """The first error a candidate of this search failed with."""
+    files = sorted((output / 'failures').glob('*.txt'))
+    return files[0].read_text().strip().splitlines()[0] if files else None
 
 
 def run_trial() -> int:
@@ -309,21 +329,22 @@ def serve(spec_path: str, slot: str) -> None:
     evaluator = _load_evaluator(spec)
     Path(address).unlink(missing_ok=True)
     listener = Listener(address, family='AF_UNIX', authkey=spec['token'].encode())
-    os.chmod(address, 0o600)
     last_request = [time.monotonic()]
 
-    def shut_down() -> None:
+    def shut_down(*_: Any) -> None:
         Path(address).unlink(missing_ok=True)
         if worker_pid(spec, slot) == os.getpid():
             pid_file.unlink(missing_ok=True)
         os._exit(0)
+
+    signal.signal(signal.SIGTERM, shut_down)
 
     def watch_owner() -> None:
         # A SIGKILLed search cannot stop its workers, nor can a search stop those on other machines:
         # they notice that the search is over and leave by themselves.
         while True:
             time.sleep(POLL_SECONDS)
-            owner_gone = spec['host'] == machine_name() and not _alive(spec['owner_pid'])
+            owner_gone = spec['host'] == machine_name() and not alive(spec['owner_pid'])
             if owner_gone or not _same_search(spec_path, spec) or \
                     time.monotonic() - last_request[0] > spec['idle_seconds']:
                 shut_down()
@@ -333,15 +354,13 @@ def serve(spec_path: str, slot: str) -> None:
     while True:
         try:
             conn = listener.accept()
-        except OSError:  # a client that failed authentication or hung up during the handshake
+        except (OSError, EOFError, AuthenticationError):  # a client of another run, or one killed mid-handshake
             continue
         with conn:
             try:
                 request = conn.recv()
             except (EOFError, OSError):
                 continue
-            if request.get('stop'):
-                shut_down()
             last_request[0] = float('inf')  # never idle while evaluating
             try:
                 evaluator(request['parameter'], conn.send)

@@ -39,12 +39,16 @@ class UserError(Exception):
 
 
 def run_main(main: Callable[[], Any]) -> None:
-    """Run a script's ``main`` and turn a :class:`UserError` into one line on stderr and exit status 2."""
+    """Run a script's ``main`` and turn a :class:`UserError` into one line on stderr and exit status 2, and
+    a Ctrl-C that ``main`` does not handle itself into one line and exit status 130."""
     try:
         main()
     except UserError as err:
         print(f'error: {err}', file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)
 
 
 def torch_load(path: str | os.PathLike, what: str = 'checkpoint', mmap: bool = False) -> Any:

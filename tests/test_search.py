@@ -235,14 +235,14 @@ def test_a_killed_worker_does_not_stop_the_search(supernet, uninterrupted, tmp_p
 def test_a_search_whose_trials_all_fail_reports_their_error(supernet, tmp_path):
     output = tmp_path / 'search'
     output.mkdir()
-    (output / 'search-data.pt').write_bytes(b'not a tensor file')  # every worker fails to load it
+    (output / 'candidates').write_text('')  # a file where the records go: no candidate can be recorded
     result = subprocess.run([sys.executable, 'search.py', '--weights', str(supernet), *TS_ARGS, '--trials', '3',
                              '--engine', 'ts', '--port', str(free_port()), '--experiment-dir', str(tmp_path / 'nni'),
                              '--output', str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
     error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith('error: every candidate failed; the first error: ') and 'corrupt or truncated' in error
-    assert 'a candidate failed: ' in result.stdout and 'corrupt or truncated' in result.stdout
+    assert error.startswith('error: every candidate failed; the first error: ') and 'cannot write' in error
+    assert 'a candidate failed: ' in result.stdout and 'cannot write' in result.stdout
 
 
 def kill_after_four_candidates(args, output):
@@ -301,3 +301,25 @@ def test_busy_port_is_refused(supernet, tmp_path):
         with pytest.raises(UserError, match=f'port {sock.getsockname()[1]} is busy'):
             search.main(['--weights', str(supernet), '--port', str(sock.getsockname()[1]), '--output',
                          str(tmp_path)])
+
+
+def test_an_output_holding_another_search_is_refused_and_a_resume_must_match_it(supernet, tmp_path):
+    args = ['--weights', str(supernet), '--strategy', 'random', '--trials', '2', '--engine', 'sequential',
+            '--num-workers', '0', '--output', str(tmp_path)]
+    first = search.main(args + ['--max-params', str(BUDGET)])
+    before = sorted(p.name for p in (tmp_path / 'candidates').glob('*.json'))
+    with pytest.raises(UserError, match=f"already holds the candidates of search {first['experiment_id']}"):
+        search.main(args + ['--max-params', '0.2'])
+    with pytest.raises(UserError, match='with other max_params than the search had'):
+        search.main(args + ['--max-params', '0.2', '--resume', first['experiment_id']])
+    with pytest.raises(UserError, match='does not hold experiment abcdefgh'):
+        search.main(args + ['--max-params', str(BUDGET), '--resume', 'abcdefgh'])
+    assert sorted(p.name for p in (tmp_path / 'candidates').glob('*.json')) == before
+
+
+def test_two_searches_into_one_output_are_refused(supernet, tmp_path):
+    import fcntl
+    with open(tmp_path / '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running search holds it
+        with pytest.raises(UserError, match='another search is running with --output'):
+            search.main(['--weights', str(supernet), '--engine', 'sequential', '--output', str(tmp_path)])
