@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> Path:
         run_stage('search', ['search.py', '--dataset', 'digits', '--weights', str(supernet), '--strategy',
                              'autoformer', '--max-params', str(args.max_params), '--generations', '3',
                              '--population', '6', '--select', '3', '--mutation-num', '3', '--crossover-num', '3',
-                             '--engine', args.engine, '--concurrency', '2', '--port', str(args.port),
+                             '--engine', args.engine, '--port', str(args.port),
                              '--num-workers', '0', '--output', str(search)], times)
     best = json.loads((search / 'best.json').read_text())
     candidates = json.loads((search / 'candidates.json').read_text())
