@@ -336,7 +336,7 @@ class SearchLedger(StrategyMiddleware):
                 self.first_failure = first_failure(self.output) or \
                     "no error recorded (see the trial's stderr in the web UI)"
                 print(f'a candidate failed: {self.first_failure}', flush=True)
-        elif self.best is None or record['top1'] > self.best['top1']:
+        elif self.best is None or (record['top1'], -record['params']) > (self.best['top1'], -self.best['params']):
             self.best = {'top1': record['top1'], 'params': record['params']}
         if self.done - len(self.replays) == 1:
             self.first_done = time.monotonic()
