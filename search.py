@@ -396,13 +396,32 @@ def resolve_devices(args: argparse.Namespace) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for flag in ('trials', 'generations', 'population', 'batch_size'):
-        if getattr(args, flag) < 1:
-            raise UserError(f'--{flag.replace("_", "-")} must be at least 1, got {getattr(args, flag)}')
+    """Absurd flag values refused up front with one line, before anything loads."""
+    def flag(name: str) -> str:
+        return '--' + name.replace('_', '-')
+
+    for name in ('trials', 'generations', 'population', 'batch_size', 'latency_batch_size', 'select',
+                 'evolution_population_size', 'evolution_sample_size'):
+        if getattr(args, name) < 1:
+            raise UserError(f'{flag(name)} must be at least 1, got {getattr(args, name)}')
+    for name in ('mutation_num', 'crossover_num'):
+        if getattr(args, name) < 0:
+            raise UserError(f'{flag(name)} must be 0 or more, got {getattr(args, name)}')
     if args.concurrency is not None and args.concurrency < 1:
         raise UserError(f'--concurrency must be at least 1, got {args.concurrency}')
     if args.gpus is not None and args.gpus < 0:
         raise UserError(f'--gpus must be 0 or more, got {args.gpus}')
+    if not 0 < args.port < 65536:
+        raise UserError(f'--port must be between 1 and 65535, got {args.port}')
+    for name in ('mutation_prob', 'param_mutation_prob', 'evolution_mutation_prob'):
+        if not 0 <= getattr(args, name) <= 1:  # also refuses nan
+            raise UserError(f'{flag(name)} is a probability: between 0 and 1, got {getattr(args, name)}')
+    for name in ('min_params', 'max_params', 'max_flops', 'max_latency'):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < float('inf'):  # nan would let every arch through
+            raise UserError(f'{flag(name)} must be a finite number of 0 or more, got {value}')
+    if args.min_params is not None and args.max_params is not None and args.min_params > args.max_params:
+        raise UserError(f'--min-params {args.min_params} > --max-params {args.max_params}: no arch can meet it')
 
 
 def write_worker_spec(output: Path, weights: Path, cache: Path, args: argparse.Namespace) -> Path:
