@@ -564,7 +564,8 @@ def check_output(output: Path, args: argparse.Namespace, fingerprint: dict[str, 
             raise UserError(f'{output} does not hold experiment {args.resume} '
                             f'({"it holds " + previous["experiment_id"] if previous else "no search"}): pass the '
                             '--output of that search')
-        changed = sorted(k for k in fingerprint if previous.get('fingerprint', {}).get(k) != fingerprint[k])
+        # A search started before fingerprints were recorded is taken as it is.
+        changed = sorted(k for k in fingerprint if previous.get('fingerprint', fingerprint).get(k) != fingerprint[k])
         if changed:
             raise UserError(f'--resume {args.resume} with other {", ".join(changed)} than the search had: its '
                             'candidates would not be comparable; resume with the same flags or start a new search')
