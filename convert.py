@@ -2,7 +2,7 @@
 
     python convert.py --name tiny      # weights/official-supernet-tiny.pth -> weights/{supernet,subnet}-tiny.pth
     python convert.py --name tiny --input ckpt.pth --output weights/supernet-tiny.pth \\
-                      [--format official|nni] [--subnet-output weights/subnet-tiny.pth]
+                      [--format official|nni] [--subnet-output weights/subnet-tiny.pth] [--force]
 
 The official supernets may be wider than the search space (the released tiny one is 256 wide
 for a space that tops out at 240): the converter slices them, exactly as the official code does.
@@ -10,9 +10,10 @@ for a space that tops out at 240): the converter slices them, exactly as the off
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from space import AutoformerSpace, save_weights, sub_state_dict
-from utils import run_main
+from utils import UserError, run_main
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--subnet-output', default=None,
                         help='also write the pre-searched AutoFormer subnet here '
                              '(default with no --input/--output: weights/subnet-{name}.pth)')
+    parser.add_argument('--force', action='store_true', help='overwrite output files that already exist')
     args = parser.parse_args(argv)
     if args.input is None and args.output is None and args.subnet_output is None:
         args.subnet_output = f'weights/subnet-{args.name}.pth'
@@ -36,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    for path in filter(None, [args.output, args.subnet_output]):
+        if Path(path).exists() and not args.force:
+            raise UserError(f'{path} already exists: pass --force to overwrite it, or choose another output')
     space_kwargs = AutoformerSpace.preset(args.name)
     supernet = AutoformerSpace.load_supernet_weights(args.name, args.input, format=args.format)
     save_weights(args.output, supernet, space_kwargs)

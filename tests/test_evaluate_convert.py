@@ -124,6 +124,13 @@ def test_convert_wide_official_tiny_to_supernet_and_subnet(tmp_path):
     # Layer 10 of AutoFormer-T has 4 heads, the others 3: the official qkv bias is a prefix, not three.
     bias = model.state_dict()['blocks.0.attn.qkv.bias']
     assert torch.equal(bias, official['model']['blocks.0.attn.qkv.bias'][:3 * 3 * 64])
+    # A second conversion does not overwrite what the first wrote, unless told to.
+    written = (tmp_path / 's.pth').read_bytes()
+    args = ['--name', 'tiny', '--input', str(tmp_path / 'official.pth'), '--output', str(tmp_path / 's.pth')]
+    with pytest.raises(UserError, match=r's\.pth already exists: pass --force'):
+        convert.main(args)
+    assert (tmp_path / 's.pth').read_bytes() == written
+    convert.main(args + ['--force'])
 
 
 def test_convert_refuses_checkpoint_of_another_space(tmp_path):
