@@ -12,7 +12,7 @@ import torch
 import data
 from engine import evaluate
 from space import count_flops, count_params, load_model
-from utils import (UserError, add_precision_args, atomic_write_json, load_json_arg, pick_device, run_main,
+from utils import (UserError, add_precision_args, atomic_write_json, load_arch_arg, pick_device, run_main,
                    set_up_precision)
 
 
@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--weights', default='nni',
                         help="subnet weights, or a supernet weights file (with --arch); 'nni' downloads "
                              "NNI's AutoFormer-T/S/B (default); 'none' evaluates random weights")
-    parser.add_argument('--arch', default=None, help='arch to slice from a supernet: JSON text or a JSON file')
+    parser.add_argument('--arch', default=None, help="arch to slice from a supernet: JSON text or a JSON file, also a search's best.json")
     data.add_data_args(parser)
     parser.add_argument('--split', choices=data.SPLITS, default='test',
                         help="split to evaluate (ImageNet's test is its val folder)")
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    arch = load_json_arg(args.arch) if args.arch else None
+    arch = load_arch_arg(args.arch) if args.arch else None
     weights = None if args.weights == 'none' else args.weights
     model, arch, space_kwargs = load_model(weights, args.name, arch)
     args.dataset = data.dataset_name(args.dataset, args.datapath)

@@ -204,3 +204,12 @@ def load_json_arg(value: str, what: str = '--arch') -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f'{what}: malformed JSON ({err})') from None
+
+
+def load_arch_arg(value: str) -> Any:
+    """``--arch``: an arch as JSON text or a file, or a record holding one under ``arch`` (a search's
+    ``best.json``, an entry of its ``candidates.json``)."""
+    arch = load_json_arg(value, '--arch')
+    if isinstance(arch, dict) and isinstance(arch.get('arch'), dict):
+        return arch['arch']
+    return arch

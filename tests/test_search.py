@@ -82,6 +82,10 @@ def test_autoformer_search_sequential_beats_the_median_random_arch(supernet, ran
                         '--output', str(tmp_path), '--export'])
     check_search_result(tmp_path, supernet, random_archs)
     assert best['candidates'] >= 8
+    # The search's best.json is an --arch: sliced from the supernet it is the best subnet file's model.
+    from_best_json = evaluate.main(['--weights', str(supernet), '--arch', str(tmp_path / 'best.json'),
+                                    '--num-workers', '0'])
+    assert from_best_json['top1'] == top1_on_test_split(tmp_path / 'best-subnet.pth')
     check_standalone_export(tmp_path / 'export', tmp_path / 'best-subnet.pth')
 
 
