@@ -9,7 +9,9 @@
 Every candidate inherits its weights from the supernet (no retraining) and is ranked by top-1 on
 the search split, decoded once into a cache. Candidates outside the budget are never evaluated.
 Results go to --output as they finish: candidates.csv / .json, best.json, the best subnet's
-weights, and a plot of top-1 against parameters with the Pareto front.
+weights, and a plot of top-1 against parameters with the Pareto front. With the web UI (``--engine
+ts``), each NNI trial asks a warm worker of trial.py, so a candidate costs its evaluation, not a
+process start-up; Ctrl-C stops cleanly and ``--resume ID`` continues.
 """
 from __future__ import annotations
 
