@@ -23,7 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--weights', default='nni',
                         help="subnet weights, or a supernet weights file (with --arch); 'nni' downloads "
                              "NNI's AutoFormer-T/S/B (default); 'none' evaluates random weights")
-    parser.add_argument('--arch', default=None, help="arch to slice from a supernet: JSON text or a JSON file, also a search's best.json")
+    parser.add_argument('--arch', default=None,
+                        help="arch to slice from a supernet: JSON text or a JSON file, also a search's best.json")
     data.add_data_args(parser)
     parser.add_argument('--split', choices=data.SPLITS, default='test',
                         help="split to evaluate (ImageNet's test is its val folder)")

@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator, Mapping
 import data
 import torch
 import trial
-from engine import arch_key, evaluate_candidate, read_results, write_results
+from engine import arch_key, evaluate_candidate, write_results
 from nni.experiment import launcher
 from nni.nas.evaluator import FunctionalEvaluator
 from nni.nas.execution import training_service
@@ -503,7 +503,7 @@ def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'Se
     experiment.strategy = build_strategy(args, space_kwargs, budget, ledger)
     print(f'experiment {experiment.id}: {args.strategy} search of {ledger.planned} candidates on {args.device}, '
           f'budget {budget.describe()}, results in {output}')
-    recorded = len(read_results(output))
+    recorded = sum(1 for _ in (output / 'candidates').glob('*.json'))
     if recorded:
         print(f'{recorded} candidates already evaluated: answered from their records')
     if args.engine == 'ts':
@@ -546,8 +546,9 @@ def lock_output(output: Path) -> Iterator[None]:
 def search_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
     """What a candidate's record depends on: the weights, the search split and the budget."""
     weights = Path(args.weights).resolve()
-    stat = weights.stat()
-    return {'weights': str(weights), 'weights_size': stat.st_size, 'weights_mtime_ns': stat.st_mtime_ns,
+    stat = weights.stat() if weights.is_file() else None  # not a file: 'nni', NNI's download
+    return {'weights': str(weights) if stat else args.weights, 'weights_size': stat and stat.st_size,
+            'weights_mtime_ns': stat and stat.st_mtime_ns,
             'name': args.name, 'dataset': args.dataset,
             'datapath': str(Path(args.datapath).resolve()) if args.datapath else None,
             'search_images': args.search_images, 'seed': args.seed, 'min_params': args.min_params,
@@ -671,7 +672,8 @@ def best_record(records: list[dict]) -> dict:
 def write_best(records: list[dict], output: Path, supernet: Mapping[str, torch.Tensor],
                space_kwargs: Mapping[str, Any], args: argparse.Namespace, experiment_id: str,
                extra: dict) -> dict:
-    best = {**best_record(records), 'experiment_id': experiment_id, 'strategy': args.strategy, 'candidates': len(records), **extra}
+    best = {**best_record(records), 'experiment_id': experiment_id, 'strategy': args.strategy,
+            'candidates': len(records), **extra}
     atomic_write_json(best, output / 'best.json')
     save_weights(output / 'best-subnet.pth', sub_state_dict(supernet, best['arch']), space_kwargs, arch=best['arch'])
     plot_pareto(records, output / 'pareto.png', f'{args.strategy} search, {len(records)} candidates')

@@ -300,7 +300,7 @@ class SearchLedger(StrategyMiddleware):
             self.replays.append(model)
             self.dispatch_model_event(ModelEventType.FinalMetric, metric=final_metrics(record), model=model)
             self.dispatch_model_event(ModelEventType.TrainingEnd, status=ModelStatus.Trained, model=model)
-            self._count(model, ModelStatus.Trained)
+            self._count(record)
 
     def list_models(self, status: ModelStatus | None = None) -> Iterator[ExecutableModelSpace]:
         yield from self.engine.list_models(status)
@@ -325,11 +325,11 @@ class SearchLedger(StrategyMiddleware):
 
     def _on_end(self, event: TrainingEndEvent) -> None:
         if self.pending.pop(id(event.model), None) is not None:
-            self._count(event.model, event.status)
+            self._count(self._record(event.model) if event.status == ModelStatus.Trained else None)
 
-    def _count(self, model: ExecutableModelSpace, status: ModelStatus) -> None:
+    def _count(self, record: dict | None) -> None:
+        """One more candidate done: ``record`` is its record, None when it failed."""
         self.done += 1
-        record = self._record(model) if status == ModelStatus.Trained else None
         if record is None:
             self.failed += 1
             if self.first_failure is None:

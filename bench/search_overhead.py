@@ -79,7 +79,8 @@ def main() -> None:
             name = f'{engine} concurrency {args.concurrency}' if engine == 'ts' else engine
             overhead = per_candidate[engine] - forward
             print(f'search_overhead engine {name}: {per_candidate[engine]:.3f} s per candidate, '
-                  f'forward alone {forward:.3f} s, overhead {overhead:.3f} s ({100 * overhead / forward:.0f}% of forward)')
+                  f'forward alone {forward:.3f} s, overhead {overhead:.3f} s '
+                  f'({100 * overhead / forward:.0f}% of forward)')
     if len(args.engine) == 2:
         first, second = args.engine
         print(f'search_overhead {first} beyond {second}: '
