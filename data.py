@@ -18,8 +18,10 @@ wraps one in a DataLoader. Nothing is ever downloaded.
 
 ImageNet/folder/CIFAR images use ImageNet mean/std and DeiT's transforms (timm
 ``create_transform``); digits use mean 0.5 / std 0.5. Image files are decoded to RGB; a file
-that cannot be decoded is skipped (the next sample is returned instead), counted in the
-dataset's ``skipped`` set, and reported by one warning per process.
+that cannot be decoded (corrupt, truncated, a decompression bomb) is left out of evaluation and
+replaced by the next image in training, counted (``undecodable_count``) and reported by one
+warning per process. Entries that are not regular files, and folders reached twice through
+symlinks, are left out when the folder is scanned.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from timm.data import auto_augment as timm_auto_augment
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -75,7 +77,7 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
 for _name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
     timm_auto_augment.NAME_TO_OP[_name] = _posterize
 # What Pillow raises for corrupt, truncated or non-image files.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 # The only globals a CIFAR-10 pickle needs (numpy arrays written by Python 2 or 3); anything
 # else would run code from the file, so it is refused.
 _CIFAR_PICKLE_GLOBALS = {
@@ -95,7 +97,8 @@ _logger = logging.getLogger(__name__)
 def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
     """The data flags every script shares, with the same names and meaning."""
     parser.add_argument('--dataset', choices=DATASETS, default=None,
-                        help='default: imagenet when --datapath is given, else the bundled digits')
+                        help=f"default: cifar10 when --datapath holds {CIFAR_DIR}/ (or is it), imagenet for any other "
+                             '--datapath, the bundled digits without --datapath')
     parser.add_argument('--datapath', default=None, help='dataset folder (not needed for digits)')
     parser.add_argument('--batch-size', '--batch_size', dest='batch_size', type=int, default=batch_size,
                         help=f'images per batch (default {batch_size})')
@@ -104,8 +107,14 @@ def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None
 
 
 def dataset_name(dataset: str | None, datapath: str | None) -> str:
-    """``--dataset``, defaulting to ImageNet when a folder is given and to the bundled digits otherwise."""
-    return dataset or ('imagenet' if datapath else 'digits')
+    """``--dataset``, else what ``datapath`` holds: torchvision's CIFAR-10 folder, else ImageNet; digits
+    without a folder."""
+    if dataset:
+        return dataset
+    if not datapath:
+        return 'digits'
+    return 'cifar10' if (_cifar_folder(Path(datapath).expanduser()) / 'batches.meta').is_file() else 'imagenet'
+
 
 
 def build_dataset(dataset: str, datapath: str | os.PathLike | None, split: str, img_size: int,
@@ -120,7 +129,7 @@ def build_dataset(dataset: str, datapath: str | os.PathLike | None, split: str, 
     if dataset == 'cifar10':
         return Cifar10(_cifar_folder(root), split, _cifar_transform(img_size, training))
     folder = _imagenet_split(root, split) if dataset == 'imagenet' else _folder_split(root, split)
-    return _image_folder(folder, _image_transform(img_size, training))
+    return _image_folder(folder, _image_transform(img_size, training), training)
 
 
 def num_classes(dataset: str, datapath: str | os.PathLike | None) -> int:
@@ -138,7 +147,7 @@ def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: b
         num_workers = 0  # tensors already in memory: worker processes only add start-up and contention
     workers = num_workers > 0
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      drop_last=drop_last, pin_memory=torch.cuda.is_available(),
+                      drop_last=drop_last, collate_fn=collate_decodable, pin_memory=torch.cuda.is_available(),
                       persistent_workers=workers,
                       # RandAugment on large images is CPU-heavy: keep more batches queued for the GPU.
                       prefetch_factor=4 if workers else None)
@@ -201,9 +210,9 @@ def _class_names(root: Path) -> list[str]:
     return names
 
 
-def _image_folder(root: Path, transform: Callable) -> SafeImageFolder:
+def _image_folder(root: Path, transform: Callable, training: bool) -> SafeImageFolder:
     _class_names(root)  # a clear error for a missing folder or one without class folders
-    dataset = SafeImageFolder(root, transform)
+    dataset = SafeImageFolder(root, transform, substitute=training)
     counts = np.bincount(dataset.targets, minlength=len(dataset.classes))
     empty = [name for name, count in zip(dataset.classes, counts) if count == 0]
     if empty:
@@ -221,29 +230,102 @@ def _load_rgb(path: str) -> Image.Image:
         return image.convert('RGB')
 
 
+def _class_samples(folder: str, label: int, visited: set[str], class_folders: set[str],
+                   odd: list[str]) -> list[tuple[str, int]]:
+    """The image files under one class folder, symlinks followed once: a folder already walked (a
+    symlink loop) or another class's folder is not entered again, and entries that are not regular
+    files (a FIFO named ``pipe.jpg`` would block the loader forever) are left out and listed in ``odd``."""
+    samples, stack = [], [folder]
+    while stack:
+        current = stack.pop()
+        real = os.path.realpath(current)
+        if real in visited or (current != folder and real in class_folders):
+            odd.append(current)
+            continue
+        visited.add(real)
+        with os.scandir(current) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    stack.append(entry.path)
+                elif entry.name.lower().endswith(IMG_EXTENSIONS):
+                    if entry.is_file():
+                        samples.append((entry.path, label))
+                    else:
+                        odd.append(entry.path)
+    return sorted(samples)
+
+
 class SafeImageFolder(ImageFolder):
-    """ImageFolder that decodes every image to RGB and skips files that cannot be decoded."""
+    """ImageFolder that decodes every image to RGB, never blocks on a file that is not a regular file
+    and never walks a folder twice, and deals with files that cannot be decoded in one of two ways:
 
-    def __init__(self, root: Path, transform: Callable) -> None:
+    * ``substitute=True`` (training): the next decodable sample is returned instead, so that batches
+      keep their size;
+    * ``substitute=False`` (evaluation): the sample is dropped (``__getitem__`` returns None, which
+      :func:`build_loader`'s collate leaves out), so that no image is counted twice.
+
+    Either way the file is flagged in ``undecodable``, a tensor in shared memory that the DataLoader's
+    worker processes write too, and one warning per process names the first one.
+    """
+
+    def __init__(self, root: Path, transform: Callable, substitute: bool) -> None:
         super().__init__(str(root), transform=transform, loader=_load_rgb, allow_empty=True)
-        self.skipped: set[str] = set()  # per process: each DataLoader worker keeps its own
+        self.substitute = substitute
+        self.undecodable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+        self._warned = False
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: Any = None,
+                     is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        folders = {name: os.path.join(directory, name) for name in sorted(class_to_idx)}
+        class_folders = {os.path.realpath(path) for path in folders.values()}
+        visited: set[str] = set()
+        odd: list[str] = []
+        samples = [sample for name, path in folders.items()
+                   for sample in _class_samples(path, class_to_idx[name], visited, class_folders, odd)]
+        if odd:
+            _logger.warning('left out %d entries of %s that are not image files or are folders already read '
+                            '(a FIFO, a broken symlink, a symlink loop or a link to another class), e.g. %s',
+                            len(odd), directory, odd[0])
+        return samples
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         for offset in range(len(self.samples)):
-            path, target = self.samples[(index + offset) % len(self.samples)]
+            position = (index + offset) % len(self.samples)
+            path, target = self.samples[position]
             try:
                 image = self.loader(path)
             except _DECODE_ERRORS as err:
-                self._skip(path, err)
+                self._flag(position, path, err)
+                if not self.substitute:
+                    return None
                 continue
             return self.transform(image), target
         raise UserError(f'no image under {self.root} can be decoded: the files are corrupt or not images')
 
-    def _skip(self, path: str, err: Exception) -> None:
-        if not self.skipped:
-            _logger.warning('skipping undecodable image %s (%s: %s); later ones are skipped without a '
-                            'warning and counted in dataset.skipped', path, type(err).__name__, err)
-        self.skipped.add(path)
+    @property
+    def skipped(self) -> list[str]:
+        """The files found undecodable so far, by this process and its DataLoader workers."""
+        return [self.samples[i][0] for i in self.undecodable.nonzero().flatten().tolist()]
+
+    def _flag(self, position: int, path: str, err: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            action = 'replaced by the next image' if self.substitute else 'left out'
+            _logger.warning('undecodable image %s (%s: %s) %s; later ones are %s without a warning and counted',
+                            path, type(err).__name__, err, action, action)
+        self.undecodable[position] = True
+
+
+def undecodable_count(dataset: Dataset) -> int:
+    """How many files of ``dataset`` (or of the dataset a ``Subset`` takes from) were found undecodable."""
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    return int(base.undecodable.sum()) if isinstance(base, SafeImageFolder) else 0
+
+
+def collate_decodable(samples: list[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``default_collate`` of the samples that could be decoded; None when none of the batch could."""
+    samples = [sample for sample in samples if sample is not None]
+    return default_collate(samples) if samples else None
 
 
 def _train_transform(img_size: int) -> Callable:
@@ -415,7 +497,10 @@ def write_cache(split: Dataset, dataset: str, path: str | os.PathLike, batch_siz
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalization(dataset))
     images = labels = None
     filled = 0
-    for batch, targets in tqdm(build_loader(split, batch_size, num_workers), desc='caching the search split'):
+    for decoded in tqdm(build_loader(split, batch_size, num_workers), desc='caching the search split'):
+        if decoded is None:  # no image of this batch could be decoded
+            continue
+        batch, targets = decoded
         if images is None:
             images = torch.empty((len(split), *batch.shape[1:]), dtype=torch.uint8)
             labels = torch.empty(len(split), dtype=torch.long)
@@ -423,7 +508,9 @@ def write_cache(split: Dataset, dataset: str, path: str | os.PathLike, batch_siz
         labels[filled:filled + len(batch)] = torch.as_tensor(targets)
         filled += len(batch)
     if images is None:
-        raise UserError('the search split is empty: check --dataset / --datapath')
+        raise UserError('no image of the search split could be decoded: check --dataset / --datapath')
+    if filled < len(split):
+        print(f'{len(split) - filled} undecodable images left out of the search split', file=sys.stderr)
     atomic_torch_save({'images': images[:filled], 'labels': labels[:filled], 'mean': normalization(dataset)[0],
                        'std': normalization(dataset)[1]}, path)
 

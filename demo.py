@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from cli import parse_checked
 from space import extreme_arch, read_weights, used_arch
 from utils import atomic_write_text, run_main
 
@@ -33,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="search engine (ts: NNI's training service, viewable in the web UI)")
     parser.add_argument('--port', type=int, default=8080, help='web UI port of the search')
     parser.add_argument('--fresh', action='store_true', help='delete --output first and run every stage again')
-    return parser.parse_args(argv)
+    return parse_checked(parser, argv)
 
 
 def run_stage(name: str, args: list[str], times: dict[str, float]) -> None:

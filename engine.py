@@ -18,19 +18,21 @@ import nni
 import torch
 import torch.nn as nn
 from timm.utils import accuracy
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
 from space import AutoformerSpace, count_flops, count_params, read_weights, sub_state_dict, used_arch
 from trial import record_failure
-from utils import AUTOCAST, atomic_write_json, atomic_write_text, pick_device
+from utils import AUTOCAST, UserError, atomic_write_json, atomic_write_text, pick_device
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'cpu', progress: bool = True,
              desc: str = 'eval', on_batch: Callable[[int, float], None] | None = None,
              precision: str = '32-true') -> dict[str, float]:
-    """Top-1 / top-5 (in %) of ``model`` over ``loader``, with images/s of the forward passes.
+    """Top-1 / top-5 (in %) of ``model`` over ``loader``, with images/s of the forward passes, the
+    number of images evaluated and of undecodable images left out (``skipped``).
 
     ``on_batch(batch_index, running_top1)`` is called after every batch (NNI intermediate results).
     ``precision``: ``bf16-mixed`` or ``16-mixed`` autocast on CUDA (ignored on the CPU).
@@ -40,7 +42,10 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
     model.eval().to(device)
     correct1 = correct5 = seen = 0
     seconds = 0.0
-    for index, (images, targets) in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
+    for index, batch in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
+        if batch is None:  # no image of this batch could be decoded
+            continue
+        images, targets = batch
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -54,9 +59,11 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
         seen += len(targets)
         if on_batch is not None:
             on_batch(index, 100 * correct1 / seen)
+    skipped = data.undecodable_count(loader.dataset) if isinstance(loader, DataLoader) else 0
     if seen == 0:
-        raise ValueError('the evaluation data is empty')
-    return {'top1': 100 * correct1 / seen, 'top5': 100 * correct5 / seen, 'images': seen,
+        raise UserError('no image of the evaluation data could be decoded' if skipped else
+                        'the evaluation data is empty')
+    return {'top1': 100 * correct1 / seen, 'top5': 100 * correct5 / seen, 'images': seen, 'skipped': skipped,
             'images_per_s': seen / max(seconds, 1e-9)}
 
 

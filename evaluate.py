@@ -9,6 +9,7 @@ import argparse
 
 import torch
 
+from cli import parse_checked
 import data
 from engine import evaluate
 from space import count_flops, count_params, load_model
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='torch.compile the subnet before evaluating (compiled once: worth it for a large '
                              'evaluation on a GPU; training and search change the arch and stay eager)')
     parser.add_argument('--output', default=None, help='also write the results to this JSON file')
-    return parser.parse_args(argv)
+    return parse_checked(parser, argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {'weights': args.weights, 'dataset': args.dataset, 'split': args.split, 'arch': arch,
                'params': count_params(arch, **space_kwargs), 'flops': count_flops(arch, **space_kwargs), **metrics}
     print(f"top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  params {results['params'] / 1e6:.2f}M  "
-          f"FLOPs {results['flops'] / 1e9:.3f}G  {results['images']} images  {results['images_per_s']:.1f} images/s")
+          f"FLOPs {results['flops'] / 1e9:.3f}G  {results['images']} images  {results['images_per_s']:.1f} images/s"
+          + (f"  ({results['skipped']} undecodable images left out)" if results['skipped'] else ''))
     if args.output:
         atomic_write_json(results, args.output)
     return results

@@ -16,6 +16,7 @@ import math
 import torch
 from timm.layers import resample_abs_pos_embed
 
+from cli import parse_checked
 import data
 from lightning import add_training_args, train_supernet
 from space import load_supernet_file, space_config
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     pre.add_argument('--dataset', default=None)
     pre.add_argument('--datapath', default=None)
     known, _ = pre.parse_known_args(argv)
-    dataset = known.dataset or ('cifar10' if known.datapath else 'digits')
+    dataset = data.dataset_name(known.dataset, known.datapath)
     recipe = {**RECIPES.get(dataset, RECIPES['default']), 'output': f'outputs/finetune-{dataset}'}
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='pretrained supernet weights (any supported layout)')
     data.add_data_args(parser, batch_size=recipe['batch_size'])
     add_training_args(parser, recipe)
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv)
     args.dataset = dataset
     return args
 

@@ -9,9 +9,12 @@ subnets: the smallest, the largest and, for a preset, the pre-searched one.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
+import os
 import random
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,7 +31,7 @@ from timm.utils import ModelEmaV3, accuracy
 
 from space import SEARCHED, AutoformerSpace, extreme_arch, preset_name, sample_arch, set_active_arch
 from utils import (UserError, add_precision_args, atomic_torch_save, atomic_write_json, check_writable,
-                   remove_unfinished_writes, set_up_precision)
+                   lock_output, remove_unfinished_writes, set_up_precision)
 
 _logger = logging.getLogger(__name__)
 # NNI's evaluator asks for traced DataLoaders, which only matter for trials it spawns; training runs here.
@@ -105,7 +108,9 @@ class SupernetModule(LightningModule):
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> None:
+        if batch is None:  # no image of this batch could be decoded
+            return
         images, targets = batch
         model = self.ema.module if self.ema is not None else self.model
         for name, arch in self.val_archs.items():
@@ -169,6 +174,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, fsynced before the rename, and a full disk ends in one clear message."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        from space import check_finite
+        check_finite(checkpoint['state_dict'], f'training diverged at epoch {checkpoint["epoch"]} ({Path(path).name} '
+                     'not written; lower --learning-rate or set --clip-grad, and --resume from the last checkpoint)')
         atomic_torch_save(checkpoint, path)
 
 
@@ -215,8 +223,21 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
     parser.add_argument('--output', default=recipe.get('output'), help='folder for checkpoints, logs and weights')
 
 
+def check_launcher(num_nodes: int) -> None:
+    """Several machines need a launcher that tells each one its rank; without one, every machine would
+    wait forever for the others."""
+    env = os.environ
+    launched = ('TORCHELASTIC_RUN_ID' in env or 'GROUP_RANK' in env or 'SLURM_NTASKS' in env
+                or ('NODE_RANK' in env and 'MASTER_ADDR' in env))
+    if num_nodes > 1 and not launched:
+        raise UserError(f'--num-nodes {num_nodes} needs a launcher on every machine: torchrun --nnodes {num_nodes} '
+                        '--node-rank R --master-addr HOST ..., srun under SLURM, or MASTER_ADDR, MASTER_PORT and '
+                        'NODE_RANK set on each machine')
+
+
 def trainer_settings(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     """Lightning ``Trainer`` keywords for the hardware asked for, and the number of processes."""
+    check_launcher(args.num_nodes)
     if args.gpus > 0 and not torch.cuda.is_available():
         _logger.warning('--gpus %d asked for but no CUDA GPU is visible: training on the CPU', args.gpus)
     use_gpu = args.gpus > 0 and torch.cuda.is_available()
@@ -240,21 +261,70 @@ def check_ranks_agree(trainer: pl.Trainer, supernet: nn.Module) -> None:
         print(f'DDP: all {len(gathered)} ranks hold identical supernet weights')
 
 
+def is_first_process() -> bool:
+    """True in the process a user started, false in the other DDP ranks (Lightning's own launcher,
+    torchrun and SLURM all set one of these)."""
+    return all(os.environ.get(name, '0') == '0'
+               for name in ('RANK', 'LOCAL_RANK', 'NODE_RANK', 'GROUP_RANK', 'SLURM_PROCID'))
+
+
+def check_run_output(output: Path, resume: bool, fingerprint: Mapping[str, Any]) -> None:
+    """An output folder holds one run: refuse another run's results without --resume, and a --resume
+    with another dataset or space than the run had."""
+    last = output / 'checkpoints' / 'last.ckpt'
+    record = output / 'run.json'
+    if resume:
+        if not last.is_file():
+            raise UserError(f'--resume: no checkpoint {last} to continue from')
+        recorded = json.loads(record.read_text()) if record.is_file() else fingerprint
+        changed = [key for key in fingerprint if recorded.get(key, fingerprint[key]) != fingerprint[key]]
+        if changed:
+            raise UserError(f'--resume: the run in {output} had another {changed[0]} ({recorded[changed[0]]!r}, now '
+                            f'{fingerprint[changed[0]]!r}): resume with the same flags, or choose another --output')
+        remove_unfinished_writes(last.parent)
+        return
+    held = [path for path in (last, output / 'supernet.pth', record) if path.exists()]
+    if held:
+        raise UserError(f'{output} already holds a run ({held[0].name}): pass --resume to continue it, or choose '
+                        'another --output')
+
+
+def run_fingerprint(args: argparse.Namespace, space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues."""
+    return {'dataset': args.dataset, 'datapath': str(Path(args.datapath).resolve()) if args.datapath else None,
+            'space': json.loads(json.dumps(dict(space_kwargs))), 'seed': args.seed}
+
+
+def check_batches(train_size: int, batch_size: int, processes: int) -> int:
+    """Optimizer steps per epoch; refuses a training split smaller than one global batch (no step at all)."""
+    global_batch = batch_size * processes
+    if train_size < global_batch:
+        across = f' ({batch_size} on each of {processes} processes)' if processes > 1 else ''
+        raise UserError(f'the training split has {train_size} images, fewer than one batch of {global_batch}'
+                        f'{across}: lower --batch-size')
+    return train_size // global_batch
+
+
 def train_supernet(args: argparse.Namespace, space_kwargs: Mapping[str, Any],
                    pretrained: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Train the supernet of ``space_kwargs`` as ``args`` say; return the final supernet weights file."""
+    output = Path(args.output)
+    check_writable(output)
+    if not is_first_process():
+        return _train(args, space_kwargs, pretrained)
+    with lock_output(output, 'a training run'):
+        fingerprint = run_fingerprint(args, space_kwargs)
+        check_run_output(output, args.resume, fingerprint)
+        return _train(args, space_kwargs, pretrained, fingerprint)
+
+
+def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained: Mapping[str, torch.Tensor] | None,
+           fingerprint: Mapping[str, Any] | None = None) -> Path:
     import data
-    from space import build_supernet, save_weights
+    from space import build_supernet, check_finite, save_weights
 
     output = Path(args.output)
     last = output / 'checkpoints' / 'last.ckpt'
-    if args.resume and not last.is_file():
-        raise UserError(f'--resume: no checkpoint {last} to continue from')
-    if not args.resume and last.exists():
-        raise UserError(f'{output} already holds a run: pass --resume to continue it, or choose another --output')
-    check_writable(output)
-    if args.resume:
-        remove_unfinished_writes(last.parent)
     pl.seed_everything(args.seed, workers=True, verbose=False)
     trainer_kwargs, processes = trainer_settings(args)
     train_set = data.build_dataset(args.dataset, args.datapath, 'train', space_kwargs['img_size'], training=True)
@@ -262,6 +332,9 @@ def train_supernet(args: argparse.Namespace, space_kwargs: Mapping[str, Any],
     if len(train_set.classes) != space_kwargs['num_labels']:
         raise UserError(f'{args.dataset} has {len(train_set.classes)} classes, the supernet '
                         f'{space_kwargs["num_labels"]}')
+    steps_per_epoch = check_batches(len(train_set), args.batch_size, processes)
+    if fingerprint is not None:
+        atomic_write_json(fingerprint, output / 'run.json')
     train_loader = data.build_loader(train_set, args.batch_size, args.num_workers, shuffle=True, drop_last=True)
     val_loader = data.build_loader(val_set, args.batch_size, args.num_workers)
     global_batch = args.batch_size * processes
@@ -269,7 +342,7 @@ def train_supernet(args: argparse.Namespace, space_kwargs: Mapping[str, Any],
         space_kwargs, learning_rate=5e-4 * global_batch / 512 if args.learning_rate is None else args.learning_rate,
         min_lr=args.min_lr,
         warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, epochs=args.epochs, warmup_epochs=args.warmup,
-        steps_per_epoch=max(len(train_set) // global_batch, 1), smoothing=args.smoothing, mixup=args.mixup,
+        steps_per_epoch=steps_per_epoch, smoothing=args.smoothing, mixup=args.mixup,
         cutmix=args.cutmix, ema_decay=args.ema_decay or 0.0, seed=args.seed, pretrained=pretrained)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=output / 'checkpoints', filename='best', monitor='val_acc_max',
                                                mode='max', save_last=True)
@@ -279,14 +352,21 @@ def train_supernet(args: argparse.Namespace, space_kwargs: Mapping[str, Any],
     evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs, str(last) if args.resume else None)
     supernet = build_supernet({**space_kwargs, 'drop_path_rate': args.drop_path})
     evaluator.evaluate(supernet)
+    trainer = evaluator.trainer
     if processes > 1:
-        check_ranks_agree(evaluator.trainer, supernet)
+        check_ranks_agree(trainer, supernet)
+    substituted = int(trainer.strategy.reduce(torch.tensor(data.undecodable_count(train_set)), reduce_op='sum'))
     weights = output / 'supernet.pth'
-    if evaluator.trainer.is_global_zero:
+    if trainer.is_global_zero:
+        check_finite(supernet.state_dict(), f'the trained supernet (not written to {weights})')
         save_weights(weights, supernet.state_dict(), space_kwargs)
         if module.ema is not None:
             save_weights(output / 'supernet-ema.pth', module.ema.module.state_dict(), space_kwargs)
-        metrics = {k: float(v) for k, v in evaluator.trainer.callback_metrics.items()}
-        atomic_write_json({'epochs': evaluator.trainer.current_epoch, **metrics}, output / 'metrics.json')
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        atomic_write_json({'epochs': trainer.current_epoch, **metrics, 'undecodable_images': substituted,
+                           'undecodable_val_images': data.undecodable_count(val_set)}, output / 'metrics.json')
+        if substituted:
+            print(f'{substituted} undecodable training images were replaced by the next image (see the warning '
+                  'above for the first)', file=sys.stderr)
         print(f'wrote {weights}; ' + ', '.join(f'{k} {v:.2f}' for k, v in metrics.items() if k.startswith('val_acc')))
     return weights

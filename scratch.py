@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from cli import parse_checked
 import data
 from lightning import add_training_args, train_supernet
 from space import AutoformerSpace, space_config
@@ -38,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='search space preset (default: demo for digits, tiny otherwise)')
     data.add_data_args(parser, batch_size=recipe['batch_size'])
     add_training_args(parser, recipe)
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv)
     args.dataset = dataset
     args.name = args.name or ('demo' if dataset == 'digits' else 'tiny')
     return args

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import fcntl
 import json
 import logging
 import os
@@ -28,11 +27,11 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import data
+from cli import parse_checked
 import torch
 import trial
 from engine import arch_key, evaluate_candidate, write_results
@@ -45,7 +44,8 @@ from nni.runtime.tuner_command_channel import TunerCommandChannel
 from nni.runtime.tuner_command_channel.command_type import CommandType
 from space import AutoformerSpace, export_standalone, load_supernet_file, save_weights, sub_state_dict, used_arch
 from strategy import Budget, SearchLedger, build_strategy
-from utils import UserError, atomic_path, atomic_write_json, check_writable, remove_unfinished_writes, run_main
+from utils import (UserError, atomic_path, atomic_write_json, check_writable, lock_output, remove_unfinished_writes,
+                   run_main)
 
 _logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--export', action='store_true', help='also export the best subnet (TorchScript, ONNX)')
     parser.add_argument('--output', default=None, help='results folder (default: outputs/search-<experiment id>)')
     parser.add_argument('--seed', type=int, default=0, help='random seed of the strategy')
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv)
     if args.evolution:
         args.strategy = 'evolution'
     args.dataset = data.dataset_name(args.dataset, args.datapath)
@@ -397,35 +397,6 @@ def resolve_devices(args: argparse.Namespace) -> None:
     args.concurrency = max(args.concurrency or default, 1)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Absurd flag values refused up front with one line, before anything loads."""
-    def flag(name: str) -> str:
-        return '--' + name.replace('_', '-')
-
-    for name in ('trials', 'generations', 'population', 'batch_size', 'latency_batch_size', 'select',
-                 'evolution_population_size', 'evolution_sample_size'):
-        if getattr(args, name) < 1:
-            raise UserError(f'{flag(name)} must be at least 1, got {getattr(args, name)}')
-    for name in ('mutation_num', 'crossover_num'):
-        if getattr(args, name) < 0:
-            raise UserError(f'{flag(name)} must be 0 or more, got {getattr(args, name)}')
-    if args.concurrency is not None and args.concurrency < 1:
-        raise UserError(f'--concurrency must be at least 1, got {args.concurrency}')
-    if args.gpus is not None and args.gpus < 0:
-        raise UserError(f'--gpus must be 0 or more, got {args.gpus}')
-    if not 0 < args.port < 65536:
-        raise UserError(f'--port must be between 1 and 65535, got {args.port}')
-    for name in ('mutation_prob', 'param_mutation_prob', 'evolution_mutation_prob'):
-        if not 0 <= getattr(args, name) <= 1:  # also refuses nan
-            raise UserError(f'{flag(name)} is a probability: between 0 and 1, got {getattr(args, name)}')
-    for name in ('min_params', 'max_params', 'max_flops', 'max_latency'):
-        value = getattr(args, name)
-        if value is not None and not 0 <= value < float('inf'):  # nan would let every arch through
-            raise UserError(f'{flag(name)} must be a finite number of 0 or more, got {value}')
-    if args.min_params is not None and args.max_params is not None and args.min_params > args.max_params:
-        raise UserError(f'--min-params {args.min_params} > --max-params {args.max_params}: no arch can meet it')
-
-
 def write_worker_spec(output: Path, weights: Path, cache: Path, args: argparse.Namespace) -> Path:
     """What every warm worker loads (read by trial.py), with a token only this user can read."""
     spec = output / 'worker.json'
@@ -450,7 +421,6 @@ class Interrupted(Exception):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    check_args(args)
     resolve_devices(args)
     supernet, space_kwargs, meta = load_supernet_file(args.weights, args.name)
     split_classes = data.num_classes(args.dataset, args.datapath)
@@ -471,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
                                   Random(), NasExperimentConfig('sequential', 'raw'), id=args.resume)
     output = Path(args.output or f'outputs/search-{experiment.id}').resolve()
     check_writable(output)
-    with lock_output(output):
+    with lock_output(output, 'a search'):
         return run_search(args, argv, experiment, output, supernet, space_kwargs, meta)
 
 
@@ -528,19 +498,6 @@ def stop_all_workers(spec: Path | None) -> None:
     if spec is not None and spec.is_file():
         trial.stop_workers(trial.read_spec(spec))
         spec.unlink()
-
-
-@contextmanager
-def lock_output(output: Path) -> Iterator[None]:
-    """An exclusive lock on ``output`` while a search runs (two searches into one folder would mix their
-    candidates)."""
-    with open(output / '.lock', 'w') as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f'another search is running with --output {output}: wait for it or choose another '
-                            '--output') from None
-        yield
 
 
 def search_fingerprint(args: argparse.Namespace) -> dict[str, Any]:

@@ -525,9 +525,48 @@ def space_config(**kwargs: Any) -> dict[str, Any]:
     if unknown:
         raise TypeError(f'unknown AutoformerSpace arguments: {sorted(unknown)}')
     config = {**DEFAULTS, **kwargs}
+    problem = space_problem(config)
+    if problem:
+        raise UserError(f'invalid space: {problem}')
     if config['rpe_length'] is None:
         config['rpe_length'] = config['img_size'] // config['patch_size']
     return config
+
+
+def _is_int(value: Any, least: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def space_problem(config: Mapping[str, Any]) -> str | None:
+    """What makes a space's keywords unusable (one phrase), or None: the checks a stored ``space``
+    of a weights file must pass before anything is built from it."""
+    for key in ('search_embed_dim', 'search_num_heads', 'search_depth', 'search_mlp_ratio'):
+        values = config[key]
+        ok = _is_int if key != 'search_mlp_ratio' else lambda v: _is_number(v) and v > 0
+        if not isinstance(values, (list, tuple)) or not values or not all(ok(v) for v in values):
+            return f'{key} must be a non-empty list of positive numbers{"" if key == "search_mlp_ratio" else " (integers)"}, got {values!r}'
+    for key in ('img_size', 'patch_size', 'in_channels'):
+        if not _is_int(config[key]):
+            return f'{key} must be a positive integer, got {config[key]!r}'
+    if config['img_size'] < config['patch_size']:
+        return f'img_size {config["img_size"]} is smaller than patch_size {config["patch_size"]}'
+    if not _is_int(config['num_labels'], 0):
+        return f'num_labels must be an integer of 0 or more, got {config["num_labels"]!r}'
+    for key in ('qkv_bias', 'pre_norm', 'global_pooling', 'absolute_position', 'rpe'):
+        if not isinstance(config[key], bool):
+            return f'{key} must be true or false, got {config[key]!r}'
+    for key in ('drop_rate', 'attn_drop_rate', 'drop_path_rate'):
+        if not (_is_number(config[key]) and 0 <= config[key] < 1):
+            return f'{key} must be a number in [0, 1), got {config[key]!r}'
+    if config['qk_scale'] is not None and not (_is_number(config['qk_scale']) and config['qk_scale'] > 0):
+        return f'qk_scale must be a positive number or null, got {config["qk_scale"]!r}'
+    if config['rpe_length'] is not None and not _is_int(config['rpe_length']):
+        return f'rpe_length must be a positive integer or null, got {config["rpe_length"]!r}'
+    return None
 
 
 def make_arch(embed_dim: int, mlp_ratios: list[float], num_heads: list[int]) -> dict[str, Any]:
@@ -574,9 +613,13 @@ def check_arch(arch: Mapping[str, Any], config: Mapping[str, Any]) -> None:
     if not isinstance(arch, Mapping):
         raise UserError(f'an arch must be a JSON object / dict of labels, got {type(arch).__name__}')
     choices = arch_choices(config)
+    unknown = sorted(str(label) for label in arch if label not in choices)
+    if unknown:
+        raise UserError(f'arch label {unknown[0]!r} is not a label of the space (its labels: embed_dim, depth, '
+                        f'mlp_ratio_0..{max(config["search_depth"]) - 1}, num_head_0..{max(config["search_depth"]) - 1})')
     for label in ('embed_dim', 'depth'):
         _check_label(arch, label, choices[label])
-    for i in range(int(arch['depth'])):
+    for i in range(arch['depth']):
         for label in (f'mlp_ratio_{i}', f'num_head_{i}'):
             _check_label(arch, label, choices[label])
 
@@ -585,7 +628,11 @@ def _check_label(arch: Mapping[str, Any], label: str, allowed: list) -> None:
     if label not in arch:
         raise UserError(f'arch is missing the label {label!r} (allowed values: {allowed})')
     value = arch[label]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in allowed:
+    if label.startswith('mlp_ratio') and not _is_number(value) or not label.startswith('mlp_ratio') and not \
+            _is_int(value, least=-2**63):
+        kind = 'a number' if label.startswith('mlp_ratio') else 'an integer'
+        raise UserError(f'arch value {label}={value!r} must be {kind} (allowed values: {allowed})')
+    if value not in allowed:
         raise UserError(f'arch value {label}={value!r} is outside the space (allowed values: {allowed})')
 
 
@@ -696,6 +743,8 @@ def _check_arch_fits(state_dict: Mapping[str, torch.Tensor], arch: Mapping[str, 
     for label in ('embed_dim', 'depth'):
         if label not in arch:
             raise UserError(f'arch is missing the label {label!r}')
+        if not _is_int(arch[label]):
+            raise UserError(f'arch value {label}={arch[label]!r} must be a positive integer')
     width = state_dict['patch_embed.weight'].shape[0]
     depth = len({k.split('.')[2] for k in state_dict if k.startswith('blocks.blocks.')})
     if not 0 < arch['embed_dim'] <= width:
@@ -708,8 +757,8 @@ def _check_arch_fits(state_dict: Mapping[str, torch.Tensor], arch: Mapping[str, 
                                     (f'mlp_ratio_{i}', arch['embed_dim'], state_dict[prefix + 'fc1.weight'].shape[0])):
             if label not in arch:
                 raise UserError(f'arch is missing the label {label!r}')
-            if needed * arch[label] > rows:
-                raise UserError(f'arch value {label}={arch[label]} does not fit the supernet')
+            if not _is_number(arch[label]) or not 0 < needed * arch[label] <= rows:
+                raise UserError(f'arch value {label}={arch[label]!r} does not fit the supernet')
 
 
 def supernet_shapes(space_kwargs: Mapping[str, Any]) -> dict[str, torch.Size]:
@@ -745,13 +794,23 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     """The state dict of a weights file and what is stored beside it (``space``, ``arch``; empty for foreign files)."""
     checkpoint = torch_load(path, 'weights')
     meta = {k: v for k, v in checkpoint.items() if k in ('space', 'arch')} if isinstance(checkpoint, Mapping) else {}
-    return unwrap_state_dict(checkpoint, path), meta
+    state_dict = unwrap_state_dict(checkpoint, path)
+    check_weight_tensors(state_dict, path)
+    return state_dict, meta
 
 
 def resolve_space(name: str | None, stored: Mapping[str, Any] | None, path: Any = '') -> dict[str, Any]:
     """The space of a weights file: the stored one (checked against ``name``), else the preset ``name``."""
     if stored is None:
         return space_config(**AutoformerSpace.preset(name or 'tiny'))
+    if not isinstance(stored, Mapping) or set(stored) - set(DEFAULTS):
+        unknown = sorted(set(stored) - set(DEFAULTS)) if isinstance(stored, Mapping) else type(stored).__name__
+        raise UserError(f'{path}: its stored space is not a space ({unknown}): the file is damaged or not '
+                        "this project's; convert the original checkpoint again")
+    problem = space_problem({**DEFAULTS, **stored})
+    if problem:
+        raise UserError(f'{path}: its stored space is unusable ({problem}): the file is damaged; convert or '
+                        'train it again')
     if name is not None:
         preset = AutoformerSpace.preset(name)
         for key in SEARCH_KEYS:
@@ -914,7 +973,6 @@ def fit_to_space(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, to
             raise UserError(f'{path}: tensor {key} has shape {tuple(tensor.shape)} but {label} needs '
                             f'{tuple(shape)}: the checkpoint is for another space or preset')
         result[key] = tensor[tuple(slice(0, n) for n in shape)].clone()
-    check_finite(result, path)
     return result
 
 
@@ -923,6 +981,23 @@ def _is_extra_layer(key: str, shapes: Mapping[str, torch.Size]) -> bool:
     if not key.startswith('blocks.blocks.'):
         return False
     return f'blocks.blocks.0.{key.split(".", 3)[3]}' in shapes
+
+
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_weight_tensors(state_dict: Mapping[str, torch.Tensor], source: Any) -> None:
+    """Refuse what a weights file must not hold: tensors that are not real floating point (an int64
+    copy of the weights rounds every value), sparse or meta tensors (no values), NaN or Inf."""
+    for key, tensor in state_dict.items():
+        if tensor.layout != torch.strided or tensor.is_meta:
+            kind = 'a meta tensor (no values)' if tensor.is_meta else f'a {tensor.layout} tensor'
+            raise UserError(f'{source}: tensor {key} is {kind}, not plain weights: the file is damaged or '
+                            'was not written as weights; save dense tensors')
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise UserError(f'{source}: tensor {key} has dtype {tensor.dtype}, not floating point: these are not '
+                            'usable weights (the file is damaged or was converted wrongly)')
+    check_finite(state_dict, source)
 
 
 def check_finite(state_dict: Mapping[str, torch.Tensor], source: Any) -> None:
@@ -935,7 +1010,7 @@ def check_finite(state_dict: Mapping[str, torch.Tensor], source: Any) -> None:
 
 def load_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
     """``load_state_dict`` that reports a mismatch as one clear line naming the tensor and both shapes."""
-    check_finite(state_dict, source)
+    check_weight_tensors(state_dict, source)
     expected = model.state_dict()
     for key, tensor in expected.items():
         if key not in state_dict:

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import io
 import json
 import logging
 import os
 import pickle
+import re
+import socket
 import sys
 import tempfile
 import warnings
@@ -65,12 +68,11 @@ def torch_load(path: str | os.PathLike, what: str = 'checkpoint', mmap: bool = F
     try:
         return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        if 'Unsupported global' in str(err):  # a class or function to import: only code can rebuild it
-            raise UserError(
-                f'{what} file {path} needs to run pickled code to load, which is refused for safety '
-                '(torch.load(weights_only=True)). If you trust the file, convert it once to plain tensors: '
-                f'python -c "import torch; torch.save(torch.load(\'{path}\', weights_only=False), \'trusted.pth\')"'
-            ) from None
+        code = re.search(r'GLOBAL ([\w.]+)', str(err))
+        if code:  # a class or function to import and call: code from the file would run
+            raise UserError(f'{what} file {path} needs to run code to load (it calls {code.group(1)}), which is '
+                            'refused: a weights file must hold only tensors. Get a plain state dict '
+                            '(torch.save(model.state_dict(), path)) from its source') from None
         raise UserError(f'{what} file {path} is corrupt or truncated ({unpickler_detail(err)}); '
                         'download or convert it again') from None
     except Exception as err:  # whatever a damaged archive makes the unpickler raise
@@ -79,13 +81,14 @@ def torch_load(path: str | os.PathLike, what: str = 'checkpoint', mmap: bool = F
 
 
 def unpickler_detail(err: pickle.UnpicklingError) -> str:
-    """The one line of torch's weights-only error that says what was wrong (its other paragraphs
-    suggest ``weights_only=False``, which is no help for a damaged file)."""
+    """The line of torch's weights-only error that says what was wrong; never its advice to load with
+    ``weights_only=False``, which is no help for a damaged file and unsafe for a hostile one."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line, following in zip(lines, lines[1:]):
-        if line.endswith('WeightsUnpickler error:'):
-            return f'WeightsUnpickler error: {following}'
-    return lines[0] if lines else type(err).__name__
+    for line in lines:
+        if 'WeightsUnpickler error:' in line:
+            return line[line.index('WeightsUnpickler error:'):]
+    useful = [line for line in lines if 'weights_only' not in line and not line.startswith('Check the documentation')]
+    return useful[0] if useful else type(err).__name__
 
 
 @contextmanager
@@ -119,6 +122,25 @@ def check_writable(folder: str | os.PathLike, flag: str = '--output') -> None:
     except OSError as err:
         raise UserError(f'{flag} {folder} cannot be written ({err.strerror or err}): '
                         f'fix its permissions or free space, or choose another {flag}') from None
+
+
+@contextmanager
+def lock_output(output: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the folder ``output`` while ``what`` (e.g. 'a search') writes into it; a
+    second run is refused with one line naming the holder. The lock goes with the process (flock)."""
+    path = Path(output) / '.lock'
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not truncated: the holder's line stays readable
+    with os.fdopen(fd, 'r+') as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = lock.read().strip() or 'another process'
+            raise UserError(f'--output {output} is in use by {holder}: wait for it to finish, or choose another '
+                            '--output') from None
+        lock.truncate(0)
+        lock.write(f'{what} (pid {os.getpid()} on {socket.gethostname()}: {" ".join(sys.argv)})\n')
+        lock.flush()
+        yield
 
 
 def remove_unfinished_writes(folder: str | os.PathLike) -> None:
@@ -158,7 +180,10 @@ def pick_device(requested: str | None = None) -> torch.device:
             logging.getLogger(__name__).warning('--device %s asked for but no CUDA GPU is visible; using the CPU',
                                                 requested)
             return torch.device('cpu')
-        return torch.device(requested)
+        device = torch.device(requested)
+        if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+            raise UserError(f'--device {requested}: only {torch.cuda.device_count()} CUDA GPUs are visible')
+        return device
     if torch.cuda.is_available():
         return torch.device('cuda')
     print('No CUDA GPU found: running on the CPU (slower).', file=sys.stderr)
@@ -199,11 +224,17 @@ def load_json_arg(value: str, what: str = '--arch') -> Any:
         path = Path(value)
         if not path.is_file():
             raise UserError(f'{what}: {value} is neither JSON text nor an existing file')
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding='utf-8')
+        except UnicodeDecodeError as err:
+            raise UserError(f'{what}: {value} is not UTF-8 text ({err.reason} at byte {err.start}): '
+                            'save the JSON file as UTF-8') from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise UserError(f'{what}: malformed JSON ({err})') from None
+    except RecursionError:
+        raise UserError(f'{what}: the JSON is nested too deeply to be an arch') from None
 
 
 def load_arch_arg(value: str) -> Any:

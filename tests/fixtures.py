@@ -1,7 +1,8 @@
-"""Writers of small on-disk datasets for tests: an ImageFolder tree and a CIFAR-10 folder."""
+"""Writers of small on-disk datasets for tests (an ImageFolder tree, a CIFAR-10 folder), and a time limit."""
 from __future__ import annotations
 
 import pickle
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -39,3 +40,20 @@ def write_cifar10(root: str | Path, n_train_per_batch: int, n_test: int) -> Path
             b'num_cases_per_batch': 10000}
     (folder / 'batches.meta').write_bytes(pickle.dumps(meta))
     return folder
+
+
+class Timeout(Exception):
+    """A call that :func:`within` cut off: it hung."""
+
+
+def within(seconds: int, function):
+    """``function()``, interrupted by SIGALRM with :class:`Timeout` after ``seconds`` (a hang fails a test)."""
+    def alarm(*_):
+        raise Timeout(f'still running after {seconds} s')
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        return function()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

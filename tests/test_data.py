@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 from PIL import Image
 
 import data
-from fixtures import CIFAR_CLASSES, write_cifar10, write_image_folder
+from engine import evaluate as engine_evaluate
+from fixtures import CIFAR_CLASSES, within, write_cifar10, write_image_folder
 from utils import UserError
 
 
@@ -76,7 +78,7 @@ def test_image_modes_decode_and_16_bit_is_rescaled(tmp_path):
 
 
 @pytest.mark.parametrize('training', [False, True])
-def test_folder_skips_corrupt_image(tmp_path, caplog, training):
+def test_undecodable_images_are_left_out_of_evaluation_and_replaced_in_training(tmp_path, caplog, training):
     bad = _write_odd_images(tmp_path)
     dataset = data.build_dataset('folder', tmp_path, 'train', 32, training=training)
     assert dataset.classes == ['a', 'b'] and len(dataset) == 6 and data.num_classes('folder', tmp_path) == 2
@@ -84,9 +86,82 @@ def test_folder_skips_corrupt_image(tmp_path, caplog, training):
         for _ in range(2):  # two epochs: still one warning
             batches = list(data.build_loader(dataset, 4, 0))
     images = torch.cat([images for images, _ in batches])
-    assert images.shape == (6, 3, 32, 32) and torch.isfinite(images).all()
-    assert dataset.skipped == {str(bad)}
+    assert images.shape == ((6 if training else 5), 3, 32, 32) and torch.isfinite(images).all()
+    assert dataset.skipped == [str(bad)] and data.undecodable_count(dataset) == 1
     assert len(caplog.records) == 1 and str(bad) in caplog.messages[0]
+
+
+def _garbage_folder(root: Path, good: int = 4, bad: int = 1) -> Path:
+    """Two classes of ``good`` PNGs and ``bad`` garbage .jpg files each."""
+    write_image_folder(root, ['a', 'b'], good)
+    for name in ('a', 'b'):
+        for i in range(bad):
+            (root / name / f'garbage{i}.jpg').write_bytes(os.urandom(300))
+    return root
+
+
+def test_evaluation_counts_each_decodable_image_once_and_reports_the_skipped(tmp_path):
+    """Issue 13.1: 25 files, 5 garbage: 20 images evaluated (each once, with its own label), 5 skipped,
+    also through DataLoader worker processes."""
+    root = write_image_folder(tmp_path, ['a', 'b', 'c', 'd', 'e'], 4)
+    for name in 'abcde':
+        (root / name / 'garbage.jpg').write_bytes(os.urandom(300))
+    dataset = data.build_dataset('folder', root, 'val', 16)
+    batches = list(data.build_loader(dataset, 3, 2))
+    assert batches[-1] is None  # the last batch holds only a garbage file: left out whole
+    labels = torch.cat([batch[1] for batch in batches if batch is not None])
+    assert sorted(labels.tolist()) == sorted([0, 1, 2, 3, 4] * 4)
+    assert data.undecodable_count(dataset) == 5
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
+    metrics = engine_evaluate(model, data.build_loader(dataset, 3, 2), progress=False)
+    assert metrics['images'] == 20 and metrics['skipped'] == 5
+
+
+def test_training_counts_the_images_it_substituted(tmp_path):
+    root = _garbage_folder(tmp_path, good=3, bad=2)
+    dataset = data.build_dataset('folder', root, 'train', 16, training=True)
+    batches = list(data.build_loader(dataset, 2, 2, shuffle=True))
+    assert sum(len(labels) for _, labels in batches) == 10  # batches keep their size
+    assert data.undecodable_count(dataset) == 4
+
+
+def test_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch):
+    """Issue 13.15: an image over Pillow's pixel limit (a 30000x30000 PNG in the issue) is skipped and
+    counted like any undecodable image; the limit is lowered here to keep the file small."""
+    root = write_image_folder(tmp_path, ['a', 'b'], 2, size=16)
+    Image.new('RGB', (200, 200)).save(root / 'a' / 'bomb.png')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 200 * 200 // 2 - 1)  # 2x over the limit: an error
+    for training in (False, True):
+        dataset = data.build_dataset('folder', root, 'train', 16, training=training)
+        images = torch.cat([images for images, _ in data.build_loader(dataset, 5, 0)])
+        assert len(images) == (5 if training else 4) and data.undecodable_count(dataset) == 1
+
+
+def test_fifo_and_symlink_loops_in_class_folders_are_left_out(tmp_path, caplog):
+    """Issue 13.10: a FIFO named pipe.jpg would block the loader forever; a symlink loop would repeat the
+    class's images, and a link to another class would give them the wrong label."""
+    root = write_image_folder(tmp_path / 'data', ['a', 'b'], 2)
+    os.mkfifo(root / 'a' / 'pipe.jpg')
+    (root / 'a' / 'loop').symlink_to(root / 'a')
+    (root / 'a' / 'other').symlink_to(root / 'b')
+    (root / 'a' / 'broken.png').symlink_to(root / 'missing.png')
+    outside = write_image_folder(tmp_path / 'elsewhere', ['x'], 1) / 'x'
+    (root / 'b' / 'linked').symlink_to(outside)  # a link out of the dataset is followed
+    with caplog.at_level(logging.WARNING, logger='data'):
+        dataset = within(20, lambda: data.build_dataset('folder', root, 'val', 16))
+        labels = within(20, lambda: [label for _, batch in data.build_loader(dataset, 2, 0) for label in batch])
+    assert sorted(int(label) for label in labels) == [0, 0, 1, 1, 1]
+    assert sorted(Path(path).name for path, _ in dataset.samples) == ['0.png', '0.png', '0.png', '1.png', '1.png']
+    assert any('left out 4 entries' in message for message in caplog.messages)
+
+
+def test_cifar10_folder_is_detected_without_dataset(tmp_path):
+    """Issue 13.12: the README's CIFAR search passes only --datapath."""
+    folder = write_cifar10(tmp_path, n_train_per_batch=2, n_test=3)
+    assert data.dataset_name(None, str(tmp_path)) == data.dataset_name(None, str(folder)) == 'cifar10'
+    write_image_folder(tmp_path / 'imagenet' / 'train', ['n01'], 1)
+    assert data.dataset_name(None, str(tmp_path / 'imagenet')) == 'imagenet'
+    assert data.dataset_name(None, None) == 'digits' and data.dataset_name('folder', str(folder)) == 'folder'
 
 
 def test_loader_with_workers(tmp_path):
@@ -95,7 +170,7 @@ def test_loader_with_workers(tmp_path):
     assert loader.persistent_workers and loader.prefetch_factor == 4
     assert loader.pin_memory == torch.cuda.is_available()
     labels = torch.cat([labels for _, labels in loader]).tolist()
-    assert len(labels) == 6 and set(labels) == {0, 1}  # the truncated JPEG (last) is replaced by sample 0
+    assert sorted(labels) == [0, 0, 0, 1, 1]  # the truncated JPEG of class b is left out of evaluation
 
 
 def test_folder_split_folders(tmp_path):
@@ -200,9 +275,12 @@ def test_folder_with_other_split_folders_only(tmp_path):
 def test_all_images_corrupt(tmp_path):
     (tmp_path / 'a').mkdir()
     (tmp_path / 'a' / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
-    dataset = data.build_dataset('folder', tmp_path, 'train', 32)
-    with pytest.raises(UserError, match='can be decoded'):
-        dataset[0]
+    training = data.build_dataset('folder', tmp_path, 'train', 32, training=True)
+    with pytest.raises(UserError, match='no image under .* can be decoded'):
+        training[0]
+    evaluation = data.build_loader(data.build_dataset('folder', tmp_path, 'val', 32), 4, 0)
+    with pytest.raises(UserError, match='no image of the evaluation data could be decoded'):
+        engine_evaluate(torch.nn.Flatten(), evaluation, progress=False)
 
 
 @pytest.mark.parametrize('split, missing', [('train', 'data_batch_3'), ('test', 'test_batch'),

@@ -20,6 +20,7 @@ import lightning
 import scratch
 import search
 from conftest import GOLDEN
+from fixtures import Timeout, within
 from space import AutoformerSpace, count_params, load_checked, save_weights
 from utils import UserError, load_json_arg, torch_load
 
@@ -195,21 +196,6 @@ def corruptions(data: bytes, rng: random.Random):
         at = rng.randrange(len(data))
         data[at:at + rng.randint(1, 5000)] = bytes(5000)
     return bytes(data)
-
-
-class Timeout(Exception):
-    pass
-
-
-def within(seconds, function):
-    def alarm(*_):
-        raise Timeout()
-    signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        return function()
-    finally:
-        signal.alarm(0)
 
 
 def test_fuzzed_checkpoints_give_only_clear_errors(tmp_path, golden):

@@ -20,7 +20,7 @@ import search
 from engine import arch_key, evaluate as accuracy
 from space import load_model, read_weights, sample_arch
 from strategy import Budget
-from utils import UserError
+from utils import UserError, lock_output
 
 ROOT = Path(__file__).parent.parent
 BUDGET = 0.25  # M params
@@ -322,8 +322,6 @@ def test_an_output_holding_another_search_is_refused_and_a_resume_must_match_it(
 
 
 def test_two_searches_into_one_output_are_refused(supernet, tmp_path):
-    import fcntl
-    with open(tmp_path / '.lock', 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running search holds it
-        with pytest.raises(UserError, match='another search is running with --output'):
+    with lock_output(tmp_path, 'a search'):  # as a running search holds it
+        with pytest.raises(UserError, match=rf'is in use by a search \(pid {os.getpid()} on '):
             search.main(['--weights', str(supernet), '--engine', 'sequential', '--output', str(tmp_path)])

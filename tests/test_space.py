@@ -1,3 +1,4 @@
+import os
 import random
 
 import pytest
@@ -150,13 +151,29 @@ class Payload:
         return (print, ('pickle code ran',))
 
 
-def test_checkpoint_needing_pickle_code_is_refused(tmp_path, golden, capsys):
+class SystemPayload:
+    def __reduce__(self):
+        return (os.system, ('echo pickle code ran',))
+
+
+class EvalPayload:
+    def __reduce__(self):
+        return (eval, ('print("pickle code ran")',))
+
+
+@pytest.mark.parametrize('content', [{'model': Payload()}, {'state_dict': SystemPayload()},
+                                     {'state_dict': EvalPayload()}, SystemPayload()])
+def test_checkpoint_needing_pickle_code_is_refused_without_unsafe_advice(tmp_path, golden, capfd, content):
+    """Issue 13.14: the message says the file needs to run code and is refused; it never advises
+    weights_only=False (or allow-listing the code)."""
     kwargs, _, _ = golden
     path = tmp_path / 'evil.pth'
-    torch.save({'model': Payload()}, path)
-    with pytest.raises(UserError, match='refused for safety'):
+    torch.save(content, path)
+    with pytest.raises(UserError, match=r'needs to run code to load \(it calls [\w.]+\), which is refused') as err:
         AutoformerSpace.load_supernet_weights(kwargs, path)
-    assert 'pickle code ran' not in capsys.readouterr().out
+    message = str(err.value)
+    assert 'weights_only' not in message and 'safe_globals' not in message and '\n' not in message
+    assert 'pickle code ran' not in capfd.readouterr().out
 
 
 def test_strategy_checkpoint_gives_model_and_sub_state_dict(tmp_path, golden):
