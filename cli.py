@@ -21,6 +21,11 @@ def at_least(low: int) -> Rule:
     return lambda value: None if value >= low else f'must be at least {low}'
 
 
+def between(low: int, high: int) -> Rule:
+    """Counts whose huge values would start millions of processes or allocate terabytes are capped too."""
+    return lambda value: None if low <= value <= high else f'must be between {low} and {high}'
+
+
 def number(low: float = 0.0, high: float = math.inf, high_open: bool = False) -> Rule:
     """A finite number in [low, high] (or [low, high)); NaN fails every comparison and is refused too."""
     def rule(value: float) -> str | None:
@@ -55,8 +60,9 @@ def present_device(value: str) -> str | None:
 PROBABILITY = number(0.0, 1.0)
 RULES: dict[str, Rule] = {
     # data and hardware
-    'batch_size': at_least(1), 'num_workers': at_least(0), 'img_size': at_least(1), 'gpus': at_least(0),
-    'devices': at_least(1), 'num_nodes': at_least(1), 'concurrency': at_least(1), 'device': device,
+    'batch_size': at_least(1), 'num_workers': between(0, 1024), 'img_size': between(1, 4096), 'gpus': at_least(0),
+    'devices': between(1, 1024), 'num_nodes': between(1, 100_000), 'concurrency': between(1, 1024),
+    'device': device,
     'seed': lambda value: None if 0 <= value < 2 ** 32 else 'must be between 0 and 4294967295',
     'port': lambda value: None if 0 < value < 65536 else 'must be between 1 and 65535',
     # training recipe
@@ -67,7 +73,7 @@ RULES: dict[str, Rule] = {
     # search
     'trials': at_least(1), 'generations': at_least(1), 'population': at_least(1), 'select': at_least(1),
     'mutation_num': at_least(0), 'crossover_num': at_least(0), 'evolution_population_size': at_least(1),
-    'evolution_sample_size': at_least(1), 'search_images': at_least(1), 'latency_batch_size': at_least(1),
+    'evolution_sample_size': at_least(1), 'search_images': at_least(1), 'latency_batch_size': between(1, 4096),
     'mutation_prob': PROBABILITY, 'param_mutation_prob': PROBABILITY, 'evolution_mutation_prob': PROBABILITY,
     'min_params': number(), 'max_params': number(), 'max_flops': number(), 'max_latency': number(),
     'latency_device': present_device,

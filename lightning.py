@@ -241,6 +241,8 @@ def trainer_settings(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     if args.gpus > 0 and not torch.cuda.is_available():
         _logger.warning('--gpus %d asked for but no CUDA GPU is visible: training on the CPU', args.gpus)
     use_gpu = args.gpus > 0 and torch.cuda.is_available()
+    if use_gpu and args.gpus > torch.cuda.device_count():
+        raise UserError(f'--gpus {args.gpus}: only {torch.cuda.device_count()} CUDA GPUs are visible on this machine')
     precision = set_up_precision(args, use_gpu, 'training')
     devices = args.gpus if use_gpu else args.devices
     processes = devices * args.num_nodes
@@ -283,7 +285,7 @@ def check_run_output(output: Path, resume: bool, fingerprint: Mapping[str, Any])
                             f'{fingerprint[changed[0]]!r}): resume with the same flags, or choose another --output')
         remove_unfinished_writes(last.parent)
         return
-    held = [path for path in (last, output / 'supernet.pth', record) if path.exists()]
+    held = [path for path in (last, output / 'supernet.pth') if path.exists()]  # run.json alone: nothing done
     if held:
         raise UserError(f'{output} already holds a run ({held[0].name}): pass --resume to continue it, or choose '
                         'another --output')

@@ -440,6 +440,9 @@ def main(argv: list[str] | None = None) -> dict:
     experiment = SearchExperiment(AutoformerSpace(**space_kwargs), FunctionalEvaluator(lambda *a, **k: None),
                                   Random(), NasExperimentConfig('sequential', 'raw'), id=args.resume)
     output = Path(args.output or f'outputs/search-{experiment.id}').resolve()
+    if args.resume and not (output / 'experiment.json').is_file():  # before a folder is made for nothing
+        raise UserError(f'{output} does not hold experiment {args.resume} (no search): pass the --output of '
+                        'that search')
     check_writable(output)
     with lock_output(output, 'a search'):
         return run_search(args, argv, experiment, output, supernet, space_kwargs, meta)

@@ -129,17 +129,3 @@ def test_with_machines_their_gpus_decide_the_device_and_the_trials_at_once(monke
     args = namespace(machine_list=[{'host': 'a'}, {'host': 'b'}])
     search.resolve_devices(args)
     assert (args.device, args.gpus, args.concurrency) == ('cpu', 0, 2)
-
-
-@pytest.mark.parametrize('flags, message', [
-    (['--trials', '0'], '--trials must be at least 1'), (['--batch-size', '0'], '--batch-size must be at least 1'),
-    (['--concurrency', '-1'], '--concurrency must be'), (['--gpus', '-2'], '--gpus must be 0 or more'),
-    (['--generations', '0'], '--generations must be'), (['--latency-batch-size', '0'], '--latency-batch-size must'),
-    (['--port', '0'], '--port must be between'), (['--port', '70000'], '--port must be between'),
-    (['--mutation-prob', 'nan'], '--mutation-prob is a probability'),
-    (['--max-params', 'nan'], '--max-params must be a finite number'),
-    (['--max-flops', '-1'], '--max-flops must be a finite number'),
-    (['--min-params', '0.5', '--max-params', '0.2'], 'no arch can meet it')])
-def test_absurd_flag_values_are_refused_up_front(flags, message):
-    with pytest.raises(search.UserError, match=message):
-        search.main([*flags, '--weights', 'missing.pth'])

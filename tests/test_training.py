@@ -12,9 +12,10 @@ import torch
 import finetune
 import scratch
 from conftest import GOLDEN
-from fixtures import write_cifar10
+from fixtures import write_cifar10, write_image_folder
+from lightning import AtomicCheckpointIO
 from space import AutoformerSpace, read_weights, save_weights
-from utils import UserError
+from utils import UserError, lock_output
 
 ROOT = Path(__file__).parent.parent
 FAST = ['--dataset', 'digits', '--num-workers', '0']
@@ -121,3 +122,40 @@ def test_finetune_at_another_input_size_resamples_the_position_embedding(tmp_pat
     after, meta = read_weights(output / 'supernet.pth')
     assert meta['space']['img_size'] == 16 and meta['space']['rpe_length'] == 8
     assert after['pos_embed.pos_embed'].shape == (1, 17, 128)
+
+
+def test_two_training_runs_into_one_output_are_refused_and_a_resume_must_match(tmp_path):
+    """Issue 13.3: the second of two runs into one --output is refused naming the first; a --resume with
+    another dataset than the run had is refused before the checkpoint is touched."""
+    with lock_output(tmp_path, 'a training run'):
+        with pytest.raises(UserError, match=r'is in use by a training run \(pid \d+ on '):
+            scratch.main([*FAST, '--epochs', '1', '--output', str(tmp_path)])
+    (tmp_path / 'checkpoints').mkdir()
+    (tmp_path / 'checkpoints' / 'last.ckpt').write_bytes(b'the run so far')
+    (tmp_path / 'run.json').write_text(json.dumps({'dataset': 'digits', 'datapath': None}))
+    write_image_folder(tmp_path / 'other', ['a', 'b'], 2)
+    with pytest.raises(UserError, match=r"--resume: the run in .* had another dataset \('digits', now 'folder'\)"):
+        scratch.main(['--dataset', 'folder', '--datapath', str(tmp_path / 'other'), '--name', 'demo',
+                      '--resume', '--output', str(tmp_path)])
+    assert (tmp_path / 'checkpoints' / 'last.ckpt').read_bytes() == b'the run so far'
+
+
+def test_a_checkpoint_holding_nan_is_never_written(tmp_path):
+    """Issue 13.6: a diverged run stops with one line; the last good checkpoint stays."""
+    last = tmp_path / 'last.ckpt'
+    last.write_bytes(b'the last good checkpoint')
+    diverged = {'epoch': 3, 'state_dict': {'_model.head.weight': torch.tensor([1.0, float('nan')])}}
+    with pytest.raises(UserError, match=r'training diverged at epoch 3 \(last.ckpt not written.*holds NaN'):
+        AtomicCheckpointIO().save_checkpoint(diverged, last)
+    assert last.read_bytes() == b'the last good checkpoint'
+
+
+def test_training_replaces_undecodable_images_and_counts_them(tmp_path):
+    """Issue 13.1, training side: batches keep their size, and metrics.json says how many files were replaced."""
+    root = write_image_folder(tmp_path / 'data', ['a', 'b'], 6, size=32)
+    for name in ('a', 'b'):
+        (root / name / 'garbage.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a jpeg')
+    scratch.main(['--dataset', 'folder', '--datapath', str(root), '--name', 'demo', '--epochs', '1',
+                  '--batch-size', '4', '--num-workers', '0', '--output', str(tmp_path / 'run')])
+    metrics = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
+    assert metrics['undecodable_images'] == 2 and metrics['undecodable_val_images'] == 2

@@ -1,0 +1,183 @@
+"""Bad input in every script ends in one ``error:`` line and exit status 2 within 60 s: never a
+traceback, a hang or a result (issue 13). One table: the script, its flags, the message expected."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import convert
+import demo
+import evaluate
+import finetune
+import scratch
+import search
+from fixtures import within, write_cifar10, write_image_folder
+from space import AutoformerSpace, build_supernet, make_arch, save_weights, space_config
+from utils import run_main
+
+ROOT = Path(__file__).parent.parent
+SCRIPTS = {'evaluate': evaluate, 'scratch': scratch, 'finetune': finetune, 'search': search, 'demo': demo,
+           'convert': convert}
+DEMO_ARCH = make_arch(96, [3.0, 3.0], [1, 1])
+LAUNCHER_VARIABLES = ('TORCHELASTIC_RUN_ID', 'GROUP_RANK', 'SLURM_NTASKS', 'NODE_RANK', 'MASTER_ADDR')
+
+
+@pytest.fixture(scope='module')
+def files(tmp_path_factory) -> dict[str, str]:
+    """A demo supernet with random weights, damaged copies of it, odd arch files and small datasets."""
+    root = tmp_path_factory.mktemp('bad-input')
+    space = space_config(**AutoformerSpace.preset('demo'))
+    state = build_supernet(space).state_dict()
+    paths = {'weights': root / 'supernet.pth'}
+    save_weights(paths['weights'], state, space)
+
+    def damaged(name: str, tensors: dict | None = None, **space_changes) -> None:
+        checkpoint = {'space': {**json.loads(json.dumps(space)), **space_changes}, 'state_dict': tensors or state}
+        if space_changes.get('space_is_text'):
+            checkpoint['space'] = 'demo'
+        torch.save(checkpoint, root / f'{name}.pth')
+        paths[name] = root / f'{name}.pth'
+
+    damaged('space-text', space_is_text=True)
+    damaged('space-negative', img_size=-32)
+    damaged('space-patch-0', patch_size=0)
+    first = next(iter(state))
+    damaged('sparse', {**state, first: state[first].to_sparse()})
+    damaged('meta', {**state, first: torch.empty_like(state[first], device='meta')})
+    damaged('int64', {k: v.round().long() for k, v in state.items()})
+    damaged('complex', {k: v.to(torch.complex64) for k, v in state.items()})
+
+    paths['nested.json'] = root / 'nested.json'
+    paths['nested.json'].write_text('[' * 100_000 + ']' * 100_000)
+    paths['latin1.json'] = root / 'latin1.json'
+    paths['latin1.json'].write_bytes(json.dumps({'arch': DEMO_ARCH, 'note': 'café'}, ensure_ascii=False)
+                                     .encode('latin-1'))
+    paths['small-folder'] = write_image_folder(root / 'small', ['a', 'b'], 3)
+    paths['cifar-100'] = write_cifar10(root / 'cifar', n_train_per_batch=20, n_test=10).parent
+    paths['converted'] = root / 'converted.pth'
+    paths['converted'].write_bytes(b'an earlier result')
+    return {name: str(path) for name, path in paths.items()}
+
+
+def float_arch() -> str:
+    return json.dumps({**DEMO_ARCH, 'embed_dim': 96.0})
+
+
+def unknown_label_arch() -> str:
+    return json.dumps({**DEMO_ARCH, 'mlp_ratio_9': 3.0})
+
+
+# (script, flags, the message expected); {name} is a path from ``files``.
+CASES = [
+    # 16: batch size 0 or -1 (evaluate, scratch, search)
+    ('evaluate', '--batch-size 0', '--batch-size must be at least 1, got 0'),
+    ('evaluate', '--batch-size -1', '--batch-size must be at least 1, got -1'),
+    ('scratch', '--batch-size 0 --output {out}', '--batch-size must be at least 1'),
+    ('search', '--weights {weights} --batch-size -1', '--batch-size must be at least 1'),
+    ('finetune', '--weights {weights} --batch_size 0', '--batch-size must be at least 1'),
+    # 16: devices, counts and ports
+    ('evaluate', '--weights {weights} --device bogus', '--device is not a device this runs on'),
+    ('search', '--weights {weights} --device bogus', "invalid choice: 'bogus'"),
+    # (search flags are refused before the weights are read: missing.pth is never opened)
+    ('search', '--weights missing.pth --trials 0', '--trials must be at least 1'),
+    ('search', '--weights missing.pth --port 0', '--port must be between 1 and 65535'),
+    ('search', '--weights missing.pth --port 70000', '--port must be between 1 and 65535'),
+    ('search', '--weights missing.pth --latency-batch-size 0', '--latency-batch-size must be between 1 and 4096'),
+    ('search', '--weights missing.pth --concurrency -1', '--concurrency must be between 1 and 1024'),
+    ('search', '--weights missing.pth --gpus -2', '--gpus must be at least 0'),
+    ('search', '--weights missing.pth --generations 0', '--generations must be at least 1'),
+    ('search', '--weights missing.pth --mutation-prob nan', '--mutation-prob must be a finite number of 0 or more and at most 1'),
+    ('search', '--weights missing.pth --max-params nan', '--max-params must be a finite number'),
+    ('search', '--weights missing.pth --max-flops -1', '--max-flops must be a finite number of 0 or more'),
+    ('evaluate', '--num-workers 1000000', '--num-workers must be between 0 and 1024'),
+    ('scratch', '--devices 1000000 --output {out}', '--devices must be between 1 and 1024'),
+    ('scratch', '--seed -1 --output {out}', '--seed must be between 0 and 4294967295'),
+    ('scratch', '--img-size 100000 --output {out}', '--img-size must be between 1 and 4096'),
+    ('scratch', '--img-size 4 --output {out}', 'img_size 4 is smaller than patch_size 8'),
+    ('scratch', '--devices 0 --output {out}', '--devices must be between 1 and 1024'),
+    ('scratch', '--drop-path 5 --output {out}', '--drop-path must be a finite number of 0 or more and below 1'),
+    ('search', '--weights {weights} --engine sequential --resume abcdefgh',
+     'does not hold experiment abcdefgh'),
+    ('demo', '--port 0', '--port must be between 1 and 65535'),
+    ('demo', '--max-params nan', '--max-params must be a finite number'),
+    # 16: archs and JSON
+    ('evaluate', '--weights {weights} --arch ' + float_arch(), 'embed_dim=96.0 must be an integer'),
+    ('evaluate', '--weights {weights} --arch {nested.json}', 'nested too deeply'),
+    ('evaluate', '--weights {weights} --arch {latin1.json}', 'is not UTF-8 text'),
+    # 16: a weights file's space entry, sparse and meta tensors
+    ('evaluate', '--weights {space-text}', 'its stored space is not a space'),
+    ('evaluate', '--weights {space-negative}', 'img_size must be a positive integer, got -32'),
+    ('search', '--weights {space-negative}', 'img_size must be a positive integer, got -32'),
+    ('finetune', '--weights {space-patch-0} --output {out}', 'patch_size must be a positive integer, got 0'),
+    ('evaluate', '--weights {sparse}', 'is a torch.sparse_coo tensor, not plain weights'),
+    ('evaluate', '--weights {meta}', 'is a meta tensor'),
+    ('search', '--weights {meta}', 'is a meta tensor'),
+    # 7: integer or complex weights, an unknown arch label
+    ('evaluate', '--weights {int64}', 'has dtype torch.int64, not floating point'),
+    ('evaluate', '--weights {complex}', 'has dtype torch.complex64, not floating point'),
+    ('evaluate', '--weights {weights} --arch ' + unknown_label_arch(), "arch label 'mlp_ratio_9' is not a label"),
+    # 5: no training batch
+    ('scratch', '--dataset folder --datapath {small-folder} --batch_size 256 --output {out}',
+     'the training split has 6 images, fewer than one batch of 256'),
+    ('finetune', '--weights {weights} --datapath {cifar-100} --img-size 32 --output {out}',
+     'the training split has 100 images, fewer than one batch of 128'),
+    # 6, 8, 9, 13: absurd training and search values
+    ('scratch', '--learning-rate nan --output {out}', '--learning-rate must be a finite number of 0 or more, got nan'),
+    ('finetune', '--weights {weights} --lr inf --output {out}', '--learning-rate must be a finite number'),
+    ('scratch', '--epochs -1 --output {out}', '--epochs must be at least 1, got -1'),
+    ('scratch', '--num-nodes 2 --output {out}', '--num-nodes 2 needs a launcher on every machine'),
+    ('search', '--weights missing.pth --min-params 0.5 --max-params 0.2', '--min-params 0.5 > --max-params 0.2'),
+    # 17: convert never overwrites silently
+    ('convert', '--input {weights} --output {converted}', 'already exists: pass --force'),
+]
+if not torch.cuda.is_available():  # with a GPU, measuring latency on it is right
+    CASES.append(('search', '--weights {weights} --latency-device cuda', '--latency-device needs CUDA GPU 0'))
+
+
+def run_script(script: str, flags: str, files: dict[str, str]) -> tuple[int, float]:
+    """Run a script's main as its command line does; return the exit status and the seconds taken."""
+    argv = [files.get(arg[1:-1], arg) if arg.startswith('{') else arg for arg in split_flags(flags)]
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as exited:
+        within(60, lambda: run_main(lambda: SCRIPTS[script].main(argv)))
+    return exited.value.code, time.monotonic() - start
+
+
+def split_flags(flags: str) -> list[str]:
+    """Flags split on spaces, with a JSON object kept whole."""
+    head, brace, tail = flags.partition('{"')
+    return head.split() + ([brace + tail] if brace else [])
+
+
+@pytest.mark.parametrize('script, flags, message', CASES, ids=[f'{s} {f[:60]}' for s, f, _ in CASES])
+def test_bad_input_ends_in_one_error_line_and_exit_2(files, tmp_path, capsys, monkeypatch, script, flags, message):
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    files = {**files, 'out': str(tmp_path / 'out')}  # each case its own: a run left by another cannot answer
+    status, seconds = run_script(script, flags, files)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if 'error:' in line]
+    assert status == 2 and len(errors) == 1 and message in errors[0], err
+    assert 'Traceback' not in err and seconds < 60
+    assert not (Path(files['out']) / 'supernet.pth').exists()
+    assert Path(files['converted']).read_bytes() == b'an earlier result'
+
+
+@pytest.mark.parametrize('command', [
+    ['scratch.py', '--num-nodes', '2', '--output', '{out}'],                       # used to wait forever
+    ['evaluate.py', '--weights', '{weights}', '--arch', '{nested.json}'],           # used to be a traceback
+])
+def test_the_command_line_itself_exits_2_with_one_line(files, tmp_path, command):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    files = {**files, 'out': str(tmp_path / 'out')}
+    argv = [files[arg[1:-1]] if arg.startswith('{') else arg for arg in command]
+    result = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert [line.startswith('error: ') for line in result.stderr.splitlines()].count(True) == 1, result.stderr
