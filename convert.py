@@ -21,7 +21,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--name', choices=['tiny', 'small', 'base'], default='tiny', help='preset of the supernet')
     parser.add_argument('--input', default=None, help="checkpoint to convert, or 'nni' to download NNI's "
                                                       '(default: weights/official-supernet-{name}.pth)')
-    parser.add_argument('--output', default=None, help='supernet weights to write (default: weights/supernet-{name}.pth)')
+    parser.add_argument('--output', default=None,
+                        help='supernet weights to write (default: weights/supernet-{name}.pth)')
     parser.add_argument('--format', choices=['official', 'nni', 'project'], default=None,
                         help='layout of --input (default: detected from the keys)')
     parser.add_argument('--subnet-output', default=None,

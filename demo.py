@@ -86,7 +86,9 @@ def main(argv: list[str] | None = None) -> Path:
     if supernet.is_file():
         print(f'reusing the supernet {supernet} (pass --fresh to train again)')
     else:
-        run_stage('train', ['scratch.py', '--dataset', 'digits', '--output', str(output / 'scratch')], times)
+        interrupted = (output / 'scratch' / 'checkpoints' / 'last.ckpt').is_file()  # an earlier demo was stopped
+        run_stage('train', ['scratch.py', '--dataset', 'digits', '--output', str(output / 'scratch')]
+                  + (['--resume'] if interrupted else []), times)
     search = output / 'search'
     if (search / 'best.json').is_file():
         print(f'reusing the search in {search} (pass --fresh to search again)')

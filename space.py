@@ -546,9 +546,11 @@ def space_problem(config: Mapping[str, Any]) -> str | None:
     of a weights file must pass before anything is built from it."""
     for key in ('search_embed_dim', 'search_num_heads', 'search_depth', 'search_mlp_ratio'):
         values = config[key]
-        ok = _is_int if key != 'search_mlp_ratio' else lambda v: _is_number(v) and v > 0
+        ratios = key == 'search_mlp_ratio'
+        ok = (lambda v: _is_number(v) and v > 0) if ratios else _is_int
         if not isinstance(values, (list, tuple)) or not values or not all(ok(v) for v in values):
-            return f'{key} must be a non-empty list of positive numbers{"" if key == "search_mlp_ratio" else " (integers)"}, got {values!r}'
+            kind = 'positive numbers' if ratios else 'positive integers'
+            return f'{key} must be a non-empty list of {kind}, got {values!r}'
     for key in ('img_size', 'patch_size', 'in_channels'):
         if not _is_int(config[key]):
             return f'{key} must be a positive integer, got {config[key]!r}'
@@ -615,8 +617,9 @@ def check_arch(arch: Mapping[str, Any], config: Mapping[str, Any]) -> None:
     choices = arch_choices(config)
     unknown = sorted(str(label) for label in arch if label not in choices)
     if unknown:
+        last = max(config['search_depth']) - 1
         raise UserError(f'arch label {unknown[0]!r} is not a label of the space (its labels: embed_dim, depth, '
-                        f'mlp_ratio_0..{max(config["search_depth"]) - 1}, num_head_0..{max(config["search_depth"]) - 1})')
+                        f'mlp_ratio_0..{last}, num_head_0..{last})')
     for label in ('embed_dim', 'depth'):
         _check_label(arch, label, choices[label])
     for i in range(arch['depth']):

@@ -20,7 +20,7 @@ import lightning
 import scratch
 import search
 from conftest import GOLDEN
-from fixtures import Timeout, within
+from fixtures import within
 from space import AutoformerSpace, count_params, load_checked, save_weights
 from utils import UserError, load_json_arg, torch_load
 

@@ -2,7 +2,6 @@
 import argparse
 import random
 
-import pytest
 import torch
 
 import search
