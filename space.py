@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import random
+import re
 import urllib.error
 from functools import lru_cache
 from pathlib import Path
@@ -615,8 +616,8 @@ def check_arch(arch: Mapping[str, Any], config: Mapping[str, Any]) -> None:
     if not isinstance(arch, Mapping):
         raise UserError(f'an arch must be a JSON object / dict of labels, got {type(arch).__name__}')
     choices = arch_choices(config)
-    unknown = sorted(str(label) for label in arch if label not in choices)
-    if unknown:
+    unknown = sorted(str(label) for label in arch if label not in choices and not _LAYER_LABEL.fullmatch(str(label)))
+    if unknown:  # a typo such as 'embed_dims' would otherwise be ignored silently
         last = max(config['search_depth']) - 1
         raise UserError(f'arch label {unknown[0]!r} is not a label of the space (its labels: embed_dim, depth, '
                         f'mlp_ratio_0..{last}, num_head_0..{last})')
@@ -625,6 +626,10 @@ def check_arch(arch: Mapping[str, Any], config: Mapping[str, Any]) -> None:
     for i in range(arch['depth']):
         for label in (f'mlp_ratio_{i}', f'num_head_{i}'):
             _check_label(arch, label, choices[label])
+
+
+# Labels of layers past the space's depth are ignored like those past the arch's depth (design.md).
+_LAYER_LABEL = re.compile(r'(mlp_ratio|num_head)_\d+')
 
 
 def _check_label(arch: Mapping[str, Any], label: str, allowed: list) -> None:

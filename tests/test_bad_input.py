@@ -71,7 +71,7 @@ def float_arch() -> str:
 
 
 def unknown_label_arch() -> str:
-    return json.dumps({**DEMO_ARCH, 'mlp_ratio_9': 3.0})
+    return json.dumps({**DEMO_ARCH, 'embed_dims': 112})  # a typo: ignoring it would evaluate embed_dim 96
 
 
 # (script, flags, the message expected); {name} is a path from ``files``.
@@ -123,7 +123,7 @@ CASES = [
     # 7: integer or complex weights, an unknown arch label
     ('evaluate', '--weights {int64}', 'has dtype torch.int64, not floating point'),
     ('evaluate', '--weights {complex}', 'has dtype torch.complex64, not floating point'),
-    ('evaluate', '--weights {weights} --arch ' + unknown_label_arch(), "arch label 'mlp_ratio_9' is not a label"),
+    ('evaluate', '--weights {weights} --arch ' + unknown_label_arch(), "arch label 'embed_dims' is not a label"),
     # 5: no training batch
     ('scratch', '--dataset folder --datapath {small-folder} --batch_size 256 --output {out}',
      'the training split has 6 images, fewer than one batch of 256'),

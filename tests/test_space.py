@@ -6,8 +6,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import GOLDEN
-from space import (AutoformerSpace, build_supernet, count_flops, count_params, layer_dims, sample_arch,
-                   set_active_arch, sub_state_dict)
+from space import (AutoformerSpace, build_supernet, check_arch, count_flops, count_params, layer_dims, make_arch,
+                   sample_arch, set_active_arch, space_config, sub_state_dict)
 from utils import UserError
 
 
@@ -198,3 +198,17 @@ def test_nni_download_offline_names_file_and_place(monkeypatch):
     monkeypatch.setattr(pretrained, 'load_pretrained_weight', offline)
     with pytest.raises(UserError, match=r'autoformer-tiny-subnet-12ed42ff\.pth.*put it at .*nashub'):
         space.AutoformerSpace.load_searched_model('autoformer-tiny', weights='nni')
+
+
+def test_labels_past_the_depth_are_ignored_and_unknown_labels_refused():
+    """design.md: labels of layers past depth may be present; a label that is no label (a typo) is refused,
+    as is a non-integer embed_dim / depth / heads."""
+    config = space_config(**AutoformerSpace.preset('demo'))
+    arch = make_arch(96, [3.0, 3.0], [1, 1])
+    check_arch({**arch, 'mlp_ratio_3': 4.0, 'num_head_9': 7}, config)
+    for bad, message in (({'embed_dims': 112}, "label 'embed_dims' is not a label"),
+                         ({'depth': 2.0}, 'depth=2.0 must be an integer'),
+                         ({'num_head_1': True}, 'num_head_1=True must be an integer'),
+                         ({'mlp_ratio_0': '3.0'}, "mlp_ratio_0='3.0' must be a number")):
+        with pytest.raises(UserError, match=message):
+            check_arch({**arch, **bad}, config)
