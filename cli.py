@@ -1,18 +1,56 @@
-"""The checks every script runs on its flags before any work starts: one table, one place.
+"""What every script's command line shares: ``run_main`` (one ``error:`` line, exit status 2), the
+flags several scripts take, and the checks they all run.
 
-Each script parses with :func:`parse_checked`; a value outside its rule ends in one ``error:``
-line and exit status 2 (through ``utils.run_main``), before a dataset or a weights file is read.
-A flag is checked wherever a script has it, under the same rule.
+Import it first in a script: it quiets the known, harmless warnings of NNI 3.0 under torch 2.14
+before NNI is imported. Each script parses with :func:`parse_checked`; a flag value outside its
+rule (one table, :data:`RULES`) is refused before a dataset or a weights file is read.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import math
-from typing import Any, Callable
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
-import torch
+# NNI 3.0 predates torch 2.14 and warns once per torch class it does not know; nothing broader is silenced.
+warnings.filterwarnings('ignore', message=r'.*is found to be not a nn\.Module, which is unexpected.*',
+                        category=RuntimeWarning)
+warnings.filterwarnings('ignore', message='Using a non-tuple sequence for multidimensional indexing',
+                        category=UserWarning, module=r'nni\.')
 
-from utils import UserError
+import torch  # noqa: E402
+
+from space import PRESETS, SpaceError  # noqa: E402
+from utils import AUTOCAST, UserError  # noqa: E402
+
+
+class _DropMixedOpNestedMutableWarning(logging.Filter):
+    """NNI's own mixed class token / position embedding warn about their constructor on every mutation."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ('Found a nested mutable' in message and 'of class Mixed' in message)
+
+
+logging.getLogger('nni.nas.nn.pytorch.base').addFilter(_DropMixedOpNestedMutableWarning())
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Run a script's ``main``: a :class:`UserError` or :class:`SpaceError` becomes one line on stderr and
+    exit status 2, a Ctrl-C that ``main`` does not handle itself one line and exit status 130."""
+    try:
+        main()
+    except (UserError, SpaceError) as err:
+        print(f'error: {err}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)
+
 
 Rule = Callable[[Any], 'str | None']
 
@@ -97,3 +135,95 @@ def parse_checked(parser: argparse.ArgumentParser, argv: list[str] | None) -> ar
     args = parser.parse_args(argv)
     check_flags(args)
     return args
+
+
+# --------------------------------------------------------------------------------------------
+# Flags several scripts share
+# --------------------------------------------------------------------------------------------
+
+def add_name_arg(parser: argparse.ArgumentParser, help: str, presets: Mapping[str, Any] = PRESETS) -> None:
+    """``--name``: a preset search space."""
+    parser.add_argument('--name', choices=list(presets), default=None, help=help)
+
+
+def known_data_flags(argv: list[str] | None) -> argparse.Namespace:
+    """``--dataset`` and ``--datapath`` read ahead of the full parse: they choose a training recipe's defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--dataset', default=None)
+    pre.add_argument('--datapath', default=None)
+    return pre.parse_known_args(argv)[0]
+
+
+def add_precision_args(parser: argparse.ArgumentParser) -> None:
+    """``--precision`` (Lightning's names) and ``--tf32``, the same in every script."""
+    parser.add_argument('--precision', default='32-true', choices=list(AUTOCAST),
+                        help='numeric precision: mixed precision (autocast) on CUDA; the CPU runs fp32')
+    parser.add_argument('--tf32', action='store_true',
+                        help='TF32 tensor cores for fp32 matmuls on CUDA (faster, about 1e-3 relative error)')
+
+
+def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]) -> None:
+    """Training flags with the recipe's defaults (the paper's for ImageNet); seed spellings accepted."""
+    def flag(name: str, *aliases: str, **kwargs: Any) -> None:
+        dest = name.lstrip('-').replace('-', '_')
+        spellings = [name, *aliases, '--' + dest]
+        parser.add_argument(*dict.fromkeys(spellings), dest=dest, default=recipe.get(dest), **kwargs)
+
+    flag('--epochs', type=int, help='training epochs')
+    flag('--warmup', '--warmup-epochs', type=int, help='linear warmup epochs')
+    flag('--learning-rate', '--lr', type=float,
+         help='peak learning rate (default: 5e-4 x global batch / 512)')
+    flag('--min-lr', type=float, help='final learning rate of the cosine schedule')
+    flag('--warmup-lr', type=float, help='learning rate at the start of the warmup')
+    flag('--weight-decay', type=float, help='AdamW weight decay (none on norms, biases, position embeddings)')
+    flag('--smoothing', type=float, help='label smoothing')
+    flag('--mixup', type=float, help='Mixup alpha (0 turns it off)')
+    flag('--cutmix', type=float, help='CutMix alpha (0 turns it off)')
+    flag('--drop-path', type=float, help='drop path rate of the deepest layer')
+    flag('--clip-grad', type=float, help='gradient norm clipping (default: off)')
+    flag('--ema-decay', type=float, help='EMA of the supernet weights with this decay (default 0: off)')
+    flag('--img-size', type=int, help="input size (default: the space's)")
+    parser.add_argument('--gpus', type=int, default=0, help='GPUs per machine (Lightning DDP when more than one)')
+    parser.add_argument('--devices', type=int, default=1, help='CPU processes when there is no GPU (DDP, gloo)')
+    parser.add_argument('--num-nodes', '--num_nodes', dest='num_nodes', type=int, default=1,
+                        help='machines (launched with torchrun or SLURM)')
+    add_precision_args(parser)
+    parser.add_argument('--resume', action='store_true', help='continue the run in --output from its last checkpoint')
+    parser.add_argument('--seed', type=int, default=0, help='random seed (data order, architectures, init)')
+    parser.add_argument('--output', default=recipe.get('output'), help='folder for checkpoints, logs and weights')
+
+
+def check_classes(dataset: str, classes: int, space_kwargs: Mapping[str, Any], what: str = 'model') -> None:
+    """Refuse data whose class count is not the model's output count."""
+    if classes != space_kwargs['num_labels']:
+        raise UserError(f'the {dataset} data has {classes} classes but the {what} has {space_kwargs["num_labels"]} '
+                        f'outputs: pass weights trained for this dataset')
+
+
+def load_json_arg(value: str, what: str = '--arch') -> Any:
+    """Parse a JSON string or the path of a JSON file, with a clear message when it is neither."""
+    text = value
+    if not value.lstrip().startswith('{'):
+        path = Path(value)
+        if not path.is_file():
+            raise UserError(f'{what}: {value} is neither JSON text nor an existing file')
+        try:
+            text = path.read_text(encoding='utf-8')
+        except UnicodeDecodeError as err:
+            raise UserError(f'{what}: {value} is not UTF-8 text ({err.reason} at byte {err.start}): '
+                            'save the JSON file as UTF-8') from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UserError(f'{what}: malformed JSON ({err})') from None
+    except RecursionError:
+        raise UserError(f'{what}: the JSON is nested too deeply to be an arch') from None
+
+
+def load_arch_arg(value: str) -> Any:
+    """``--arch``: an arch as JSON text or a file, or a record holding one under ``arch`` (a search's
+    ``best.json``, an entry of its ``candidates.json``)."""
+    arch = load_json_arg(value, '--arch')
+    if isinstance(arch, dict) and isinstance(arch.get('arch'), dict):
+        return arch['arch']
+    return arch

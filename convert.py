@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from space import AutoformerSpace, save_weights, sub_state_dict
-from utils import UserError, run_main
+from checkpoints import save_weights
+from cli import add_name_arg, parse_checked, run_main
+from space import SEARCHED, AutoformerSpace, sub_state_dict
+from utils import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--name', choices=['tiny', 'small', 'base'], default='tiny', help='preset of the supernet')
+    add_name_arg(parser, 'preset of the supernet (default: tiny)', presets=SEARCHED)
     parser.add_argument('--input', default=None, help="checkpoint to convert, or 'nni' to download NNI's "
                                                       '(default: weights/official-supernet-{name}.pth)')
     parser.add_argument('--output', default=None,
@@ -29,7 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='also write the pre-searched AutoFormer subnet here '
                              '(default with no --input/--output: weights/subnet-{name}.pth)')
     parser.add_argument('--force', action='store_true', help='overwrite output files that already exist')
-    args = parser.parse_args(argv)
+    args = parse_checked(parser, argv)
+    args.name = args.name or 'tiny'
     if args.input is None and args.output is None and args.subnet_output is None:
         args.subnet_output = f'weights/subnet-{args.name}.pth'
     args.input = args.input or f'weights/official-supernet-{args.name}.pth'
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         if Path(path).exists() and not args.force:
             raise UserError(f'{path} already exists: pass --force to overwrite it, or choose another output')
     space_kwargs = AutoformerSpace.preset(args.name)
-    supernet = AutoformerSpace.load_supernet_weights(args.name, args.input, format=args.format)
+    supernet = AutoformerSpace.load_supernet_weights(args.name, args.input, layout=args.format)
     save_weights(args.output, supernet, space_kwargs)
     print(f'wrote supernet {args.output} ({sum(t.numel() for t in supernet.values()) / 1e6:.1f}M values)')
     if args.subnet_output:

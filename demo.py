@@ -19,9 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-from cli import parse_checked
-from space import extreme_arch, read_weights, used_arch
-from utils import atomic_write_text, run_main
+from cli import parse_checked, run_main
+from checkpoints import read_weights
+from space import extreme_arch, canonical_arch
+from utils import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent
 
@@ -137,7 +138,7 @@ evaluated on the 180-image validation split), every subnet evaluated on the 360-
 {row('largest', largest)}
 {row(f'searched (<= {budget}M)', searched)}
 
-Searched arch: `{json.dumps(used_arch(best['arch']))}` (search-split top-1 {best['top1']:.2f}%, NNI experiment
+Searched arch: `{json.dumps(canonical_arch(best['arch']))}` (search-split top-1 {best['top1']:.2f}%, NNI experiment
 `{best['experiment_id']}`). Supernet validation top-1 after {scratch_metrics['epochs']} epochs:
 smallest {scratch_metrics['val_acc_min']:.2f}%, largest {scratch_metrics['val_acc_max']:.2f}%.
 

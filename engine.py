@@ -1,18 +1,23 @@
-"""The accuracy loop shared by evaluate.py and search.py, and the search trial built on it.
+"""DeiT's "train and eval functions": the accuracy loop shared by evaluate.py, search.py and the
+Lightning validation, the search trial built on it, and the training driver of scratch.py and finetune.py.
 
 The trial lives here, not in search.py: NNI's in-process trials import it by name, and the warm
 workers of ``trial.py`` run it for web-UI trials.
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import io
 import json
+import logging
+import os
+import sys
 import time
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import nni
 import torch
@@ -22,9 +27,17 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-from space import AutoformerSpace, count_flops, count_params, read_weights, sub_state_dict, used_arch
+from checkpoints import check_finite, read_weights, save_weights
+from cli import check_classes
+from space import AutoformerSpace, build_supernet, canonical_arch, count_flops, count_params, sub_state_dict
 from trial import record_failure
-from utils import AUTOCAST, UserError, atomic_write_json, atomic_write_text, pick_device
+from utils import (AUTOCAST, UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, pick_device,
+                   remove_unfinished_writes, set_up_precision)
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+_logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -73,7 +86,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
 
 def arch_key(arch: Mapping[str, Any]) -> str:
     """A stable name of an arch (labels of unused layers ignored)."""
-    return hashlib.sha1(json.dumps(used_arch(arch), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha1(json.dumps(canonical_arch(arch), sort_keys=True).encode()).hexdigest()[:16]
 
 
 @lru_cache(maxsize=2)
@@ -194,3 +207,155 @@ def write_results(output: Path, every_seconds: float = 0.0) -> list[dict]:
     return records
 
 
+# --------------------------------------------------------------------------------------------
+# The training driver shared by scratch.py and finetune.py
+# --------------------------------------------------------------------------------------------
+
+def check_launcher(num_nodes: int) -> None:
+    """Several machines need a launcher that tells each one its rank; without one, every machine would
+    wait forever for the others."""
+    env = os.environ
+    launched = ('TORCHELASTIC_RUN_ID' in env or 'GROUP_RANK' in env or 'SLURM_NTASKS' in env
+                or ('NODE_RANK' in env and 'MASTER_ADDR' in env))
+    if num_nodes > 1 and not launched:
+        raise UserError(f'--num-nodes {num_nodes} needs a launcher on every machine: torchrun --nnodes {num_nodes} '
+                        '--node-rank R --master-addr HOST ..., srun under SLURM, or MASTER_ADDR, MASTER_PORT and '
+                        'NODE_RANK set on each machine')
+
+
+def trainer_settings(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+    """Lightning ``Trainer`` keywords for the hardware asked for, and the number of processes."""
+    check_launcher(args.num_nodes)
+    if args.gpus > 0 and not torch.cuda.is_available():
+        _logger.warning('--gpus %d asked for but no CUDA GPU is visible: training on the CPU', args.gpus)
+    use_gpu = args.gpus > 0 and torch.cuda.is_available()
+    if use_gpu and args.gpus > torch.cuda.device_count():
+        raise UserError(f'--gpus {args.gpus}: only {torch.cuda.device_count()} CUDA GPUs are visible on this machine')
+    precision = set_up_precision(args, use_gpu, 'training')
+    devices = args.gpus if use_gpu else args.devices
+    processes = devices * args.num_nodes
+    return dict(accelerator='gpu' if use_gpu else 'cpu', devices=devices, num_nodes=args.num_nodes,
+                strategy='ddp_find_unused_parameters_true' if processes > 1 else 'auto', precision=precision,
+                max_epochs=args.epochs, gradient_clip_val=args.clip_grad, deterministic=not use_gpu,
+                default_root_dir=args.output, log_every_n_steps=10), processes
+
+
+def check_ranks_agree(trainer: pl.Trainer, supernet: nn.Module) -> None:
+    """Refuse to go on if DDP ranks ended with different weights (compares a digest of every tensor)."""
+    digest = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()])
+                          for t in supernet.state_dict().values()]).flatten().to(trainer.strategy.root_device)
+    gathered = trainer.strategy.all_gather(digest)
+    if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
+        raise RuntimeError('DDP ranks ended with different supernet weights')
+    if trainer.is_global_zero:
+        print(f'DDP: all {len(gathered)} ranks hold identical supernet weights')
+
+
+def is_first_process() -> bool:
+    """True in the process a user started, false in the other DDP ranks (Lightning's own launcher,
+    torchrun and SLURM all set one of these)."""
+    return all(os.environ.get(name, '0') == '0'
+               for name in ('RANK', 'LOCAL_RANK', 'NODE_RANK', 'GROUP_RANK', 'SLURM_PROCID'))
+
+
+def check_run_output(output: Path, resume: bool, fingerprint: Mapping[str, Any]) -> None:
+    """An output folder holds one run: refuse another run's results without --resume, and a --resume
+    with another dataset or space than the run had."""
+    last = output / 'checkpoints' / 'last.ckpt'
+    record = output / 'run.json'
+    if resume:
+        if not last.is_file():
+            raise UserError(f'--resume: no checkpoint {last} to continue from')
+        recorded = json.loads(record.read_text()) if record.is_file() else fingerprint
+        changed = [key for key in fingerprint if recorded.get(key, fingerprint[key]) != fingerprint[key]]
+        if changed:
+            raise UserError(f'--resume: the run in {output} had another {changed[0]} ({recorded[changed[0]]!r}, now '
+                            f'{fingerprint[changed[0]]!r}): resume with the same flags, or choose another --output')
+        remove_unfinished_writes(last.parent)
+        return
+    held = [path for path in (last, output / 'supernet.pth') if path.exists()]  # run.json alone: nothing done
+    if held:
+        raise UserError(f'{output} already holds a run ({held[0].name}): pass --resume to continue it, or choose '
+                        'another --output')
+
+
+def run_fingerprint(args: argparse.Namespace, space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """What a resumed run must share with the run it continues."""
+    return {'dataset': args.dataset, 'datapath': str(Path(args.datapath).resolve()) if args.datapath else None,
+            'space': json.loads(json.dumps(dict(space_kwargs))), 'seed': args.seed}
+
+
+def check_batches(train_size: int, batch_size: int, processes: int) -> int:
+    """Optimizer steps per epoch; refuses a training split smaller than one global batch (no step at all)."""
+    global_batch = batch_size * processes
+    if train_size < global_batch:
+        across = f' ({batch_size} on each of {processes} processes)' if processes > 1 else ''
+        raise UserError(f'the training split has {train_size} images, fewer than one batch of {global_batch}'
+                        f'{across}: lower --batch-size')
+    return train_size // global_batch
+
+
+def train_supernet(args: argparse.Namespace, space_kwargs: Mapping[str, Any],
+                   pretrained: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Train the supernet of ``space_kwargs`` as ``args`` say; return the final supernet weights file."""
+    output = Path(args.output)
+    check_writable(output)
+    if not is_first_process():
+        return _train(args, space_kwargs, pretrained)
+    with lock_output(output, 'a training run'):
+        fingerprint = run_fingerprint(args, space_kwargs)
+        check_run_output(output, args.resume, fingerprint)
+        return _train(args, space_kwargs, pretrained, fingerprint)
+
+
+def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained: Mapping[str, torch.Tensor] | None,
+           fingerprint: Mapping[str, Any] | None = None) -> Path:
+    import pytorch_lightning as pl  # here: the search's warm workers import this module and never train
+
+    from lightning import AtomicCheckpointIO, SupernetModule, build_evaluator
+
+    output = Path(args.output)
+    last = output / 'checkpoints' / 'last.ckpt'
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    trainer_kwargs, processes = trainer_settings(args)
+    train_set = data.build_dataset(args.dataset, args.datapath, 'train', space_kwargs['img_size'], training=True)
+    val_set = data.build_dataset(args.dataset, args.datapath, 'val', space_kwargs['img_size'])
+    check_classes(args.dataset, len(train_set.classes), space_kwargs, 'supernet')
+    steps_per_epoch = check_batches(len(train_set), args.batch_size, processes)
+    if fingerprint is not None:
+        atomic_write_json(fingerprint, output / 'run.json')
+    train_loader = data.build_loader(train_set, args.batch_size, args.num_workers, shuffle=True, drop_last=True)
+    val_loader = data.build_loader(val_set, args.batch_size, args.num_workers)
+    global_batch = args.batch_size * processes
+    module = SupernetModule(
+        space_kwargs, learning_rate=5e-4 * global_batch / 512 if args.learning_rate is None else args.learning_rate,
+        min_lr=args.min_lr,
+        warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, epochs=args.epochs, warmup_epochs=args.warmup,
+        steps_per_epoch=steps_per_epoch, smoothing=args.smoothing, mixup=args.mixup,
+        cutmix=args.cutmix, ema_decay=args.ema_decay or 0.0, seed=args.seed, pretrained=pretrained)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=output / 'checkpoints', filename='best', monitor='val_acc_max',
+                                               mode='max', save_last=True)
+    # The CSV logger starts a new version per (resumed) run: no log is overwritten.
+    trainer_kwargs.update(callbacks=[checkpoints], plugins=[AtomicCheckpointIO()],
+                          logger=pl.loggers.CSVLogger(output, name='logs'))
+    evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs, str(last) if args.resume else None)
+    supernet = build_supernet({**space_kwargs, 'drop_path_rate': args.drop_path})
+    evaluator.evaluate(supernet)
+    trainer = evaluator.trainer
+    if processes > 1:
+        check_ranks_agree(trainer, supernet)
+    substituted = int(trainer.strategy.reduce(torch.tensor(data.undecodable_count(train_set)), reduce_op='sum'))
+    weights = output / 'supernet.pth'
+    if trainer.is_global_zero:
+        check_finite(supernet.state_dict(), f'the trained supernet (not written to {weights})')
+        save_weights(weights, supernet.state_dict(), space_kwargs)
+        if module.ema is not None:
+            save_weights(output / 'supernet-ema.pth', module.ema.module.state_dict(), space_kwargs)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        atomic_write_json({'epochs': trainer.current_epoch, **metrics, 'undecodable_images': substituted,
+                           'undecodable_val_images': data.undecodable_count(val_set)}, output / 'metrics.json')
+        if substituted:
+            print(f'{substituted} undecodable training images were replaced by the next image (see the warning '
+                  'above for the first)', file=sys.stderr)
+        print(f'wrote {weights}; ' + ', '.join(f'{k} {v:.2f}' for k, v in metrics.items() if k.startswith('val_acc')))
+    return weights

@@ -9,18 +9,17 @@ import argparse
 
 import torch
 
-from cli import parse_checked
+from cli import add_name_arg, add_precision_args, check_classes, load_arch_arg, parse_checked, run_main
 import data
 from engine import evaluate
-from space import count_flops, count_params, load_model
-from utils import (UserError, add_precision_args, atomic_write_json, load_arch_arg, pick_device, run_main,
-                   set_up_precision)
+from checkpoints import load_model
+from space import count_flops, count_params
+from utils import atomic_write_json, pick_device, set_up_precision
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--name', choices=['tiny', 'small', 'base', 'demo'], default=None,
-                        help='preset; default: the space stored with --weights, else tiny')
+    add_name_arg(parser, 'preset; default: the space stored with --weights, else tiny')
     parser.add_argument('--weights', default='nni',
                         help="subnet weights, or a supernet weights file (with --arch); 'nni' downloads "
                              "NNI's AutoFormer-T/S/B (default); 'none' evaluates random weights")
@@ -45,9 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, arch, space_kwargs = load_model(weights, args.name, arch)
     args.dataset = data.dataset_name(args.dataset, args.datapath)
     dataset = data.build_dataset(args.dataset, args.datapath, args.split, space_kwargs['img_size'])
-    if len(dataset.classes) != space_kwargs['num_labels']:
-        raise UserError(f'the {args.dataset} data has {len(dataset.classes)} classes but the model has '
-                        f'{space_kwargs["num_labels"]} outputs: pass weights trained for this dataset')
+    check_classes(args.dataset, len(dataset.classes), space_kwargs)
     loader = data.build_loader(dataset, args.batch_size, args.num_workers)
     device = pick_device(args.device)
     precision = set_up_precision(args, device.type == 'cuda', 'evaluating')

@@ -16,11 +16,11 @@ import math
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from cli import parse_checked
+from cli import add_name_arg, add_training_args, known_data_flags, parse_checked, run_main
 import data
-from lightning import add_training_args, train_supernet
-from space import load_supernet_file, space_config
-from utils import run_main
+from engine import train_supernet
+from checkpoints import load_supernet_file
+from space import space_config
 
 RECIPES = {
     'default': dict(epochs=100, warmup=5, learning_rate=5e-4, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
@@ -31,16 +31,12 @@ RECIPES = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument('--dataset', default=None)
-    pre.add_argument('--datapath', default=None)
-    known, _ = pre.parse_known_args(argv)
+    known = known_data_flags(argv)
     dataset = data.dataset_name(known.dataset, known.datapath)
     recipe = {**RECIPES.get(dataset, RECIPES['default']), 'output': f'outputs/finetune-{dataset}'}
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--name', choices=['tiny', 'small', 'base', 'demo'], default=None,
-                        help='preset of --weights (default: the space stored with them, else tiny)')
+    add_name_arg(parser, 'preset of --weights (default: the space stored with them, else tiny)')
     parser.add_argument('--weights', default='weights/supernet-tiny.pth',
                         help='pretrained supernet weights (any supported layout)')
     data.add_data_args(parser, batch_size=recipe['batch_size'])

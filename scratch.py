@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from cli import parse_checked
+from cli import add_name_arg, add_training_args, known_data_flags, parse_checked, run_main
 import data
-from lightning import add_training_args, train_supernet
+from engine import train_supernet
 from space import AutoformerSpace, space_config
-from utils import run_main
 
 # The paper's recipe (DeiT's) for ImageNet; the demo recipe is sized for a laptop CPU.
 RECIPES = {
@@ -27,16 +26,12 @@ RECIPES['folder'] = RECIPES['imagenet']
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument('--dataset', default=None)
-    pre.add_argument('--datapath', default=None)
-    known, _ = pre.parse_known_args(argv)
+    known = known_data_flags(argv)
     dataset = data.dataset_name(known.dataset, known.datapath)
     recipe = {**RECIPES.get(dataset, RECIPES['imagenet']), 'output': f'outputs/scratch-{dataset}'}
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--name', choices=['tiny', 'small', 'base', 'demo'], default=None,
-                        help='search space preset (default: demo for digits, tiny otherwise)')
+    add_name_arg(parser, 'search space preset (default: demo for digits, tiny otherwise)')
     data.add_data_args(parser, batch_size=recipe['batch_size'])
     add_training_args(parser, recipe)
     args = parse_checked(parser, argv)

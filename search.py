@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import data
-from cli import parse_checked
+from cli import add_name_arg, check_classes, parse_checked, run_main
 import torch
 import trial
 from engine import arch_key, evaluate_candidate, write_results
@@ -42,10 +42,10 @@ from nni.nas.experiment import NasExperiment, NasExperimentConfig
 from nni.nas.strategy import Random
 from nni.runtime.tuner_command_channel import TunerCommandChannel
 from nni.runtime.tuner_command_channel.command_type import CommandType
-from space import AutoformerSpace, export_standalone, load_supernet_file, save_weights, sub_state_dict, used_arch
+from checkpoints import export_standalone, load_supernet_file, save_weights
+from space import AutoformerSpace, sub_state_dict, canonical_arch
 from strategy import Budget, SearchLedger, build_strategy
-from utils import (UserError, atomic_path, atomic_write_json, check_writable, lock_output, remove_unfinished_writes,
-                   run_main)
+from utils import UserError, atomic_path, atomic_write_json, check_writable, lock_output, remove_unfinished_writes
 
 _logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
@@ -89,8 +89,7 @@ def plot_pareto(records: list[dict], path: Path, title: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--name', choices=['tiny', 'small', 'base', 'demo'], default=None,
-                        help='preset of --weights (default: the space stored with them, else tiny)')
+    add_name_arg(parser, 'preset of --weights (default: the space stored with them, else tiny)')
     parser.add_argument('--weights', default='weights/supernet-tiny.pth', help='trained supernet weights')
     data.add_data_args(parser, batch_size=256)
     parser.add_argument('--search-images', type=int, default=None,
@@ -424,9 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
     resolve_devices(args)
     supernet, space_kwargs, meta = load_supernet_file(args.weights, args.name)
     split_classes = data.num_classes(args.dataset, args.datapath)
-    if split_classes != space_kwargs['num_labels']:
-        raise UserError(f'the {args.dataset} data has {split_classes} classes but the supernet has '
-                        f'{space_kwargs["num_labels"]} outputs: pass a supernet trained for this dataset')
+    check_classes(args.dataset, split_classes, space_kwargs, 'supernet')
     if args.engine == 'ts':
         check_port_free(args.port)
         if args.resume:
@@ -616,11 +613,11 @@ def nni_top_model(experiment: NasExperiment, best_top1: float, records: list[dic
     while True:
         top = experiment.export_top_models(top_k=1, formatter='dict')
         if top and top1_of.get(arch_key(top[0])) == best_top1:
-            return used_arch(top[0])
+            return canonical_arch(top[0])
         if time.monotonic() > deadline:
             _logger.warning('NNI\'s export_top_models gives %s, not a candidate with the best top-1 %.2f',
                             top, best_top1)
-            return used_arch(top[0]) if top else None
+            return canonical_arch(top[0]) if top else None
         time.sleep(0.5)
 
 
@@ -663,11 +660,11 @@ def finish(experiment: NasExperiment, output: Path, supernet: Mapping[str, torch
     return best
 
 
-def cli() -> None:
+def command_line() -> None:
     interrupted = main().get('interrupted')
     if interrupted:  # stopped, not finished: a calling script must not take best.json as final
         sys.exit(128 + signal.Signals[interrupted].value)
 
 
 if __name__ == '__main__':
-    run_main(cli)
+    run_main(command_line)

@@ -14,30 +14,40 @@ Layouts:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import random
 import re
-import urllib.error
+import warnings
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-# utils first: it silences NNI's harmless torch-version warnings before nni is imported.
-from utils import UserError, atomic_path, atomic_torch_save, atomic_write_json, torch_load
-
-import nni
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from nni.mutable import MutableExpression
-from nni.nas.hub.pytorch.autoformer import (AbsolutePositionEmbedding, ClassToken, MixedAbsolutePositionEmbedding,
-                                            MixedClassToken)
-from nni.nas.nn.pytorch import ModelSpace, MutableConv2d, MutableLayerNorm, MutableLinear, ParametrizedModule, Repeat
-from nni.nas.oneshot.pytorch.supermodule.base import BaseSuperNetModule
-from nni.nas.oneshot.pytorch.supermodule.operation import MixedLinear, MixedOperation
-from nni.nas.space import model_context
 from timm.layers import DropPath
+
+with warnings.catch_warnings():  # NNI 3.0 predates torch 2.14: one harmless warning per torch class it does not know
+    warnings.filterwarnings('ignore', message=r'.*is found to be not a nn\.Module', category=RuntimeWarning)
+    import nni
+    from nni.mutable import MutableExpression
+    from nni.nas.hub.pytorch.autoformer import (AbsolutePositionEmbedding, ClassToken, MixedAbsolutePositionEmbedding,
+                                                MixedClassToken)
+    from nni.nas.nn.pytorch import (ModelSpace, MutableConv2d, MutableLayerNorm, MutableLinear, ParametrizedModule,
+                                    Repeat)
+    from nni.nas.oneshot.pytorch.supermodule.base import BaseSuperNetModule
+    from nni.nas.oneshot.pytorch.supermodule.operation import MixedLinear, MixedOperation
+    from nni.nas.space import model_context
+
+__all__ = ['AutoformerSpace', 'SpaceError', 'PRESETS', 'SEARCHED', 'DEFAULTS', 'build_supernet', 'set_active_arch',
+           'space_config', 'space_problem', 'make_arch', 'arch_choices', 'sample_arch', 'extreme_arch',
+           'canonical_arch', 'check_arch', 'complete_arch', 'layer_dims', 'count_params', 'count_flops',
+           'sub_state_dict', 'preset_name']
+
+
+class SpaceError(ValueError):
+    """An arch or space argument that does not fit the space; the message names the label and what is allowed."""
+
 
 HEAD_DIM = 64
 
@@ -428,7 +438,7 @@ class AutoformerSpace(ModelSpace):
     def preset(cls, name: str) -> dict[str, Any]:
         """Constructor keywords of a preset search space: ``tiny``, ``small`` or ``base``."""
         if name not in PRESETS:
-            raise UserError(f'unknown preset {name!r}: choose one of {", ".join(PRESETS)}')
+            raise SpaceError(f'unknown preset {name!r}: choose one of {", ".join(PRESETS)}')
         return copy.deepcopy(PRESETS[name])
 
     @classmethod
@@ -436,7 +446,7 @@ class AutoformerSpace(ModelSpace):
         """The architecture of AutoFormer-T/S/B (``autoformer-tiny`` or just ``tiny``, ...)."""
         size = name.removeprefix('autoformer-')
         if size not in SEARCHED:
-            raise UserError(f'unknown searched model {name!r}: choose one of '
+            raise SpaceError(f'unknown searched model {name!r}: choose one of '
                             f'{", ".join("autoformer-" + s for s in SEARCHED)}')
         embed_dim, ratios, heads = SEARCHED[size]
         return make_arch(embed_dim, ratios, heads)
@@ -450,18 +460,19 @@ class AutoformerSpace(ModelSpace):
         """
         size = name.removeprefix('autoformer-')
         cls.searched_arch(name)  # refuses an unknown name
-        return load_model(weights, size)[0]
+        return _checkpoints().load_model(weights, size)[0]
 
     @classmethod
     def load_supernet_weights(cls, name: str | Mapping[str, Any] | None, path: str | Path,
-                              format: str | None = None) -> dict[str, torch.Tensor]:
+                              layout: str | None = None) -> dict[str, torch.Tensor]:
         """Supernet weights in this project's layout, fitted to the space ``name``.
 
         ``name``: a preset, constructor kwargs, or None for the space stored in the file.
         ``path`` may hold this project's layout, an official AutoFormer checkpoint or NNI hub's
-        supernet; ``'nni'`` downloads NNI's. ``format`` is detected from the keys when not given.
+        supernet; ``'nni'`` downloads NNI's. ``layout`` (official, nni, project) is detected from
+        the keys when not given.
         """
-        return load_supernet_file(path, name, format)[0]
+        return _checkpoints().load_supernet_file(path, name, layout)[0]
 
     @classmethod
     def load_strategy_checkpoint(cls, name: str, weights: str | Path | None = None) -> 'SupernetCheckpoint':
@@ -490,6 +501,18 @@ class AutoformerSpace(ModelSpace):
             return super().freeze(arch)
         with model_context(arch):
             return AutoformerSpace(**self.config)
+
+
+def _checkpoints():
+    """checkpoints.py, which reads weights files; a lone copy of space.py says which file it lacks."""
+    try:
+        import checkpoints
+    except ModuleNotFoundError as err:
+        if err.name not in ('checkpoints', 'utils'):
+            raise
+        raise SpaceError('loading weights needs checkpoints.py (and utils.py) beside space.py, from the '
+                         'AutoFormer-on-NNI repository; space.py alone builds, freezes and slices') from None
+    return checkpoints
 
 
 class SupernetCheckpoint:
@@ -528,7 +551,7 @@ def space_config(**kwargs: Any) -> dict[str, Any]:
     config = {**DEFAULTS, **kwargs}
     problem = space_problem(config)
     if problem:
-        raise UserError(f'invalid space: {problem}')
+        raise SpaceError(f'invalid space: {problem}')
     if config['rpe_length'] is None:
         config['rpe_length'] = config['img_size'] // config['patch_size']
     return config
@@ -600,7 +623,7 @@ def extreme_arch(config: Mapping[str, Any], pick: Callable = min) -> dict[str, A
     return {label: pick(values) for label, values in arch_choices(config).items()}
 
 
-def used_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
+def canonical_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
     """The labels an arch really uses (unused layers dropped), as plain ints and floats.
 
     NNI's JSON round trips turn a ratio of 3.0 into 3; this form compares equal either way.
@@ -614,12 +637,12 @@ def used_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
 def check_arch(arch: Mapping[str, Any], config: Mapping[str, Any]) -> None:
     """Refuse a missing label or a value outside the space, naming the label and the allowed values."""
     if not isinstance(arch, Mapping):
-        raise UserError(f'an arch must be a JSON object / dict of labels, got {type(arch).__name__}')
+        raise SpaceError(f'an arch must be a JSON object / dict of labels, got {type(arch).__name__}')
     choices = arch_choices(config)
     unknown = sorted(str(label) for label in arch if label not in choices and not _LAYER_LABEL.fullmatch(str(label)))
     if unknown:  # a typo such as 'embed_dims' would otherwise be ignored silently
         last = max(config['search_depth']) - 1
-        raise UserError(f'arch label {unknown[0]!r} is not a label of the space (its labels: embed_dim, depth, '
+        raise SpaceError(f'arch label {unknown[0]!r} is not a label of the space (its labels: embed_dim, depth, '
                         f'mlp_ratio_0..{last}, num_head_0..{last})')
     for label in ('embed_dim', 'depth'):
         _check_label(arch, label, choices[label])
@@ -634,14 +657,14 @@ _LAYER_LABEL = re.compile(r'(mlp_ratio|num_head)_\d+')
 
 def _check_label(arch: Mapping[str, Any], label: str, allowed: list) -> None:
     if label not in arch:
-        raise UserError(f'arch is missing the label {label!r} (allowed values: {allowed})')
+        raise SpaceError(f'arch is missing the label {label!r} (allowed values: {allowed})')
     value = arch[label]
     if label.startswith('mlp_ratio') and not _is_number(value) or not label.startswith('mlp_ratio') and not \
             _is_int(value, least=-2**63):
         kind = 'a number' if label.startswith('mlp_ratio') else 'an integer'
-        raise UserError(f'arch value {label}={value!r} must be {kind} (allowed values: {allowed})')
+        raise SpaceError(f'arch value {label}={value!r} must be {kind} (allowed values: {allowed})')
     if value not in allowed:
-        raise UserError(f'arch value {label}={value!r} is outside the space (allowed values: {allowed})')
+        raise SpaceError(f'arch value {label}={value!r} is outside the space (allowed values: {allowed})')
 
 
 def complete_arch(arch: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
@@ -750,320 +773,26 @@ def _slice_block_tensor(name: str, tensor: torch.Tensor, embed: int, q_dim: int,
 def _check_arch_fits(state_dict: Mapping[str, torch.Tensor], arch: Mapping[str, Any]) -> None:
     for label in ('embed_dim', 'depth'):
         if label not in arch:
-            raise UserError(f'arch is missing the label {label!r}')
+            raise SpaceError(f'arch is missing the label {label!r}')
         if not _is_int(arch[label]):
-            raise UserError(f'arch value {label}={arch[label]!r} must be a positive integer')
+            raise SpaceError(f'arch value {label}={arch[label]!r} must be a positive integer')
     width = state_dict['patch_embed.weight'].shape[0]
     depth = len({k.split('.')[2] for k in state_dict if k.startswith('blocks.blocks.')})
     if not 0 < arch['embed_dim'] <= width:
-        raise UserError(f'arch value embed_dim={arch["embed_dim"]} does not fit a supernet {width} wide')
+        raise SpaceError(f'arch value embed_dim={arch["embed_dim"]} does not fit a supernet {width} wide')
     if not 0 < arch['depth'] <= depth:
-        raise UserError(f'arch value depth={arch["depth"]} does not fit a supernet of depth {depth}')
+        raise SpaceError(f'arch value depth={arch["depth"]} does not fit a supernet of depth {depth}')
     for i in range(arch['depth']):
         prefix = f'blocks.blocks.{i}.'
         for label, needed, rows in ((f'num_head_{i}', 3 * HEAD_DIM, state_dict[prefix + 'attn.qkv.weight'].shape[0]),
                                     (f'mlp_ratio_{i}', arch['embed_dim'], state_dict[prefix + 'fc1.weight'].shape[0])):
             if label not in arch:
-                raise UserError(f'arch is missing the label {label!r}')
+                raise SpaceError(f'arch is missing the label {label!r}')
             if not _is_number(arch[label]) or not 0 < needed * arch[label] <= rows:
-                raise UserError(f'arch value {label}={arch[label]!r} does not fit the supernet')
-
-
-def supernet_shapes(space_kwargs: Mapping[str, Any]) -> dict[str, torch.Size]:
-    """Shape of every tensor of the supernet of a space (built on the meta device: no memory, no init)."""
-    with torch.device('meta'):
-        return {k: v.shape for k, v in build_supernet(space_kwargs).state_dict().items()}
-
-
-def load_supernet_file(path: str | Path, name: str | Mapping[str, Any] | None = None, format: str | None = None
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """A supernet file read once: its weights in this project's layout, fitted to its space; the space;
-    and what the file stores beside the weights (empty for official and NNI hub files).
-
-    ``name``: a preset, constructor kwargs, or None for the space stored in the file (else tiny).
-    """
-    if path == 'nni':
-        path = nni_download(f'autoformer-{name}-supernet')
-    state_dict, meta = read_weights(path)
-    kwargs = space_config(**name) if isinstance(name, Mapping) else resolve_space(name, meta.get('space'), path)
-    label = name if isinstance(name, str) else 'the space'
-    converted = to_project_layout(state_dict, format or detect_format(state_dict, path))
-    return fit_to_space(converted, supernet_shapes(kwargs), label, path), kwargs, meta
-
-
-def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
-                 **extra: Any) -> None:
-    """Write weights with the space they belong to (and e.g. ``arch=`` for a subnet), atomically."""
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in space_config(**space_kwargs).items()}
-    atomic_torch_save({'space': config, 'state_dict': dict(state_dict), **extra}, path)
-
-
-def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The state dict of a weights file and what is stored beside it (``space``, ``arch``; empty for foreign files)."""
-    checkpoint = torch_load(path, 'weights')
-    meta = {k: v for k, v in checkpoint.items() if k in ('space', 'arch')} if isinstance(checkpoint, Mapping) else {}
-    state_dict = unwrap_state_dict(checkpoint, path)
-    check_weight_tensors(state_dict, path)
-    return state_dict, meta
-
-
-def resolve_space(name: str | None, stored: Mapping[str, Any] | None, path: Any = '') -> dict[str, Any]:
-    """The space of a weights file: the stored one (checked against ``name``), else the preset ``name``."""
-    if stored is None:
-        return space_config(**AutoformerSpace.preset(name or 'tiny'))
-    if not isinstance(stored, Mapping) or set(stored) - set(DEFAULTS):
-        unknown = sorted(set(stored) - set(DEFAULTS)) if isinstance(stored, Mapping) else type(stored).__name__
-        raise UserError(f'{path}: its stored space is not a space ({unknown}): the file is damaged or not '
-                        "this project's; convert the original checkpoint again")
-    problem = space_problem({**DEFAULTS, **stored})
-    if problem:
-        raise UserError(f'{path}: its stored space is unusable ({problem}): the file is damaged; convert or '
-                        'train it again')
-    if name is not None:
-        preset = AutoformerSpace.preset(name)
-        for key in SEARCH_KEYS:
-            if list(preset[key]) != list(stored[key]):
-                raise UserError(f'{path} holds weights of another space ({key}={list(stored[key])}), '
-                                f'not of preset {name} ({key}={list(preset[key])}); drop --name or pass the '
-                                'matching weights')
-    return space_config(**stored)
-
-
-def load_model(weights: str | Path | None, name: str | None = None,
-               arch: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """A frozen subnet with its weights: ``(model, arch, space kwargs)``.
-
-    ``weights``: None (random init), ``'nni'`` (NNI's AutoFormer-T/S/B download), a subnet file
-    (this project's or NNI hub's layout) or a supernet file in any layout, sliced to ``arch``.
-    Without ``arch``, the arch stored in a subnet file or the preset's searched arch is used.
-    """
-    raw, meta = read_weights(weights) if weights not in (None, 'nni') else ({}, {})
-    kwargs = resolve_space(name, meta.get('space'), weights)
-    size = name or preset_name(kwargs)
-    if raw and is_subnet(raw):
-        file_arch = meta.get('arch') or _searched_arch_of(size, weights)
-        if arch is not None and complete_arch(arch, kwargs) != complete_arch(file_arch, kwargs):
-            raise UserError(f'{weights} holds the weights of one subnet ({json.dumps(file_arch)}); '
-                            'pass a supernet weights file to evaluate another arch')
-        arch, state_dict = file_arch, convert_nni_subnet(raw)
-    else:
-        arch = arch or _searched_arch_of(size, weights)
-        if weights == 'nni':
-            state_dict = convert_nni_subnet(torch_load(nni_download(f'autoformer-{size}-subnet'), 'NNI subnet'))
-        elif raw:
-            supernet = AutoformerSpace.load_supernet_weights(kwargs, weights)
-            state_dict = sub_state_dict(supernet, complete_arch(arch, kwargs))
-        else:
-            state_dict = None
-    model = AutoformerSpace(**kwargs).freeze(arch)
-    if state_dict is not None:
-        load_checked(model, state_dict, str(weights))
-    return model, dict(arch), kwargs
+                raise SpaceError(f'arch value {label}={arch[label]!r} does not fit the supernet')
 
 
 def preset_name(space_kwargs: Mapping[str, Any]) -> str | None:
     """The preset whose search space ``space_kwargs`` has, if any."""
     return next((name for name, preset in PRESETS.items()
                  if all(list(preset[k]) == list(space_kwargs[k]) for k in SEARCH_KEYS)), None)
-
-
-def _searched_arch_of(size: str | None, weights: Any) -> dict[str, Any]:
-    if size not in SEARCHED:
-        raise UserError(f'there is no pre-searched arch for the {size or "given"} space: say which subnet to use '
-                        'with --arch (JSON text or file)')
-    return AutoformerSpace.searched_arch(size)
-
-
-def is_subnet(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return 'blocks.0.attn.qkv.weight' in state_dict or 'blocks.0.attn.q.weight' in state_dict
-
-
-def unwrap_state_dict(checkpoint: Any, path: Any = '') -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint (``{'model': ...}``, ``{'state_dict': ...}`` or plain)."""
-    if isinstance(checkpoint, Mapping):
-        for key in ('model', 'state_dict'):
-            if isinstance(checkpoint.get(key), Mapping):
-                return unwrap_state_dict(checkpoint[key], path)
-        if checkpoint and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint.items()):
-            return dict(checkpoint)
-    raise UserError(f'{path} holds no state dict of tensors (expected a dict of tensors, '
-                    "or one under 'model' or 'state_dict')")
-
-
-def detect_format(state_dict: Mapping[str, torch.Tensor], path: Any = '') -> str:
-    """``official`` (Cream), ``nni`` (NNI hub after RandomOneShot) or ``project`` (this project's)."""
-    keys = set(state_dict)
-    if 'patch_embed_super.proj.weight' in keys:
-        return 'official'
-    if 'blocks.blocks.0.attn.q.weight' in keys:
-        return 'nni'
-    if 'blocks.blocks.0.attn.qkv.weight' in keys:
-        return 'project'
-    raise UserError(f'{path}: not an AutoFormer supernet checkpoint (no official, NNI hub or project '
-                    'keys such as patch_embed_super.proj.weight or blocks.blocks.0.attn.qkv.weight)')
-
-
-def to_project_layout(state_dict: Mapping[str, torch.Tensor], format: str) -> dict[str, torch.Tensor]:
-    """Rename (and for NNI hub, re-pack q/k/v) a supernet state dict into this project's layout."""
-    if format == 'project':
-        return dict(state_dict)
-    if format == 'official':
-        return {_official_key(k): v for k, v in state_dict.items()}
-    if format == 'nni':
-        return _nni_to_project(state_dict)
-    raise UserError(f'unknown checkpoint format {format!r}: choose official, nni or project')
-
-
-def _official_key(key: str) -> str:
-    if key.startswith('patch_embed_super.proj.'):
-        return 'patch_embed.' + key[len('patch_embed_super.proj.'):]
-    if key in ('cls_token', 'pos_embed'):
-        return f'{key}.{key}'
-    if key.startswith('blocks.'):
-        return 'blocks.' + key
-    return key
-
-
-def _nni_to_project(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """NNI hub keeps q, k, v apart; a supernet's per-head rows interleave, its biases concatenate."""
-    result = {}
-    for key, tensor in state_dict.items():
-        prefix, _, name = key.rpartition('.attn.')
-        if name in ('k.weight', 'v.weight', 'k.bias', 'v.bias'):
-            continue
-        if name == 'q.weight':
-            q, k, v = (state_dict[f'{prefix}.attn.{p}.weight'] for p in 'qkv')
-            result[f'{prefix}.attn.qkv.weight'] = torch.stack([q, k, v], dim=1).flatten(0, 1)
-        elif name == 'q.bias':
-            result[f'{prefix}.attn.qkv.bias'] = torch.cat([state_dict[f'{prefix}.attn.{p}.bias'] for p in 'qkv'])
-        else:
-            result[key] = tensor
-    return result
-
-
-def convert_nni_subnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An NNI hub subnet (separate q/k/v linears) as this project's subnet (one q;k;v linear)."""
-    result = {}
-    for key, tensor in state_dict.items():
-        prefix, _, name = key.rpartition('.attn.')
-        if name in ('q.weight', 'q.bias'):
-            kind = name.split('.')[1]
-            result[f'{prefix}.attn.qkv.{kind}'] = torch.cat([state_dict[f'{prefix}.attn.{p}.{kind}'] for p in 'qkv'])
-        elif name not in ('k.weight', 'v.weight', 'k.bias', 'v.bias'):
-            result[key] = tensor
-    return result
-
-
-# Dims that must match exactly; all others may be wider in the checkpoint and are prefix-sliced.
-# The qkv rows fix the head count, which tells the presets apart (tiny 4, small 7, base 10).
-_EXACT_DIMS = {'attn.qkv.weight': (0,), 'attn.qkv.bias': (0,), 'head.weight': (0,), 'head.bias': (0,),
-               'pos_embed.pos_embed': (0, 1), 'cls_token.cls_token': (0, 1), 'embeddings_table_v': (0,),
-               'embeddings_table_h': (0,), 'patch_embed.weight': (1, 2, 3)}
-
-
-def fit_to_space(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size], label: str,
-                 path: Any = '') -> dict[str, torch.Tensor]:
-    """Slice a (possibly wider) supernet to the space's shapes; refuse what cannot fit, naming the tensor."""
-    missing = [k for k in shapes if k not in state_dict]
-    if missing:
-        raise UserError(f'{path}: tensor {missing[0]} (shape {tuple(shapes[missing[0]])}) needed by {label} is '
-                        f'missing ({len(missing)} missing in all): the checkpoint is not a {label} supernet')
-    extra = [k for k in state_dict if k not in shapes and not _is_extra_layer(k, shapes)]
-    if extra:
-        raise UserError(f'{path}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all) for {label}')
-    result = {}
-    for key, shape in shapes.items():
-        tensor = state_dict[key]
-        exact = next((dims for suffix, dims in _EXACT_DIMS.items() if key.endswith(suffix)), ())
-        fits = tensor.dim() == len(shape) and all(
-            have == need if d in exact else have >= need for d, (have, need) in enumerate(zip(tensor.shape, shape)))
-        if not fits:
-            raise UserError(f'{path}: tensor {key} has shape {tuple(tensor.shape)} but {label} needs '
-                            f'{tuple(shape)}: the checkpoint is for another space or preset')
-        result[key] = tensor[tuple(slice(0, n) for n in shape)].clone()
-    return result
-
-
-def _is_extra_layer(key: str, shapes: Mapping[str, torch.Size]) -> bool:
-    """Layers past the space's maximum depth in a deeper checkpoint are dropped, like any wider dim."""
-    if not key.startswith('blocks.blocks.'):
-        return False
-    return f'blocks.blocks.0.{key.split(".", 3)[3]}' in shapes
-
-
-WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_weight_tensors(state_dict: Mapping[str, torch.Tensor], source: Any) -> None:
-    """Refuse what a weights file must not hold: tensors that are not real floating point (an int64
-    copy of the weights rounds every value), sparse or meta tensors (no values), NaN or Inf."""
-    for key, tensor in state_dict.items():
-        if tensor.layout != torch.strided or tensor.is_meta:
-            kind = 'a meta tensor (no values)' if tensor.is_meta else f'a {tensor.layout} tensor'
-            raise UserError(f'{source}: tensor {key} is {kind}, not plain weights: the file is damaged or '
-                            'was not written as weights; save dense tensors')
-        if tensor.dtype not in WEIGHT_DTYPES:
-            raise UserError(f'{source}: tensor {key} has dtype {tensor.dtype}, not floating point: these are not '
-                            'usable weights (the file is damaged or was converted wrongly)')
-    check_finite(state_dict, source)
-
-
-def check_finite(state_dict: Mapping[str, torch.Tensor], source: Any) -> None:
-    """Refuse weights holding NaN or Inf: they would only spread through training or give garbage."""
-    for key, tensor in state_dict.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise UserError(f'{source}: tensor {key} holds NaN or Inf values: the weights are damaged '
-                            '(a diverged run or a corrupt file); use an earlier checkpoint')
-
-
-def load_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-    """``load_state_dict`` that reports a mismatch as one clear line naming the tensor and both shapes."""
-    check_weight_tensors(state_dict, source)
-    expected = model.state_dict()
-    for key, tensor in expected.items():
-        if key not in state_dict:
-            raise UserError(f'{source}: tensor {key} is missing: these weights are not for this architecture')
-        if state_dict[key].shape != tensor.shape:
-            raise UserError(f'{source}: tensor {key} has shape {tuple(state_dict[key].shape)} but the model needs '
-                            f'{tuple(tensor.shape)}: these weights are for another architecture or preset')
-    extra = sorted(set(state_dict) - set(expected))
-    if extra:
-        raise UserError(f'{source}: unexpected tensor {extra[0]} ({len(extra)} in all): these weights are not '
-                        'for this architecture')
-    model.load_state_dict(state_dict)
-
-
-def nni_download(name: str) -> str:
-    """Fetch one of NNI's published AutoFormer files with NNI's own mechanism; a clear message offline."""
-    from nni.nas.hub.pytorch.utils.pretrained import PRETRAINED_WEIGHT_URLS, load_pretrained_weight
-    from nni.common.blob_utils import nni_cache_home
-    url = PRETRAINED_WEIGHT_URLS[name]
-    local = Path(nni_cache_home()) / 'nashub' / url.split('/')[-1]
-    try:
-        return load_pretrained_weight(name, download=True, progress=True)
-    except (OSError, urllib.error.URLError, RuntimeError, ValueError) as err:
-        raise UserError(f'cannot download NNI weights {name} ({type(err).__name__}: {err}). Download {url} '
-                        f'on a machine with internet access and put it at {local}') from None
-
-
-def export_standalone(model: nn.Module, info: Mapping[str, Any], space_kwargs: Mapping[str, Any],
-                      folder: str | Path) -> dict[str, Path]:
-    """The subnet as TorchScript and ONNX files that run without NNI or this project, with a JSON beside them."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    model = model.eval().cpu()
-    size = space_kwargs['img_size']
-    example = torch.randn(1, space_kwargs['in_channels'], size, size)
-    files = {'torchscript': folder / 'subnet.torchscript.pt', 'onnx': folder / 'subnet.onnx',
-             'info': folder / 'subnet.json'}
-    with torch.no_grad():
-        traced = torch.jit.trace(model, example)
-        with atomic_path(files['torchscript']) as tmp:
-            traced.save(str(tmp))
-        with atomic_path(files['onnx']) as tmp:
-            torch.onnx.export(model, (example,), str(tmp), input_names=['images'], output_names=['logits'],
-                              dynamic_axes={'images': {0: 'batch'}, 'logits': {0: 'batch'}}, dynamo=False)
-    summary = {**info, 'img_size': size, 'mean_std': 'normalize inputs as in training',
-               'files': {k: v.name for k, v in files.items() if k != 'info'}}
-    atomic_write_json(summary, files['info'])
-    return files

@@ -1,4 +1,4 @@
-"""Small helpers shared by every script: clear user errors, safe checkpoint I/O, device choice."""
+"""Small helpers with no side effects at import: the user-error type, safe file I/O, device and precision."""
 from __future__ import annotations
 
 import argparse
@@ -12,46 +12,15 @@ import re
 import socket
 import sys
 import tempfile
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-# NNI 3.0 predates torch 2.14 and warns once per torch class it does not know; nothing broader is silenced.
-warnings.filterwarnings('ignore', message=r".*is found to be not a nn\.Module, which is unexpected.*",
-                        category=RuntimeWarning)
-warnings.filterwarnings('ignore', message='Using a non-tuple sequence for multidimensional indexing',
-                        category=UserWarning, module=r'nni\.')
-
-import torch  # noqa: E402
-
-
-class _DropMixedOpNestedMutableWarning(logging.Filter):
-    """NNI's own mixed class token / position embedding warn about their constructor on every mutation."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ('Found a nested mutable' in message and 'of class Mixed' in message)
-
-
-logging.getLogger('nni.nas.nn.pytorch.base').addFilter(_DropMixedOpNestedMutableWarning())
+import torch
 
 
 class UserError(Exception):
     """A problem with the user's input: the message says what is wrong and what to do."""
-
-
-def run_main(main: Callable[[], Any]) -> None:
-    """Run a script's ``main`` and turn a :class:`UserError` into one line on stderr and exit status 2, and
-    a Ctrl-C that ``main`` does not handle itself into one line and exit status 130."""
-    try:
-        main()
-    except UserError as err:
-        print(f'error: {err}', file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print('interrupted', file=sys.stderr)
-        sys.exit(130)
 
 
 def torch_load(path: str | os.PathLike, what: str = 'checkpoint', mmap: bool = False) -> Any:
@@ -193,14 +162,6 @@ def pick_device(requested: str | None = None) -> torch.device:
 AUTOCAST = {'32-true': None, 'bf16-mixed': torch.bfloat16, '16-mixed': torch.float16}
 
 
-def add_precision_args(parser: argparse.ArgumentParser) -> None:
-    """``--precision`` (Lightning's names) and ``--tf32``, the same in every script."""
-    parser.add_argument('--precision', default='32-true', choices=list(AUTOCAST),
-                        help='numeric precision: mixed precision (autocast) on CUDA; the CPU runs fp32')
-    parser.add_argument('--tf32', action='store_true',
-                        help='TF32 tensor cores for fp32 matmuls on CUDA (faster, about 1e-3 relative error)')
-
-
 def set_up_precision(args: argparse.Namespace, cuda: bool, doing: str) -> str:
     """The precision to run in (``args.precision`` on CUDA, else fp32 with a warning naming ``doing``).
 
@@ -215,32 +176,3 @@ def set_up_precision(args: argparse.Namespace, cuda: bool, doing: str) -> str:
     if args.precision != '32-true':
         logging.getLogger(__name__).warning('--precision %s needs CUDA: %s in fp32 on the CPU', args.precision, doing)
     return '32-true'
-
-
-def load_json_arg(value: str, what: str = '--arch') -> Any:
-    """Parse a JSON string or the path of a JSON file, with a clear message when it is neither."""
-    text = value
-    if not value.lstrip().startswith('{'):
-        path = Path(value)
-        if not path.is_file():
-            raise UserError(f'{what}: {value} is neither JSON text nor an existing file')
-        try:
-            text = path.read_text(encoding='utf-8')
-        except UnicodeDecodeError as err:
-            raise UserError(f'{what}: {value} is not UTF-8 text ({err.reason} at byte {err.start}): '
-                            'save the JSON file as UTF-8') from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f'{what}: malformed JSON ({err})') from None
-    except RecursionError:
-        raise UserError(f'{what}: the JSON is nested too deeply to be an arch') from None
-
-
-def load_arch_arg(value: str) -> Any:
-    """``--arch``: an arch as JSON text or a file, or a record holding one under ``arch`` (a search's
-    ``best.json``, an entry of its ``candidates.json``)."""
-    arch = load_json_arg(value, '--arch')
-    if isinstance(arch, dict) and isinstance(arch.get('arch'), dict):
-        return arch['arch']
-    return arch

@@ -24,7 +24,8 @@ import torch  # noqa: E402
 import data  # noqa: E402
 import search  # noqa: E402
 from engine import evaluate  # noqa: E402
-from space import AutoformerSpace, build_supernet, save_weights, space_config, sub_state_dict  # noqa: E402
+from checkpoints import save_weights  # noqa: E402
+from space import AutoformerSpace, build_supernet, space_config, sub_state_dict  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -18,9 +18,10 @@ import evaluate
 import finetune
 import scratch
 import search
+from cli import run_main
 from fixtures import within, write_cifar10, write_image_folder
-from space import AutoformerSpace, build_supernet, make_arch, save_weights, space_config
-from utils import run_main
+from checkpoints import save_weights
+from space import AutoformerSpace, build_supernet, make_arch, space_config
 
 ROOT = Path(__file__).parent.parent
 SCRIPTS = {'evaluate': evaluate, 'scratch': scratch, 'finetune': finetune, 'search': search, 'demo': demo,

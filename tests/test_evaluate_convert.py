@@ -10,7 +10,8 @@ import convert
 import evaluate
 from conftest import GOLDEN
 from fixtures import write_cifar10, write_image_folder
-from space import AutoformerSpace, load_model, read_weights, save_weights, sub_state_dict
+from checkpoints import load_model, read_weights, save_weights
+from space import AutoformerSpace, sub_state_dict
 from utils import UserError
 
 ROOT = Path(__file__).parent.parent

@@ -18,7 +18,8 @@ import evaluate
 import scratch
 import search
 from engine import arch_key, evaluate as accuracy
-from space import load_model, read_weights, sample_arch
+from checkpoints import load_model, read_weights
+from space import sample_arch
 from strategy import Budget
 from utils import UserError, lock_output
 

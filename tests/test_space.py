@@ -1,3 +1,4 @@
+import json
 import os
 import random
 
@@ -7,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import GOLDEN
 from space import (AutoformerSpace, build_supernet, check_arch, count_flops, count_params, layer_dims, make_arch,
-                   sample_arch, set_active_arch, space_config, sub_state_dict)
+                   sample_arch, set_active_arch, space_config, sub_state_dict, SpaceError)
 from utils import UserError
 
 
@@ -102,11 +103,11 @@ def test_arch_outside_the_space_is_refused_with_label_and_values(golden):
     kwargs, _, cases = golden
     space = AutoformerSpace(**kwargs)
     arch = dict(cases[0]['arch'], embed_dim=100)
-    with pytest.raises(UserError, match=r"embed_dim=100 .*\[96, 112, 128\]"):
+    with pytest.raises(SpaceError, match=r"embed_dim=100 .*\[96, 112, 128\]"):
         space.freeze(arch)
     arch = dict(cases[0]['arch'])
     del arch['mlp_ratio_1']
-    with pytest.raises(UserError, match="missing the label 'mlp_ratio_1'"):
+    with pytest.raises(SpaceError, match="missing the label 'mlp_ratio_1'"):
         count_params(arch, **kwargs)
 
 
@@ -210,5 +211,57 @@ def test_labels_past_the_depth_are_ignored_and_unknown_labels_refused():
                          ({'depth': 2.0}, 'depth=2.0 must be an integer'),
                          ({'num_head_1': True}, 'num_head_1=True must be an integer'),
                          ({'mlp_ratio_0': '3.0'}, "mlp_ratio_0='3.0' must be a number")):
-        with pytest.raises(UserError, match=message):
+        with pytest.raises(SpaceError, match=message):
             check_arch({**arch, **bad}, config)
+
+
+STANDALONE = '''
+import json, sys, torch
+from space import AutoformerSpace, SpaceError, build_supernet, count_params, set_active_arch, sub_state_dict
+cases = json.load(open('small-cases.json'))
+kwargs = json.load(open('kwargs.json'))
+inputs = torch.load('small-input.pt', weights_only=True)['input']
+supernet = torch.load('supernet.pt', weights_only=True)
+space = AutoformerSpace(**kwargs)
+worst = 0.0
+for case in cases['cases']:
+    subnet = space.freeze(case['arch']).eval()
+    subnet.load_state_dict(sub_state_dict(supernet, case['arch']))
+    with torch.no_grad():
+        logits, golden = subnet(inputs), torch.tensor(case['logits'])
+    worst = max(worst, ((logits - golden).abs().max() / golden.abs().max()).item())
+    assert count_params(case['arch'], **kwargs) == case['params']
+trained = build_supernet(kwargs)
+trained.load_state_dict(supernet)
+set_active_arch(trained, cases['cases'][0]['arch'])
+try:
+    AutoformerSpace.load_supernet_weights(kwargs, 'supernet.pt')
+except SpaceError as err:
+    print('lone copy:', err)
+print(json.dumps({'cases': len(cases['cases']), 'worst': worst, 'modules': sorted(
+    m for m in sys.modules if m in ('checkpoints', 'utils', 'cli', 'data', 'engine', 'lightning'))}))
+'''
+
+
+def test_space_py_copied_alone_builds_freezes_slices_and_gives_the_golden_logits(tmp_path, golden):
+    """Issue 14: space.py imports nothing from this project. A lone copy (with only the pinned packages)
+    builds the space, freezes subnets and slices a converted supernet to the official logits; its
+    load_* methods say in one line which file they need."""
+    import shutil
+    import subprocess
+    import sys
+    kwargs, _, _ = golden
+    shutil.copy(GOLDEN.parent.parent / 'space.py', tmp_path)
+    for name in ('small-cases.json', 'small-input.pt'):
+        shutil.copy(GOLDEN / name, tmp_path)
+    (tmp_path / 'kwargs.json').write_text(json.dumps(kwargs))
+    torch.save(AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / 'small-official.pth'), tmp_path / 'supernet.pt')
+    (tmp_path / 'standalone.py').write_text(STANDALONE)
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    result = subprocess.run([sys.executable, 'standalone.py'], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {'cases': len(golden[2]), 'worst': report['worst'], 'modules': []} and report['worst'] < 1e-4
+    assert 'lone copy: loading weights needs checkpoints.py' in result.stdout
+    assert 'Traceback' not in result.stderr and 'is found to be not a nn.Module' not in result.stderr

@@ -14,7 +14,8 @@ import scratch
 from conftest import GOLDEN
 from fixtures import write_cifar10, write_image_folder
 from lightning import AtomicCheckpointIO
-from space import AutoformerSpace, read_weights, save_weights
+from checkpoints import read_weights, save_weights
+from space import AutoformerSpace
 from utils import UserError, lock_output
 
 ROOT = Path(__file__).parent.parent

@@ -1,0 +1,326 @@
+"""Weights files: safe reading, atomic writing, the official and NNI-hub layouts, fitting to a space.
+
+Every weights file this project writes is ``{'space': constructor kwargs, 'state_dict': ..., ['arch': ...]}``.
+Reading one checks everything a file can get wrong (code to run, damaged archives, a stored space
+that is no space, tensors that are not plain floating-point weights, NaN) and says so in one line.
+Official AutoFormer (Cream) and NNI-hub supernets are detected from their keys and converted to
+this project's layout; wider supernets are sliced to the space. Also: NNI's download of its
+published weights and the standalone TorchScript / ONNX export of a subnet.
+"""
+from __future__ import annotations
+
+import json
+import urllib.error
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+from space import (DEFAULTS, SEARCH_KEYS, SEARCHED, AutoformerSpace, build_supernet, complete_arch,
+                   preset_name, space_config, space_problem, sub_state_dict)
+from utils import UserError, atomic_path, atomic_torch_save, atomic_write_json, torch_load
+
+__all__ = ['load_supernet_file', 'save_weights', 'read_weights', 'resolve_space', 'load_model', 'fit_to_space',
+           'detect_layout', 'to_project_layout', 'convert_nni_subnet', 'check_weight_tensors', 'check_finite',
+           'load_checked', 'nni_download', 'export_standalone', 'supernet_shapes']
+
+
+def supernet_shapes(space_kwargs: Mapping[str, Any]) -> dict[str, torch.Size]:
+    """Shape of every tensor of the supernet of a space (built on the meta device: no memory, no init)."""
+    with torch.device('meta'):
+        return {k: v.shape for k, v in build_supernet(space_kwargs).state_dict().items()}
+
+
+def load_supernet_file(path: str | Path, name: str | Mapping[str, Any] | None = None, layout: str | None = None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+    """A supernet file read once: its weights in this project's layout, fitted to its space; the space;
+    and what the file stores beside the weights (empty for official and NNI hub files).
+
+    ``name``: a preset, constructor kwargs, or None for the space stored in the file (else tiny).
+    """
+    if path == 'nni':
+        path = nni_download(f'autoformer-{name}-supernet')
+    state_dict, meta = read_weights(path)
+    kwargs = space_config(**name) if isinstance(name, Mapping) else resolve_space(name, meta.get('space'), path)
+    label = name if isinstance(name, str) else 'the space'
+    converted = to_project_layout(state_dict, layout or detect_layout(state_dict, path))
+    return fit_to_space(converted, supernet_shapes(kwargs), label, path), kwargs, meta
+
+
+def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
+                 **extra: Any) -> None:
+    """Write weights with the space they belong to (and e.g. ``arch=`` for a subnet), atomically."""
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in space_config(**space_kwargs).items()}
+    atomic_torch_save({'space': config, 'state_dict': dict(state_dict), **extra}, path)
+
+
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The state dict of a weights file and what is stored beside it (``space``, ``arch``; empty for foreign files)."""
+    checkpoint = torch_load(path, 'weights')
+    meta = {k: v for k, v in checkpoint.items() if k in ('space', 'arch')} if isinstance(checkpoint, Mapping) else {}
+    state_dict = unwrap_state_dict(checkpoint, path)
+    check_weight_tensors(state_dict, path)
+    return state_dict, meta
+
+
+def resolve_space(name: str | None, stored: Mapping[str, Any] | None, path: Any = '') -> dict[str, Any]:
+    """The space of a weights file: the stored one (checked against ``name``), else the preset ``name``."""
+    if stored is None:
+        return space_config(**AutoformerSpace.preset(name or 'tiny'))
+    if not isinstance(stored, Mapping) or set(stored) - set(DEFAULTS):
+        unknown = sorted(set(stored) - set(DEFAULTS)) if isinstance(stored, Mapping) else type(stored).__name__
+        raise UserError(f'{path}: its stored space is not a space ({unknown}): the file is damaged or not '
+                        "this project's; convert the original checkpoint again")
+    problem = space_problem({**DEFAULTS, **stored})
+    if problem:
+        raise UserError(f'{path}: its stored space is unusable ({problem}): the file is damaged; convert or '
+                        'train it again')
+    if name is not None:
+        preset = AutoformerSpace.preset(name)
+        for key in SEARCH_KEYS:
+            if list(preset[key]) != list(stored[key]):
+                raise UserError(f'{path} holds weights of another space ({key}={list(stored[key])}), '
+                                f'not of preset {name} ({key}={list(preset[key])}); drop --name or pass the '
+                                'matching weights')
+    return space_config(**stored)
+
+
+def load_model(weights: str | Path | None, name: str | None = None,
+               arch: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """A frozen subnet with its weights: ``(model, arch, space kwargs)``.
+
+    ``weights``: None (random init), ``'nni'`` (NNI's AutoFormer-T/S/B download), a subnet file
+    (this project's or NNI hub's layout) or a supernet file in any layout, sliced to ``arch``.
+    Without ``arch``, the arch stored in a subnet file or the preset's searched arch is used.
+    """
+    raw, meta = read_weights(weights) if weights not in (None, 'nni') else ({}, {})
+    kwargs = resolve_space(name, meta.get('space'), weights)
+    size = name or preset_name(kwargs)
+    if raw and is_subnet(raw):
+        file_arch = meta.get('arch') or _searched_arch_of(size, weights)
+        if arch is not None and complete_arch(arch, kwargs) != complete_arch(file_arch, kwargs):
+            raise UserError(f'{weights} holds the weights of one subnet ({json.dumps(file_arch)}); '
+                            'pass a supernet weights file to evaluate another arch')
+        arch, state_dict = file_arch, convert_nni_subnet(raw)
+    else:
+        arch = arch or _searched_arch_of(size, weights)
+        if weights == 'nni':
+            state_dict = convert_nni_subnet(torch_load(nni_download(f'autoformer-{size}-subnet'), 'NNI subnet'))
+        elif raw:
+            supernet = AutoformerSpace.load_supernet_weights(kwargs, weights)
+            state_dict = sub_state_dict(supernet, complete_arch(arch, kwargs))
+        else:
+            state_dict = None
+    model = AutoformerSpace(**kwargs).freeze(arch)
+    if state_dict is not None:
+        load_checked(model, state_dict, str(weights))
+    return model, dict(arch), kwargs
+
+
+def _searched_arch_of(size: str | None, weights: Any) -> dict[str, Any]:
+    if size not in SEARCHED:
+        raise UserError(f'there is no pre-searched arch for the {size or "given"} space: say which subnet to use '
+                        'with --arch (JSON text or file)')
+    return AutoformerSpace.searched_arch(size)
+
+
+def is_subnet(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    return 'blocks.0.attn.qkv.weight' in state_dict or 'blocks.0.attn.q.weight' in state_dict
+
+
+def unwrap_state_dict(checkpoint: Any, path: Any = '') -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint (``{'model': ...}``, ``{'state_dict': ...}`` or plain)."""
+    if isinstance(checkpoint, Mapping):
+        for key in ('model', 'state_dict'):
+            if isinstance(checkpoint.get(key), Mapping):
+                return unwrap_state_dict(checkpoint[key], path)
+        if checkpoint and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in checkpoint.items()):
+            return dict(checkpoint)
+    raise UserError(f'{path} holds no state dict of tensors (expected a dict of tensors, '
+                    "or one under 'model' or 'state_dict')")
+
+
+def detect_layout(state_dict: Mapping[str, torch.Tensor], path: Any = '') -> str:
+    """``official`` (Cream), ``nni`` (NNI hub after RandomOneShot) or ``project`` (this project's)."""
+    keys = set(state_dict)
+    if 'patch_embed_super.proj.weight' in keys:
+        return 'official'
+    if 'blocks.blocks.0.attn.q.weight' in keys:
+        return 'nni'
+    if 'blocks.blocks.0.attn.qkv.weight' in keys:
+        return 'project'
+    raise UserError(f'{path}: not an AutoFormer supernet checkpoint (no official, NNI hub or project '
+                    'keys such as patch_embed_super.proj.weight or blocks.blocks.0.attn.qkv.weight)')
+
+
+def to_project_layout(state_dict: Mapping[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """Rename (and for NNI hub, re-pack q/k/v) a supernet state dict into this project's layout."""
+    if layout == 'project':
+        return dict(state_dict)
+    if layout == 'official':
+        return {_official_key(k): v for k, v in state_dict.items()}
+    if layout == 'nni':
+        return _nni_to_project(state_dict)
+    raise UserError(f'unknown checkpoint layout {layout!r}: choose official, nni or project')
+
+
+def _official_key(key: str) -> str:
+    if key.startswith('patch_embed_super.proj.'):
+        return 'patch_embed.' + key[len('patch_embed_super.proj.'):]
+    if key in ('cls_token', 'pos_embed'):
+        return f'{key}.{key}'
+    if key.startswith('blocks.'):
+        return 'blocks.' + key
+    return key
+
+
+def _nni_to_project(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """NNI hub keeps q, k, v apart; a supernet's per-head rows interleave, its biases concatenate."""
+    result = {}
+    for key, tensor in state_dict.items():
+        prefix, _, name = key.rpartition('.attn.')
+        if name in ('k.weight', 'v.weight', 'k.bias', 'v.bias'):
+            continue
+        if name == 'q.weight':
+            q, k, v = (state_dict[f'{prefix}.attn.{p}.weight'] for p in 'qkv')
+            result[f'{prefix}.attn.qkv.weight'] = torch.stack([q, k, v], dim=1).flatten(0, 1)
+        elif name == 'q.bias':
+            result[f'{prefix}.attn.qkv.bias'] = torch.cat([state_dict[f'{prefix}.attn.{p}.bias'] for p in 'qkv'])
+        else:
+            result[key] = tensor
+    return result
+
+
+def convert_nni_subnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An NNI hub subnet (separate q/k/v linears) as this project's subnet (one q;k;v linear)."""
+    result = {}
+    for key, tensor in state_dict.items():
+        prefix, _, name = key.rpartition('.attn.')
+        if name in ('q.weight', 'q.bias'):
+            kind = name.split('.')[1]
+            result[f'{prefix}.attn.qkv.{kind}'] = torch.cat([state_dict[f'{prefix}.attn.{p}.{kind}'] for p in 'qkv'])
+        elif name not in ('k.weight', 'v.weight', 'k.bias', 'v.bias'):
+            result[key] = tensor
+    return result
+
+
+# Dims that must match exactly; all others may be wider in the checkpoint and are prefix-sliced.
+# The qkv rows fix the head count, which tells the presets apart (tiny 4, small 7, base 10).
+_EXACT_DIMS = {'attn.qkv.weight': (0,), 'attn.qkv.bias': (0,), 'head.weight': (0,), 'head.bias': (0,),
+               'pos_embed.pos_embed': (0, 1), 'cls_token.cls_token': (0, 1), 'embeddings_table_v': (0,),
+               'embeddings_table_h': (0,), 'patch_embed.weight': (1, 2, 3)}
+
+
+def fit_to_space(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size], label: str,
+                 path: Any = '') -> dict[str, torch.Tensor]:
+    """Slice a (possibly wider) supernet to the space's shapes; refuse what cannot fit, naming the tensor."""
+    missing = [k for k in shapes if k not in state_dict]
+    if missing:
+        raise UserError(f'{path}: tensor {missing[0]} (shape {tuple(shapes[missing[0]])}) needed by {label} is '
+                        f'missing ({len(missing)} missing in all): the checkpoint is not a {label} supernet')
+    extra = [k for k in state_dict if k not in shapes and not _is_extra_layer(k, shapes)]
+    if extra:
+        raise UserError(f'{path}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all) for {label}')
+    result = {}
+    for key, shape in shapes.items():
+        tensor = state_dict[key]
+        exact = next((dims for suffix, dims in _EXACT_DIMS.items() if key.endswith(suffix)), ())
+        fits = tensor.dim() == len(shape) and all(
+            have == need if d in exact else have >= need for d, (have, need) in enumerate(zip(tensor.shape, shape)))
+        if not fits:
+            raise UserError(f'{path}: tensor {key} has shape {tuple(tensor.shape)} but {label} needs '
+                            f'{tuple(shape)}: the checkpoint is for another space or preset')
+        result[key] = tensor[tuple(slice(0, n) for n in shape)].clone()
+    return result
+
+
+def _is_extra_layer(key: str, shapes: Mapping[str, torch.Size]) -> bool:
+    """Layers past the space's maximum depth in a deeper checkpoint are dropped, like any wider dim."""
+    if not key.startswith('blocks.blocks.'):
+        return False
+    return f'blocks.blocks.0.{key.split(".", 3)[3]}' in shapes
+
+
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_weight_tensors(state_dict: Mapping[str, torch.Tensor], source: Any) -> None:
+    """Refuse what a weights file must not hold: tensors that are not real floating point (an int64
+    copy of the weights rounds every value), sparse or meta tensors (no values), NaN or Inf."""
+    for key, tensor in state_dict.items():
+        if tensor.layout != torch.strided or tensor.is_meta:
+            kind = 'a meta tensor (no values)' if tensor.is_meta else f'a {tensor.layout} tensor'
+            raise UserError(f'{source}: tensor {key} is {kind}, not plain weights: the file is damaged or '
+                            'was not written as weights; save dense tensors')
+        if tensor.dtype not in WEIGHT_DTYPES:
+            raise UserError(f'{source}: tensor {key} has dtype {tensor.dtype}, not floating point: these are not '
+                            'usable weights (the file is damaged or was converted wrongly)')
+    check_finite(state_dict, source)
+
+
+def check_finite(state_dict: Mapping[str, torch.Tensor], source: Any) -> None:
+    """Refuse weights holding NaN or Inf: they would only spread through training or give garbage."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UserError(f'{source}: tensor {key} holds NaN or Inf values: the weights are damaged '
+                            '(a diverged run or a corrupt file); use an earlier checkpoint')
+
+
+def load_checked(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                 optional: tuple[str, ...] = ()) -> None:
+    """``load_state_dict`` that reports a mismatch as one clear line naming the tensor and both shapes.
+
+    ``optional``: key prefixes that may be absent (they keep the model's values), e.g. ``('head.',)``.
+    """
+    check_weight_tensors(state_dict, source)
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state_dict:
+            if key.startswith(optional):
+                continue
+            raise UserError(f'{source}: tensor {key} is missing: these weights are not for this architecture')
+        if state_dict[key].shape != tensor.shape:
+            raise UserError(f'{source}: tensor {key} has shape {tuple(state_dict[key].shape)} but the model needs '
+                            f'{tuple(tensor.shape)}: these weights are for another architecture or preset')
+    extra = sorted(set(state_dict) - set(expected))
+    if extra:
+        raise UserError(f'{source}: unexpected tensor {extra[0]} ({len(extra)} in all): these weights are not '
+                        'for this architecture')
+    model.load_state_dict(state_dict, strict=not optional)
+
+
+def nni_download(name: str) -> str:
+    """Fetch one of NNI's published AutoFormer files with NNI's own mechanism; a clear message offline."""
+    from nni.nas.hub.pytorch.utils.pretrained import PRETRAINED_WEIGHT_URLS, load_pretrained_weight
+    from nni.common.blob_utils import nni_cache_home
+    url = PRETRAINED_WEIGHT_URLS[name]
+    local = Path(nni_cache_home()) / 'nashub' / url.split('/')[-1]
+    try:
+        return load_pretrained_weight(name, download=True, progress=True)
+    except (OSError, urllib.error.URLError, RuntimeError, ValueError) as err:
+        raise UserError(f'cannot download NNI weights {name} ({type(err).__name__}: {err}). Download {url} '
+                        f'on a machine with internet access and put it at {local}') from None
+
+
+def export_standalone(model: nn.Module, info: Mapping[str, Any], space_kwargs: Mapping[str, Any],
+                      folder: str | Path) -> dict[str, Path]:
+    """The subnet as TorchScript and ONNX files that run without NNI or this project, with a JSON beside them."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = model.eval().cpu()
+    size = space_kwargs['img_size']
+    example = torch.randn(1, space_kwargs['in_channels'], size, size)
+    files = {'torchscript': folder / 'subnet.torchscript.pt', 'onnx': folder / 'subnet.onnx',
+             'info': folder / 'subnet.json'}
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example)
+        with atomic_path(files['torchscript']) as tmp:
+            traced.save(str(tmp))
+        with atomic_path(files['onnx']) as tmp:
+            torch.onnx.export(model, (example,), str(tmp), input_names=['images'], output_names=['logits'],
+                              dynamic_axes={'images': {0: 'batch'}, 'logits': {0: 'batch'}}, dynamo=False)
+    summary = {**info, 'img_size': size, 'mean_std': 'normalize inputs as in training',
+               'files': {k: v.name for k, v in files.items() if k != 'info'}}
+    atomic_write_json(summary, files['info'])
+    return files
