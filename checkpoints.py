@@ -68,7 +68,7 @@ def resolve_space(name: str | None, stored: Mapping[str, Any] | None, path: Any 
     """The space of a weights file: the stored one (checked against ``name``), else the preset ``name``."""
     if stored is None:
         return space_config(**AutoformerSpace.preset(name or 'tiny'))
-    if not isinstance(stored, Mapping) or set(stored) - set(DEFAULTS):
+    if not isinstance(stored, Mapping) or set(stored) - set(DEFAULTS) or set(SEARCH_KEYS) - set(stored):
         unknown = sorted(set(stored) - set(DEFAULTS)) if isinstance(stored, Mapping) else type(stored).__name__
         raise UserError(f'{path}: its stored space is not a space ({unknown}): the file is damaged or not '
                         "this project's; convert the original checkpoint again")
@@ -218,7 +218,8 @@ def fit_to_space(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, to
     missing = [k for k in shapes if k not in state_dict]
     if missing:
         raise UserError(f'{path}: tensor {missing[0]} (shape {tuple(shapes[missing[0]])}) needed by {label} is '
-                        f'missing ({len(missing)} missing in all): the checkpoint is not a {label} supernet')
+                        f'missing ({len(missing)} missing in all): the checkpoint is not a '
+                        f'{"supernet of this space" if label == "the space" else label + " supernet"}')
     extra = [k for k in state_dict if k not in shapes and not _is_extra_layer(k, shapes)]
     if extra:
         raise UserError(f'{path}: unexpected tensor {extra[0]} ({len(extra)} unexpected in all) for {label}')

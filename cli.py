@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -96,10 +97,13 @@ def present_device(value: str) -> str | None:
 
 
 PROBABILITY = number(0.0, 1.0)
+CORES = max(os.cpu_count() or 1, 2)
 RULES: dict[str, Rule] = {
     # data and hardware
-    'batch_size': at_least(1), 'num_workers': between(0, 1024), 'img_size': between(1, 4096), 'gpus': at_least(0),
-    'devices': between(1, 1024), 'num_nodes': between(1, 100_000), 'concurrency': between(1, 1024),
+    # one process per core at most: a thousand DDP ranks or loader workers on a laptop exhaust its memory
+    'batch_size': between(1, 1_000_000), 'num_workers': between(0, 2 * CORES), 'img_size': between(1, 1024),
+    'gpus': at_least(0), 'devices': between(1, CORES), 'num_nodes': between(1, 100_000),
+    'concurrency': between(1, 1024),
     'device': device,
     'seed': lambda value: None if 0 <= value < 2 ** 32 else 'must be between 0 and 4294967295',
     'port': lambda value: None if 0 < value < 65536 else 'must be between 1 and 65535',
@@ -118,8 +122,15 @@ RULES: dict[str, Rule] = {
 }
 
 
+# Paths and JSON given as an empty string would be dropped or fall back to a default silently.
+NOT_EMPTY = ('output', 'arch', 'weights', 'datapath', 'input', 'subnet_output', 'machines', 'experiment_dir')
+
+
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse the first flag whose value breaks its rule (unset flags, None, are not checked)."""
+    for name in NOT_EMPTY:
+        if getattr(args, name, None) is not None and not str(getattr(args, name)).strip():
+            raise UserError(f'--{name.replace("_", "-")} is empty: give a value or leave the flag out')
     for name, rule in RULES.items():
         value = getattr(args, name, None)
         problem = rule(value) if value is not None else None
@@ -218,12 +229,16 @@ def load_json_arg(value: str, what: str = '--arch') -> Any:
         raise UserError(f'{what}: malformed JSON ({err})') from None
     except RecursionError:
         raise UserError(f'{what}: the JSON is nested too deeply to be an arch') from None
+    except ValueError as err:  # e.g. an integer of thousands of digits
+        raise UserError(f'{what}: unusable JSON ({err})') from None
 
 
 def load_arch_arg(value: str) -> Any:
     """``--arch``: an arch as JSON text or a file, or a record holding one under ``arch`` (a search's
     ``best.json``, an entry of its ``candidates.json``)."""
     arch = load_json_arg(value, '--arch')
-    if isinstance(arch, dict) and isinstance(arch.get('arch'), dict):
+    if isinstance(arch, dict) and 'arch' in arch:
+        if not isinstance(arch['arch'], dict):
+            raise UserError(f"--arch: the record's arch is {arch['arch']!r}, not an arch (a JSON object of labels)")
         return arch['arch']
     return arch

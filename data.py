@@ -169,7 +169,8 @@ def _datapath(dataset: str, datapath: str | os.PathLike | None) -> Path:
 
 
 def _imagenet_split(root: Path, split: str) -> Path:
-    if _holds_class_folders(root):  # the user passed a split folder such as imagenet/val
+    has_splits = (root / 'train').is_dir() or (root / 'val').is_dir()  # never classes named train and val
+    if not has_splits and _holds_class_folders(root):  # the user passed a split folder such as imagenet/val
         return root
     folder = root / ('train' if split == 'train' else 'val')
     if not folder.is_dir():
@@ -386,10 +387,14 @@ class Cifar10(Dataset):
                             'and batches.meta (extracted from cifar-10-python.tar.gz; nothing is downloaded)')
         batches = [_read_cifar_file(folder / name, 'data', 'labels') for name in files]
         pixels = np.concatenate([np.asarray(rows, dtype=np.uint8) for rows, _ in batches])
-        self.images = np.ascontiguousarray(pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # NHWC for PIL
         self.targets = [int(label) for _, labels in batches for label in labels]
         (names,) = _read_cifar_file(folder / 'batches.meta', 'label_names')
         self.classes = [name.decode() if isinstance(name, bytes) else name for name in names]
+        if pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32 or len(pixels) != len(self.targets) or \
+                not all(0 <= label < len(self.classes) for label in self.targets):
+            raise UserError(f'{folder} is not CIFAR-10 data: its batches need rows of 3072 bytes, one label per row, '
+                            f'each below {len(self.classes)}; extract cifar-10-python.tar.gz again')
+        self.images = np.ascontiguousarray(pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # NHWC for PIL
         self.transform = transform
 
     def __len__(self) -> int:

@@ -22,9 +22,12 @@ from pathlib import Path
 from cli import parse_checked, run_main
 from checkpoints import read_weights
 from space import extreme_arch, canonical_arch
-from utils import atomic_write_text
+from utils import UserError, atomic_write_text, read_json
 
 ROOT = Path(__file__).resolve().parent
+# What a demo writes into --output; --fresh deletes nothing else.
+DEMO_FILES = {'scratch', 'search', 'report.md', 'training.png', 'pareto.png', 'test-searched.json',
+              'test-smallest.json', 'test-largest.json', '.lock'}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,7 +47,7 @@ def run_stage(name: str, args: list[str], times: dict[str, float]) -> None:
     start = time.perf_counter()
     result = subprocess.run(command, cwd=ROOT)
     if result.returncode != 0:
-        sys.exit(f'demo: the {name} stage failed (exit status {result.returncode}); its output is above')
+        raise UserError(f'the demo\'s {name} stage failed (exit status {result.returncode}); its output is above')
     times[name] = time.perf_counter() - start
 
 
@@ -81,6 +84,9 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     output = Path(args.output).resolve()
     if args.fresh and output.exists():
+        if not output.is_dir() or not {p.name for p in output.iterdir()} <= DEMO_FILES:
+            raise UserError(f'--fresh deletes --output, and {output} holds more than a demo\'s results: choose '
+                            'another --output')
         shutil.rmtree(output)
     times: dict[str, float] = {}
     supernet = output / 'scratch' / 'supernet.pth'
@@ -92,6 +98,10 @@ def main(argv: list[str] | None = None) -> Path:
                   + (['--resume'] if interrupted else []), times)
     search = output / 'search'
     if (search / 'best.json').is_file():
+        budget = read_json(search / 'experiment.json').get('fingerprint', {}).get('max_params')
+        if budget != args.max_params:  # the report would quote a budget the search never had
+            raise UserError(f'{search} holds a search under --max-params {budget}, not {args.max_params}: pass '
+                            '--fresh to run the demo again')
         print(f'reusing the search in {search} (pass --fresh to search again)')
     else:
         shutil.rmtree(search, ignore_errors=True)  # an unfinished search starts over

@@ -32,7 +32,7 @@ from cli import check_classes
 from space import AutoformerSpace, build_supernet, canonical_arch, count_flops, count_params, sub_state_dict
 from trial import record_failure
 from utils import (AUTOCAST, UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, pick_device,
-                   remove_unfinished_writes, set_up_precision)
+                   read_json, remove_unfinished_writes, set_up_precision)
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -114,7 +114,7 @@ def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor],
     key = arch_key(arch)
     record_file = output / 'candidates' / f'{key}.json'
     if record_file.is_file():
-        return json.loads(record_file.read_text())
+        return read_json(record_file)
     model = AutoformerSpace(**space_kwargs).freeze(arch)
     model.load_state_dict(sub_state_dict(supernet, arch))
     batches = -(-len(split) // batch_size)
@@ -125,7 +125,7 @@ def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor],
             report(top1)
 
     metrics = evaluate(model, split.batches(batch_size), device, progress=False, on_batch=on_batch)
-    latency = json.loads(latency_file.read_text()).get(key) \
+    latency = read_json(latency_file).get(key) \
         if (latency_file := output / 'latency.json').is_file() else None
     record = {'arch': arch, 'params': count_params(arch, **space_kwargs) / 1e6,
               'flops': count_flops(arch, **space_kwargs) / 1e9, 'latency': latency,
@@ -177,7 +177,7 @@ def candidate_server(spec: Mapping[str, Any]) -> Callable[[str, Callable[[dict],
 
 
 def read_results(output: Path) -> list[dict]:
-    records = [json.loads(p.read_text()) for p in sorted((output / 'candidates').glob('*.json'))]
+    records = [read_json(p) for p in sorted((output / 'candidates').glob('*.json'))]
     return sorted(records, key=lambda r: -r['top1'])
 
 
@@ -266,7 +266,7 @@ def check_run_output(output: Path, resume: bool, fingerprint: Mapping[str, Any])
     if resume:
         if not last.is_file():
             raise UserError(f'--resume: no checkpoint {last} to continue from')
-        recorded = json.loads(record.read_text()) if record.is_file() else fingerprint
+        recorded = read_json(record) if record.is_file() else fingerprint
         changed = [key for key in fingerprint if recorded.get(key, fingerprint[key]) != fingerprint[key]]
         if changed:
             raise UserError(f'--resume: the run in {output} had another {changed[0]} ({recorded[changed[0]]!r}, now '
@@ -279,10 +279,17 @@ def check_run_output(output: Path, resume: bool, fingerprint: Mapping[str, Any])
                         'another --output')
 
 
+# What a resumed run must keep: another batch size or schedule would make one supernet of two recipes.
+# (--epochs may change: a resumed run may be extended.)
+RECIPE_FLAGS = ('batch_size', 'learning_rate', 'min_lr', 'warmup_lr', 'warmup', 'weight_decay', 'smoothing', 'mixup',
+                'cutmix', 'drop_path', 'clip_grad', 'ema_decay', 'img_size')
+
+
 def run_fingerprint(args: argparse.Namespace, space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """What a resumed run must share with the run it continues."""
+    recipe = {name: getattr(args, name) for name in RECIPE_FLAGS}
     return {'dataset': args.dataset, 'datapath': str(Path(args.datapath).resolve()) if args.datapath else None,
-            'space': json.loads(json.dumps(dict(space_kwargs))), 'seed': args.seed}
+            'space': json.loads(json.dumps(dict(space_kwargs))), 'seed': args.seed, **recipe}
 
 
 def check_batches(train_size: int, batch_size: int, processes: int) -> int:
@@ -321,6 +328,14 @@ def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained
     train_set = data.build_dataset(args.dataset, args.datapath, 'train', space_kwargs['img_size'], training=True)
     val_set = data.build_dataset(args.dataset, args.datapath, 'val', space_kwargs['img_size'])
     check_classes(args.dataset, len(train_set.classes), space_kwargs, 'supernet')
+    if list(val_set.classes) != list(train_set.classes):  # a class missing from val/ would shift every label
+        raise UserError(f'the validation classes of {args.dataset} differ from its training classes '
+                        f'({len(val_set.classes)} against {len(train_set.classes)}, first difference: '
+                        f'{next(iter(set(val_set.classes) ^ set(train_set.classes)), "their order")}): give val/ the '
+                        'same class folders as train/')
+    if (args.mixup or args.cutmix) and args.batch_size % 2:
+        raise UserError(f'--batch-size {args.batch_size} is odd: Mixup/CutMix pair images, so use an even batch size '
+                        '(or --mixup 0 --cutmix 0)')
     steps_per_epoch = check_batches(len(train_set), args.batch_size, processes)
     if fingerprint is not None:
         atomic_write_json(fingerprint, output / 'run.json')
@@ -340,8 +355,16 @@ def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained
                           logger=pl.loggers.CSVLogger(output, name='logs'))
     evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs, str(last) if args.resume else None)
     supernet = build_supernet({**space_kwargs, 'drop_path_rate': args.drop_path})
-    evaluator.evaluate(supernet)
+    try:
+        evaluator.evaluate(supernet)
+    except SystemExit:  # Lightning's graceful shutdown after Ctrl-C; its checkpoints stay
+        if evaluator.trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
     trainer = evaluator.trainer
+    if trainer.global_step == 0:
+        raise UserError(f'no training step was taken: every loss was non-finite (see the errors above) or no batch '
+                        f'was trained; {output / "supernet.pth"} not written')
     if processes > 1:
         check_ranks_agree(trainer, supernet)
     substituted = int(trainer.strategy.reduce(torch.tensor(data.undecodable_count(train_set)), reduce_op='sum'))

@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def adapt_to_input_size(state_dict: dict[str, torch.Tensor], img_size: int, patch_size: int) -> None:
     """Resample the absolute position embedding to the patch grid of ``img_size`` (in place)."""
+    if 'pos_embed.pos_embed' not in state_dict:  # a space without absolute position embedding
+        return
     pos = state_dict['pos_embed.pos_embed']
     old_grid = math.isqrt(pos.shape[1] - 1)
     new_grid = img_size // patch_size

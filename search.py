@@ -45,7 +45,8 @@ from nni.runtime.tuner_command_channel.command_type import CommandType
 from checkpoints import export_standalone, load_supernet_file, save_weights
 from space import AutoformerSpace, sub_state_dict, canonical_arch
 from strategy import Budget, SearchLedger, build_strategy
-from utils import UserError, atomic_path, atomic_write_json, check_writable, lock_output, remove_unfinished_writes
+from utils import (UserError, atomic_path, atomic_write_json, check_writable, lock_output, read_json,
+                   remove_unfinished_writes)
 
 _logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
@@ -516,7 +517,7 @@ def search_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
 def check_output(output: Path, args: argparse.Namespace, fingerprint: dict[str, Any]) -> None:
     """Refuse to mix this search's candidates with another's; reuse the split cache and latencies of the
     same search only."""
-    previous = json.loads((output / 'experiment.json').read_text()) if (output / 'experiment.json').is_file() \
+    previous = read_json(output / 'experiment.json') if (output / 'experiment.json').is_file() \
         else {}
     has_candidates = any((output / 'candidates').glob('*.json'))
     if args.resume:
@@ -591,7 +592,7 @@ def finish_interrupted(experiment: NasExperiment, output: Path, supernet: Mappin
 
 
 def resume_argv(args: argparse.Namespace, experiment_id: str, output: Path) -> list[str]:
-    argv = json.loads((output / 'experiment.json').read_text())['argv']
+    argv = read_json(output / 'experiment.json')['argv']
     kept, skip = [], False
     for arg in argv:
         if skip:

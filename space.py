@@ -580,6 +580,8 @@ def space_problem(config: Mapping[str, Any]) -> str | None:
             return f'{key} must be a positive integer, got {config[key]!r}'
     if config['img_size'] < config['patch_size']:
         return f'img_size {config["img_size"]} is smaller than patch_size {config["patch_size"]}'
+    if config['img_size'] % config['patch_size']:  # the patch conv would drop the border silently
+        return f'img_size {config["img_size"]} is not a multiple of patch_size {config["patch_size"]}'
     if not _is_int(config['num_labels'], 0):
         return f'num_labels must be an integer of 0 or more, got {config["num_labels"]!r}'
     for key in ('qkv_bias', 'pre_norm', 'global_pooling', 'absolute_position', 'rpe'):

@@ -6,7 +6,6 @@ Used by ``search.py``; each piece works on its own in any NNI 3.0 experiment.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import statistics
@@ -25,7 +24,7 @@ from nni.nas.strategy.middleware import Chain, Filter, StrategyMiddleware
 from engine import arch_key, final_metrics
 from space import AutoformerSpace, arch_choices, count_flops, count_params, extreme_arch, sample_arch
 from trial import first_failure
-from utils import UserError, atomic_write_json
+from utils import UserError, atomic_write_json, read_json
 
 _logger = logging.getLogger(__name__)
 
@@ -45,7 +44,7 @@ class Budget:
             max_latency
         self.latency_device, self.latency_batch_size = latency_device, latency_batch_size
         self.latency_file = latency_file
-        self._latency: dict[str, float] = json.loads(latency_file.read_text()) \
+        self._latency: dict[str, float] = read_json(latency_file) \
             if latency_file is not None and latency_file.is_file() else {}
 
     def describe(self) -> str:
@@ -321,7 +320,7 @@ class SearchLedger(StrategyMiddleware):
 
     def _record(self, model: ExecutableModelSpace) -> dict | None:
         path = self.output / 'candidates' / f'{arch_key(model.sample)}.json'
-        return json.loads(path.read_text()) if path.is_file() else None
+        return read_json(path) if path.is_file() else None
 
     def _on_end(self, event: TrainingEndEvent) -> None:
         if self.pending.pop(id(event.model), None) is not None:

@@ -29,6 +29,8 @@ def torch_load(path: str | os.PathLike, what: str = 'checkpoint', mmap: bool = F
     ``mmap``: tensors stay in the file's pages, which the processes reading one file share.
     """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise UserError(f'{what} file {path} is not a regular file (a folder or a device): give the weights file')
     if not path.is_file():
         raise UserError(f'{what} file {path} does not exist (check the path, or convert/download the weights first)')
     if path.stat().st_size == 0:
@@ -60,6 +62,20 @@ def unpickler_detail(err: pickle.UnpicklingError) -> str:
     return useful[0] if useful else type(err).__name__
 
 
+def read_json(path: str | os.PathLike, expect: type = dict) -> Any:
+    """A results or record file this project wrote, refused in one line when it is damaged (a hand edit, a
+    disk error) instead of a traceback."""
+    try:
+        value = json.loads(Path(path).read_text(encoding='utf-8'))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, huge integers
+        raise UserError(f'{path} is damaged ({type(err).__name__}: {err}); delete it, or use another '
+                        '--output') from None
+    if not isinstance(value, expect):
+        raise UserError(f'{path} is damaged (a JSON {type(value).__name__}, not a {expect.__name__}); delete it, or '
+                        'use another --output')
+    return value
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed over ``path``."""
@@ -83,6 +99,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def check_writable(folder: str | os.PathLike, flag: str = '--output') -> None:
     """Refuse up front an output folder that cannot be written, before hours of work are spent."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f'{flag} {folder} is a file, not a folder: choose a folder')
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix='.write-test.', dir=folder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -78,11 +79,11 @@ def unknown_label_arch() -> str:
 # (script, flags, the message expected); {name} is a path from ``files``.
 CASES = [
     # 16: batch size 0 or -1 (evaluate, scratch, search)
-    ('evaluate', '--batch-size 0', '--batch-size must be at least 1, got 0'),
-    ('evaluate', '--batch-size -1', '--batch-size must be at least 1, got -1'),
-    ('scratch', '--batch-size 0 --output {out}', '--batch-size must be at least 1'),
-    ('search', '--weights {weights} --batch-size -1', '--batch-size must be at least 1'),
-    ('finetune', '--weights {weights} --batch_size 0', '--batch-size must be at least 1'),
+    ('evaluate', '--batch-size 0', '--batch-size must be between 1 and 1000000, got 0'),
+    ('evaluate', '--batch-size -1', '--batch-size must be between 1 and 1000000, got -1'),
+    ('scratch', '--batch-size 0 --output {out}', '--batch-size must be between 1 and'),
+    ('search', '--weights {weights} --batch-size -1', '--batch-size must be between 1 and'),
+    ('finetune', '--weights {weights} --batch_size 0', '--batch-size must be between 1 and'),
     # 16: devices, counts and ports
     ('evaluate', '--weights {weights} --device bogus', '--device is not a device this runs on'),
     ('search', '--weights {weights} --device bogus', "invalid choice: 'bogus'"),
@@ -98,17 +99,24 @@ CASES = [
      '--mutation-prob must be a finite number of 0 or more and at most 1'),
     ('search', '--weights missing.pth --max-params nan', '--max-params must be a finite number'),
     ('search', '--weights missing.pth --max-flops -1', '--max-flops must be a finite number of 0 or more'),
-    ('evaluate', '--num-workers 1000000', '--num-workers must be between 0 and 1024'),
-    ('scratch', '--devices 1000000 --output {out}', '--devices must be between 1 and 1024'),
+    ('evaluate', '--num-workers 1000000', '--num-workers must be between 0 and'),
+    ('scratch', '--devices 1024 --output {out}', '--devices must be between 1 and'),
     ('scratch', '--seed -1 --output {out}', '--seed must be between 0 and 4294967295'),
-    ('scratch', '--img-size 100000 --output {out}', '--img-size must be between 1 and 4096'),
+    ('scratch', '--img-size 100000 --output {out}', '--img-size must be between 1 and 1024'),
     ('scratch', '--img-size 4 --output {out}', 'img_size 4 is smaller than patch_size 8'),
-    ('scratch', '--devices 0 --output {out}', '--devices must be between 1 and 1024'),
+    ('scratch', '--devices 0 --output {out}', '--devices must be between 1 and'),
     ('scratch', '--drop-path 5 --output {out}', '--drop-path must be a finite number of 0 or more and below 1'),
     ('search', '--weights {weights} --engine sequential --resume abcdefgh',
      'does not hold experiment abcdefgh'),
     ('demo', '--port 0', '--port must be between 1 and 65535'),
     ('demo', '--max-params nan', '--max-params must be a finite number'),
+    ('evaluate', "--weights {weights} --arch ''", '--arch is empty'),
+    ('evaluate', "--weights {weights} --output ''", '--output is empty'),
+    ('evaluate', '--batch-size 99999999999999999999999', '--batch-size must be between 1 and 1000000'),
+    ('evaluate', '--weights {weights} --arch {"arch": "foo"}', "the record's arch is 'foo', not an arch"),
+    ('evaluate', '--weights /dev/zero', 'is not a regular file'),
+    ('scratch', '--dataset digits --mixup 0.8 --batch-size 33 --output {out}', '--batch-size 33 is odd'),
+    ('scratch', '--img-size 36 --output {out}', 'img_size 36 is not a multiple of patch_size 8'),
     # 16: archs and JSON
     ('evaluate', '--weights {weights} --arch ' + float_arch(), 'embed_dim=96.0 must be an integer'),
     ('evaluate', '--weights {weights} --arch {nested.json}', 'nested too deeply'),
@@ -155,7 +163,7 @@ def run_script(script: str, flags: str, files: dict[str, str]) -> tuple[int, flo
 def split_flags(flags: str) -> list[str]:
     """Flags split on spaces, with a JSON object kept whole."""
     head, brace, tail = flags.partition('{"')
-    return head.split() + ([brace + tail] if brace else [])
+    return shlex.split(head) + ([brace + tail] if brace else [])
 
 
 @pytest.mark.parametrize('script, flags, message', CASES, ids=[f'{s} {f[:60]}' for s, f, _ in CASES])
@@ -183,3 +191,19 @@ def test_the_command_line_itself_exits_2_with_one_line(files, tmp_path, command)
     result = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert [line.startswith('error: ') for line in result.stderr.splitlines()].count(True) == 1, result.stderr
+
+
+def test_damaged_files_in_an_output_folder_end_in_one_line(files, tmp_path):
+    """A hand-edited or damaged run.json / experiment.json / candidate record: one line naming the file."""
+    (tmp_path / 'checkpoints').mkdir()
+    (tmp_path / 'checkpoints' / 'last.ckpt').write_bytes(b'a run')
+    for content in ('{bad', '[1]'):
+        (tmp_path / 'run.json').write_text(content)
+        status, _ = run_script('scratch', f'--resume --output {tmp_path}', files)
+        assert status == 2
+    search_output = tmp_path / 'search'
+    search_output.mkdir()
+    (search_output / 'experiment.json').write_text('{bad')
+    status, _ = run_script('search', f'--weights {files["weights"]} --engine sequential --output {search_output}',
+                           files)
+    assert status == 2

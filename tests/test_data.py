@@ -333,3 +333,21 @@ def test_imagenet_training_augmentation_survives_every_randaugment_draw():
     torch.manual_seed(0)
     for _ in range(300):
         assert transform(image).shape == (3, 32, 32)
+
+
+def test_raw_imagenet_layout_with_a_flat_val_folder_is_not_read_as_two_classes(tmp_path):
+    """train/<class>/ beside a flat val/ (ImageNet as downloaded) must not become classes 'train' and 'val'."""
+    write_image_folder(tmp_path / 'train', ['n01', 'n02'], 2)
+    Image.new('RGB', (16, 16)).save((tmp_path / 'val').mkdir() or tmp_path / 'val' / 'ILSVRC_val_1.png')
+    assert len(data.build_dataset('imagenet', tmp_path, 'train', 16)) == 4
+    with pytest.raises(UserError, match='holds no class folders'):
+        data.build_dataset('imagenet', tmp_path, 'val', 16)
+
+
+def test_cifar10_labels_outside_the_classes_are_refused(tmp_path):
+    folder = write_cifar10(tmp_path, n_train_per_batch=2, n_test=3)
+    batch = pickle.loads((folder / 'test_batch').read_bytes())
+    batch[b'labels'][0] = 10
+    (folder / 'test_batch').write_bytes(pickle.dumps(batch))
+    with pytest.raises(UserError, match='not CIFAR-10 data'):
+        data.build_dataset('cifar10', tmp_path, 'test', 32)

@@ -160,3 +160,13 @@ def test_training_replaces_undecodable_images_and_counts_them(tmp_path):
                   '--batch-size', '4', '--num-workers', '0', '--output', str(tmp_path / 'run')])
     metrics = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
     assert metrics['undecodable_images'] == 2 and metrics['undecodable_val_images'] == 2
+
+
+def test_validation_classes_that_differ_from_training_are_refused(tmp_path):
+    """A class missing from val/ would shift every validation label: refused before training."""
+    write_image_folder(tmp_path / 'data' / 'train', ['a', 'b', 'c'], 4, size=32)
+    write_image_folder(tmp_path / 'data' / 'val', ['a', 'c'], 2, size=32)
+    with pytest.raises(UserError, match='validation classes of folder differ from its training classes'):
+        scratch.main(['--dataset', 'folder', '--datapath', str(tmp_path / 'data'), '--name', 'demo', '--epochs', '1',
+                      '--batch-size', '4', '--num-workers', '0', '--output', str(tmp_path / 'run')])
+    assert not (tmp_path / 'run' / 'supernet.pth').exists()
