@@ -138,7 +138,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              '127.0.0.1 when every machine is this one, else its address on the route to the first '
                              'other machine)')
     parser.add_argument('--device', choices=['cuda', 'cpu'], default=None,
-                        help='device candidates evaluate on (default: CUDA when present; cpu opts out)')
+                        help='device candidates evaluate on (default: CUDA when this machine, or with --machines any '
+                             'listed machine, has a GPU; cpu opts out)')
     parser.add_argument('--resume', default=None, metavar='ID', help='continue the experiment with this id')
     parser.add_argument('--export', action='store_true', help='also export the best subnet (TorchScript, ONNX)')
     parser.add_argument('--output', default=None, help='results folder (default: outputs/search-<experiment id>)')
@@ -486,10 +487,10 @@ def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'Se
         run_experiment(experiment, ledger, args)
     except Interrupted as stop:
         stop_all_workers(spec)  # before best.json: a worker may still be writing a record
-        return finish_interrupted(experiment, output, supernet, space_kwargs, args, str(stop))
+        return write_interrupted_results(experiment, output, supernet, space_kwargs, args, str(stop))
     finally:
         stop_all_workers(spec)
-    best = finish(experiment, output, supernet, space_kwargs, args)
+    best = write_final_results(experiment, output, supernet, space_kwargs, args)
     experiment.stop()
     return best
 
@@ -576,7 +577,7 @@ def manager_running(experiment: NasExperiment) -> bool:
         return False
 
 
-def finish_interrupted(experiment: NasExperiment, output: Path, supernet: Mapping[str, torch.Tensor],
+def write_interrupted_results(experiment: NasExperiment, output: Path, supernet: Mapping[str, torch.Tensor],
                        space_kwargs: Mapping[str, Any], args: argparse.Namespace, signal_name: str) -> dict:
     """best.json from the finished candidates, marked as interrupted, and the command that continues."""
     records = write_results(output)
@@ -638,7 +639,7 @@ def write_best(records: list[dict], output: Path, supernet: Mapping[str, torch.T
     return best
 
 
-def finish(experiment: NasExperiment, output: Path, supernet: Mapping[str, torch.Tensor],
+def write_final_results(experiment: NasExperiment, output: Path, supernet: Mapping[str, torch.Tensor],
            space_kwargs: Mapping[str, Any], args: argparse.Namespace) -> dict:
     """best.json (from the records, with NNI's top model beside it), its weights, the plot and, with
     --export, standalone files."""

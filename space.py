@@ -112,7 +112,7 @@ class SlicedLinear(torch.autograd.Function):
     ``rows``: the number of leading rows, or a tensor of row indices. The weight gradient is
     written straight into one full-size tensor; slicing in autograd makes the block's gradient,
     then a zero tensor per slice to copy it into, and for qkv's interleaved rows three of them
-    summed (``bench/kernels.py`` times a prefix-sliced fc1: 0.99x-1.01x, within a CPU's noise).
+    summed. The gain is memory traffic; ``bench/kernels.py`` times both ways.
     """
 
     @staticmethod
@@ -121,7 +121,7 @@ class SlicedLinear(torch.autograd.Function):
         ctx.save_for_backward(inputs, weight, bias)
         ctx.rows, ctx.in_features = rows, in_features
         out_features = len(rows) if isinstance(rows, torch.Tensor) else rows
-        return F.linear(inputs, _weight_block(weight, rows, in_features),
+        return F.linear(inputs, _sliced_weight(weight, rows, in_features),
                         None if bias is None else bias[:out_features])
 
     @staticmethod
@@ -131,7 +131,7 @@ class SlicedLinear(torch.autograd.Function):
         grad = grad.reshape(-1, grad.shape[-1])
         grad_inputs = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            block = _weight_block(weight, rows, in_features).to(grad.dtype)
+            block = _sliced_weight(weight, rows, in_features).to(grad.dtype)
             grad_inputs = (grad @ block).view(*inputs.shape[:-1], in_features)
         if ctx.needs_input_grad[1]:
             grad_weight = torch.zeros_like(weight)
@@ -149,7 +149,7 @@ class SlicedLinear(torch.autograd.Function):
         return grad_inputs, grad_weight, grad_bias, None, None
 
 
-def _weight_block(weight: torch.Tensor, rows: int | torch.Tensor, in_features: int) -> torch.Tensor:
+def _sliced_weight(weight: torch.Tensor, rows: int | torch.Tensor, in_features: int) -> torch.Tensor:
     if isinstance(rows, torch.Tensor):
         return weight[:, :in_features].index_select(0, rows)
     return weight[:rows, :in_features]
@@ -191,12 +191,12 @@ def qkv_rows(out_features: int, device: torch.device) -> torch.Tensor:
     return torch.cat([rows[0::3], rows[1::3], rows[2::3]])
 
 
-def with_members(right: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+def with_bucket_columns(right: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
     """``[right, members]`` along the last dim, ``members`` (N, buckets) broadcast over batch and heads."""
     return torch.cat([right, members.to(right.dtype).expand(*right.shape[:-1], members.shape[-1])], dim=-1)
 
 
-class MatmulWithMembers(torch.autograd.Function):
+class MatmulWithBucketColumns(torch.autograd.Function):
     """``left @ [right, members]`` or, with ``transpose``, ``left @ [right, members]^T``.
 
     The 0/1 bucket ``members`` of :class:`RelativePosition2D` need no gradient, so the gradient
@@ -206,7 +206,7 @@ class MatmulWithMembers(torch.autograd.Function):
     @staticmethod
     def forward(ctx, left: torch.Tensor, right: torch.Tensor, members: torch.Tensor,
                 transpose: bool) -> torch.Tensor:
-        full = with_members(right, members)
+        full = with_bucket_columns(right, members)
         ctx.save_for_backward(left, full)
         ctx.transpose, ctx.width = transpose, right.shape[-1]
         return left @ (full.transpose(-2, -1) if transpose else full)
@@ -219,12 +219,12 @@ class MatmulWithMembers(torch.autograd.Function):
         return grad @ full.transpose(-2, -1), left.transpose(-2, -1) @ grad[..., :ctx.width], None, None
 
 
-def matmul_with_members(left: torch.Tensor, right: torch.Tensor, members: torch.Tensor,
+def matmul_with_bucket_columns(left: torch.Tensor, right: torch.Tensor, members: torch.Tensor,
                         transpose: bool) -> torch.Tensor:
-    """:class:`MatmulWithMembers` when training; plain ops otherwise (TorchScript and ONNX export them)."""
+    """:class:`MatmulWithBucketColumns` when training; plain ops otherwise (TorchScript and ONNX export them)."""
     if (left.requires_grad or right.requires_grad) and not torch.jit.is_tracing():
-        return MatmulWithMembers.apply(left, right, members, transpose)
-    full = with_members(right, members)
+        return MatmulWithBucketColumns.apply(left, right, members, transpose)
+    full = with_bucket_columns(right, members)
     return left @ (full.transpose(-2, -1) if transpose else full)
 
 
@@ -293,12 +293,12 @@ class RelativePosition2D(nn.Module):
         q = q * scale  # on N x d rather than N x N
         members, rows = self.buckets(q.shape[-2], q.device)
         per_bucket = (q @ self.table().t()).gather(-1, rows.expand(*q.shape[:-1], rows.shape[-1]))
-        return matmul_with_members(torch.cat([q, per_bucket.to(q.dtype)], dim=-1), k, members, True)
+        return matmul_with_bucket_columns(torch.cat([q, per_bucket.to(q.dtype)], dim=-1), k, members, True)
 
     def attend(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``sum_j attn(i, j) (v_j + r(i, j))``: (B, H, N, N), (B, H, N, d) -> (B, H, N, d)."""
         members, rows = self.buckets(attn.shape[-1], attn.device)
-        out = matmul_with_members(attn, v, members, False)
+        out = matmul_with_bucket_columns(attn, v, members, False)
         out, per_bucket = out.split([v.shape[-1], members.shape[-1]], dim=-1)
         table = self.table()
         per_row = per_bucket.new_zeros(*per_bucket.shape[:-1], table.shape[0])
@@ -476,11 +476,14 @@ class AutoformerSpace(ModelSpace):
 
     @classmethod
     def load_strategy_checkpoint(cls, name: str, weights: str | Path | None = None) -> 'SupernetCheckpoint':
-        """The seed's ``load_strategy_checkpoint('random-one-shot-tiny')``: a trained ``RandomOneShot`` supernet."""
+        """The seed's ``load_strategy_checkpoint('random-one-shot-tiny', weights=path)``: a trained
+        ``RandomOneShot`` supernet (the space stored with the weights, checked against the preset)."""
         size = name.removeprefix('random-one-shot-')
-        supernet = build_supernet(cls.preset(size))
-        if weights is not None:
-            supernet.load_state_dict(cls.load_supernet_weights(size, weights))
+        if weights is None:
+            return SupernetCheckpoint(build_supernet(cls.preset(size)))
+        state_dict, space_kwargs, _ = _checkpoints().load_supernet_file(weights, size)
+        supernet = build_supernet(space_kwargs)
+        supernet.load_state_dict(state_dict)
         return SupernetCheckpoint(supernet)
 
     def count_params(self, arch: Mapping[str, Any]) -> int:
@@ -493,8 +496,8 @@ class AutoformerSpace(ModelSpace):
         """A plain module for one architecture (refuses archs outside the space with a clear message).
 
         A one-shot supernet freezes through NNI (its mixed operations copy their weight slices);
-        the plain space builds the subnet directly in NNI's fixed-arch context, 4x faster than
-        NNI's generic freeze, which deep-copies every non-mutable module.
+        the plain space builds the subnet directly in NNI's fixed-arch context, without NNI's
+        generic freeze, which deep-copies every non-mutable module.
         """
         arch = complete_arch(sample, self.config)
         if any(isinstance(module, BaseSuperNetModule) for module in self.modules()):

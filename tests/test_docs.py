@@ -24,6 +24,9 @@ def test_python_blocks_run(document, tmp_path):
     runner = ('import sys, runpy\nnamespace = {}\n'
               f'for i in range({len(blocks)}):\n'
               f'    print(f"--- block {{i}}", flush=True)\n'
-              f'    exec(compile(open(f"{tmp_path}/block{{i}}.py").read(), f"{document} block {{i}}", "exec"), namespace)\n')
+              f'    block = open(f"{tmp_path}/block{{i}}.py").read()\n'
+              f'    exec(compile(block, f"{document} block {{i}}", "exec"), namespace)\n')
     result = subprocess.run([sys.executable, '-c', runner], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    # a block's check printed rather than asserted would pass with False: none may print False
+    assert not [line for line in result.stdout.splitlines() if line.split()[:1] == ['False']], result.stdout

@@ -24,7 +24,7 @@ from checkpoints import load_checked, save_weights
 from cli import load_json_arg
 from conftest import GOLDEN
 from fixtures import within
-from space import AutoformerSpace, SpaceError, count_params
+from space import AutoformerSpace, SpaceError, build_supernet, canonical_arch, check_arch, count_params, space_config
 from utils import UserError, torch_load
 
 ROOT = Path(__file__).parent.parent
@@ -97,8 +97,9 @@ def test_read_only_output_is_refused_up_front_and_earlier_results_kept(tmp_path)
         assert result.returncode == 2, result.stderr[-3000:]
         assert 'Traceback' not in result.stderr
         folder = run / 'search' if script[0] == 'search.py' else run
+        last_line = result.stderr.strip().splitlines()[-1]
         assert re.fullmatch(rf'error: --output {re.escape(str(folder))} cannot be written '
-                            r'\((Read-only file system|Permission denied)\): .*', result.stderr.strip().splitlines()[-1])
+                            r'\((Read-only file system|Permission denied)\): .*', last_line)
     assert snapshot(run) == before
 
 
@@ -154,7 +155,6 @@ def test_gpus_without_a_gpu_fall_back_to_the_cpu_with_a_warning(caplog, monkeypa
 
 def test_non_finite_loss_skips_the_step_naming_step_and_arch(golden, caplog):
     kwargs = golden[0]
-    from space import build_supernet, space_config
     module = lightning.SupernetModule(space_config(**kwargs), mixup=0, cutmix=0)
     module.set_model(build_supernet(kwargs))
     images = torch.full((2, 3, 32, 32), float('nan'))
@@ -205,16 +205,21 @@ def test_fuzzed_checkpoints_give_only_clear_errors(tmp_path, golden):
     kwargs = golden[0]
     valid = (GOLDEN / 'small-official.pth').read_bytes()
     rng = random.Random(1)
+    shapes = {k: v.shape for k, v in build_supernet(kwargs).state_dict().items()}
     outcomes = {'loaded': 0, 'refused': 0}
     for i in range(200):
         path = tmp_path / 'fuzzed.pth'
         path.write_bytes(corruptions(valid, rng))
         try:
-            within(30, lambda: AutoformerSpace.load_supernet_weights(kwargs, path))
-            outcomes['loaded'] += 1
-        except UserError:
+            loaded = within(30, lambda: AutoformerSpace.load_supernet_weights(kwargs, path))
+        except (UserError, SpaceError):
             outcomes['refused'] += 1
-    assert outcomes['refused'] > 100, outcomes
+            continue
+        # what loads is usable weights: every tensor of the space, of its shape, floating point and finite
+        assert {k: v.shape for k, v in loaded.items()} == shapes, i
+        assert all(v.is_floating_point() and torch.isfinite(v).all() for v in loaded.values()), i
+        outcomes['loaded'] += 1
+    assert outcomes['refused'] > 0 and sum(outcomes.values()) == 200, outcomes
 
 
 def arch_corruptions(arch: dict, rng: random.Random) -> str:
@@ -245,10 +250,14 @@ def test_fuzzed_arch_json_gives_only_clear_errors(golden):
     for i in range(200):
         text = arch_corruptions(cases[i % len(cases)]['arch'], rng)
         try:
-            within(10, lambda: count_params(load_json_arg(text), **kwargs))
+            arch = load_json_arg(text)
+            params = within(10, lambda: count_params(arch, **kwargs))
         except (UserError, SpaceError):
             refused += 1
-    assert refused > 100
+            continue
+        check_arch(arch, space_config(**kwargs))  # what is accepted is an arch of the space, counted exactly
+        assert params == count_params(canonical_arch(arch), **kwargs) > 0, text
+    assert refused > 0
 
 
 def test_loopback_preload_keeps_a_node_server_on_127_0_0_1(tmp_path):

@@ -19,7 +19,7 @@ import scratch
 import search
 from engine import arch_key, evaluate as accuracy
 from checkpoints import load_model, read_weights
-from space import sample_arch
+from space import count_flops, count_params, extreme_arch, sample_arch
 from strategy import Budget
 from utils import UserError, lock_output
 
@@ -326,3 +326,30 @@ def test_two_searches_into_one_output_are_refused(supernet, tmp_path):
     with lock_output(tmp_path, 'a search'):  # as a running search holds it
         with pytest.raises(UserError, match=rf'is in use by a search \(pid {os.getpid()} on '):
             search.main(['--weights', str(supernet), '--engine', 'sequential', '--output', str(tmp_path)])
+
+
+def test_the_seeds_evolution_command_runs_its_cycles(supernet, tmp_path):
+    """The seed's command line: --evolution with --evolution-sample-size / -population-size / -cycles."""
+    search.main(['--weights', str(supernet), '--engine', 'sequential', '--evolution', '--evolution-sample-size', '3',
+                 '--evolution-population-size', '5', '--evolution-cycles', '8', '--num-workers', '0',
+                 '--output', str(tmp_path)])
+    candidates = json.loads((tmp_path / 'candidates.json').read_text())
+    assert len(candidates) == 8 and json.loads((tmp_path / 'best.json').read_text())['top1'] == candidates[0]['top1']
+
+
+@pytest.mark.parametrize('budget', ['--max-flops', '--min-params', '--max-latency'])
+def test_no_evaluated_candidate_is_outside_the_budget(supernet, tmp_path, budget):
+    _, meta = read_weights(supernet)
+    space = meta['space']
+    smallest, largest = extreme_arch(space, min), extreme_arch(space, max)
+    if budget == '--max-flops':
+        limit, field = (count_flops(smallest, **space) + count_flops(largest, **space)) / 2 / 1e9, 'flops'
+    elif budget == '--min-params':
+        limit, field = (count_params(smallest, **space) + count_params(largest, **space)) / 2 / 1e6, 'params'
+    else:
+        limit, field = 2 * Budget(space, max_latency=1.0).latency(smallest), 'latency'
+    search.main(['--weights', str(supernet), '--engine', 'sequential', '--strategy', 'autoformer', '--generations', '2',
+                 '--population', '6', '--select', '3', '--mutation-num', '3', '--crossover-num', '3',
+                 '--num-workers', '0', budget, str(limit), '--output', str(tmp_path)])
+    values = [record[field] for record in json.loads((tmp_path / 'candidates.json').read_text())]
+    assert values and all((value >= limit) if budget == '--min-params' else (value <= limit) for value in values)

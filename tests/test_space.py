@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from checkpoints import save_weights
 from conftest import GOLDEN
 from space import (AutoformerSpace, build_supernet, check_arch, count_flops, count_params, layer_dims, make_arch,
                    sample_arch, set_active_arch, space_config, sub_state_dict, SpaceError)
@@ -177,17 +178,20 @@ def test_checkpoint_needing_pickle_code_is_refused_without_unsafe_advice(tmp_pat
     assert 'pickle code ran' not in capfd.readouterr().out
 
 
-def test_strategy_checkpoint_gives_model_and_sub_state_dict(tmp_path, golden):
-    kwargs, inputs, cases = golden
-    sd = AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / 'small-official.pth')
-    checkpoint = type('C', (), {})()
-    checkpoint.model = build_supernet(kwargs)
-    checkpoint.model.load_state_dict(sd)
-    case = cases[3]
-    subnet = AutoformerSpace(**kwargs).freeze(case['arch']).eval()
-    from space import SupernetCheckpoint
-    subnet.load_state_dict(SupernetCheckpoint(checkpoint.model).sub_state_dict(case['arch']))
-    assert relative_error(subnet(inputs).detach(), torch.tensor(case['logits'])) < 1e-4
+def test_load_strategy_checkpoint_as_the_seed_uses_it(tmp_path, golden):
+    """``load_strategy_checkpoint(name, weights=path)``: ``.model`` (the trained supernet, any arch activated)
+    and ``.sub_state_dict(arch)`` (a subnet's weights) both give the official logits."""
+    kwargs, inputs, cases = golden  # the demo preset's search space at 32 px, patch 4
+    official = AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / 'small-official.pth')
+    save_weights(tmp_path / 'supernet.pth', official, kwargs)
+    checkpoint = AutoformerSpace.load_strategy_checkpoint('random-one-shot-demo', weights=tmp_path / 'supernet.pth')
+    for case in cases[:4]:
+        subnet = AutoformerSpace(**kwargs).freeze(case['arch']).eval()
+        subnet.load_state_dict(checkpoint.sub_state_dict(case['arch']))
+        set_active_arch(checkpoint.model.eval(), case['arch'])
+        with torch.no_grad():
+            for logits in (subnet(inputs), checkpoint.model(inputs)):
+                assert relative_error(logits, torch.tensor(case['logits'])) < 1e-4
 
 
 def test_nni_download_offline_names_file_and_place(monkeypatch):

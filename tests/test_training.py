@@ -170,3 +170,14 @@ def test_validation_classes_that_differ_from_training_are_refused(tmp_path):
         scratch.main(['--dataset', 'folder', '--datapath', str(tmp_path / 'data'), '--name', 'demo', '--epochs', '1',
                       '--batch-size', '4', '--num-workers', '0', '--output', str(tmp_path / 'run')])
     assert not (tmp_path / 'run' / 'supernet.pth').exists()
+
+
+def test_ema_decay_writes_an_averaged_supernet(tmp_path):
+    """--ema-decay keeps an exponential moving average of the weights: written beside the supernet, a
+    different file of the same space, which validation reports on."""
+    scratch.main([*FAST, '--epochs', '1', '--ema-decay', '0.9', '--output', str(tmp_path)])
+    weights, meta = read_weights(tmp_path / 'supernet.pth')
+    averaged, ema_meta = read_weights(tmp_path / 'supernet-ema.pth')
+    assert ema_meta['space'] == meta['space'] and averaged.keys() == weights.keys()
+    assert any(not torch.equal(weights[k], averaged[k]) for k in weights)
+    assert json.loads((tmp_path / 'metrics.json').read_text())['val_acc_max'] > 10
