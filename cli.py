@@ -157,12 +157,21 @@ def add_name_arg(parser: argparse.ArgumentParser, help: str, presets: Mapping[st
     parser.add_argument('--name', choices=list(presets), default=None, help=help)
 
 
-def known_data_flags(argv: list[str] | None) -> argparse.Namespace:
-    """``--dataset`` and ``--datapath`` read ahead of the full parse: they choose a training recipe's defaults."""
+def recipe_parser(argv: list[str] | None, recipes: Mapping[str, dict[str, Any]], fallback: str, script: str,
+                  description: str | None) -> tuple[argparse.ArgumentParser, str, dict[str, Any]]:
+    """A training script's parser, the dataset its command line names and that dataset's recipe (the flags'
+    defaults, with ``output`` = ``outputs/<script>-<dataset>``): ``--dataset`` / ``--datapath`` are read first."""
+    import data  # here: convert.py and evaluate's --help need no timm
+
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument('--dataset', default=None)
     pre.add_argument('--datapath', default=None)
-    return pre.parse_known_args(argv)[0]
+    known = pre.parse_known_args(argv)[0]
+    dataset = data.dataset_name(known.dataset, known.datapath)
+    recipe = {**recipes.get(dataset, recipes[fallback]), 'output': f'outputs/{script}-{dataset}'}
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    data.add_data_args(parser, batch_size=recipe['batch_size'])
+    return parser, dataset, recipe
 
 
 def add_precision_args(parser: argparse.ArgumentParser) -> None:

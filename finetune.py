@@ -16,7 +16,7 @@ import math
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from cli import add_name_arg, add_training_args, known_data_flags, parse_checked, run_main
+from cli import add_name_arg, add_training_args, parse_checked, recipe_parser, run_main
 import data
 from engine import train_supernet
 from checkpoints import load_supernet_file
@@ -31,15 +31,10 @@ RECIPES = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    known = known_data_flags(argv)
-    dataset = data.dataset_name(known.dataset, known.datapath)
-    recipe = {**RECIPES.get(dataset, RECIPES['default']), 'output': f'outputs/finetune-{dataset}'}
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser, dataset, recipe = recipe_parser(argv, RECIPES, 'default', 'finetune', __doc__)
     add_name_arg(parser, 'preset of --weights (default: the space stored with them, else tiny)')
     parser.add_argument('--weights', default='weights/supernet-tiny.pth',
                         help='pretrained supernet weights (any supported layout)')
-    data.add_data_args(parser, batch_size=recipe['batch_size'])
     add_training_args(parser, recipe)
     args = parse_checked(parser, argv)
     args.dataset = dataset

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli import add_name_arg, add_training_args, known_data_flags, parse_checked, run_main
+from cli import add_name_arg, add_training_args, parse_checked, recipe_parser, run_main
 import data
 from engine import train_supernet
 from space import AutoformerSpace, space_config
@@ -26,13 +26,8 @@ RECIPES['folder'] = RECIPES['imagenet']
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    known = known_data_flags(argv)
-    dataset = data.dataset_name(known.dataset, known.datapath)
-    recipe = {**RECIPES.get(dataset, RECIPES['imagenet']), 'output': f'outputs/scratch-{dataset}'}
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser, dataset, recipe = recipe_parser(argv, RECIPES, 'imagenet', 'scratch', __doc__)
     add_name_arg(parser, 'search space preset (default: demo for digits, tiny otherwise)')
-    data.add_data_args(parser, batch_size=recipe['batch_size'])
     add_training_args(parser, recipe)
     args = parse_checked(parser, argv)
     args.dataset = dataset
