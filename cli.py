@@ -102,7 +102,7 @@ RULES: dict[str, Rule] = {
     # data and hardware
     # one process per core at most: a thousand DDP ranks or loader workers on a laptop exhaust its memory
     'batch_size': between(1, 1_000_000), 'num_workers': between(0, 2 * CORES), 'img_size': between(1, 1024),
-    'gpus': at_least(0), 'devices': between(1, CORES), 'num_nodes': between(1, 100_000),
+    'gpus': at_least(0), 'cpu_processes': between(1, CORES), 'num_nodes': between(1, 100_000),
     'concurrency': between(1, 1024),
     'device': device,
     'seed': lambda value: None if 0 <= value < 2 ** 32 else 'must be between 0 and 4294967295',
@@ -204,7 +204,8 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
     flag('--ema-decay', type=float, help='EMA of the supernet weights with this decay (default 0: off)')
     flag('--img-size', type=int, help="input size (default: the space's)")
     parser.add_argument('--gpus', type=int, default=0, help='GPUs per machine (Lightning DDP when more than one)')
-    parser.add_argument('--devices', type=int, default=1, help='CPU processes when there is no GPU (DDP, gloo)')
+    parser.add_argument('--cpu-processes', '--devices', dest='cpu_processes', type=int, default=1,
+                        help='DDP processes on the CPU when there is no GPU (gloo); --devices is the older spelling')
     parser.add_argument('--num-nodes', '--num_nodes', dest='num_nodes', type=int, default=1,
                         help='machines (launched with torchrun or SLURM)')
     add_precision_args(parser)

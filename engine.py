@@ -232,7 +232,7 @@ def trainer_settings(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     if use_gpu and args.gpus > torch.cuda.device_count():
         raise UserError(f'--gpus {args.gpus}: only {torch.cuda.device_count()} CUDA GPUs are visible on this machine')
     precision = set_up_precision(args, use_gpu, 'training')
-    devices = args.gpus if use_gpu else args.devices
+    devices = args.gpus if use_gpu else args.cpu_processes
     processes = devices * args.num_nodes
     return dict(accelerator='gpu' if use_gpu else 'cpu', devices=devices, num_nodes=args.num_nodes,
                 strategy='ddp_find_unused_parameters_true' if processes > 1 else 'auto', precision=precision,

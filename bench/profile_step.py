@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from space import AutoformerSpace, build_supernet, sample_arch, space_config  # noqa: E402
+from space import PRESETS, AutoformerSpace, build_supernet, sample_arch, space_config  # noqa: E402
 from common import add_timing_args, set_up  # noqa: E402
 from reference import official_formulation  # noqa: E402
 from train_step import random_batch, training_step  # noqa: E402
@@ -31,7 +31,7 @@ MATMULS = {'aten::mm', 'aten::bmm', 'aten::addmm', 'aten::addmm_', 'aten::baddbm
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--name', choices=['tiny', 'small', 'base', 'demo'], default='tiny', help='preset')
+    parser.add_argument('--name', choices=list(PRESETS), default='tiny', help='preset')
     parser.add_argument('--batch-size', type=int, default=8, help='images per step')
     add_timing_args(parser, 'steps')
     parser.add_argument('--top', type=int, default=12, help='operators to list')

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from space import AutoformerSpace, build_supernet, sample_arch, set_active_arch, space_config  # noqa: E402
+from space import PRESETS, AutoformerSpace, build_supernet, sample_arch, set_active_arch, space_config  # noqa: E402
 from common import (OFFICIAL, OURS, add_timing_args, autocast, interleaved_seconds, interleaved_summary,  # noqa: E402
                     peak_memory, set_up)
 from reference import in_official_formulation  # noqa: E402
@@ -30,7 +30,7 @@ from reference import in_official_formulation  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--name', choices=['tiny', 'small', 'base', 'demo'], default='tiny', help='preset')
+    parser.add_argument('--name', choices=list(PRESETS), default='tiny', help='preset')
     parser.add_argument('--batch-size', type=int, default=8, help='images per step')
     parser.add_argument('--img-size', type=int, default=None, help="input size (default: the preset's)")
     add_timing_args(parser, 'steps')

@@ -1,4 +1,5 @@
-"""Writers of small on-disk datasets for tests (an ImageFolder tree, a CIFAR-10 folder), and a time limit."""
+"""Helpers of the tests: small on-disk datasets (an ImageFolder tree, a CIFAR-10 folder), a time limit, and
+the two error measures (the golden contract's, and a whole-tensor one for gradients)."""
 from __future__ import annotations
 
 import pickle
@@ -6,6 +7,7 @@ import signal
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 CIFAR_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
@@ -57,3 +59,13 @@ def within(seconds: int, function):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def max_relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """The numerical contract with the official code: the largest difference over the largest magnitude."""
+    return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+def norm_relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """Difference over magnitude of whole tensors (gradients, where single entries may be near zero)."""
+    return ((ours - reference).norm() / reference.norm()).item()

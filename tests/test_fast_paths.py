@@ -7,11 +7,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'bench'))
 from reference import direct_rpe  # noqa: E402
+from fixtures import norm_relative_error  # noqa: E402
 from space import Attention, SlicedLinear, official_qkv_slice, qkv_rows  # noqa: E402
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((ours - reference).norm() / reference.norm()).item()
 
 
 @pytest.mark.parametrize('tokens, length', [(197, 14), (17, 2), (65, 14), (50, 4)])
@@ -35,7 +32,7 @@ def test_attention_matches_the_direct_formulation_forward_and_gradients(tokens, 
     with direct_rpe():
         reference = run()
     names = ['output', 'input grad'] + [name for name, _ in attention.named_parameters()]
-    errors = {name: relative_error(a, b) for name, a, b in zip(names, ours, reference)}
+    errors = {name: norm_relative_error(a, b) for name, a, b in zip(names, ours, reference)}
     assert max(errors.values()) < 1e-10, errors  # float64: any error above rounding is a bug
 
 
@@ -46,7 +43,7 @@ def test_attention_in_float32_stays_within_1e_5_of_the_direct_formulation():
     ours = attention(x)
     with direct_rpe():
         reference = attention(x)
-    assert relative_error(ours, reference) < 1e-5
+    assert norm_relative_error(ours, reference) < 1e-5
 
 
 @pytest.mark.parametrize('rows', [5, 'qkv'])
@@ -104,4 +101,4 @@ def test_attention_under_bf16_autocast_runs_forward_and_backward_near_the_direct
     ours = run()
     with direct_rpe():
         reference = run()
-    assert ours[0].dtype == torch.float32 and all(relative_error(a, b) < 3e-2 for a, b in zip(ours, reference))
+    assert ours[0].dtype == torch.float32 and all(norm_relative_error(a, b) < 3e-2 for a, b in zip(ours, reference))

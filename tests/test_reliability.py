@@ -146,7 +146,7 @@ def test_subnet_state_dict_mismatches_are_named(golden, change, message):
 
 def test_gpus_without_a_gpu_fall_back_to_the_cpu_with_a_warning(caplog, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    args = Namespace(gpus=4, devices=1, num_nodes=1, precision='bf16-mixed', epochs=1, clip_grad=None, output='x')
+    args = Namespace(gpus=4, cpu_processes=1, num_nodes=1, precision='bf16-mixed', epochs=1, clip_grad=None, output='x')
     with caplog.at_level(logging.WARNING):
         settings, processes = engine.trainer_settings(args)
     assert settings['accelerator'] == 'cpu' and processes == 1 and settings['precision'] == '32-true'

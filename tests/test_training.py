@@ -39,7 +39,7 @@ def test_scratch_digits_learns_and_writes_checkpoints_and_weights(tmp_path):
 
 
 def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
-    result = run_script('scratch.py', *FAST, '--devices', '2', '--epochs', '1', '--output', str(tmp_path),
+    result = run_script('scratch.py', *FAST, '--cpu-processes', '2', '--epochs', '1', '--output', str(tmp_path),
                         timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'DDP: all 2 ranks hold identical supernet weights' in result.stdout
