@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from space import (DEFAULTS, SEARCH_KEYS, SEARCHED, AutoformerSpace, build_supernet, complete_arch,
-                   preset_name, space_config, space_problem, sub_state_dict)
+                   preset_name, complete_space_kwargs, space_problem, sub_state_dict)
 from utils import UserError, atomic_path, atomic_torch_save, atomic_write_json, torch_load
 
 __all__ = ['load_supernet_file', 'save_weights', 'read_weights', 'resolve_space', 'load_model', 'fit_to_space',
@@ -42,7 +42,8 @@ def load_supernet_file(path: str | Path, name: str | Mapping[str, Any] | None = 
     if path == 'nni':
         path = nni_download(f'autoformer-{name}-supernet')
     state_dict, meta = read_weights(path)
-    kwargs = space_config(**name) if isinstance(name, Mapping) else resolve_space(name, meta.get('space'), path)
+    stored = meta.get('space')
+    kwargs = complete_space_kwargs(**name) if isinstance(name, Mapping) else resolve_space(name, stored, path)
     label = name if isinstance(name, str) else 'the space'
     converted = to_project_layout(state_dict, layout or detect_layout(state_dict, path))
     return fit_to_space(converted, supernet_shapes(kwargs), label, path), kwargs, meta
@@ -51,8 +52,8 @@ def load_supernet_file(path: str | Path, name: str | Mapping[str, Any] | None = 
 def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
                  **extra: Any) -> None:
     """Write weights with the space they belong to (and e.g. ``arch=`` for a subnet), atomically."""
-    config = {k: list(v) if isinstance(v, tuple) else v for k, v in space_config(**space_kwargs).items()}
-    atomic_torch_save({'space': config, 'state_dict': dict(state_dict), **extra}, path)
+    stored = {k: list(v) if isinstance(v, tuple) else v for k, v in complete_space_kwargs(**space_kwargs).items()}
+    atomic_torch_save({'space': stored, 'state_dict': dict(state_dict), **extra}, path)
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -67,7 +68,7 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 def resolve_space(name: str | None, stored: Mapping[str, Any] | None, path: Any = '') -> dict[str, Any]:
     """The space of a weights file: the stored one (checked against ``name``), else the preset ``name``."""
     if stored is None:
-        return space_config(**AutoformerSpace.preset(name or 'tiny'))
+        return complete_space_kwargs(**AutoformerSpace.preset(name or 'tiny'))
     if not isinstance(stored, Mapping) or set(stored) - set(DEFAULTS) or set(SEARCH_KEYS) - set(stored):
         unknown = sorted(set(stored) - set(DEFAULTS)) if isinstance(stored, Mapping) else type(stored).__name__
         raise UserError(f'{path}: its stored space is not a space ({unknown}): the file is damaged or not '
@@ -83,7 +84,7 @@ def resolve_space(name: str | None, stored: Mapping[str, Any] | None, path: Any 
                 raise UserError(f'{path} holds weights of another space ({key}={list(stored[key])}), '
                                 f'not of preset {name} ({key}={list(preset[key])}); drop --name or pass the '
                                 'matching weights')
-    return space_config(**stored)
+    return complete_space_kwargs(**stored)
 
 
 def load_model(weights: str | Path | None, name: str | None = None,

@@ -20,7 +20,7 @@ from cli import add_name_arg, add_training_args, parse_checked, recipe_parser, r
 import data
 from engine import train_supernet
 from checkpoints import load_supernet_file
-from space import space_config
+from space import complete_space_kwargs
 
 RECIPES = {
     'default': dict(epochs=100, warmup=5, learning_rate=5e-4, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     pretrained, pretrained_space, _ = load_supernet_file(args.weights, args.name)
     img_size = args.img_size or pretrained_space['img_size']
-    space_kwargs = space_config(**{**pretrained_space, 'img_size': img_size,
+    space_kwargs = complete_space_kwargs(**{**pretrained_space, 'img_size': img_size,
                                    'num_labels': data.num_classes(args.dataset, args.datapath)})
     adapt_to_input_size(pretrained, img_size, space_kwargs['patch_size'])
     pretrained = {k: v for k, v in pretrained.items() if not k.startswith('head.')}

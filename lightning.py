@@ -37,10 +37,10 @@ warnings.filterwarnings('ignore', message='When using training service to spawn 
 NO_DECAY = ('cls_token', 'pos_embed', 'rel_pos_embed')
 
 
-def validation_archs(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def validation_archs(space_kwargs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The subnets validation reports: ``min``, ``max`` and, for a preset, ``searched``."""
-    archs = {'min': extreme_arch(config, min), 'max': extreme_arch(config, max)}
-    name = preset_name(config)
+    archs = {'min': extreme_arch(space_kwargs, min), 'max': extreme_arch(space_kwargs, max)}
+    name = preset_name(space_kwargs)
     if name in SEARCHED:
         archs['searched'] = AutoformerSpace.searched_arch(name)
     return archs
@@ -53,17 +53,17 @@ class SupernetModule(LightningModule):
     ``head.*`` tensors the classifier keeps its fresh initialisation (fine-tuning).
     """
 
-    def __init__(self, space_config: Mapping[str, Any], learning_rate: float = 5e-4, min_lr: float = 1e-5,
+    def __init__(self, space_kwargs: Mapping[str, Any], learning_rate: float = 5e-4, min_lr: float = 1e-5,
                  warmup_lr: float = 1e-6, weight_decay: float = 0.05, epochs: int = 500, warmup_epochs: int = 5,
                  steps_per_epoch: int = 1, smoothing: float = 0.1, mixup: float = 0.8, cutmix: float = 1.0,
                  ema_decay: float = 0.0, seed: int = 0,
                  pretrained: Mapping[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=['pretrained'])
-        self.space_config = dict(space_config)
-        self.val_archs = validation_archs(space_config)
+        self.space_kwargs = dict(space_kwargs)
+        self.val_archs = validation_archs(space_kwargs)
         self.pretrained = pretrained
-        num_classes = space_config['num_labels']
+        num_classes = space_kwargs['num_labels']
         self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing,
                            num_classes=num_classes) if mixup > 0 or cutmix > 0 else None
         self.criterion = SoftTargetCrossEntropy() if self.mixup else \
@@ -88,7 +88,7 @@ class SupernetModule(LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         images, targets = batch
-        arch = sample_arch(self.space_config, random.Random(self.hparams.seed * 1_000_003 + self.global_step))
+        arch = sample_arch(self.space_kwargs, random.Random(self.hparams.seed * 1_000_003 + self.global_step))
         set_active_arch(self.model, arch)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)

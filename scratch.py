@@ -11,7 +11,7 @@ import argparse
 from cli import add_name_arg, add_training_args, parse_checked, recipe_parser, run_main
 import data
 from engine import train_supernet
-from space import AutoformerSpace, space_config
+from space import AutoformerSpace, complete_space_kwargs
 
 # The paper's recipe (DeiT's) for ImageNet; the demo recipe is sized for a laptop CPU.
 RECIPES = {
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     space_kwargs['num_labels'] = data.num_classes(args.dataset, args.datapath)
     if args.img_size:
         space_kwargs['img_size'] = args.img_size
-    train_supernet(args, space_config(**space_kwargs))
+    train_supernet(args, complete_space_kwargs(**space_kwargs))
 
 
 if __name__ == '__main__':

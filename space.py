@@ -40,7 +40,7 @@ with warnings.catch_warnings():  # NNI 3.0 predates torch 2.14: one harmless war
     from nni.nas.space import model_context
 
 __all__ = ['AutoformerSpace', 'SpaceError', 'PRESETS', 'SEARCHED', 'DEFAULTS', 'build_supernet', 'set_active_arch',
-           'space_config', 'space_problem', 'make_arch', 'arch_choices', 'sample_arch', 'extreme_arch',
+           'complete_space_kwargs', 'space_problem', 'make_arch', 'arch_choices', 'sample_arch', 'extreme_arch',
            'canonical_arch', 'check_arch', 'complete_arch', 'layer_dims', 'count_params', 'count_flops',
            'sub_state_dict', 'preset_name']
 
@@ -398,8 +398,8 @@ class AutoformerSpace(ModelSpace):
         rpe_length: int | None = None,
     ) -> None:
         super().__init__()
-        self.config = space_config(**{k: v for k, v in locals().items() if k in DEFAULTS})
-        rpe_length = self.config['rpe_length']
+        self.space_kwargs = complete_space_kwargs(**{k: v for k, v in locals().items() if k in DEFAULTS})
+        rpe_length = self.space_kwargs['rpe_length']
         max_depth = max(search_depth)
         embed_dim = nni.choice('embed_dim', list(search_embed_dim))
         depth = nni.choice('depth', list(search_depth))
@@ -487,10 +487,10 @@ class AutoformerSpace(ModelSpace):
         return SupernetCheckpoint(supernet)
 
     def count_params(self, arch: Mapping[str, Any]) -> int:
-        return count_params(arch, **self.config)
+        return count_params(arch, **self.space_kwargs)
 
     def count_flops(self, arch: Mapping[str, Any]) -> int:
-        return count_flops(arch, **self.config)
+        return count_flops(arch, **self.space_kwargs)
 
     def freeze(self, sample: Mapping[str, Any]) -> nn.Module:
         """A plain module for one architecture (refuses archs outside the space with a clear message).
@@ -499,11 +499,11 @@ class AutoformerSpace(ModelSpace):
         the plain space builds the subnet directly in NNI's fixed-arch context, without NNI's
         generic freeze, which deep-copies every non-mutable module.
         """
-        arch = complete_arch(sample, self.config)
+        arch = complete_arch(sample, self.space_kwargs)
         if any(isinstance(module, BaseSuperNetModule) for module in self.modules()):
             return super().freeze(arch)
         with model_context(arch):
-            return AutoformerSpace(**self.config)
+            return AutoformerSpace(**self.space_kwargs)
 
 
 def _checkpoints():
@@ -536,7 +536,7 @@ def build_supernet(space_kwargs: Mapping[str, Any]) -> AutoformerSpace:
 
 def set_active_arch(supernet: AutoformerSpace, arch: Mapping[str, Any]) -> None:
     """Make a one-shot supernet run ``arch`` from now on (NNI's resample, with every label given)."""
-    memo = complete_arch(arch, supernet.config)
+    memo = complete_arch(arch, supernet.space_kwargs)
     for module in supernet.modules():
         if isinstance(module, BaseSuperNetModule):
             module.resample(memo=memo)
@@ -546,18 +546,18 @@ def set_active_arch(supernet: AutoformerSpace, arch: Mapping[str, Any]) -> None:
 # Architectures
 # --------------------------------------------------------------------------------------------
 
-def space_config(**kwargs: Any) -> dict[str, Any]:
+def complete_space_kwargs(**kwargs: Any) -> dict[str, Any]:
     """All constructor keywords with defaults filled in (``rpe_length`` resolved)."""
     unknown = set(kwargs) - set(DEFAULTS)
     if unknown:
         raise TypeError(f'unknown AutoformerSpace arguments: {sorted(unknown)}')
-    config = {**DEFAULTS, **kwargs}
-    problem = space_problem(config)
+    space_kwargs = {**DEFAULTS, **kwargs}
+    problem = space_problem(space_kwargs)
     if problem:
         raise SpaceError(f'invalid space: {problem}')
-    if config['rpe_length'] is None:
-        config['rpe_length'] = config['img_size'] // config['patch_size']
-    return config
+    if space_kwargs['rpe_length'] is None:
+        space_kwargs['rpe_length'] = space_kwargs['img_size'] // space_kwargs['patch_size']
+    return space_kwargs
 
 
 def _is_int(value: Any, least: int = 1) -> bool:
@@ -568,35 +568,36 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def space_problem(config: Mapping[str, Any]) -> str | None:
+def space_problem(space_kwargs: Mapping[str, Any]) -> str | None:
     """What makes a space's keywords unusable (one phrase), or None: the checks a stored ``space``
     of a weights file must pass before anything is built from it."""
     for key in ('search_embed_dim', 'search_num_heads', 'search_depth', 'search_mlp_ratio'):
-        values = config[key]
+        values = space_kwargs[key]
         ratios = key == 'search_mlp_ratio'
         ok = (lambda v: _is_number(v) and v > 0) if ratios else _is_int
         if not isinstance(values, (list, tuple)) or not values or not all(ok(v) for v in values):
             kind = 'positive numbers' if ratios else 'positive integers'
             return f'{key} must be a non-empty list of {kind}, got {values!r}'
     for key in ('img_size', 'patch_size', 'in_channels'):
-        if not _is_int(config[key]):
-            return f'{key} must be a positive integer, got {config[key]!r}'
-    if config['img_size'] < config['patch_size']:
-        return f'img_size {config["img_size"]} is smaller than patch_size {config["patch_size"]}'
-    if config['img_size'] % config['patch_size']:  # the patch conv would drop the border silently
-        return f'img_size {config["img_size"]} is not a multiple of patch_size {config["patch_size"]}'
-    if not _is_int(config['num_labels'], 0):
-        return f'num_labels must be an integer of 0 or more, got {config["num_labels"]!r}'
+        if not _is_int(space_kwargs[key]):
+            return f'{key} must be a positive integer, got {space_kwargs[key]!r}'
+    if space_kwargs['img_size'] < space_kwargs['patch_size']:
+        return f'img_size {space_kwargs["img_size"]} is smaller than patch_size {space_kwargs["patch_size"]}'
+    if space_kwargs['img_size'] % space_kwargs['patch_size']:  # the patch conv would drop the border silently
+        return f'img_size {space_kwargs["img_size"]} is not a multiple of patch_size {space_kwargs["patch_size"]}'
+    if not _is_int(space_kwargs['num_labels'], 0):
+        return f'num_labels must be an integer of 0 or more, got {space_kwargs["num_labels"]!r}'
     for key in ('qkv_bias', 'pre_norm', 'global_pooling', 'absolute_position', 'rpe'):
-        if not isinstance(config[key], bool):
-            return f'{key} must be true or false, got {config[key]!r}'
+        if not isinstance(space_kwargs[key], bool):
+            return f'{key} must be true or false, got {space_kwargs[key]!r}'
     for key in ('drop_rate', 'attn_drop_rate', 'drop_path_rate'):
-        if not (_is_number(config[key]) and 0 <= config[key] < 1):
-            return f'{key} must be a number in [0, 1), got {config[key]!r}'
-    if config['qk_scale'] is not None and not (_is_number(config['qk_scale']) and config['qk_scale'] > 0):
-        return f'qk_scale must be a positive number or null, got {config["qk_scale"]!r}'
-    if config['rpe_length'] is not None and not _is_int(config['rpe_length']):
-        return f'rpe_length must be a positive integer or null, got {config["rpe_length"]!r}'
+        if not (_is_number(space_kwargs[key]) and 0 <= space_kwargs[key] < 1):
+            return f'{key} must be a number in [0, 1), got {space_kwargs[key]!r}'
+    scale = space_kwargs['qk_scale']
+    if scale is not None and not (_is_number(scale) and scale > 0):
+        return f'qk_scale must be a positive number or null, got {space_kwargs["qk_scale"]!r}'
+    if space_kwargs['rpe_length'] is not None and not _is_int(space_kwargs['rpe_length']):
+        return f'rpe_length must be a positive integer or null, got {space_kwargs["rpe_length"]!r}'
     return None
 
 
@@ -609,23 +610,24 @@ def make_arch(embed_dim: int, mlp_ratios: list[float], num_heads: list[int]) -> 
     return arch
 
 
-def arch_choices(config: Mapping[str, Any]) -> dict[str, list]:
+def arch_choices(space_kwargs: Mapping[str, Any]) -> dict[str, list]:
     """Every label of the space with its allowed values."""
-    choices: dict[str, list] = {'embed_dim': list(config['search_embed_dim']), 'depth': list(config['search_depth'])}
-    for i in range(max(config['search_depth'])):
-        choices[f'mlp_ratio_{i}'] = list(config['search_mlp_ratio'])
-        choices[f'num_head_{i}'] = list(config['search_num_heads'])
+    choices: dict[str, list] = {'embed_dim': list(space_kwargs['search_embed_dim']),
+                                'depth': list(space_kwargs['search_depth'])}
+    for i in range(max(space_kwargs['search_depth'])):
+        choices[f'mlp_ratio_{i}'] = list(space_kwargs['search_mlp_ratio'])
+        choices[f'num_head_{i}'] = list(space_kwargs['search_num_heads'])
     return choices
 
 
-def sample_arch(config: Mapping[str, Any], rng: random.Random) -> dict[str, Any]:
+def sample_arch(space_kwargs: Mapping[str, Any], rng: random.Random) -> dict[str, Any]:
     """One architecture drawn uniformly, label by label."""
-    return {label: rng.choice(values) for label, values in arch_choices(config).items()}
+    return {label: rng.choice(values) for label, values in arch_choices(space_kwargs).items()}
 
 
-def extreme_arch(config: Mapping[str, Any], pick: Callable = min) -> dict[str, Any]:
+def extreme_arch(space_kwargs: Mapping[str, Any], pick: Callable = min) -> dict[str, Any]:
     """The smallest (``pick=min``) or largest (``pick=max``) subnet of a space."""
-    return {label: pick(values) for label, values in arch_choices(config).items()}
+    return {label: pick(values) for label, values in arch_choices(space_kwargs).items()}
 
 
 def canonical_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
@@ -639,14 +641,14 @@ def canonical_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
     return used
 
 
-def check_arch(arch: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+def check_arch(arch: Mapping[str, Any], space_kwargs: Mapping[str, Any]) -> None:
     """Refuse a missing label or a value outside the space, naming the label and the allowed values."""
     if not isinstance(arch, Mapping):
         raise SpaceError(f'an arch must be a JSON object / dict of labels, got {type(arch).__name__}')
-    choices = arch_choices(config)
+    choices = arch_choices(space_kwargs)
     unknown = sorted(str(label) for label in arch if label not in choices and not _LAYER_LABEL.fullmatch(str(label)))
     if unknown:  # a typo such as 'embed_dims' would otherwise be ignored silently
-        last = max(config['search_depth']) - 1
+        last = max(space_kwargs['search_depth']) - 1
         raise SpaceError(f'arch label {unknown[0]!r} is not a label of the space (its labels: embed_dim, depth, '
                         f'mlp_ratio_0..{last}, num_head_0..{last})')
     for label in ('embed_dim', 'depth'):
@@ -672,10 +674,10 @@ def _check_label(arch: Mapping[str, Any], label: str, allowed: list) -> None:
         raise SpaceError(f'arch value {label}={value!r} is outside the space (allowed values: {allowed})')
 
 
-def complete_arch(arch: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+def complete_arch(arch: Mapping[str, Any], space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Check ``arch`` and fill the labels of unused layers, which NNI still wants to see."""
-    check_arch(arch, config)
-    full = {label: values[0] for label, values in arch_choices(config).items()}
+    check_arch(arch, space_kwargs)
+    full = {label: values[0] for label, values in arch_choices(space_kwargs).items()}
     full.update({label: arch[label] for label in full if label in arch})
     return full
 
@@ -689,25 +691,26 @@ def layer_dims(arch: Mapping[str, Any]) -> list[tuple[int, int, int]]:
 
 def count_params(arch: Mapping[str, Any], **space_kwargs: Any) -> int:
     """Parameters of a subnet by the official rule (``get_sampled_params_numel``); exact."""
-    config = space_config(**space_kwargs)
-    check_arch(arch, config)
+    space_kwargs = complete_space_kwargs(**space_kwargs)
+    check_arch(arch, space_kwargs)
     embed = arch['embed_dim']
-    table_rows = 2 * config['rpe_length'] + 2
-    total = embed * config['in_channels'] * config['patch_size'] ** 2 + embed       # patch embed
-    total += embed * (_num_patches(config) + 2 if config['absolute_position'] else 1)  # class token, pos embed
+    table_rows = 2 * space_kwargs['rpe_length'] + 2
+    total = embed * space_kwargs['in_channels'] * space_kwargs['patch_size'] ** 2 + embed       # patch embed
+    positions = _num_patches(space_kwargs) + 1 if space_kwargs['absolute_position'] else 0
+    total += embed * (positions + 1)                                                   # class token, pos embed
     for e, q, hidden in layer_dims(arch):
-        total += 3 * q * e + (3 * q if config['qkv_bias'] else 0)                     # qkv
+        total += 3 * q * e + (3 * q if space_kwargs['qkv_bias'] else 0)                     # qkv
         total += q * e + e                                                           # proj
-        total += 4 * table_rows * HEAD_DIM if config['rpe'] else 0                   # 2 x 2 tables
+        total += 4 * table_rows * HEAD_DIM if space_kwargs['rpe'] else 0                   # 2 x 2 tables
         total += 4 * e                                                               # two layer norms
         total += 2 * e * hidden + hidden + e                                         # fc1, fc2
-    total += 2 * embed if config['pre_norm'] else 0
-    total += embed * config['num_labels'] + config['num_labels']
+    total += 2 * embed if space_kwargs['pre_norm'] else 0
+    total += embed * space_kwargs['num_labels'] + space_kwargs['num_labels']
     return total
 
 
-def _num_patches(config: Mapping[str, Any]) -> int:
-    return (config['img_size'] // config['patch_size']) ** 2
+def _num_patches(space_kwargs: Mapping[str, Any]) -> int:
+    return (space_kwargs['img_size'] // space_kwargs['patch_size']) ** 2
 
 
 def count_flops(arch: Mapping[str, Any], **space_kwargs: Any) -> int:
@@ -715,19 +718,19 @@ def count_flops(arch: Mapping[str, Any], **space_kwargs: Any) -> int:
     ``torch.utils.flop_counter`` counts them, halved, except the 0/1 bucket-membership columns
     that :class:`RelativePosition2D` carries through the attention matmuls (bookkeeping, not
     arithmetic of the model: the encoding counts as 4 N q (2L + 2) per layer)."""
-    config = space_config(**space_kwargs)
-    check_arch(arch, config)
+    space_kwargs = complete_space_kwargs(**space_kwargs)
+    check_arch(arch, space_kwargs)
     embed = arch['embed_dim']
-    patches = _num_patches(config)
+    patches = _num_patches(space_kwargs)
     tokens = patches + 1
-    table_rows = 2 * config['rpe_length'] + 2
-    total = patches * embed * config['in_channels'] * config['patch_size'] ** 2
+    table_rows = 2 * space_kwargs['rpe_length'] + 2
+    total = patches * embed * space_kwargs['in_channels'] * space_kwargs['patch_size'] ** 2
     for e, q, hidden in layer_dims(arch):
         total += tokens * e * 3 * q + 2 * tokens * tokens * q + tokens * q * e     # qkv, qk^T, attn v, proj
-        if config['rpe']:
+        if space_kwargs['rpe']:
             total += 4 * tokens * q * table_rows                                   # rpe on keys and values
         total += 2 * tokens * e * hidden                                           # fc1, fc2
-    return total + embed * config['num_labels']
+    return total + embed * space_kwargs['num_labels']
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from common import (OFFICIAL, OURS, add_timing_args, autocast, interleaved_seconds, interleaved_summary,  # noqa: E402
                     peak_memory, set_up)
 from reference import in_official_formulation  # noqa: E402
-from space import PRESETS, AutoformerSpace, build_supernet, set_active_arch, space_config  # noqa: E402
+from space import PRESETS, AutoformerSpace, build_supernet, set_active_arch, complete_space_kwargs  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,7 +45,7 @@ def inference(model: torch.nn.Module, images: torch.Tensor, precision: str) -> C
 def main() -> None:
     args = parse_args()
     device = set_up(args)
-    config = space_config(**AutoformerSpace.preset(args.name))
+    config = complete_space_kwargs(**AutoformerSpace.preset(args.name))
     arch = AutoformerSpace.searched_arch(args.name)
     subnet = AutoformerSpace(**config).freeze(arch).eval().to(device)
     supernet = build_supernet(config).eval().to(device)

@@ -22,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from reference import direct_rpe  # noqa: E402
 from space import (Attention, AutoformerSpace, SlicedLinear, build_supernet, sample_arch,  # noqa: E402
-                   set_active_arch, space_config)
+                   set_active_arch, complete_space_kwargs)
 
 
 def parse_args() -> argparse.Namespace:
@@ -96,7 +96,7 @@ def sliced_linear(args: argparse.Namespace) -> str:
 
 
 def arch_choice(args: argparse.Namespace) -> str:
-    config = space_config(**AutoformerSpace.preset('tiny'))
+    config = complete_space_kwargs(**AutoformerSpace.preset('tiny'))
     supernet, rng = build_supernet(config), random.Random(0)
     ms = best_ms({'set': lambda: set_active_arch(supernet, sample_arch(config, rng))}, args.repeats, args.rounds)
     return f"choosing a step's arch (tiny supernet: sample_arch + set_active_arch): {ms['set']:.2f} ms"

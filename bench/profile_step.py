@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from space import PRESETS, AutoformerSpace, build_supernet, sample_arch, space_config  # noqa: E402
+from space import PRESETS, AutoformerSpace, build_supernet, sample_arch, complete_space_kwargs  # noqa: E402
 from common import add_timing_args, set_up  # noqa: E402
 from reference import official_formulation  # noqa: E402
 from train_step import random_batch, training_step  # noqa: E402
@@ -43,7 +43,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = set_up(args)
-    config = space_config(**AutoformerSpace.preset(args.name))
+    config = complete_space_kwargs(**AutoformerSpace.preset(args.name))
     images, targets = random_batch(config, args.batch_size, device)
     step = training_step(build_supernet(config).to(device).train(), images, targets, args.precision)
     rng = random.Random(args.seed)

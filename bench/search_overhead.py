@@ -25,7 +25,7 @@ import data  # noqa: E402
 import search  # noqa: E402
 from engine import evaluate  # noqa: E402
 from checkpoints import save_weights  # noqa: E402
-from space import AutoformerSpace, build_supernet, space_config, sub_state_dict  # noqa: E402
+from space import AutoformerSpace, build_supernet, complete_space_kwargs, sub_state_dict  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -65,7 +65,7 @@ def forward_seconds(weights: Path, cache: Path, records: list[dict], space_kwarg
 
 def main() -> None:
     args = parse_args()
-    space_kwargs = space_config(**AutoformerSpace.preset('demo'))
+    space_kwargs = complete_space_kwargs(**AutoformerSpace.preset('demo'))
     per_candidate = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

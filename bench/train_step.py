@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from space import PRESETS, AutoformerSpace, build_supernet, sample_arch, set_active_arch, space_config  # noqa: E402
+from space import PRESETS, AutoformerSpace, build_supernet, sample_arch, set_active_arch, complete_space_kwargs  # noqa: E402
 from common import (OFFICIAL, OURS, add_timing_args, autocast, interleaved_seconds, interleaved_summary,  # noqa: E402
                     peak_memory, set_up)
 from reference import in_official_formulation  # noqa: E402
@@ -65,7 +65,7 @@ def main() -> None:
     kwargs = AutoformerSpace.preset(args.name)
     if args.img_size:
         kwargs['img_size'] = args.img_size
-    config = space_config(**kwargs)
+    config = complete_space_kwargs(**kwargs)
     images, targets = random_batch(config, args.batch_size, device)
     step = training_step(build_supernet(config).to(device).train(), images, targets, args.precision)
     if args.ceiling:

@@ -22,7 +22,7 @@ import search
 from cli import run_main
 from fixtures import within, write_cifar10, write_image_folder
 from checkpoints import save_weights
-from space import AutoformerSpace, build_supernet, make_arch, space_config
+from space import AutoformerSpace, build_supernet, make_arch, complete_space_kwargs
 
 ROOT = Path(__file__).parent.parent
 SCRIPTS = {'evaluate': evaluate, 'scratch': scratch, 'finetune': finetune, 'search': search, 'demo': demo,
@@ -35,7 +35,7 @@ LAUNCHER_VARIABLES = ('TORCHELASTIC_RUN_ID', 'GROUP_RANK', 'SLURM_NTASKS', 'NODE
 def files(tmp_path_factory) -> dict[str, str]:
     """A demo supernet with random weights, damaged copies of it, odd arch files and small datasets."""
     root = tmp_path_factory.mktemp('bad-input')
-    space = space_config(**AutoformerSpace.preset('demo'))
+    space = complete_space_kwargs(**AutoformerSpace.preset('demo'))
     state = build_supernet(space).state_dict()
     paths = {'weights': root / 'supernet.pth'}
     save_weights(paths['weights'], state, space)

@@ -24,7 +24,8 @@ from checkpoints import load_checked, save_weights
 from cli import load_json_arg
 from conftest import GOLDEN
 from fixtures import within
-from space import AutoformerSpace, SpaceError, build_supernet, canonical_arch, check_arch, count_params, space_config
+from space import (AutoformerSpace, SpaceError, build_supernet, canonical_arch, check_arch, complete_space_kwargs,
+                   count_params)
 from utils import UserError, torch_load
 
 ROOT = Path(__file__).parent.parent
@@ -155,7 +156,7 @@ def test_gpus_without_a_gpu_fall_back_to_the_cpu_with_a_warning(caplog, monkeypa
 
 def test_non_finite_loss_skips_the_step_naming_step_and_arch(golden, caplog):
     kwargs = golden[0]
-    module = lightning.SupernetModule(space_config(**kwargs), mixup=0, cutmix=0)
+    module = lightning.SupernetModule(complete_space_kwargs(**kwargs), mixup=0, cutmix=0)
     module.set_model(build_supernet(kwargs))
     images = torch.full((2, 3, 32, 32), float('nan'))
     with caplog.at_level(logging.ERROR):
@@ -255,7 +256,7 @@ def test_fuzzed_arch_json_gives_only_clear_errors(golden):
         except (UserError, SpaceError):
             refused += 1
             continue
-        check_arch(arch, space_config(**kwargs))  # what is accepted is an arch of the space, counted exactly
+        check_arch(arch, complete_space_kwargs(**kwargs))  # what is accepted is an arch of the space, counted exactly
         assert params == count_params(canonical_arch(arch), **kwargs) > 0, text
     assert refused > 0
 

@@ -10,7 +10,7 @@ from checkpoints import save_weights
 from conftest import GOLDEN
 from fixtures import max_relative_error
 from space import (AutoformerSpace, build_supernet, check_arch, count_flops, count_params, layer_dims, make_arch,
-                   sample_arch, set_active_arch, space_config, sub_state_dict, SpaceError)
+                   sample_arch, set_active_arch, complete_space_kwargs, sub_state_dict, SpaceError)
 from utils import UserError
 
 
@@ -59,7 +59,7 @@ def test_oneshot_supernet_runs_the_same_subnet_as_freeze(golden):
     space = AutoformerSpace(**kwargs)
     rng = random.Random(0)
     for _ in range(6):
-        arch = sample_arch(space.config, rng)
+        arch = sample_arch(space.space_kwargs, rng)
         set_active_arch(supernet, arch)
         subnet = space.freeze(arch).eval()
         subnet.load_state_dict(sub_state_dict(supernet.state_dict(), arch))
@@ -72,7 +72,7 @@ def test_oneshot_supernet_runs_the_same_subnet_as_freeze(golden):
 def test_oneshot_supernet_trains_through_the_mixed_qkv(golden):
     kwargs, inputs, _ = golden
     supernet = build_supernet(kwargs)
-    arch = sample_arch(supernet.config, random.Random(1))
+    arch = sample_arch(supernet.space_kwargs, random.Random(1))
     arch['num_head_0'] = 1
     set_active_arch(supernet, arch)
     supernet(inputs).sum().backward()
@@ -86,7 +86,7 @@ def test_count_flops_matches_torch_flop_counter(golden):
     space = AutoformerSpace(**kwargs)
     rng = random.Random(2)
     for _ in range(3):
-        arch = sample_arch(space.config, rng)
+        arch = sample_arch(space.space_kwargs, rng)
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             space.freeze(arch)(inputs[:1])
@@ -205,7 +205,7 @@ def test_nni_download_offline_names_file_and_place(monkeypatch):
 def test_labels_past_the_depth_are_ignored_and_unknown_labels_refused():
     """design.md: labels of layers past depth may be present; a label that is no label (a typo) is refused,
     as is a non-integer embed_dim / depth / heads."""
-    config = space_config(**AutoformerSpace.preset('demo'))
+    config = complete_space_kwargs(**AutoformerSpace.preset('demo'))
     arch = make_arch(96, [3.0, 3.0], [1, 1])
     check_arch({**arch, 'mlp_ratio_3': 4.0, 'num_head_9': 7}, config)
     for bad, message in (({'embed_dims': 112}, "label 'embed_dims' is not a label"),

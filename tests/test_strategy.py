@@ -7,9 +7,9 @@ import torch
 import search
 import strategy
 from engine import arch_key
-from space import AutoformerSpace, arch_choices, count_params, space_config
+from space import AutoformerSpace, arch_choices, count_params, complete_space_kwargs
 
-SPACE = space_config(**AutoformerSpace.preset('tiny'))
+SPACE = complete_space_kwargs(**AutoformerSpace.preset('tiny'))
 CHOICES = arch_choices(SPACE)
 
 
