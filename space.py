@@ -10,6 +10,11 @@ Layouts:
   ``blocks.blocks.{i}.attn.qkv`` keeps the official AutoFormer layout, which NNI's built-in
   mixed operations cannot slice (see :class:`MixedQKV`).
 - subnet: the state dict of ``space.freeze(arch)``, a plain ViT whose ``qkv`` rows are q; k; v.
+
+This file owns the presets and AutoFormer-T/S/B, the blocks and fast ops, ``AutoformerSpace``,
+supernet build and arch activation, the arch helpers, parameter / FLOPs counting and
+``sub_state_dict``. It imports nothing from this project: copy it alone into other code. Reading
+and writing weights files is ``checkpoints.py``'s; the ``load_*`` classmethods reach it lazily.
 """
 from __future__ import annotations
 
@@ -374,6 +379,27 @@ class AutoformerSpace(ModelSpace):
 
     Train it with ``RandomOneShot`` (weight entanglement), search it with any strategy; an
     ``arch`` is a dict with ``embed_dim``, ``depth``, ``mlp_ratio_{i}`` and ``num_head_{i}``.
+
+    Parameters
+    ----------
+    search_embed_dim : the candidate embedding widths (one per subnet, shared by its layers).
+    search_mlp_ratio : the candidate MLP hidden / embedding ratios (one per layer).
+    search_num_heads : the candidate head counts (one per layer; every head is 64 wide).
+    search_depth : the candidate depths (layers past a subnet's depth are skipped).
+    img_size : the input's side in pixels; a multiple of ``patch_size``.
+    patch_size : the side of the square patches the convolutional stem embeds.
+    in_channels : the input's channels.
+    num_labels : the classes of the head (0: no head, the pooled features come out).
+    qkv_bias : whether the q / k / v projection has a bias.
+    drop_rate : dropout after the position embedding and in the MLPs.
+    attn_drop_rate : dropout of the attention weights.
+    drop_path_rate : stochastic depth of the deepest layer (linear from 0 at the first).
+    pre_norm : LayerNorm before attention and MLP (and a final LayerNorm), as the official code.
+    global_pooling : mean of the patch tokens as the feature, else the class token.
+    absolute_position : a learned absolute position embedding besides the relative one.
+    qk_scale : the attention scale (default ``head_dim ** -0.5``).
+    rpe : 2-D relative position encoding of keys and values (AutoFormer's).
+    rpe_length : the clip distance of the relative positions (default ``img_size // patch_size``).
     """
 
     def __init__(
