@@ -29,7 +29,8 @@ from tqdm import tqdm
 import data
 from checkpoints import check_finite, read_weights, save_weights
 from cli import check_classes
-from space import AutoformerSpace, build_supernet, canonical_arch, count_flops, count_params, sub_state_dict
+from space import (AutoformerSpace, build_supernet, canonical_arch, count_flops, count_params, sub_state_dict,
+                   typed_arch)
 from trial import record_failure
 from utils import (AUTOCAST, UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, pick_device,
                    read_json, remove_unfinished_writes, set_up_precision)
@@ -141,16 +142,11 @@ def final_metrics(record: Mapping[str, Any]) -> dict[str, float]:
             **({'latency': record['latency']} if record['latency'] is not None else {})}
 
 
-def arch_of(sample: Mapping[str, Any]) -> dict[str, Any]:
-    """An NNI sample as an arch (NNI's JSON round trips turn a ratio of 3.0 into 3)."""
-    return {label: float(v) if label.startswith('mlp_ratio') else int(v) for label, v in sample.items()}
-
-
 def evaluate_candidate(model: torch.nn.Module, weights: str, cache: str, output: str, batch_size: int,
                        device: str) -> None:
     """NNI trial run in the search's own process (``--engine sequential``): evaluates and reports."""
     supernet, space_kwargs = _supernet(weights)
-    arch = arch_of(nni.get_current_parameter().sample)
+    arch = typed_arch(nni.get_current_parameter().sample)
     try:
         record = evaluate_arch(arch, supernet, space_kwargs, _search_data(cache), Path(output), batch_size,
                                pick_device(device), nni.report_intermediate_result)
@@ -168,7 +164,7 @@ def candidate_server(spec: Mapping[str, Any]) -> Callable[[str, Callable[[dict],
     output = Path(spec['output'])
 
     def evaluate_parameter(parameter: str, send: Callable[[dict], None]) -> None:
-        arch = arch_of(nni.load(parameter)['parameters'].sample)
+        arch = typed_arch(nni.load(parameter)['parameters'].sample)
         record = evaluate_arch(arch, supernet, space_kwargs, split, output, spec['batch_size'], device,
                                lambda top1: send({'intermediate': top1}))
         send({'final': final_metrics(record)})

@@ -46,7 +46,7 @@ with warnings.catch_warnings():  # NNI 3.0 predates torch 2.14: one harmless war
 
 __all__ = ['AutoformerSpace', 'SpaceError', 'PRESETS', 'SEARCHED', 'DEFAULTS', 'build_supernet', 'set_active_arch',
            'complete_space_kwargs', 'space_problem', 'make_arch', 'arch_choices', 'sample_arch', 'extreme_arch',
-           'canonical_arch', 'check_arch', 'complete_arch', 'layer_dims', 'count_params', 'count_flops',
+           'canonical_arch', 'typed_arch', 'check_arch', 'complete_arch', 'layer_dims', 'count_params', 'count_flops',
            'sub_state_dict', 'preset_name']
 
 
@@ -656,15 +656,18 @@ def extreme_arch(space_kwargs: Mapping[str, Any], pick: Callable = min) -> dict[
     return {label: pick(values) for label, values in arch_choices(space_kwargs).items()}
 
 
-def canonical_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
-    """The labels an arch really uses (unused layers dropped), as plain ints and floats.
+def typed_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """Every label's value as its type: a float for MLP ratios, else an int (NNI's JSON round trips turn a
+    ratio of 3.0 into 3)."""
+    return {label: float(value) if str(label).startswith('mlp_ratio') else int(value) for label, value in arch.items()}
 
-    NNI's JSON round trips turn a ratio of 3.0 into 3; this form compares equal either way.
-    """
-    used: dict[str, Any] = {k: int(arch[k]) for k in ('embed_dim', 'depth')}
-    for i in range(used['depth']):
-        used[f'mlp_ratio_{i}'], used[f'num_head_{i}'] = float(arch[f'mlp_ratio_{i}']), int(arch[f'num_head_{i}'])
-    return used
+
+def canonical_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """The labels an arch really uses (unused layers dropped), typed: two archs that run the same subnet
+    compare equal in this form."""
+    depth = int(arch['depth'])
+    used = ['embed_dim', 'depth'] + [f'{kind}_{i}' for i in range(depth) for kind in ('mlp_ratio', 'num_head')]
+    return typed_arch({label: arch[label] for label in used})
 
 
 def check_arch(arch: Mapping[str, Any], space_kwargs: Mapping[str, Any]) -> None:
