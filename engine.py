@@ -203,6 +203,34 @@ def write_results(output: Path, every_seconds: float = 0.0) -> list[dict]:
     return records
 
 
+def pareto_front(records: list[dict]) -> list[dict]:
+    """Candidates no other beats on both top-1 and (fewer) params."""
+    front, best = [], float('-inf')
+    for record in sorted(records, key=lambda r: (r['params'], -r['top1'])):
+        if record['top1'] > best:
+            front.append(record)
+            best = record['top1']
+    return front
+
+
+def plot_pareto(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    front = pareto_front(records)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r['params'] for r in records], [r['top1'] for r in records], s=12, alpha=0.6, label='candidates')
+    ax.plot([r['params'] for r in front], [r['top1'] for r in front], 'r.-', label='Pareto front')
+    ax.set(xlabel='parameters (M)', ylabel='top-1 (%)', title=title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix('.tmp.png')
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
 # --------------------------------------------------------------------------------------------
 # The training driver shared by scratch.py and finetune.py
 # --------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import data
 from cli import add_name_arg, check_classes, parse_checked, run_main
 import torch
 import trial
-from engine import arch_key, evaluate_candidate, write_results
+from engine import arch_key, evaluate_candidate, plot_pareto, write_results
 from nni.experiment import launcher
 from nni.nas.evaluator import FunctionalEvaluator
 from nni.nas.execution import training_service
@@ -50,38 +50,6 @@ from utils import (UserError, atomic_path, atomic_write_json, check_writable, lo
 
 _logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------
-
-def pareto_front(records: list[dict]) -> list[dict]:
-    """Candidates no other beats on both top-1 and (fewer) params."""
-    front, best = [], float('-inf')
-    for record in sorted(records, key=lambda r: (r['params'], -r['top1'])):
-        if record['top1'] > best:
-            front.append(record)
-            best = record['top1']
-    return front
-
-
-def plot_pareto(records: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    front = pareto_front(records)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([r['params'] for r in records], [r['top1'] for r in records], s=12, alpha=0.6, label='candidates')
-    ax.plot([r['params'] for r in front], [r['top1'] for r in front], 'r.-', label='Pareto front')
-    ax.set(xlabel='parameters (M)', ylabel='top-1 (%)', title=title)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix('.tmp.png')
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------------------------
