@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import numbers
 import os
 import pickle
 import sys
@@ -387,13 +388,14 @@ class Cifar10(Dataset):
                             'and batches.meta (extracted from cifar-10-python.tar.gz; nothing is downloaded)')
         batches = [_read_cifar_file(folder / name, 'data', 'labels') for name in files]
         pixels = np.concatenate([np.asarray(rows, dtype=np.uint8) for rows, _ in batches])
-        self.targets = [int(label) for _, labels in batches for label in labels]
+        self.targets = [label for _, labels in batches for label in labels]
         (names,) = _read_cifar_file(folder / 'batches.meta', 'label_names')
         self.classes = [name.decode() if isinstance(name, bytes) else name for name in names]
-        if pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32 or len(pixels) != len(self.targets) or \
-                not all(0 <= label < len(self.classes) for label in self.targets):
+        if pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32 or len(pixels) != len(self.targets) or not all(
+                isinstance(label, numbers.Integral) and 0 <= label < len(self.classes) for label in self.targets):
             raise UserError(f'{folder} is not CIFAR-10 data: its batches need rows of 3072 bytes, one label per row, '
                             f'each below {len(self.classes)}; extract cifar-10-python.tar.gz again')
+        self.targets = [int(label) for label in self.targets]
         self.images = np.ascontiguousarray(pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))  # NHWC for PIL
         self.transform = transform
 

@@ -347,7 +347,8 @@ def test_raw_imagenet_layout_with_a_flat_val_folder_is_not_read_as_two_classes(t
 def test_cifar10_labels_outside_the_classes_are_refused(tmp_path):
     folder = write_cifar10(tmp_path, n_train_per_batch=2, n_test=3)
     batch = pickle.loads((folder / 'test_batch').read_bytes())
-    batch[b'labels'][0] = 10
-    (folder / 'test_batch').write_bytes(pickle.dumps(batch))
-    with pytest.raises(UserError, match='not CIFAR-10 data'):
-        data.build_dataset('cifar10', tmp_path, 'test', 32)
+    for label in (10, -1, 'cat'):
+        batch[b'labels'][0] = label
+        (folder / 'test_batch').write_bytes(pickle.dumps(batch))
+        with pytest.raises(UserError, match='not CIFAR-10 data'):
+            data.build_dataset('cifar10', tmp_path, 'test', 32)
