@@ -84,7 +84,6 @@ def device(value: str) -> str | None:
     return None if kind in ('cpu', 'cuda', 'mps') else 'is not a device this runs on: use cpu, cuda or cuda:N'
 
 
-
 def present_device(value: str) -> str | None:
     """A device that exists here: a figure measured elsewhere (the CPU instead of a GPU) would be wrong."""
     problem = device(value)
@@ -105,8 +104,7 @@ RULES: dict[str, Rule] = {
     'gpus': at_least(0), 'cpu_processes': between(1, CORES), 'num_nodes': between(1, 100_000),
     'concurrency': between(1, 1024),
     'device': device,
-    'seed': lambda value: None if 0 <= value < 2 ** 32 else 'must be between 0 and 4294967295',
-    'port': lambda value: None if 0 < value < 65536 else 'must be between 1 and 65535',
+    'seed': between(0, 2 ** 32 - 1), 'port': between(1, 65535),
     # training recipe
     'epochs': at_least(1), 'warmup': at_least(0), 'learning_rate': number(), 'min_lr': number(),
     'warmup_lr': number(), 'weight_decay': number(), 'smoothing': number(0.0, 1.0, high_open=True),
@@ -139,6 +137,9 @@ def check_flags(args: argparse.Namespace) -> None:
     low, high = getattr(args, 'min_params', None), getattr(args, 'max_params', None)
     if low is not None and high is not None and low > high:
         raise UserError(f'--min-params {low} > --max-params {high}: no arch can meet it')
+    if (getattr(args, 'mixup', None) or getattr(args, 'cutmix', None)) and args.batch_size % 2:
+        raise UserError(f'--batch-size {args.batch_size} is odd: Mixup/CutMix pair images, so use an even batch size '
+                        '(or --mixup 0 --cutmix 0)')
 
 
 def parse_checked(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
@@ -152,9 +153,9 @@ def parse_checked(parser: argparse.ArgumentParser, argv: list[str] | None) -> ar
 # Flags several scripts share
 # --------------------------------------------------------------------------------------------
 
-def add_name_arg(parser: argparse.ArgumentParser, help: str, presets: Mapping[str, Any] = PRESETS) -> None:
-    """``--name``: a preset search space."""
-    parser.add_argument('--name', choices=list(presets), default=None, help=help)
+def add_name_arg(parser: argparse.ArgumentParser, text: str, presets: Mapping[str, Any] = PRESETS) -> None:
+    """``--name``: a preset search space; ``text`` is its help."""
+    parser.add_argument('--name', choices=list(presets), default=None, help=text)
 
 
 def recipe_parser(argv: list[str] | None, recipes: Mapping[str, dict[str, Any]], fallback: str, script: str,

@@ -357,9 +357,6 @@ def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained
                         f'({len(val_set.classes)} against {len(train_set.classes)}, first difference: '
                         f'{next(iter(set(val_set.classes) ^ set(train_set.classes)), "their order")}): give val/ the '
                         'same class folders as train/')
-    if (args.mixup or args.cutmix) and args.batch_size % 2:
-        raise UserError(f'--batch-size {args.batch_size} is odd: Mixup/CutMix pair images, so use an even batch size '
-                        '(or --mixup 0 --cutmix 0)')
     steps_per_epoch = check_batches(len(train_set), args.batch_size, processes)
     if fingerprint is not None:
         atomic_write_json(fingerprint, output / 'run.json')
