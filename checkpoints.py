@@ -127,6 +127,8 @@ def _searched_arch_of(size: str | None, weights: Any) -> dict[str, Any]:
 
 
 def is_subnet(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    if 'patch_embed_super.proj.weight' in state_dict:  # an official supernet: its blocks are not nested either
+        return False
     return 'blocks.0.attn.qkv.weight' in state_dict or 'blocks.0.attn.q.weight' in state_dict
 
 

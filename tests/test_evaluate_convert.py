@@ -10,7 +10,7 @@ import convert
 import evaluate
 from conftest import GOLDEN
 from fixtures import write_cifar10, write_image_folder
-from checkpoints import load_model, read_weights, save_weights
+from checkpoints import is_subnet, load_model, read_weights, save_weights
 from space import AutoformerSpace, sub_state_dict
 from utils import UserError
 
@@ -141,3 +141,14 @@ def test_convert_refuses_checkpoint_of_another_space(tmp_path):
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert 'not a tiny supernet' in result.stderr
     assert not (tmp_path / 'out.pth').exists()
+
+
+def test_an_official_supernet_file_is_read_as_a_supernet_not_a_subnet(golden):
+    """Official checkpoints keep blocks.0.attn.qkv at the top level, like a subnet: their layout decides. Given
+    to evaluate.py with the wrong preset, the message is about fitting the supernet, not a missing tensor."""
+    official, _ = read_weights(GOLDEN / 'small-official.pth')
+    kwargs, _, cases = golden
+    assert not is_subnet(official)
+    assert is_subnet(AutoformerSpace(**kwargs).freeze(cases[0]['arch']).state_dict())
+    with pytest.raises(UserError, match='needed by the space is missing.*not a supernet of this space'):
+        load_model(GOLDEN / 'small-official.pth', 'tiny')
