@@ -222,6 +222,25 @@ def check_classes(dataset: str, classes: int, space_kwargs: Mapping[str, Any], w
                         f'outputs: pass weights trained for this dataset')
 
 
+def check_output_folder(output: Path, resume: Any, run: str, held: list[Path], recorded: Mapping[str, Any] | None,
+                        fingerprint: Mapping[str, Any]) -> None:
+    """One ``--output`` holds one run (``run`` names it: 'a training run', 'search <id>'). Without
+    ``--resume``, refuse a folder holding results (``held``); with it, refuse settings other than those
+    ``recorded`` for the run.
+    A setting the run did not record (it predates that key, or all of them: None) is taken as unchanged."""
+    if not resume:
+        if held:
+            raise UserError(f'{output} already holds {run} ({held[0].name}): pass --resume to continue it, or choose '
+                            'another --output')
+        return
+    recorded = recorded or {}
+    changed = [key for key in fingerprint if key in recorded and recorded[key] != fingerprint[key]]
+    if changed:
+        differences = ', '.join(f'another {key} ({recorded[key]!r}, now {fingerprint[key]!r})' for key in changed)
+        raise UserError(f'--resume: {output} holds {run} with {differences}: resume with the same flags, or '
+                        'choose another --output')
+
+
 def load_json_arg(value: str, what: str = '--arch') -> Any:
     """Parse a JSON string or the path of a JSON file, with a clear message when it is neither."""
     text = value

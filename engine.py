@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import data
 from checkpoints import check_finite, read_weights, save_weights
-from cli import check_classes
+from cli import check_classes, check_output_folder
 from space import (AutoformerSpace, build_supernet, canonical_arch, count_flops, count_params, sub_state_dict,
                    typed_arch)
 from trial import record_failure
@@ -283,24 +283,15 @@ def is_first_process() -> bool:
 
 
 def check_run_output(output: Path, resume: bool, fingerprint: Mapping[str, Any]) -> None:
-    """An output folder holds one run: refuse another run's results without --resume, and a --resume
-    with another dataset or space than the run had."""
+    """An output folder holds one training run: see :func:`cli.check_output_folder`."""
     last = output / 'checkpoints' / 'last.ckpt'
-    record = output / 'run.json'
-    if resume:
-        if not last.is_file():
-            raise UserError(f'--resume: no checkpoint {last} to continue from')
-        recorded = read_json(record) if record.is_file() else fingerprint
-        changed = [key for key in fingerprint if recorded.get(key, fingerprint[key]) != fingerprint[key]]
-        if changed:
-            raise UserError(f'--resume: the run in {output} had another {changed[0]} ({recorded[changed[0]]!r}, now '
-                            f'{fingerprint[changed[0]]!r}): resume with the same flags, or choose another --output')
-        remove_unfinished_writes(last.parent)
-        return
+    if resume and not last.is_file():
+        raise UserError(f'--resume: no checkpoint {last} to continue from')
     held = [path for path in (last, output / 'supernet.pth') if path.exists()]  # run.json alone: nothing done
-    if held:
-        raise UserError(f'{output} already holds a run ({held[0].name}): pass --resume to continue it, or choose '
-                        'another --output')
+    recorded = read_json(output / 'run.json') if (output / 'run.json').is_file() else None
+    check_output_folder(output, resume, 'a training run', held, recorded, fingerprint)
+    if resume:
+        remove_unfinished_writes(last.parent)
 
 
 # What a resumed run must keep: another batch size or schedule would make one supernet of two recipes.

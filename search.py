@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import data
-from cli import add_name_arg, check_classes, parse_checked, run_main
+from cli import add_name_arg, check_classes, check_output_folder, parse_checked, run_main
 import torch
 import trial
 from engine import arch_key, evaluate_candidate, plot_pareto, write_results
@@ -484,28 +484,20 @@ def search_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def check_output(output: Path, args: argparse.Namespace, fingerprint: dict[str, Any]) -> None:
-    """Refuse to mix this search's candidates with another's; reuse the split cache and latencies of the
-    same search only."""
-    previous = read_json(output / 'experiment.json') if (output / 'experiment.json').is_file() \
-        else {}
-    has_candidates = any((output / 'candidates').glob('*.json'))
+    """Refuse to mix this search's candidates with another's (:func:`cli.check_output_folder`); reuse the
+    split cache and latencies of the same search only."""
+    previous = read_json(output / 'experiment.json') if (output / 'experiment.json').is_file() else {}
+    if args.resume and previous.get('experiment_id') != args.resume:
+        raise UserError(f'{output} does not hold experiment {args.resume} '
+                        f'({"it holds " + previous["experiment_id"] if previous else "no search"}): pass the '
+                        '--output of that search')
+    held = [path for path in (output / 'best.json', *(output / 'candidates').glob('*.json')) if path.exists()]
+    check_output_folder(output, args.resume, f'search {previous.get("experiment_id", "?")}', held,
+                        previous.get('fingerprint'), fingerprint)
     if args.resume:
-        if previous.get('experiment_id') != args.resume:
-            raise UserError(f'{output} does not hold experiment {args.resume} '
-                            f'({"it holds " + previous["experiment_id"] if previous else "no search"}): pass the '
-                            '--output of that search')
-        # A search started before fingerprints were recorded is taken as it is.
-        changed = sorted(k for k in fingerprint if previous.get('fingerprint', fingerprint).get(k) != fingerprint[k])
-        if changed:
-            raise UserError(f'--resume {args.resume} with other {", ".join(changed)} than the search had: its '
-                            'candidates would not be comparable; resume with the same flags or start a new search')
         for folder in (output, output / 'candidates'):
             remove_unfinished_writes(folder)
-        return
-    if has_candidates or (output / 'best.json').exists():
-        raise UserError(f'{output} already holds the candidates of search {previous.get("experiment_id", "?")}: '
-                        'pass --resume with its id to continue it, or choose another --output')
-    if previous.get('fingerprint') != fingerprint:  # another search's split or latencies
+    elif previous.get('fingerprint') != fingerprint:  # another search's split or latencies
         for stale in ('search-data.pt', 'latency.json'):
             (output / stale).unlink(missing_ok=True)
 

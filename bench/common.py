@@ -15,6 +15,9 @@ from typing import Callable, ContextManager
 
 import torch
 
+import cli  # noqa: F401  (quiets NNI 3.0's known warnings, as in the scripts)
+from space import PRESETS
+
 OURS, OFFICIAL = 'ours', 'official formulation'
 
 
@@ -26,7 +29,9 @@ def positive_int(text: str) -> int:
 
 
 def add_timing_args(parser: argparse.ArgumentParser, unit: str) -> None:
-    """Device, precision, how much to time and whether to pair each of ours with the official formulation."""
+    """Preset, batch, device, precision, how much to time and whether to pair ours with the official formulation."""
+    parser.add_argument('--name', choices=list(PRESETS), default='tiny', help='preset')
+    parser.add_argument('--batch-size', type=int, default=8, help=f'images per {unit[:-1]}')
     parser.add_argument('--device', default='cpu', help='cpu or cuda')
     parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='autocast dtype')
     parser.add_argument('--steps', type=positive_int, default=10, help=f'timed {unit} of each variant')

@@ -23,13 +23,11 @@ import torch  # noqa: E402
 from common import (OFFICIAL, OURS, add_timing_args, autocast, interleaved_seconds, interleaved_summary,  # noqa: E402
                     peak_memory, set_up)
 from reference import in_official_formulation  # noqa: E402
-from space import PRESETS, AutoformerSpace, build_supernet, set_active_arch, complete_space_kwargs  # noqa: E402
+from space import AutoformerSpace, build_supernet, set_active_arch, complete_space_kwargs  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--name', choices=list(PRESETS), default='tiny', help='preset')
-    parser.add_argument('--batch-size', type=int, default=8, help='images per forward')
     add_timing_args(parser, 'forwards')
     return parser.parse_args()
 
@@ -45,18 +43,18 @@ def inference(model: torch.nn.Module, images: torch.Tensor, precision: str) -> C
 def main() -> None:
     args = parse_args()
     device = set_up(args)
-    config = complete_space_kwargs(**AutoformerSpace.preset(args.name))
+    space_kwargs = complete_space_kwargs(**AutoformerSpace.preset(args.name))
     arch = AutoformerSpace.searched_arch(args.name)
-    subnet = AutoformerSpace(**config).freeze(arch).eval().to(device)
-    supernet = build_supernet(config).eval().to(device)
+    subnet = AutoformerSpace(**space_kwargs).freeze(arch).eval().to(device)
+    supernet = build_supernet(space_kwargs).eval().to(device)
     set_active_arch(supernet, arch)
-    images = torch.randn(args.batch_size, 3, config['img_size'], config['img_size'], device=device)
+    images = torch.randn(args.batch_size, 3, space_kwargs['img_size'], space_kwargs['img_size'], device=device)
     forwards = {OURS: inference(subnet, images, args.precision),
                 'supernet running the subnet': inference(supernet, images, args.precision)}
     if args.reference:
         forwards[OFFICIAL] = functools.partial(in_official_formulation, forwards[OURS])
     times = interleaved_seconds(lambda index: forwards, args)
-    label = (f'eval autoformer-{args.name} frozen subnet {config["img_size"]}px batch {args.batch_size} '
+    label = (f'eval autoformer-{args.name} frozen subnet {space_kwargs["img_size"]}px batch {args.batch_size} '
              f'{args.device} {args.precision} threads {torch.get_num_threads()}{peak_memory(device)}')
     print(f'{label}: {interleaved_summary(times, args.batch_size)}')
 

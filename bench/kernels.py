@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import cli  # noqa: F401,E402  (quiets NNI 3.0's known warnings, as in the scripts)
 from reference import direct_rpe  # noqa: E402
 from space import (Attention, AutoformerSpace, SlicedLinear, build_supernet, sample_arch,  # noqa: E402
                    set_active_arch, complete_space_kwargs)
@@ -96,9 +97,9 @@ def sliced_linear(args: argparse.Namespace) -> str:
 
 
 def arch_choice(args: argparse.Namespace) -> str:
-    config = complete_space_kwargs(**AutoformerSpace.preset('tiny'))
-    supernet, rng = build_supernet(config), random.Random(0)
-    ms = best_ms({'set': lambda: set_active_arch(supernet, sample_arch(config, rng))}, args.repeats, args.rounds)
+    space_kwargs = complete_space_kwargs(**AutoformerSpace.preset('tiny'))
+    supernet, rng = build_supernet(space_kwargs), random.Random(0)
+    ms = best_ms({'set': lambda: set_active_arch(supernet, sample_arch(space_kwargs, rng))}, args.repeats, args.rounds)
     return f"choosing a step's arch (tiny supernet: sample_arch + set_active_arch): {ms['set']:.2f} ms"
 
 

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from space import PRESETS, AutoformerSpace, build_supernet, sample_arch, complete_space_kwargs  # noqa: E402
 from common import add_timing_args, set_up  # noqa: E402
+from space import AutoformerSpace, build_supernet, sample_arch, complete_space_kwargs  # noqa: E402
 from reference import official_formulation  # noqa: E402
 from train_step import random_batch, training_step  # noqa: E402
 
@@ -31,8 +31,6 @@ MATMULS = {'aten::mm', 'aten::bmm', 'aten::addmm', 'aten::addmm_', 'aten::baddbm
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--name', choices=list(PRESETS), default='tiny', help='preset')
-    parser.add_argument('--batch-size', type=int, default=8, help='images per step')
     add_timing_args(parser, 'steps')
     parser.add_argument('--top', type=int, default=12, help='operators to list')
     parser.add_argument('--seed', type=int, default=0, help='random seed')
@@ -43,17 +41,17 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = set_up(args)
-    config = complete_space_kwargs(**AutoformerSpace.preset(args.name))
-    images, targets = random_batch(config, args.batch_size, device)
-    step = training_step(build_supernet(config).to(device).train(), images, targets, args.precision)
+    space_kwargs = complete_space_kwargs(**AutoformerSpace.preset(args.name))
+    images, targets = random_batch(space_kwargs, args.batch_size, device)
+    step = training_step(build_supernet(space_kwargs).to(device).train(), images, targets, args.precision)
     rng = random.Random(args.seed)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     with official_formulation() if args.reference else contextlib.nullcontext():
         for _ in range(args.warmup):
-            step(sample_arch(config, rng))
+            step(sample_arch(space_kwargs, rng))
         with profile(activities=activities) as profiler:
             for _ in range(args.steps):
-                step(sample_arch(config, rng))
+                step(sample_arch(space_kwargs, rng))
     events = profiler.key_averages()
     attr = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     total = sum(getattr(event, attr) for event in events)

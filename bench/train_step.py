@@ -22,16 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from space import PRESETS, AutoformerSpace, build_supernet, sample_arch, set_active_arch, complete_space_kwargs  # noqa: E402
 from common import (OFFICIAL, OURS, add_timing_args, autocast, interleaved_seconds, interleaved_summary,  # noqa: E402
                     peak_memory, set_up)
 from reference import in_official_formulation  # noqa: E402
+from space import AutoformerSpace, build_supernet, sample_arch, set_active_arch, complete_space_kwargs  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--name', choices=list(PRESETS), default='tiny', help='preset')
-    parser.add_argument('--batch-size', type=int, default=8, help='images per step')
     parser.add_argument('--img-size', type=int, default=None, help="input size (default: the preset's)")
     add_timing_args(parser, 'steps')
     parser.add_argument('--ceiling', action='store_true',
@@ -40,9 +38,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def random_batch(config: dict, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    images = torch.randn(batch_size, 3, config['img_size'], config['img_size'], device=device)
-    return images, torch.randint(0, config['num_labels'], (batch_size,), device=device)
+def random_batch(space_kwargs: dict, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.randn(batch_size, 3, space_kwargs['img_size'], space_kwargs['img_size'], device=device)
+    return images, torch.randint(0, space_kwargs['num_labels'], (batch_size,), device=device)
 
 
 def training_step(supernet, images, targets, precision: str) -> Callable[[dict], None]:
@@ -62,19 +60,19 @@ def training_step(supernet, images, targets, precision: str) -> Callable[[dict],
 def main() -> None:
     args = parse_args()
     device = set_up(args)
-    kwargs = AutoformerSpace.preset(args.name)
+    preset = AutoformerSpace.preset(args.name)
     if args.img_size:
-        kwargs['img_size'] = args.img_size
-    config = complete_space_kwargs(**kwargs)
-    images, targets = random_batch(config, args.batch_size, device)
-    step = training_step(build_supernet(config).to(device).train(), images, targets, args.precision)
+        preset['img_size'] = args.img_size
+    space_kwargs = complete_space_kwargs(**preset)
+    images, targets = random_batch(space_kwargs, args.batch_size, device)
+    step = training_step(build_supernet(space_kwargs).to(device).train(), images, targets, args.precision)
     if args.ceiling:
-        no_rpe = build_supernet({**config, 'rpe': False}).to(device).train()
+        no_rpe = build_supernet({**space_kwargs, 'rpe': False}).to(device).train()
         step_without_rpe = training_step(no_rpe, images, targets, args.precision)
     rng = random.Random(args.seed)
 
     def make_steps(index: int) -> dict[str, Callable[[], None]]:
-        arch = sample_arch(config, rng)
+        arch = sample_arch(space_kwargs, rng)
         steps = {OURS: functools.partial(step, arch)}
         if args.reference:
             steps[OFFICIAL] = functools.partial(in_official_formulation, step, arch)
@@ -82,8 +80,8 @@ def main() -> None:
             steps['no relative positions'] = functools.partial(step_without_rpe, arch)
         return steps
     times = interleaved_seconds(make_steps, args)
-    label = (f'train_step {args.name} {config["img_size"]}px batch {args.batch_size} {args.device} {args.precision} '
-             f'threads {torch.get_num_threads()}{peak_memory(device)}')
+    label = (f'train_step {args.name} {space_kwargs["img_size"]}px batch {args.batch_size} {args.device} '
+             f'{args.precision} threads {torch.get_num_threads()}{peak_memory(device)}')
     print(f'{label}: {interleaved_summary(times, args.batch_size)}')
 
 

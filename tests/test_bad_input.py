@@ -1,5 +1,6 @@
 """Bad input in every script ends in one ``error:`` line and exit status 2 within 60 s: never a
-traceback, a hang or a result (issue 13). One table: the script, its flags, the message expected."""
+traceback, a hang or a result (issue 13). One table, ``bad_input_cases.txt``: the script, its flags,
+the message expected."""
 from __future__ import annotations
 
 import json
@@ -65,88 +66,18 @@ def files(tmp_path_factory) -> dict[str, str]:
     paths['cifar-100'] = write_cifar10(root / 'cifar', n_train_per_batch=20, n_test=10).parent
     paths['converted'] = root / 'converted.pth'
     paths['converted'].write_bytes(b'an earlier result')
-    return {name: str(path) for name, path in paths.items()}
+    archs = {'float-arch': json.dumps({**DEMO_ARCH, 'embed_dim': 96.0}),
+             'unknown-label-arch': json.dumps({**DEMO_ARCH, 'embed_dims': 112})}  # a typo: ignored, 96 would run
+    return {**{name: str(path) for name, path in paths.items()}, **archs}
 
 
-def float_arch() -> str:
-    return json.dumps({**DEMO_ARCH, 'embed_dim': 96.0})
+def read_cases(path: Path) -> list[tuple[str, str, str]]:
+    """``(script, flags, message)`` from the lines ``script | flags | message`` of ``path`` (# starts a comment)."""
+    lines = [line for line in path.read_text().splitlines() if line.strip() and not line.startswith('#')]
+    return [tuple(part.strip() for part in line.split(' | ')) for line in lines]
 
 
-def unknown_label_arch() -> str:
-    return json.dumps({**DEMO_ARCH, 'embed_dims': 112})  # a typo: ignoring it would evaluate embed_dim 96
-
-
-# (script, flags, the message expected); {name} is a path from ``files``.
-CASES = [
-    # 16: batch size 0 or -1 (evaluate, scratch, search)
-    ('evaluate', '--batch-size 0', '--batch-size must be between 1 and 1000000, got 0'),
-    ('evaluate', '--batch-size -1', '--batch-size must be between 1 and 1000000, got -1'),
-    ('scratch', '--batch-size 0 --output {out}', '--batch-size must be between 1 and'),
-    ('search', '--weights {weights} --batch-size -1', '--batch-size must be between 1 and'),
-    ('finetune', '--weights {weights} --batch_size 0', '--batch-size must be between 1 and'),
-    # 16: devices, counts and ports
-    ('evaluate', '--weights {weights} --device bogus', '--device is not a device this runs on'),
-    ('search', '--weights {weights} --device bogus', "invalid choice: 'bogus'"),
-    # (search flags are refused before the weights are read: missing.pth is never opened)
-    ('search', '--weights missing.pth --trials 0', '--trials must be at least 1'),
-    ('search', '--weights missing.pth --port 0', '--port must be between 1 and 65535'),
-    ('search', '--weights missing.pth --port 70000', '--port must be between 1 and 65535'),
-    ('search', '--weights missing.pth --latency-batch-size 0', '--latency-batch-size must be between 1 and 4096'),
-    ('search', '--weights missing.pth --concurrency -1', '--concurrency must be between 1 and 1024'),
-    ('search', '--weights missing.pth --gpus -2', '--gpus must be at least 0'),
-    ('search', '--weights missing.pth --generations 0', '--generations must be at least 1'),
-    ('search', '--weights missing.pth --mutation-prob nan',
-     '--mutation-prob must be a finite number of 0 or more and at most 1'),
-    ('search', '--weights missing.pth --max-params nan', '--max-params must be a finite number'),
-    ('search', '--weights missing.pth --max-flops -1', '--max-flops must be a finite number of 0 or more'),
-    ('evaluate', '--num-workers 1000000', '--num-workers must be between 0 and'),
-    ('scratch', '--devices 1024 --output {out}', '--cpu-processes must be between 1 and'),
-    ('scratch', '--seed -1 --output {out}', '--seed must be between 0 and 4294967295'),
-    ('scratch', '--img-size 100000 --output {out}', '--img-size must be between 1 and 1024'),
-    ('scratch', '--img-size 4 --output {out}', 'img_size 4 is smaller than patch_size 8'),
-    ('scratch', '--cpu-processes 0 --output {out}', '--cpu-processes must be between 1 and'),
-    ('scratch', '--drop-path 5 --output {out}', '--drop-path must be a finite number of 0 or more and below 1'),
-    ('search', '--weights {weights} --engine sequential --resume abcdefgh',
-     'does not hold experiment abcdefgh'),
-    ('demo', '--port 0', '--port must be between 1 and 65535'),
-    ('demo', '--max-params nan', '--max-params must be a finite number'),
-    ('evaluate', "--weights {weights} --arch ''", '--arch is empty'),
-    ('evaluate', "--weights {weights} --output ''", '--output is empty'),
-    ('evaluate', '--batch-size 99999999999999999999999', '--batch-size must be between 1 and 1000000'),
-    ('evaluate', '--weights {weights} --arch {"arch": "foo"}', "the record's arch is 'foo', not an arch"),
-    ('evaluate', '--weights /dev/zero', 'is not a regular file'),
-    ('scratch', '--dataset digits --mixup 0.8 --batch-size 33 --output {out}', '--batch-size 33 is odd'),
-    ('scratch', '--img-size 36 --output {out}', 'img_size 36 is not a multiple of patch_size 8'),
-    # 16: archs and JSON
-    ('evaluate', '--weights {weights} --arch ' + float_arch(), 'embed_dim=96.0 must be an integer'),
-    ('evaluate', '--weights {weights} --arch {nested.json}', 'nested too deeply'),
-    ('evaluate', '--weights {weights} --arch {latin1.json}', 'is not UTF-8 text'),
-    # 16: a weights file's space entry, sparse and meta tensors
-    ('evaluate', '--weights {space-text}', 'its stored space is not a space'),
-    ('evaluate', '--weights {space-negative}', 'img_size must be a positive integer, got -32'),
-    ('search', '--weights {space-negative}', 'img_size must be a positive integer, got -32'),
-    ('finetune', '--weights {space-patch-0} --output {out}', 'patch_size must be a positive integer, got 0'),
-    ('evaluate', '--weights {sparse}', 'is a torch.sparse_coo tensor, not plain weights'),
-    ('evaluate', '--weights {meta}', 'is a meta tensor'),
-    ('search', '--weights {meta}', 'is a meta tensor'),
-    # 7: integer or complex weights, an unknown arch label
-    ('evaluate', '--weights {int64}', 'has dtype torch.int64, not floating point'),
-    ('evaluate', '--weights {complex}', 'has dtype torch.complex64, not floating point'),
-    ('evaluate', '--weights {weights} --arch ' + unknown_label_arch(), "arch label 'embed_dims' is not a label"),
-    # 5: no training batch
-    ('scratch', '--dataset folder --datapath {small-folder} --batch_size 256 --output {out}',
-     'the training split has 6 images, fewer than one batch of 256'),
-    ('finetune', '--weights {weights} --datapath {cifar-100} --img-size 32 --output {out}',
-     'the training split has 100 images, fewer than one batch of 128'),
-    # 6, 8, 9, 13: absurd training and search values
-    ('scratch', '--learning-rate nan --output {out}', '--learning-rate must be a finite number of 0 or more, got nan'),
-    ('finetune', '--weights {weights} --lr inf --output {out}', '--learning-rate must be a finite number'),
-    ('scratch', '--epochs -1 --output {out}', '--epochs must be at least 1, got -1'),
-    ('scratch', '--num-nodes 2 --output {out}', '--num-nodes 2 needs a launcher on every machine'),
-    ('search', '--weights missing.pth --min-params 0.5 --max-params 0.2', '--min-params 0.5 > --max-params 0.2'),
-    # 17: convert never overwrites silently
-    ('convert', '--input {weights} --output {converted}', 'already exists: pass --force'),
-]
+CASES = read_cases(Path(__file__).parent / 'bad_input_cases.txt')
 if not torch.cuda.is_available():  # with a GPU, measuring latency on it is right
     CASES.append(('search', '--weights {weights} --latency-device cuda', '--latency-device needs CUDA GPU 0'))
 

@@ -313,9 +313,9 @@ def test_an_output_holding_another_search_is_refused_and_a_resume_must_match_it(
             '--num-workers', '0', '--output', str(tmp_path)]
     first = search.main(args + ['--max-params', str(BUDGET)])
     before = sorted(p.name for p in (tmp_path / 'candidates').glob('*.json'))
-    with pytest.raises(UserError, match=f"already holds the candidates of search {first['experiment_id']}"):
+    with pytest.raises(UserError, match=f"already holds search {first['experiment_id']}"):
         search.main(args + ['--max-params', '0.2'])
-    with pytest.raises(UserError, match='with other max_params than the search had'):
+    with pytest.raises(UserError, match=rf'holds search .* with another max_params \({BUDGET}, now 0\.2\)'):
         search.main(args + ['--max-params', '0.2', '--resume', first['experiment_id']])
     with pytest.raises(UserError, match='does not hold experiment abcdefgh'):
         search.main(args + ['--max-params', str(BUDGET), '--resume', 'abcdefgh'])

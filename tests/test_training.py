@@ -34,7 +34,7 @@ def test_scratch_digits_learns_and_writes_checkpoints_and_weights(tmp_path):
     assert (tmp_path / 'checkpoints' / 'last.ckpt').is_file() and (tmp_path / 'checkpoints' / 'best.ckpt').is_file()
     supernet = AutoformerSpace.load_supernet_weights(None, tmp_path / 'supernet.pth')
     assert supernet['patch_embed.weight'].shape[0] == 128
-    with pytest.raises(UserError, match='already holds a run'):
+    with pytest.raises(UserError, match='already holds a training run'):
         scratch.main([*FAST, '--epochs', '4', '--output', str(tmp_path)])
 
 
@@ -135,7 +135,8 @@ def test_two_training_runs_into_one_output_are_refused_and_a_resume_must_match(t
     (tmp_path / 'checkpoints' / 'last.ckpt').write_bytes(b'the run so far')
     (tmp_path / 'run.json').write_text(json.dumps({'dataset': 'digits', 'datapath': None}))
     write_image_folder(tmp_path / 'other', ['a', 'b'], 2)
-    with pytest.raises(UserError, match=r"--resume: the run in .* had another dataset \('digits', now 'folder'\)"):
+    with pytest.raises(UserError, match=r"--resume: .* holds a training run with another dataset "
+                                        r"\('digits', now 'folder'\)"):
         scratch.main(['--dataset', 'folder', '--datapath', str(tmp_path / 'other'), '--name', 'demo',
                       '--resume', '--output', str(tmp_path)])
     assert (tmp_path / 'checkpoints' / 'last.ckpt').read_bytes() == b'the run so far'
