@@ -43,10 +43,10 @@ def load_supernet_file(path: str | Path, name: str | Mapping[str, Any] | None = 
         path = nni_download(f'autoformer-{name}-supernet')
     state_dict, meta = read_weights(path)
     stored = meta.get('space')
-    kwargs = complete_space_kwargs(**name) if isinstance(name, Mapping) else resolve_space(name, stored, path)
+    space_kwargs = complete_space_kwargs(**name) if isinstance(name, Mapping) else resolve_space(name, stored, path)
     label = name if isinstance(name, str) else 'the space'
     converted = to_project_layout(state_dict, layout or detect_layout(state_dict, path))
-    return fit_to_space(converted, supernet_shapes(kwargs), label, path), kwargs, meta
+    return fit_to_space(converted, supernet_shapes(space_kwargs), label, path), space_kwargs, meta
 
 
 def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
@@ -89,18 +89,18 @@ def resolve_space(name: str | None, stored: Mapping[str, Any] | None, path: Any 
 
 def load_model(weights: str | Path | None, name: str | None = None,
                arch: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """A frozen subnet with its weights: ``(model, arch, space kwargs)``.
+    """A frozen subnet with its weights: ``(model, arch, space_kwargs)``.
 
     ``weights``: None (random init), ``'nni'`` (NNI's AutoFormer-T/S/B download), a subnet file
     (this project's or NNI hub's layout) or a supernet file in any layout, sliced to ``arch``.
     Without ``arch``, the arch stored in a subnet file or the preset's searched arch is used.
     """
     raw, meta = read_weights(weights) if weights not in (None, 'nni') else ({}, {})
-    kwargs = resolve_space(name, meta.get('space'), weights)
-    size = name or preset_name(kwargs)
+    space_kwargs = resolve_space(name, meta.get('space'), weights)
+    size = name or preset_name(space_kwargs)
     if raw and is_subnet(raw):
         file_arch = meta.get('arch') or _searched_arch_of(size, weights)
-        if arch is not None and complete_arch(arch, kwargs) != complete_arch(file_arch, kwargs):
+        if arch is not None and complete_arch(arch, space_kwargs) != complete_arch(file_arch, space_kwargs):
             raise UserError(f'{weights} holds the weights of one subnet ({json.dumps(file_arch)}); '
                             'pass a supernet weights file to evaluate another arch')
         arch, state_dict = file_arch, convert_nni_subnet(raw)
@@ -109,14 +109,14 @@ def load_model(weights: str | Path | None, name: str | None = None,
         if weights == 'nni':
             state_dict = convert_nni_subnet(torch_load(nni_download(f'autoformer-{size}-subnet'), 'NNI subnet'))
         elif raw:
-            supernet = AutoformerSpace.load_supernet_weights(kwargs, weights)
-            state_dict = sub_state_dict(supernet, complete_arch(arch, kwargs))
+            supernet = AutoformerSpace.load_supernet_weights(space_kwargs, weights)
+            state_dict = sub_state_dict(supernet, complete_arch(arch, space_kwargs))
         else:
             state_dict = None
-    model = AutoformerSpace(**kwargs).freeze(arch)
+    model = AutoformerSpace(**space_kwargs).freeze(arch)
     if state_dict is not None:
         load_checked(model, state_dict, str(weights))
-    return model, dict(arch), kwargs
+    return model, dict(arch), space_kwargs
 
 
 def _searched_arch_of(size: str | None, weights: Any) -> dict[str, Any]:

@@ -23,8 +23,8 @@ ARCH = {'embed_dim': 112, 'depth': 3, 'mlp_ratio_0': 3.5, 'num_head_0': 1, 'mlp_
 def demo_supernet(tmp_path_factory, golden):
     """The golden official weights as a supernet file of this project (32 px, 10 classes)."""
     path = tmp_path_factory.mktemp('weights') / 'supernet-golden.pth'
-    kwargs = golden[0]
-    save_weights(path, AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / 'small-official.pth'), kwargs)
+    space_kwargs = golden[0]
+    save_weights(path, AutoformerSpace.load_supernet_weights(space_kwargs, GOLDEN / 'small-official.pth'), space_kwargs)
     return path
 
 
@@ -147,8 +147,8 @@ def test_an_official_supernet_file_is_read_as_a_supernet_not_a_subnet(golden):
     """Official checkpoints keep blocks.0.attn.qkv at the top level, like a subnet: their layout decides. Given
     to evaluate.py with the wrong preset, the message is about fitting the supernet, not a missing tensor."""
     official, _ = read_weights(GOLDEN / 'small-official.pth')
-    kwargs, _, cases = golden
+    space_kwargs, _, cases = golden
     assert not is_subnet(official)
-    assert is_subnet(AutoformerSpace(**kwargs).freeze(cases[0]['arch']).state_dict())
+    assert is_subnet(AutoformerSpace(**space_kwargs).freeze(cases[0]['arch']).state_dict())
     with pytest.raises(UserError, match='needed by the space is missing.*not a supernet of this space'):
         load_model(GOLDEN / 'small-official.pth', 'tiny')

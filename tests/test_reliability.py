@@ -54,9 +54,9 @@ def test_atomic_save_survives_sigkill_at_any_moment(tmp_path):
 
 def test_full_disk_stops_with_one_message_and_keeps_the_old_file(tmp_path, golden):
     target = tmp_path / 'supernet.pth'
-    kwargs = golden[0]
-    state = AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / 'small-official.pth')
-    save_weights(target, state, kwargs)
+    space_kwargs = golden[0]
+    state = AutoformerSpace.load_supernet_weights(space_kwargs, GOLDEN / 'small-official.pth')
+    save_weights(target, state, space_kwargs)
     before = target.read_bytes()
     code = ("import resource, signal, sys; sys.path.insert(0, '.')\n"
             "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
@@ -123,10 +123,10 @@ def test_full_disk_during_training_stops_with_one_message_and_keeps_the_last_che
 
 
 def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, golden):
-    kwargs = golden[0]
-    state = AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / 'small-official.pth')
+    space_kwargs = golden[0]
+    state = AutoformerSpace.load_supernet_weights(space_kwargs, GOLDEN / 'small-official.pth')
     state['blocks.blocks.1.fc1.weight'][3, 4] = float('nan')
-    save_weights(tmp_path / 'nan.pth', state, kwargs)
+    save_weights(tmp_path / 'nan.pth', state, space_kwargs)
     with pytest.raises(UserError, match=r'blocks.blocks.1.fc1.weight holds NaN or Inf'):
         AutoformerSpace.load_supernet_weights(None, tmp_path / 'nan.pth')
 
@@ -137,8 +137,8 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, golden):
     (lambda sd: sd.update({'head.bias': torch.zeros(3)}), r'head.bias has shape \(3,\) but the model needs \(10,\)'),
 ])
 def test_subnet_state_dict_mismatches_are_named(golden, change, message):
-    kwargs, _, cases = golden
-    model = AutoformerSpace(**kwargs).freeze(cases[0]['arch'])
+    space_kwargs, _, cases = golden
+    model = AutoformerSpace(**space_kwargs).freeze(cases[0]['arch'])
     state = model.state_dict()
     change(state)
     with pytest.raises(UserError, match=message):
@@ -155,9 +155,9 @@ def test_gpus_without_a_gpu_fall_back_to_the_cpu_with_a_warning(caplog, monkeypa
 
 
 def test_non_finite_loss_skips_the_step_naming_step_and_arch(golden, caplog):
-    kwargs = golden[0]
-    module = lightning.SupernetModule(complete_space_kwargs(**kwargs), mixup=0, cutmix=0)
-    module.set_model(build_supernet(kwargs))
+    space_kwargs = golden[0]
+    module = lightning.SupernetModule(complete_space_kwargs(**space_kwargs), mixup=0, cutmix=0)
+    module.set_model(build_supernet(space_kwargs))
     images = torch.full((2, 3, 32, 32), float('nan'))
     with caplog.at_level(logging.ERROR):
         assert module.training_step((images, torch.tensor([1, 2])), 0) is None
@@ -203,16 +203,16 @@ def corruptions(data: bytes, rng: random.Random):
 
 
 def test_fuzzed_checkpoints_give_only_clear_errors(tmp_path, golden):
-    kwargs = golden[0]
+    space_kwargs = golden[0]
     valid = (GOLDEN / 'small-official.pth').read_bytes()
     rng = random.Random(1)
-    shapes = {k: v.shape for k, v in build_supernet(kwargs).state_dict().items()}
+    shapes = {k: v.shape for k, v in build_supernet(space_kwargs).state_dict().items()}
     outcomes = {'loaded': 0, 'refused': 0}
     for i in range(200):
         path = tmp_path / 'fuzzed.pth'
         path.write_bytes(corruptions(valid, rng))
         try:
-            loaded = within(30, lambda: AutoformerSpace.load_supernet_weights(kwargs, path))
+            loaded = within(30, lambda: AutoformerSpace.load_supernet_weights(space_kwargs, path))
         except (UserError, SpaceError):
             outcomes['refused'] += 1
             continue
@@ -245,19 +245,19 @@ def arch_corruptions(arch: dict, rng: random.Random) -> str:
 
 
 def test_fuzzed_arch_json_gives_only_clear_errors(golden):
-    kwargs, _, cases = golden
+    space_kwargs, _, cases = golden
     rng = random.Random(2)
     refused = 0
     for i in range(200):
         text = arch_corruptions(cases[i % len(cases)]['arch'], rng)
         try:
             arch = load_json_arg(text)
-            params = within(10, lambda: count_params(arch, **kwargs))
+            params = within(10, lambda: count_params(arch, **space_kwargs))
         except (UserError, SpaceError):
             refused += 1
             continue
-        check_arch(arch, complete_space_kwargs(**kwargs))  # what is accepted is an arch of the space, counted exactly
-        assert params == count_params(canonical_arch(arch), **kwargs) > 0, text
+        check_arch(arch, complete_space_kwargs(**space_kwargs))  # an accepted arch is of the space, counted exactly
+        assert params == count_params(canonical_arch(arch), **space_kwargs) > 0, text
     assert refused > 0
 
 

@@ -16,22 +16,22 @@ from utils import UserError
 
 @pytest.mark.parametrize('checkpoint', ['small-official.pth', 'small-nnihub.pth'])
 def test_golden_logits_and_params_for_every_case(golden, checkpoint):
-    kwargs, inputs, cases = golden
-    supernet = AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / checkpoint)
-    space = AutoformerSpace(**kwargs)
+    space_kwargs, inputs, cases = golden
+    supernet = AutoformerSpace.load_supernet_weights(space_kwargs, GOLDEN / checkpoint)
+    space = AutoformerSpace(**space_kwargs)
     for case in cases:
         subnet = space.freeze(case['arch']).eval()
         subnet.load_state_dict(sub_state_dict(supernet, case['arch']))
         with torch.no_grad():
             logits = subnet(inputs)
         assert max_relative_error(logits, torch.tensor(case['logits'])) < 1e-4, case['arch']
-        assert count_params(case['arch'], **kwargs) == case['params']
+        assert count_params(case['arch'], **space_kwargs) == case['params']
         assert sum(p.numel() for p in subnet.parameters()) == case['params']
 
 
 def test_wider_checkpoint_is_sliced_to_a_narrower_space(golden):
-    kwargs, inputs, cases = golden
-    narrow = {**kwargs, 'search_embed_dim': [96, 112]}
+    space_kwargs, inputs, cases = golden
+    narrow = {**space_kwargs, 'search_embed_dim': [96, 112]}
     supernet = AutoformerSpace.load_supernet_weights(narrow, GOLDEN / 'small-official.pth')
     assert supernet['patch_embed.weight'].shape[0] == 112
     space = AutoformerSpace(**narrow)
@@ -53,10 +53,10 @@ def test_searched_models_have_the_published_parameter_counts(name, params):
 
 
 def test_oneshot_supernet_runs_the_same_subnet_as_freeze(golden):
-    kwargs, inputs, _ = golden
-    supernet = build_supernet(kwargs).eval()
-    supernet.load_state_dict(AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / 'small-official.pth'))
-    space = AutoformerSpace(**kwargs)
+    space_kwargs, inputs, _ = golden
+    supernet = build_supernet(space_kwargs).eval()
+    supernet.load_state_dict(AutoformerSpace.load_supernet_weights(space_kwargs, GOLDEN / 'small-official.pth'))
+    space = AutoformerSpace(**space_kwargs)
     rng = random.Random(0)
     for _ in range(6):
         arch = sample_arch(space.space_kwargs, rng)
@@ -70,8 +70,8 @@ def test_oneshot_supernet_runs_the_same_subnet_as_freeze(golden):
 
 
 def test_oneshot_supernet_trains_through_the_mixed_qkv(golden):
-    kwargs, inputs, _ = golden
-    supernet = build_supernet(kwargs)
+    space_kwargs, inputs, _ = golden
+    supernet = build_supernet(space_kwargs)
     arch = sample_arch(supernet.space_kwargs, random.Random(1))
     arch['num_head_0'] = 1
     set_active_arch(supernet, arch)
@@ -82,37 +82,37 @@ def test_oneshot_supernet_trains_through_the_mixed_qkv(golden):
 
 
 def test_count_flops_matches_torch_flop_counter(golden):
-    kwargs, inputs, _ = golden
-    space = AutoformerSpace(**kwargs)
+    space_kwargs, inputs, _ = golden
+    space = AutoformerSpace(**space_kwargs)
     rng = random.Random(2)
     for _ in range(3):
         arch = sample_arch(space.space_kwargs, rng)
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
             space.freeze(arch)(inputs[:1])
-        side = inputs.shape[-1] // kwargs['patch_size']
+        side = inputs.shape[-1] // space_kwargs['patch_size']
         tokens = side * side + 1
         buckets = 2 + 2 * side + (-(66 + 2 * side) % 8)  # padded so that head dim + buckets is a multiple of 8
         bucket_columns = sum(2 * tokens * tokens * (q // 64) * buckets for _, q, _ in layer_dims(arch))
-        assert counter.get_total_flops() == 2 * (count_flops(arch, **kwargs) + bucket_columns)
+        assert counter.get_total_flops() == 2 * (count_flops(arch, **space_kwargs) + bucket_columns)
 
 
 def test_arch_outside_the_space_is_refused_with_label_and_values(golden):
-    kwargs, _, cases = golden
-    space = AutoformerSpace(**kwargs)
+    space_kwargs, _, cases = golden
+    space = AutoformerSpace(**space_kwargs)
     arch = dict(cases[0]['arch'], embed_dim=100)
     with pytest.raises(SpaceError, match=r"embed_dim=100 .*\[96, 112, 128\]"):
         space.freeze(arch)
     arch = dict(cases[0]['arch'])
     del arch['mlp_ratio_1']
     with pytest.raises(SpaceError, match="missing the label 'mlp_ratio_1'"):
-        count_params(arch, **kwargs)
+        count_params(arch, **space_kwargs)
 
 
 def test_labels_past_depth_are_optional(golden):
-    kwargs, inputs, _ = golden
+    space_kwargs, inputs, _ = golden
     arch = {'embed_dim': 96, 'depth': 2, 'mlp_ratio_0': 3.0, 'num_head_0': 1, 'mlp_ratio_1': 4.0, 'num_head_1': 2}
-    assert len(AutoformerSpace(**kwargs).freeze(arch).blocks) == 2
+    assert len(AutoformerSpace(**space_kwargs).freeze(arch).blocks) == 2
 
 
 def test_checkpoint_of_another_preset_names_the_tensor_and_shapes():
@@ -121,27 +121,27 @@ def test_checkpoint_of_another_preset_names_the_tensor_and_shapes():
 
 
 def test_checkpoint_with_other_head_count_is_refused(golden):
-    kwargs, _, _ = golden
+    space_kwargs, _, _ = golden
     with pytest.raises(UserError, match=r'blocks.blocks.0.attn.qkv.weight has shape \(384, 128\) but'):
-        AutoformerSpace.load_supernet_weights({**kwargs, 'search_num_heads': [1]}, GOLDEN / 'small-official.pth')
+        AutoformerSpace.load_supernet_weights({**space_kwargs, 'search_num_heads': [1]}, GOLDEN / 'small-official.pth')
 
 
 def test_bad_checkpoint_files_give_one_clear_error(tmp_path, golden):
-    kwargs, _, _ = golden
+    space_kwargs, _, _ = golden
     with pytest.raises(UserError, match='does not exist'):
-        AutoformerSpace.load_supernet_weights(kwargs, tmp_path / 'missing.pth')
+        AutoformerSpace.load_supernet_weights(space_kwargs, tmp_path / 'missing.pth')
     truncated = tmp_path / 'truncated.pth'
     truncated.write_bytes((GOLDEN / 'small-official.pth').read_bytes()[:100_000])
     with pytest.raises(UserError, match='corrupt or truncated'):
-        AutoformerSpace.load_supernet_weights(kwargs, truncated)
+        AutoformerSpace.load_supernet_weights(space_kwargs, truncated)
     empty = tmp_path / 'empty.pth'
     empty.write_bytes(b'')
     with pytest.raises(UserError, match='empty'):
-        AutoformerSpace.load_supernet_weights(kwargs, empty)
+        AutoformerSpace.load_supernet_weights(space_kwargs, empty)
     garbage = tmp_path / 'garbage.pth'  # not an archive: read as a legacy pickle, whose first byte is no opcode
     garbage.write_bytes(b'garbage\n')
     with pytest.raises(UserError, match='corrupt or truncated') as refused:
-        AutoformerSpace.load_supernet_weights(kwargs, garbage)
+        AutoformerSpace.load_supernet_weights(space_kwargs, garbage)
     assert '\n' not in str(refused.value) and 'weights_only' not in str(refused.value)  # one line, no bad advice
 
 
@@ -165,11 +165,11 @@ class EvalPayload:
 def test_checkpoint_needing_pickle_code_is_refused_without_unsafe_advice(tmp_path, golden, capfd, content):
     """Issue 13.14: the message says the file needs to run code and is refused; it never advises
     weights_only=False (or allow-listing the code)."""
-    kwargs, _, _ = golden
+    space_kwargs, _, _ = golden
     path = tmp_path / 'evil.pth'
     torch.save(content, path)
     with pytest.raises(UserError, match=r'needs to run code to load \(it calls [\w.]+\), which is refused') as err:
-        AutoformerSpace.load_supernet_weights(kwargs, path)
+        AutoformerSpace.load_supernet_weights(space_kwargs, path)
     message = str(err.value)
     assert 'weights_only' not in message and 'safe_globals' not in message and '\n' not in message
     assert 'pickle code ran' not in capfd.readouterr().out
@@ -178,12 +178,12 @@ def test_checkpoint_needing_pickle_code_is_refused_without_unsafe_advice(tmp_pat
 def test_load_strategy_checkpoint_as_the_seed_uses_it(tmp_path, golden):
     """``load_strategy_checkpoint(name, weights=path)``: ``.model`` (the trained supernet, any arch activated)
     and ``.sub_state_dict(arch)`` (a subnet's weights) both give the official logits."""
-    kwargs, inputs, cases = golden  # the demo preset's search space at 32 px, patch 4
-    official = AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / 'small-official.pth')
-    save_weights(tmp_path / 'supernet.pth', official, kwargs)
+    space_kwargs, inputs, cases = golden  # the demo preset's search space at 32 px, patch 4
+    official = AutoformerSpace.load_supernet_weights(space_kwargs, GOLDEN / 'small-official.pth')
+    save_weights(tmp_path / 'supernet.pth', official, space_kwargs)
     checkpoint = AutoformerSpace.load_strategy_checkpoint('random-one-shot-demo', weights=tmp_path / 'supernet.pth')
     for case in cases[:4]:
-        subnet = AutoformerSpace(**kwargs).freeze(case['arch']).eval()
+        subnet = AutoformerSpace(**space_kwargs).freeze(case['arch']).eval()
         subnet.load_state_dict(checkpoint.sub_state_dict(case['arch']))
         set_active_arch(checkpoint.model.eval(), case['arch'])
         with torch.no_grad():
@@ -220,10 +220,10 @@ STANDALONE = '''
 import json, sys, torch
 from space import AutoformerSpace, SpaceError, build_supernet, count_params, set_active_arch, sub_state_dict
 cases = json.load(open('small-cases.json'))
-kwargs = json.load(open('kwargs.json'))
+space_kwargs = json.load(open('space_kwargs.json'))
 inputs = torch.load('small-input.pt', weights_only=True)['input']
 supernet = torch.load('supernet.pt', weights_only=True)
-space = AutoformerSpace(**kwargs)
+space = AutoformerSpace(**space_kwargs)
 worst = 0.0
 for case in cases['cases']:
     subnet = space.freeze(case['arch']).eval()
@@ -231,12 +231,12 @@ for case in cases['cases']:
     with torch.no_grad():
         logits, golden = subnet(inputs), torch.tensor(case['logits'])
     worst = max(worst, ((logits - golden).abs().max() / golden.abs().max()).item())
-    assert count_params(case['arch'], **kwargs) == case['params']
-trained = build_supernet(kwargs)
+    assert count_params(case['arch'], **space_kwargs) == case['params']
+trained = build_supernet(space_kwargs)
 trained.load_state_dict(supernet)
 set_active_arch(trained, cases['cases'][0]['arch'])
 try:
-    AutoformerSpace.load_supernet_weights(kwargs, 'supernet.pt')
+    AutoformerSpace.load_supernet_weights(space_kwargs, 'supernet.pt')
 except SpaceError as err:
     print('lone copy:', err)
 print(json.dumps({'cases': len(cases['cases']), 'worst': worst, 'modules': sorted(
@@ -251,12 +251,13 @@ def test_space_py_copied_alone_builds_freezes_slices_and_gives_the_golden_logits
     import shutil
     import subprocess
     import sys
-    kwargs, _, _ = golden
+    space_kwargs, _, _ = golden
     shutil.copy(GOLDEN.parent.parent / 'space.py', tmp_path)
     for name in ('small-cases.json', 'small-input.pt'):
         shutil.copy(GOLDEN / name, tmp_path)
-    (tmp_path / 'kwargs.json').write_text(json.dumps(kwargs))
-    torch.save(AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / 'small-official.pth'), tmp_path / 'supernet.pt')
+    (tmp_path / 'space_kwargs.json').write_text(json.dumps(space_kwargs))
+    supernet = AutoformerSpace.load_supernet_weights(space_kwargs, GOLDEN / 'small-official.pth')
+    torch.save(supernet, tmp_path / 'supernet.pt')
     (tmp_path / 'standalone.py').write_text(STANDALONE)
     env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
     result = subprocess.run([sys.executable, 'standalone.py'], cwd=tmp_path, env=env, capture_output=True, text=True,

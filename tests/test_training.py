@@ -95,9 +95,9 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path):
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory, golden):
     """The golden official weights as a supernet file (32 px, patch 4, 10 classes)."""
-    kwargs = golden[0]
+    space_kwargs = golden[0]
     path = tmp_path_factory.mktemp('pretrained') / 'supernet.pth'
-    save_weights(path, AutoformerSpace.load_supernet_weights(kwargs, GOLDEN / 'small-official.pth'), kwargs)
+    save_weights(path, AutoformerSpace.load_supernet_weights(space_kwargs, GOLDEN / 'small-official.pth'), space_kwargs)
     return path
 
 
