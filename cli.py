@@ -196,7 +196,8 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
          help='peak learning rate (default: 5e-4 x global batch / 512)')
     flag('--min-lr', type=float, help='final learning rate of the cosine schedule')
     flag('--warmup-lr', type=float, help='learning rate at the start of the warmup')
-    flag('--weight-decay', type=float, help='AdamW weight decay (none on norms, biases, position embeddings)')
+    flag('--weight-decay', type=float, help='AdamW weight decay (none on norms, biases, class token, '
+         'absolute position embedding)')
     flag('--smoothing', type=float, help='label smoothing')
     flag('--mixup', type=float, help='Mixup alpha (0 turns it off)')
     flag('--cutmix', type=float, help='CutMix alpha (0 turns it off)')
@@ -204,6 +205,12 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
     flag('--clip-grad', type=float, help='gradient norm clipping (default: off)')
     flag('--ema-decay', type=float, help='EMA of the supernet weights with this decay (default 0: off)')
     flag('--img-size', type=int, help="input size (default: the space's)")
+    parser.add_argument('--no-repeated-aug', dest='repeated_aug', action='store_false',
+                        help='under DDP, read each training image once an epoch instead of 3 times across the '
+                             "processes (the official run's repeated augmentation)")
+    parser.add_argument('--no-rel-pos-decay', dest='rel_pos_decay', action='store_false',
+                        help='exempt the relative-position tables from weight decay (the official run decays '
+                             "them: its exempt list's 'rel_pos_embed' matched no parameter name)")
     parser.add_argument('--gpus', type=int, default=0, help='GPUs per machine (Lightning DDP when more than one)')
     parser.add_argument('--cpu-processes', '--devices', dest='cpu_processes', type=int, default=1,
                         help='DDP processes on the CPU when there is no GPU (gloo); --devices is the older spelling')

@@ -28,13 +28,14 @@ from __future__ import annotations
 import argparse
 import io
 import logging
+import math
 import numbers
 import os
 import pickle
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -44,7 +45,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from timm.data import auto_augment as timm_auto_augment
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from torch.utils.data import DataLoader, Dataset, default_collate
+from timm.data.distributed_sampler import RepeatAugSampler
+from torch import distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from tqdm import tqdm
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -59,6 +62,9 @@ IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 CIFAR_DIR = 'cifar-10-batches-py'
 CIFAR_TRAIN_FILES = tuple(f'data_batch_{i}' for i in range(1, 6))
 DIGITS_SPLIT_SIZES = {'train': 1257, 'val': 180, 'test': 360}
+# The official repeated augmentation (DeiT's RASampler): each training image 3 times an epoch across the
+# DDP ranks, an epoch rounded down to a multiple of 256 images.
+REPEATS, REPEAT_ROUND = 3, 256
 # Sub-folders of a `folder` dataset read for each split, first found wins.
 _FOLDER_SPLITS = {'train': ('train',), 'val': ('val', 'test'), 'test': ('test', 'val')}
 
@@ -142,16 +148,71 @@ def num_classes(dataset: str, datapath: str | os.PathLike | None) -> int:
     return len(_class_names(next((root / s for s in SPLITS if (root / s).is_dir()), root)))
 
 
-def build_loader(dataset: Dataset, batch_size: int, num_workers: int, shuffle: bool = False,
-                 drop_last: bool = False) -> DataLoader:
+def build_loader(dataset: Dataset, batch_size: int, num_workers: int, drop_last: bool = False,
+                 sampler: Sampler | None = None) -> DataLoader:
+    """Batches of ``dataset`` in ``sampler``'s order (default: as stored); undecodable images left out."""
     if isinstance(dataset, (DigitsDataset, CachedSplit)):
         num_workers = 0  # tensors already in memory: worker processes only add start-up and contention
     workers = num_workers > 0
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      drop_last=drop_last, collate_fn=collate_decodable, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers,
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+                      collate_fn=collate_decodable, pin_memory=torch.cuda.is_available(), persistent_workers=workers,
                       # RandAugment on large images is CPU-heavy: keep more batches queued for the GPU.
                       prefetch_factor=4 if workers else None)
+
+
+class RankSampler(Sampler[int]):
+    """The images one DDP rank reads in an epoch, chosen when an epoch starts: the ranks are known only
+    once Lightning has started them, after the loaders are made (Lightning's own sharding is off).
+
+    One process: every image once, shuffled from ``(seed, epoch)`` when ``shuffle``. Several: torch's
+    ``DistributedSampler``, or with ``repeats`` > 1 timm's ``RepeatAugSampler`` (the official RASampler:
+    each chosen image ``repeats`` times across the ranks, so each rank sees its own augmentations of it).
+    """
+
+    def __init__(self, dataset: Dataset, shuffle: bool, repeats: int = 1, seed: int = 0) -> None:
+        self.dataset, self.shuffle, self.repeats, self.seed, self.epoch = dataset, shuffle, repeats, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _ranks(self) -> tuple[int, int]:
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
+    def _shard(self) -> Sampler[int] | None:
+        world, rank = self._ranks()
+        if world == 1:
+            return None
+        if self.shuffle and self.repeats > 1:
+            sampler = RepeatAugSampler(self.dataset, num_replicas=world, rank=rank, num_repeats=self.repeats,
+                                       selected_round=REPEAT_ROUND)
+        else:
+            sampler = DistributedSampler(self.dataset, world, rank, shuffle=self.shuffle, seed=self.seed)
+        sampler.set_epoch(self.seed * 1_000_003 + self.epoch if self.shuffle else self.epoch)
+        return sampler
+
+    def __iter__(self) -> Iterator[int]:
+        shard = self._shard()
+        if shard is not None:
+            return iter(shard)
+        if not self.shuffle:
+            return iter(range(len(self.dataset)))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(len(self.dataset), generator=generator).tolist())
+
+    def __len__(self) -> int:
+        shard = self._shard()
+        return len(shard) if shard is not None else len(self.dataset)
+
+
+def images_per_rank(train_size: int, processes: int, repeats: int) -> int:
+    """Training images each of ``processes`` ranks reads in an epoch (what :class:`RankSampler` gives)."""
+    if processes == 1:
+        return train_size
+    if repeats > 1 and train_size >= REPEAT_ROUND:
+        return min(train_size // REPEAT_ROUND * REPEAT_ROUND // processes, math.ceil(train_size * repeats / processes))
+    return math.ceil(train_size / processes)
 
 
 def _check_dataset(dataset: str) -> None:
@@ -331,8 +392,10 @@ def collate_decodable(samples: list[tuple[torch.Tensor, int] | None]) -> tuple[t
 
 
 def _train_transform(img_size: int) -> Callable:
-    return create_transform(img_size, is_training=True, auto_augment=_AUTO_AUGMENT, re_prob=0.25,
-                            interpolation='bicubic')
+    # The official run's augmentation: RandAugment, random erasing of a quarter of the images with
+    # per-pixel random values ('pixel', not timm's default 'const'), bicubic resizing.
+    return create_transform(img_size, is_training=True, auto_augment=_AUTO_AUGMENT, re_prob=0.25, re_mode='pixel',
+                            re_count=1, interpolation='bicubic')
 
 
 def _image_transform(img_size: int, training: bool) -> Callable:

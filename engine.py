@@ -261,6 +261,7 @@ def trainer_settings(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     return dict(accelerator='gpu' if use_gpu else 'cpu', devices=devices, num_nodes=args.num_nodes,
                 strategy='ddp_find_unused_parameters_true' if processes > 1 else 'auto', precision=precision,
                 max_epochs=args.epochs, gradient_clip_val=args.clip_grad, deterministic=not use_gpu,
+                use_distributed_sampler=False,  # data.RankSampler shards (and repeats) itself
                 default_root_dir=args.output, log_every_n_steps=10), processes
 
 
@@ -297,7 +298,7 @@ def check_run_output(output: Path, resume: bool, fingerprint: Mapping[str, Any])
 # What a resumed run must keep: another batch size or schedule would make one supernet of two recipes.
 # (--epochs may change: a resumed run may be extended.)
 RECIPE_FLAGS = ('batch_size', 'learning_rate', 'min_lr', 'warmup_lr', 'warmup', 'weight_decay', 'smoothing', 'mixup',
-                'cutmix', 'drop_path', 'clip_grad', 'ema_decay', 'img_size')
+                'cutmix', 'drop_path', 'clip_grad', 'ema_decay', 'img_size', 'repeated_aug', 'rel_pos_decay')
 
 
 def run_fingerprint(args: argparse.Namespace, space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -307,14 +308,15 @@ def run_fingerprint(args: argparse.Namespace, space_kwargs: Mapping[str, Any]) -
             'space': json.loads(json.dumps(dict(space_kwargs))), 'seed': args.seed, **recipe}
 
 
-def check_batches(train_size: int, batch_size: int, processes: int) -> int:
+def check_batches(train_size: int, batch_size: int, processes: int, repeats: int = 1) -> int:
     """Optimizer steps per epoch; refuses a training split smaller than one global batch (no step at all)."""
-    global_batch = batch_size * processes
-    if train_size < global_batch:
+    per_rank = data.images_per_rank(train_size, processes, repeats)
+    if per_rank < batch_size:
+        global_batch = batch_size * processes
         across = f' ({batch_size} on each of {processes} processes)' if processes > 1 else ''
         raise UserError(f'the training split has {train_size} images, fewer than one batch of {global_batch}'
                         f'{across}: lower --batch-size')
-    return train_size // global_batch
+    return per_rank // batch_size
 
 
 def train_supernet(args: argparse.Namespace, space_kwargs: Mapping[str, Any],
@@ -348,18 +350,25 @@ def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained
                         f'({len(val_set.classes)} against {len(train_set.classes)}, first difference: '
                         f'{next(iter(set(val_set.classes) ^ set(train_set.classes)), "their order")}): give val/ the '
                         'same class folders as train/')
-    steps_per_epoch = check_batches(len(train_set), args.batch_size, processes)
+    repeats = data.REPEATS if args.repeated_aug and processes > 1 else 1  # as the official run: under DDP only
+    steps_per_epoch = check_batches(len(train_set), args.batch_size, processes, repeats)
     if fingerprint is not None:
         atomic_write_json(fingerprint, output / 'run.json')
-    train_loader = data.build_loader(train_set, args.batch_size, args.num_workers, shuffle=True, drop_last=True)
-    val_loader = data.build_loader(val_set, args.batch_size, args.num_workers)
+    if repeats > 1 and is_first_process():
+        print(f'repeated augmentation: {data.images_per_rank(len(train_set), processes, repeats) * processes} '
+              f'images an epoch across {processes} processes, each {repeats} times (--no-repeated-aug turns it off)')
+    train_loader = data.build_loader(train_set, args.batch_size, args.num_workers, drop_last=True,
+                                     sampler=data.RankSampler(train_set, shuffle=True, repeats=repeats, seed=args.seed))
+    val_loader = data.build_loader(val_set, args.batch_size, args.num_workers,
+                                   sampler=data.RankSampler(val_set, shuffle=False))
     global_batch = args.batch_size * processes
     module = SupernetModule(
         space_kwargs, learning_rate=5e-4 * global_batch / 512 if args.learning_rate is None else args.learning_rate,
         min_lr=args.min_lr,
         warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, epochs=args.epochs, warmup_epochs=args.warmup,
         steps_per_epoch=steps_per_epoch, smoothing=args.smoothing, mixup=args.mixup,
-        cutmix=args.cutmix, ema_decay=args.ema_decay or 0.0, seed=args.seed, pretrained=pretrained)
+        cutmix=args.cutmix, ema_decay=args.ema_decay or 0.0, rel_pos_decay=args.rel_pos_decay, seed=args.seed,
+        pretrained=pretrained)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=output / 'checkpoints', filename='best', monitor='val_acc_max',
                                                mode='max', save_last=True)
     # The CSV logger starts a new version per (resumed) run: no log is overwritten.

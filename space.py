@@ -47,7 +47,7 @@ with warnings.catch_warnings():  # NNI 3.0 predates torch 2.14: one harmless war
 __all__ = ['AutoformerSpace', 'SpaceError', 'PRESETS', 'SEARCHED', 'DEFAULTS', 'build_supernet', 'set_active_arch',
            'complete_space_kwargs', 'space_problem', 'make_arch', 'arch_choices', 'sample_arch', 'extreme_arch',
            'canonical_arch', 'typed_arch', 'check_arch', 'complete_arch', 'layer_dims', 'count_params', 'count_flops',
-           'sub_state_dict', 'preset_name']
+           'sub_state_dict', 'preset_name', 'init_weights']
 
 
 class SpaceError(ValueError):
@@ -447,6 +447,7 @@ class AutoformerSpace(ModelSpace):
         self.norm = MutableLayerNorm(embed_dim) if pre_norm else nn.Identity()
         self.head = MutableLinear(in_features=embed_dim, out_features=num_labels) if num_labels > 0 \
             else nn.Identity()
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
@@ -555,9 +556,27 @@ class SupernetCheckpoint:
 
 
 def build_supernet(space_kwargs: Mapping[str, Any]) -> AutoformerSpace:
-    """The weight-entangled supernet: the space mutated by NNI's ``RandomOneShot``."""
+    """The weight-entangled supernet: the space mutated by NNI's ``RandomOneShot``, initialised as the official one."""
     from nni.nas.strategy import RandomOneShot
-    return RandomOneShot().mutate_model(AutoformerSpace(**space_kwargs))
+    supernet = RandomOneShot().mutate_model(AutoformerSpace(**space_kwargs))
+    init_weights(supernet)  # the mutation makes its mixed layers anew, with PyTorch's default init
+    return supernet
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module) -> None:
+    """The official supernet's initialisation (``_init_weights``): every linear layer's weight from a
+    truncated normal of std 0.02 and a zero bias, LayerNorms 1 / 0. The class token, the position
+    embedding and the relative-position tables are drawn with std 0.02 where they are made; the patch
+    embedding keeps PyTorch's default, as in the official code."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 def set_active_arch(supernet: AutoformerSpace, arch: Mapping[str, Any]) -> None:

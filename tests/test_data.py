@@ -120,7 +120,7 @@ def test_evaluation_counts_each_decodable_image_once_and_reports_the_skipped(tmp
 def test_training_counts_the_images_it_substituted(tmp_path):
     root = _garbage_folder(tmp_path, good=3, bad=2)
     dataset = data.build_dataset('folder', root, 'train', 16, training=True)
-    batches = list(data.build_loader(dataset, 2, 2, shuffle=True))
+    batches = list(data.build_loader(dataset, 2, 2, sampler=data.RankSampler(dataset, shuffle=True)))
     assert sum(len(labels) for _, labels in batches) == 10  # batches keep their size
     assert data.undecodable_count(dataset) == 4
 
@@ -166,7 +166,8 @@ def test_cifar10_folder_is_detected_without_dataset(tmp_path):
 
 def test_loader_with_workers(tmp_path):
     _write_odd_images(tmp_path)
-    loader = data.build_loader(data.build_dataset('folder', tmp_path, 'val', 24), 3, 2, shuffle=True)
+    dataset = data.build_dataset('folder', tmp_path, 'val', 24)
+    loader = data.build_loader(dataset, 3, 2, sampler=data.RankSampler(dataset, shuffle=True))
     assert loader.persistent_workers and loader.prefetch_factor == 4
     assert loader.pin_memory == torch.cuda.is_available()
     labels = torch.cat([labels for _, labels in loader]).tolist()
@@ -198,6 +199,20 @@ def test_imagenet_layouts(tmp_path):
 def test_imagenet_eval_transform_is_deit():
     steps = data._image_transform(224, training=False).transforms
     assert steps[0].size == 256 and steps[1].size == (224, 224)
+
+
+def test_training_transform_is_the_official_one_with_random_erasing_in_pixel_mode():
+    from timm.data.random_erasing import RandomErasing
+    steps = data._image_transform(224, training=True).transforms
+    erasing = [step for step in steps if isinstance(step, RandomErasing)]
+    assert len(erasing) == 1 and erasing[0].mode == 'pixel' and erasing[0].probability == 0.25
+    assert erasing[0].max_count == 1
+    torch.manual_seed(0)
+    erased = erasing[0](torch.zeros(3, 224, 224).clone())
+    while not erased.any():  # erasing is applied to a quarter of the images
+        erased = erasing[0](torch.zeros(3, 224, 224))
+    values = erased[erased != 0]
+    assert values.unique().numel() > 1000  # per-pixel random values, not one constant
 
 
 @pytest.mark.parametrize('inside', [False, True])
@@ -352,3 +367,51 @@ def test_cifar10_labels_outside_the_classes_are_refused(tmp_path):
         (folder / 'test_batch').write_bytes(pickle.dumps(batch))
         with pytest.raises(UserError, match='not CIFAR-10 data'):
             data.build_dataset('cifar10', tmp_path, 'test', 32)
+
+
+def _rank_order(rank: int, port: int, repeats: int, shuffle: bool, orders) -> None:
+    torch.distributed.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
+    sampler = data.RankSampler(range(1257), shuffle=shuffle, repeats=repeats, seed=3)
+    sampler.set_epoch(1)
+    orders[rank] = (len(sampler), list(sampler))
+    torch.distributed.destroy_process_group()
+
+
+def orders_of_two_ranks(repeats: int, shuffle: bool = True) -> list[tuple[int, list[int]]]:
+    """What each of two real gloo DDP ranks reads in one epoch through data.RankSampler."""
+    import multiprocessing
+    import socket
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        port = sock.getsockname()[1]
+    context = multiprocessing.get_context('fork')
+    with context.Manager() as manager:
+        orders = manager.dict()
+        ranks = [context.Process(target=_rank_order, args=(rank, port, repeats, shuffle, orders)) for rank in (0, 1)]
+        for process in ranks:
+            process.start()
+        for process in ranks:
+            process.join(60)
+        assert all(process.exitcode == 0 for process in ranks)
+        return [orders[0], orders[1]]
+
+
+def test_ddp_ranks_read_each_image_three_times_across_ranks_with_repeated_augmentation():
+    from collections import Counter
+    orders = orders_of_two_ranks(repeats=data.REPEATS)
+    assert [length for length, _ in orders] == [len(order) for _, order in orders] == [512, 512]
+    counts = Counter(orders[0][1] + orders[1][1])
+    assert sum(counts.values()) == 1024 and sorted(set(counts.values())) in ([3], [1, 3], [2, 3])
+    assert sum(1 for c in counts.values() if c != 3) <= 1  # only the image cut by the 1024 bound has fewer
+    both = set(orders[0][1]) & set(orders[1][1])
+    assert len(both) > 300  # a repeated image goes to both ranks (each its own augmentation)
+    assert data.images_per_rank(1257, 2, data.REPEATS) == 512
+
+
+def test_ddp_ranks_split_the_images_without_repeated_augmentation():
+    orders = orders_of_two_ranks(repeats=1)
+    assert [len(order) for _, order in orders] == [629, 629] == [data.images_per_rank(1257, 2, 1)] * 2
+    assert set(orders[0][1]) | set(orders[1][1]) == set(range(1257))
+    assert len(orders[0][1] + orders[1][1]) - len(set(orders[0][1] + orders[1][1])) == 1  # one pad to even shards
+    validation = orders_of_two_ranks(repeats=data.REPEATS, shuffle=False)  # validation never repeats
+    assert sorted(validation[0][1] + validation[1][1]) == sorted([*range(1257), 0])

@@ -267,3 +267,23 @@ def test_space_py_copied_alone_builds_freezes_slices_and_gives_the_golden_logits
     assert report == {'cases': len(golden[2]), 'worst': report['worst'], 'modules': []} and report['worst'] < 1e-4
     assert 'lone copy: loading weights needs checkpoints.py' in result.stdout
     assert 'Traceback' not in result.stderr and 'is found to be not a nn.Module' not in result.stderr
+
+
+@pytest.mark.parametrize('make', ['supernet', 'subnet'])
+def test_new_weights_follow_the_official_init(make):
+    """Linear weights: truncated normal of std 0.02 and zero biases; LayerNorms 1 / 0 (official ``_init_weights``)."""
+    space_kwargs = complete_space_kwargs(**AutoformerSpace.preset('tiny'))
+    model = build_supernet(space_kwargs) if make == 'supernet' else \
+        AutoformerSpace(**space_kwargs).freeze(AutoformerSpace.searched_arch('tiny'))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(linears) > 40 and len(norms) > 20
+    weights = torch.cat([m.weight.detach().flatten() for m in linears])
+    # ~4.6M samples: the std's sampling error is ~1e-5; a truncation at +-2 (100 std) changes nothing
+    assert abs(weights.std().item() - 0.02) < 2e-4 and abs(weights.mean().item()) < 1e-4
+    assert weights.abs().max() < 0.2
+    assert all(not m.bias.any() for m in linears if m.bias is not None)
+    assert all(m.weight.eq(1).all() and not m.bias.any() for m in norms)
+    tables = [p for n, p in model.named_parameters()
+              if 'embeddings_table' in n or n.endswith(('cls_token', 'pos_embed'))]
+    assert tables and all(abs(p.std().item() - 0.02) < 0.003 for p in tables)

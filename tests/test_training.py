@@ -38,11 +38,17 @@ def test_scratch_digits_learns_and_writes_checkpoints_and_weights(tmp_path):
         scratch.main([*FAST, '--epochs', '4', '--output', str(tmp_path)])
 
 
-def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
+@pytest.mark.parametrize('repeated', [True, False])
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, repeated):
+    """Under DDP each rank reads 512 of the 1257 digits an epoch (1024 = 4 x 256 images, each 3 times
+    across the ranks: the official repeated augmentation), 629 with --no-repeated-aug."""
     result = run_script('scratch.py', *FAST, '--cpu-processes', '2', '--epochs', '1', '--output', str(tmp_path),
-                        timeout=600)
+                        *([] if repeated else ['--no-repeated-aug']), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'DDP: all 2 ranks hold identical supernet weights' in result.stdout
+    assert ('repeated augmentation: 1024 images an epoch across 2 processes, each 3 times' in result.stdout) == repeated
+    checkpoint = torch.load(tmp_path / 'checkpoints' / 'last.ckpt', weights_only=True)
+    assert checkpoint['global_step'] == (512 if repeated else 629) // 32
     assert (tmp_path / 'supernet.pth').is_file()
 
 
@@ -182,3 +188,32 @@ def test_ema_decay_writes_an_averaged_supernet(tmp_path):
     assert ema_meta['space'] == meta['space'] and averaged.keys() == weights.keys()
     assert any(not torch.equal(weights[k], averaged[k]) for k in weights)
     assert json.loads((tmp_path / 'metrics.json').read_text())['val_acc_max'] > 10
+
+
+def official_decayed_names(official: dict[str, torch.Tensor]) -> set[str]:
+    """timm 0.3.2's ``add_weight_decay`` as the official run calls it, on the official parameter names:
+    1-D tensors, ``.bias`` and the exact names of ``no_weight_decay()`` are not decayed."""
+    skip = {'pos_embed', 'cls_token', 'rel_pos_embed'}
+    return {name for name, tensor in official.items()
+            if not (tensor.ndim == 1 or name.endswith('.bias') or name in skip)}
+
+
+@pytest.mark.parametrize('rel_pos_decay', [True, False])
+def test_weight_decay_groups_are_those_of_the_official_run(golden, rel_pos_decay):
+    from checkpoints import to_project_layout
+    from lightning import SupernetModule
+    from space import build_supernet, complete_space_kwargs
+    official = torch.load(GOLDEN / 'small-official.pth', weights_only=True)['model']
+    expected = set(to_project_layout({name: official[name] for name in official_decayed_names(official)}, 'official'))
+    space_kwargs = complete_space_kwargs(**golden[0])
+    module = SupernetModule(space_kwargs, rel_pos_decay=rel_pos_decay, mixup=0, cutmix=0)
+    supernet = build_supernet(space_kwargs)
+    module.set_model(supernet)
+    names = {id(param): name for name, param in supernet.named_parameters()}
+    groups = module.configure_optimizers()['optimizer'].param_groups
+    decayed = {names[id(p)] for group in groups if group['weight_decay'] > 0 for p in group['params']}
+    assert set(names.values()) == set(to_project_layout(official, 'official'))  # every tensor is in a group
+    tables = {name for name in expected if 'rel_pos_embed' in name}
+    assert len(tables) == 16 and 'cls_token.cls_token' not in decayed and 'pos_embed.pos_embed' not in decayed
+    assert decayed == (expected if rel_pos_decay else expected - tables)
+    assert {group['weight_decay'] for group in groups} == {0.05, 0.0}
