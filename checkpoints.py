@@ -65,8 +65,12 @@ def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
     return state_dict, meta
 
 
-def resolve_space(name: str | None, stored: Mapping[str, Any] | None, path: Any = '') -> dict[str, Any]:
-    """The space of a weights file: the stored one (checked against ``name``), else the preset ``name``."""
+def resolve_space(name: str | Mapping[str, Any] | None, stored: Mapping[str, Any] | None,
+                  path: Any = '') -> dict[str, Any]:
+    """The space of a weights file: ``name`` when it is constructor keywords, else the stored one (checked
+    against the preset ``name``), else the preset ``name``."""
+    if isinstance(name, Mapping):  # an explicit space (--space-file): the weights are fitted to it by shape
+        return complete_space_kwargs(**name)
     if stored is None:
         return complete_space_kwargs(**AutoformerSpace.preset(name or 'tiny'))
     if not isinstance(stored, Mapping) or set(stored) - set(DEFAULTS) or set(SEARCH_KEYS) - set(stored):
@@ -87,7 +91,7 @@ def resolve_space(name: str | None, stored: Mapping[str, Any] | None, path: Any 
     return complete_space_kwargs(**stored)
 
 
-def load_model(weights: str | Path | None, name: str | None = None,
+def load_model(weights: str | Path | None, name: str | Mapping[str, Any] | None = None,
                arch: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """A frozen subnet with its weights: ``(model, arch, space_kwargs)``.
 
@@ -97,7 +101,7 @@ def load_model(weights: str | Path | None, name: str | None = None,
     """
     raw, meta = read_weights(weights) if weights not in (None, 'nni') else ({}, {})
     space_kwargs = resolve_space(name, meta.get('space'), weights)
-    size = name or preset_name(space_kwargs)
+    size = name if isinstance(name, str) else preset_name(space_kwargs)
     if raw and is_subnet(raw):
         file_arch = meta.get('arch') or _searched_arch_of(size, weights)
         if arch is not None and complete_arch(arch, space_kwargs) != complete_arch(file_arch, space_kwargs):

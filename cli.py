@@ -25,7 +25,7 @@ warnings.filterwarnings('ignore', message='Using a non-tuple sequence for multid
 
 import torch  # noqa: E402
 
-from space import PRESETS, SpaceError  # noqa: E402
+from space import PRESETS, SEARCHED, AutoformerSpace, SpaceError, complete_space_kwargs, make_arch  # noqa: E402
 from utils import AUTOCAST, UserError  # noqa: E402
 
 
@@ -154,8 +154,85 @@ def parse_checked(parser: argparse.ArgumentParser, argv: list[str] | None) -> ar
 # --------------------------------------------------------------------------------------------
 
 def add_name_arg(parser: argparse.ArgumentParser, text: str, presets: Mapping[str, Any] = PRESETS) -> None:
-    """``--name``: a preset search space; ``text`` is its help."""
+    """``--name``: a preset search space (``text`` is its help), and ``--space-file``: an official YAML."""
     parser.add_argument('--name', choices=list(presets), default=None, help=text)
+    parser.add_argument('--space-file', default=None,
+                        help="an official AutoFormer YAML (SUPERNET: / SEARCH_SPACE:) as the space's choices; "
+                             "the rest (input size, patch, classes) from --name's preset")
+
+
+def space_arg(args: argparse.Namespace) -> str | dict[str, Any] | None:
+    """What names the space: ``--space-file``'s constructor keywords, else the preset ``--name``."""
+    return read_space_file(args.space_file, args.name) if getattr(args, 'space_file', None) else args.name
+
+
+# The official YAML keys and the constructor keywords they give.
+OFFICIAL_KEYS = {'EMBED_DIM': 'search_embed_dim', 'MLP_RATIO': 'search_mlp_ratio', 'NUM_HEADS': 'search_num_heads',
+                 'DEPTH': 'search_depth'}
+
+
+def read_yaml(path: str, what: str) -> dict[str, Any]:
+    """A YAML file given on the command line, refused in one line when it is missing or not a mapping."""
+    import yaml
+    if not Path(path).is_file():
+        raise UserError(f'{what}: {path} is not a file')
+    try:
+        content = yaml.safe_load(Path(path).read_text(encoding='utf-8'))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        raise UserError(f'{what}: {path} is not YAML ({type(err).__name__}: {str(err).splitlines()[0]})') from None
+    if not isinstance(content, dict):
+        raise UserError(f'{what}: {path} holds a {type(content).__name__}, not the sections of an official file')
+    return content
+
+
+def read_space_file(path: str, name: str | None = None) -> dict[str, Any]:
+    """Constructor keywords from an official AutoFormer YAML: ``SEARCH_SPACE:``'s choices exactly, over the
+    preset ``name`` (input size, patch size, classes; default: the official 224 px, patch 16, 1000 classes).
+    ``SUPERNET:`` gives the official supernet's sizes: each must hold the largest choice. A wider official
+    supernet (supernet-T's embed dim 256 against choices up to 240) trains weights no choice uses; here the
+    supernet is as wide as the largest choice, and a wider official checkpoint is sliced to it."""
+    content = read_yaml(path, '--space-file')
+    choices = content.get('SEARCH_SPACE')
+    if not isinstance(choices, dict) or set(OFFICIAL_KEYS) - set(choices):
+        raise UserError(f'--space-file {path}: no SEARCH_SPACE: section with {", ".join(OFFICIAL_KEYS)} (the '
+                        'official format: experiments/supernet/supernet-T.yaml)')
+    space = {key: _official_values(choices[official], f'--space-file {path}: {official}')
+             for official, key in OFFICIAL_KEYS.items()}
+    space['search_mlp_ratio'] = tuple(float(ratio) for ratio in space['search_mlp_ratio'])
+    supernet = content.get('SUPERNET') or {}
+    for official, key in OFFICIAL_KEYS.items():
+        size = supernet.get(official) if isinstance(supernet, dict) else None
+        if size is not None and not (_is_number(size) and size >= max(space[key])):
+            raise UserError(f'--space-file {path}: SUPERNET: {official} {size!r} is smaller than the largest '
+                            f'choice {max(space[key])} of SEARCH_SPACE:')
+    try:
+        return complete_space_kwargs(**{**(AutoformerSpace.preset(name) if name else {}), **space})
+    except SpaceError as err:
+        raise UserError(f'--space-file {path}: {err}') from None
+
+
+def read_retrain_arch(path: str) -> dict[str, Any]:
+    """The subnet of an official ``RETRAIN:`` section (AutoFormer-T.yaml) as an arch."""
+    retrain = read_yaml(path, '--arch').get('RETRAIN')
+    if not isinstance(retrain, dict) or set(OFFICIAL_KEYS) - set(retrain):
+        raise UserError(f'--arch {path}: no RETRAIN: section with {", ".join(OFFICIAL_KEYS)} (the official '
+                        'format: experiments/subnet/AutoFormer-T.yaml)')
+    ratios = _official_values(retrain['MLP_RATIO'], f'--arch {path}: RETRAIN: MLP_RATIO')
+    heads = _official_values(retrain['NUM_HEADS'], f'--arch {path}: RETRAIN: NUM_HEADS')
+    if not (retrain['DEPTH'] == len(ratios) == len(heads) and _is_number(retrain['EMBED_DIM'])):
+        raise UserError(f'--arch {path}: RETRAIN: has DEPTH {retrain["DEPTH"]!r} but {len(ratios)} MLP ratios and '
+                        f'{len(heads)} head counts')
+    return make_arch(retrain['EMBED_DIM'], [float(ratio) for ratio in ratios], heads)
+
+
+def _official_values(values: Any, what: str) -> tuple:
+    if not isinstance(values, list) or not values or not all(_is_number(v) and v > 0 for v in values):
+        raise UserError(f'{what} must be a list of positive numbers, got {values!r}')
+    return tuple(values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def recipe_parser(argv: list[str] | None, recipes: Mapping[str, dict[str, Any]], fallback: str, script: str,
@@ -271,8 +348,13 @@ def load_json_arg(value: str, what: str = '--arch') -> Any:
 
 
 def load_arch_arg(value: str) -> Any:
-    """``--arch``: an arch as JSON text or a file, or a record holding one under ``arch`` (a search's
-    ``best.json``, an entry of its ``candidates.json``)."""
+    """``--arch``: an arch as JSON text or a file, a record holding one under ``arch`` (a search's
+    ``best.json``, an entry of its ``candidates.json``), an official ``RETRAIN:`` YAML, or the name of
+    a released model (``autoformer-tiny|small|base``)."""
+    if value in (f'autoformer-{size}' for size in SEARCHED):
+        return AutoformerSpace.searched_arch(value)
+    if value.lower().endswith(('.yaml', '.yml')):
+        return read_retrain_arch(value)
     arch = load_json_arg(value, '--arch')
     if isinstance(arch, dict) and 'arch' in arch:
         if not isinstance(arch['arch'], dict):

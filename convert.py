@@ -13,14 +13,14 @@ import argparse
 from pathlib import Path
 
 from checkpoints import save_weights
-from cli import add_name_arg, parse_checked, run_main
-from space import SEARCHED, AutoformerSpace, sub_state_dict
+from cli import add_name_arg, parse_checked, run_main, space_arg
+from space import AutoformerSpace, sub_state_dict
 from utils import UserError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_name_arg(parser, 'preset of the supernet (default: tiny)', presets=SEARCHED)
+    add_name_arg(parser, 'preset of the supernet (default: tiny)')
     parser.add_argument('--input', default=None, help="checkpoint to convert, or 'nni' to download NNI's "
                                                       '(default: weights/official-supernet-{name}.pth)')
     parser.add_argument('--output', default=None,
@@ -45,8 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     for path in filter(None, [args.output, args.subnet_output]):
         if Path(path).exists() and not args.force:
             raise UserError(f'{path} already exists: pass --force to overwrite it, or choose another output')
-    space_kwargs = AutoformerSpace.preset(args.name)
-    supernet = AutoformerSpace.load_supernet_weights(args.name, args.input, layout=args.format)
+    space = space_arg(args)
+    supernet = AutoformerSpace.load_supernet_weights(space, args.input, layout=args.format)
+    space_kwargs = dict(space) if isinstance(space, dict) else AutoformerSpace.preset(space)
     save_weights(args.output, supernet, space_kwargs)
     print(f'wrote supernet {args.output} ({sum(t.numel() for t in supernet.values()) / 1e6:.1f}M values)')
     if args.subnet_output:

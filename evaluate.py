@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from cli import add_name_arg, add_precision_args, check_classes, load_arch_arg, parse_checked, run_main
+from cli import add_name_arg, add_precision_args, check_classes, load_arch_arg, parse_checked, run_main, space_arg
 import data
 from engine import evaluate
 from checkpoints import load_model
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     arch = load_arch_arg(args.arch) if args.arch else None
     weights = None if args.weights == 'none' else args.weights
-    model, arch, space_kwargs = load_model(weights, args.name, arch)
+    model, arch, space_kwargs = load_model(weights, space_arg(args), arch)
     args.dataset = data.dataset_name(args.dataset, args.datapath)
     dataset = data.build_dataset(args.dataset, args.datapath, args.split, space_kwargs['img_size'])
     check_classes(args.dataset, len(dataset.classes), space_kwargs)

@@ -16,7 +16,7 @@ import math
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from cli import add_name_arg, add_training_args, parse_checked, recipe_parser, run_main
+from cli import add_name_arg, add_training_args, parse_checked, recipe_parser, run_main, space_arg
 import data
 from engine import train_supernet
 from checkpoints import load_supernet_file
@@ -55,7 +55,7 @@ def adapt_to_input_size(state_dict: dict[str, torch.Tensor], img_size: int, patc
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    pretrained, pretrained_space, _ = load_supernet_file(args.weights, args.name)
+    pretrained, pretrained_space, _ = load_supernet_file(args.weights, space_arg(args))
     img_size = args.img_size or pretrained_space['img_size']
     space_kwargs = complete_space_kwargs(**{**pretrained_space, 'img_size': img_size,
                                    'num_labels': data.num_classes(args.dataset, args.datapath)})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from cli import add_name_arg, add_training_args, parse_checked, recipe_parser, run_main
+from cli import add_name_arg, add_training_args, parse_checked, recipe_parser, run_main, space_arg
 import data
 from engine import train_supernet
 from space import AutoformerSpace, complete_space_kwargs
@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    space_kwargs = AutoformerSpace.preset(args.name)
+    space = space_arg(args)
+    space_kwargs = dict(space) if isinstance(space, dict) else AutoformerSpace.preset(space)
     space_kwargs['num_labels'] = data.num_classes(args.dataset, args.datapath)
     if args.img_size:
         space_kwargs['img_size'] = args.img_size

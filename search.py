@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import data
-from cli import add_name_arg, check_classes, check_output_folder, parse_checked, run_main
+from cli import add_name_arg, check_classes, check_output_folder, parse_checked, run_main, space_arg
 import torch
 import trial
 from engine import arch_key, evaluate_candidate, plot_pareto, write_results
@@ -391,7 +391,7 @@ class Interrupted(Exception):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     resolve_devices(args)
-    supernet, space_kwargs, meta = load_supernet_file(args.weights, args.name)
+    supernet, space_kwargs, meta = load_supernet_file(args.weights, space_arg(args))
     split_classes = data.num_classes(args.dataset, args.datapath)
     check_classes(args.dataset, split_classes, space_kwargs, 'supernet')
     if args.engine == 'ts':
@@ -476,7 +476,8 @@ def search_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
     stat = weights.stat() if weights.is_file() else None  # not a file: 'nni', NNI's download
     return {'weights': str(weights) if stat else args.weights, 'weights_size': stat and stat.st_size,
             'weights_mtime_ns': stat and stat.st_mtime_ns,
-            'name': args.name, 'dataset': args.dataset,
+            'name': args.name, 'space_file': args.space_file and str(Path(args.space_file).resolve()),
+            'dataset': args.dataset,
             'datapath': str(Path(args.datapath).resolve()) if args.datapath else None,
             'search_images': args.search_images, 'seed': args.seed, 'min_params': args.min_params,
             'max_params': args.max_params, 'max_flops': args.max_flops, 'max_latency': args.max_latency,

@@ -11,7 +11,7 @@ import evaluate
 from conftest import GOLDEN
 from fixtures import write_cifar10, write_image_folder
 from checkpoints import is_subnet, load_model, read_weights, save_weights
-from space import AutoformerSpace, sub_state_dict
+from space import AutoformerSpace, SpaceError, sub_state_dict
 from utils import UserError
 
 ROOT = Path(__file__).parent.parent
@@ -152,3 +152,69 @@ def test_an_official_supernet_file_is_read_as_a_supernet_not_a_subnet(golden):
     assert is_subnet(AutoformerSpace(**space_kwargs).freeze(cases[0]['arch']).state_dict())
     with pytest.raises(UserError, match='needed by the space is missing.*not a supernet of this space'):
         load_model(GOLDEN / 'small-official.pth', 'tiny')
+
+
+OFFICIAL_SPACES = Path(__file__).parent / 'official-spaces'
+
+
+def test_official_space_and_retrain_files_load_with_exactly_their_choices():
+    from cli import load_arch_arg, read_space_file
+    space_kwargs = read_space_file(str(OFFICIAL_SPACES / 'supernet-T.yaml'))
+    space = AutoformerSpace(**space_kwargs)
+    choices = {label: list(mutable.values) for label, mutable in space.simplify().items()}
+    assert choices['embed_dim'] == [192, 216, 240] and choices['depth'] == [12, 13, 14]
+    assert all(choices[f'mlp_ratio_{i}'] == [3.5, 4.0] and choices[f'num_head_{i}'] == [3, 4] for i in range(14))
+    assert space_kwargs['img_size'] == 224 and space_kwargs['patch_size'] == 16
+    base = read_space_file(str(OFFICIAL_SPACES / 'supernet-B.yaml'))
+    assert list(base['search_num_heads']) == [9, 10]  # the official file's, not the base preset's (8, 9, 10)
+    released = load_arch_arg(str(OFFICIAL_SPACES / 'AutoFormer-T.yaml'))
+    assert released == AutoformerSpace.searched_arch('tiny') == load_arch_arg('autoformer-tiny')
+    with pytest.raises(SpaceError, match="mlp_ratio_2.*3.0"):  # the released T is outside supernet-T.yaml
+        space.freeze(released)
+
+
+@pytest.mark.parametrize('content, message', [
+    ('SEARCH_SPACE: {EMBED_DIM: [96]}', 'no SEARCH_SPACE: section with EMBED_DIM, MLP_RATIO, NUM_HEADS, DEPTH'),
+    ('SEARCH_SPACE: {EMBED_DIM: [96, x], MLP_RATIO: [3], NUM_HEADS: [1], DEPTH: [2]}',
+     'EMBED_DIM must be a list of positive numbers'),
+    ('SUPERNET: {EMBED_DIM: 64}\nSEARCH_SPACE: {EMBED_DIM: [96], MLP_RATIO: [3], NUM_HEADS: [1], DEPTH: [2]}',
+     'SUPERNET: EMBED_DIM 64 is smaller than the largest choice 96'),
+    ('SEARCH_SPACE: {EMBED_DIM: [96.5], MLP_RATIO: [3], NUM_HEADS: [1], DEPTH: [2]}',
+     'search_embed_dim must be a non-empty list of positive integers'),
+    ('[1, 2', 'is not YAML'),
+    ('- 1', 'holds a list, not the sections of an official file'),
+])
+def test_a_damaged_space_file_is_refused_in_one_line(tmp_path, content, message):
+    from cli import read_space_file
+    path = tmp_path / 'space.yaml'
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        read_space_file(str(path), 'demo')
+
+
+def test_a_space_file_works_for_conversion_evaluation_and_search(tmp_path):
+    """A demo supernet converted under an official-format file of narrower choices: the file's space is
+    stored with the weights and read back by evaluate.py without the YAML, and search.py searches it."""
+    import search
+    from space import build_supernet, complete_space_kwargs
+    demo = complete_space_kwargs(**AutoformerSpace.preset('demo'))
+    save_weights(tmp_path / 'demo.pth', build_supernet(demo).state_dict(), demo)
+    yaml_file = tmp_path / 'supernet-demo.yaml'
+    yaml_file.write_text('SUPERNET: {MLP_RATIO: 4.0, NUM_HEADS: 2, EMBED_DIM: 128, DEPTH: 4}\n'
+                         'SEARCH_SPACE: {MLP_RATIO: [3.5, 4], NUM_HEADS: [2], DEPTH: [3, 4], EMBED_DIM: [112, 128]}\n')
+    weights = tmp_path / 'supernet.pth'
+    convert.main(['--name', 'demo', '--space-file', str(yaml_file), '--input', str(tmp_path / 'demo.pth'),
+                  '--output', str(weights)])
+    stored = read_weights(weights)[1]['space']
+    assert stored['search_mlp_ratio'] == [3.5, 4.0] and stored['search_num_heads'] == [2]
+    assert stored['search_embed_dim'] == [112, 128] and stored['img_size'] == 32
+    arch = {'embed_dim': 112, 'depth': 3, **{f'mlp_ratio_{i}': 3.5 for i in range(4)},
+            **{f'num_head_{i}': 2 for i in range(4)}}
+    results = evaluate.main(['--weights', str(weights), '--arch', json.dumps(arch), '--num-workers', '0'])
+    assert results['images'] == 360
+    with pytest.raises(SpaceError, match=r"num_head_0=1 is outside the space \(allowed values: \[2\]\)"):
+        evaluate.main(['--weights', str(weights), '--arch', json.dumps({**arch, 'num_head_0': 1})])
+    best = search.main(['--weights', str(weights), '--space-file', str(yaml_file), '--name', 'demo', '--strategy',
+                        'random', '--trials', '2', '--engine', 'sequential', '--num-workers', '0',
+                        '--output', str(tmp_path / 'search')])
+    assert best['arch']['embed_dim'] in (112, 128) and best['arch']['num_head_0'] == 2
