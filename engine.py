@@ -288,7 +288,7 @@ def check_run_output(output: Path, resume: bool, fingerprint: Mapping[str, Any])
     last = output / 'checkpoints' / 'last.ckpt'
     if resume and not last.is_file():
         raise UserError(f'--resume: no checkpoint {last} to continue from')
-    held = [path for path in (last, output / 'supernet.pth') if path.exists()]  # run.json alone: nothing done
+    held = [path for path in (last, output / 'supernet.pth', output / 'subnet.pth') if path.exists()]  # not run.json
     recorded = read_json(output / 'run.json') if (output / 'run.json').is_file() else None
     check_output_folder(output, resume, 'a training run', held, recorded, fingerprint)
     if resume:
@@ -320,20 +320,21 @@ def check_batches(train_size: int, batch_size: int, processes: int, repeats: int
 
 
 def train_supernet(args: argparse.Namespace, space_kwargs: Mapping[str, Any],
-                   pretrained: Mapping[str, torch.Tensor] | None = None) -> Path:
-    """Train the supernet of ``space_kwargs`` as ``args`` say; return the final supernet weights file."""
+                   pretrained: Mapping[str, torch.Tensor] | None = None, arch: Mapping[str, Any] | None = None) -> Path:
+    """Train the supernet of ``space_kwargs`` as ``args`` say, or with ``arch`` that one subnet (``pretrained``
+    then holds its own weights); return the final weights file, ``supernet.pth`` or ``subnet.pth``."""
     output = Path(args.output)
     check_writable(output)
     if not is_first_process():
-        return _train(args, space_kwargs, pretrained)
+        return _train(args, space_kwargs, pretrained, arch)
     with lock_output(output, 'a training run'):
-        fingerprint = run_fingerprint(args, space_kwargs)
+        fingerprint = {**run_fingerprint(args, space_kwargs), 'arch': arch and canonical_arch(arch)}
         check_run_output(output, args.resume, fingerprint)
-        return _train(args, space_kwargs, pretrained, fingerprint)
+        return _train(args, space_kwargs, pretrained, arch, fingerprint)
 
 
 def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained: Mapping[str, torch.Tensor] | None,
-           fingerprint: Mapping[str, Any] | None = None) -> Path:
+           arch: Mapping[str, Any] | None, fingerprint: Mapping[str, Any] | None = None) -> Path:
     import pytorch_lightning as pl  # here: the search's warm workers import this module and never train
 
     from lightning import AtomicCheckpointIO, SupernetModule, build_evaluator
@@ -344,7 +345,7 @@ def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained
     trainer_kwargs, processes = trainer_settings(args)
     train_set = data.build_dataset(args.dataset, args.datapath, 'train', space_kwargs['img_size'], training=True)
     val_set = data.build_dataset(args.dataset, args.datapath, 'val', space_kwargs['img_size'])
-    check_classes(args.dataset, len(train_set.classes), space_kwargs, 'supernet')
+    check_classes(args.dataset, len(train_set.classes), space_kwargs, 'subnet' if arch else 'supernet')
     if list(val_set.classes) != list(train_set.classes):  # a class missing from val/ would shift every label
         raise UserError(f'the validation classes of {args.dataset} differ from its training classes '
                         f'({len(val_set.classes)} against {len(train_set.classes)}, first difference: '
@@ -368,14 +369,16 @@ def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained
         warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, epochs=args.epochs, warmup_epochs=args.warmup,
         steps_per_epoch=steps_per_epoch, smoothing=args.smoothing, mixup=args.mixup,
         cutmix=args.cutmix, ema_decay=args.ema_decay or 0.0, rel_pos_decay=args.rel_pos_decay, seed=args.seed,
-        pretrained=pretrained)
-    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=output / 'checkpoints', filename='best', monitor='val_acc_max',
-                                               mode='max', save_last=True)
+        pretrained=pretrained, arch=arch)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=output / 'checkpoints', filename='best',
+                                               monitor='val_acc_subnet' if arch else 'val_acc_max', mode='max',
+                                               save_last=True)
     # The CSV logger starts a new version per (resumed) run: no log is overwritten.
     trainer_kwargs.update(callbacks=[checkpoints], plugins=[AtomicCheckpointIO()],
                           logger=pl.loggers.CSVLogger(output, name='logs'))
     evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs, str(last) if args.resume else None)
-    supernet = build_supernet({**space_kwargs, 'drop_path_rate': args.drop_path})
+    training_space = {**space_kwargs, 'drop_path_rate': args.drop_path}
+    supernet = AutoformerSpace(**training_space).freeze(arch) if arch else build_supernet(training_space)
     try:
         evaluator.evaluate(supernet)
     except SystemExit:  # Lightning's graceful shutdown after Ctrl-C; its checkpoints stay
@@ -385,16 +388,18 @@ def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained
     trainer = evaluator.trainer
     if trainer.global_step == 0:
         raise UserError(f'no training step was taken: every loss was non-finite (see the errors above) or no batch '
-                        f'was trained; {output / "supernet.pth"} not written')
+                        f'was trained; {output / ("subnet.pth" if arch else "supernet.pth")} not written')
     if processes > 1:
         check_ranks_agree(trainer, supernet)
     substituted = int(trainer.strategy.reduce(torch.tensor(data.undecodable_count(train_set)), reduce_op='sum'))
-    weights = output / 'supernet.pth'
+    kind = 'subnet' if arch else 'supernet'
+    weights = output / f'{kind}.pth'
     if trainer.is_global_zero:
-        check_finite(supernet.state_dict(), f'the trained supernet (not written to {weights})')
-        save_weights(weights, supernet.state_dict(), space_kwargs)
+        check_finite(supernet.state_dict(), f'the trained {kind} (not written to {weights})')
+        save_weights(weights, supernet.state_dict(), space_kwargs, arch=arch and canonical_arch(arch))
         if module.ema is not None:
-            save_weights(output / 'supernet-ema.pth', module.ema.module.state_dict(), space_kwargs)
+            save_weights(output / f'{kind}-ema.pth', module.ema.module.state_dict(), space_kwargs,
+                         arch=arch and canonical_arch(arch))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         atomic_write_json({'epochs': trainer.current_epoch, **metrics, 'undecodable_images': substituted,
                            'undecodable_val_images': data.undecodable_count(val_set)}, output / 'metrics.json')

@@ -1,9 +1,13 @@
-"""Fine-tune an ImageNet-pretrained AutoFormer supernet to CIFAR-10 (or any supported dataset).
+"""Fine-tune an ImageNet-pretrained AutoFormer supernet to CIFAR-10 (or any supported dataset), or with
+``--arch`` one subnet (the searched one) from the weights it inherits from the supernet.
 
     python finetune.py --gpus 4 --weights weights/supernet-tiny.pth --datapath path/to/cifar10 \\
                        --epochs 100 --warmup 5 --learning_rate 0.0005
+    python finetune.py --weights outputs/demo/scratch/supernet.pth --arch outputs/demo/search/best.json \\
+                       --dataset digits --output outputs/subnet       # writes outputs/subnet/subnet.pth
 
-The classifier head is re-initialised for the new classes; every other tensor is loaded (in
+The supernet's classifier head is re-initialised for the new classes; a subnet keeps its inherited head
+when the data has the classes the supernet was trained on. Every other tensor is loaded (in
 ``on_fit_start``). Images are resized to the supernet's input size (224) unless ``--img-size``
 asks for another: the absolute position embedding is then resampled (bicubic, as timm's
 ``resample_abs_pos_embed``) and the relative-position tables keep their pretrained length.
@@ -16,11 +20,11 @@ import math
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from cli import add_name_arg, add_training_args, parse_checked, recipe_parser, run_main, space_arg
+from cli import add_name_arg, add_training_args, load_arch_arg, parse_checked, recipe_parser, run_main, space_arg
 import data
 from engine import train_supernet
 from checkpoints import load_supernet_file
-from space import complete_space_kwargs
+from space import complete_arch, complete_space_kwargs, sub_state_dict
 
 RECIPES = {
     'default': dict(epochs=100, warmup=5, learning_rate=5e-4, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
@@ -35,6 +39,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_name_arg(parser, 'preset of --weights (default: the space stored with them, else tiny)')
     parser.add_argument('--weights', default='weights/supernet-tiny.pth',
                         help='pretrained supernet weights (any supported layout)')
+    parser.add_argument('--arch', default=None,
+                        help='fine-tune this one subnet and write <output>/subnet.pth: an arch JSON (text or file), '
+                             "a search's best.json, an official RETRAIN: YAML, or autoformer-tiny|small|base")
     add_training_args(parser, recipe)
     args = parse_checked(parser, argv)
     args.dataset = dataset
@@ -58,10 +65,15 @@ def main(argv: list[str] | None = None) -> None:
     pretrained, pretrained_space, _ = load_supernet_file(args.weights, space_arg(args))
     img_size = args.img_size or pretrained_space['img_size']
     space_kwargs = complete_space_kwargs(**{**pretrained_space, 'img_size': img_size,
-                                   'num_labels': data.num_classes(args.dataset, args.datapath)})
+                                            'num_labels': data.num_classes(args.dataset, args.datapath)})
     adapt_to_input_size(pretrained, img_size, space_kwargs['patch_size'])
-    pretrained = {k: v for k, v in pretrained.items() if not k.startswith('head.')}
-    train_supernet(args, space_kwargs, pretrained)
+    arch = complete_arch(load_arch_arg(args.arch), space_kwargs) if args.arch else None
+    new_head = arch is None or space_kwargs['num_labels'] != pretrained_space['num_labels']
+    if arch is not None:
+        pretrained = sub_state_dict(pretrained, arch)
+    if new_head:
+        pretrained = {k: v for k, v in pretrained.items() if not k.startswith('head.')}
+    train_supernet(args, space_kwargs, pretrained, arch)
 
 
 if __name__ == '__main__':

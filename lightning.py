@@ -1,5 +1,5 @@
-"""The Lightning evaluator that trains an AutoFormer supernet (weight entanglement), DeiT's recipe; the
-driver that runs it for scratch.py and finetune.py is ``engine.train_supernet``.
+"""The Lightning evaluator that trains an AutoFormer supernet (weight entanglement) or one fixed subnet,
+DeiT's recipe; the driver that runs it for scratch.py and finetune.py is ``engine.train_supernet``.
 
 Every training step samples one architecture uniformly and updates the slices it uses. The
 supernet is NNI's ``RandomOneShot`` mutation of :class:`space.AutoformerSpace`; the sampling is
@@ -67,11 +67,12 @@ class SupernetModule(LightningModule):
                  warmup_lr: float = 1e-6, weight_decay: float = 0.05, epochs: int = 500, warmup_epochs: int = 5,
                  steps_per_epoch: int = 1, smoothing: float = 0.1, mixup: float = 0.8, cutmix: float = 1.0,
                  ema_decay: float = 0.0, rel_pos_decay: bool = True, seed: int = 0,
-                 pretrained: Mapping[str, torch.Tensor] | None = None) -> None:
+                 pretrained: Mapping[str, torch.Tensor] | None = None, arch: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=['pretrained'])
         self.space_kwargs = dict(space_kwargs)
-        self.val_archs = validation_archs(space_kwargs)
+        self.arch = dict(arch) if arch else None
+        self.val_archs = {'subnet': self.arch} if arch else validation_archs(space_kwargs)
         self.pretrained = pretrained
         num_classes = space_kwargs['num_labels']
         self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing,
@@ -98,8 +99,10 @@ class SupernetModule(LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         images, targets = batch
-        arch = sample_arch(self.space_kwargs, random.Random(self.hparams.seed * 1_000_003 + self.global_step))
-        set_active_arch(self.model, arch)
+        arch = self.arch
+        if arch is None:  # the supernet: one arch a step, the same on every rank, the same after a resume
+            arch = sample_arch(self.space_kwargs, random.Random(self.hparams.seed * 1_000_003 + self.global_step))
+            set_active_arch(self.model, arch)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
         loss = self.criterion(self.model(images), targets)
@@ -121,7 +124,8 @@ class SupernetModule(LightningModule):
         images, targets = batch
         model = self.ema.module if self.ema is not None else self.model
         for name, arch in self.val_archs.items():
-            set_active_arch(model, arch)
+            if self.arch is None:
+                set_active_arch(model, arch)
             top1 = accuracy(model(images), targets, topk=(1,))[0]
             self.log(f'val_acc_{name}', top1, prog_bar=name != 'searched', sync_dist=True, batch_size=len(targets))
 

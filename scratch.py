@@ -1,17 +1,19 @@
-"""Train an AutoFormer supernet from scratch (weight entanglement: one random subnet per step).
+"""Train an AutoFormer supernet from scratch (weight entanglement: one random subnet per step), or with
+``--arch`` retrain one subnet from scratch (the official ``--mode retrain``), with the same recipe.
 
     python scratch.py --dataset digits                       # the bundled demo, a few minutes on a CPU
     python scratch.py --gpus 4 --datapath path/to/imagenet --batch_size 256 --warmup 20 --epochs 500 \\
                       --learning_rate 0.001
+    python scratch.py --gpus 8 --datapath path/to/imagenet --arch autoformer-tiny --output outputs/retrain-T
 """
 from __future__ import annotations
 
 import argparse
 
-from cli import add_name_arg, add_training_args, parse_checked, recipe_parser, run_main, space_arg
+from cli import add_name_arg, add_training_args, load_arch_arg, parse_checked, recipe_parser, run_main, space_arg
 import data
 from engine import train_supernet
-from space import AutoformerSpace, complete_space_kwargs
+from space import SEARCHED, AutoformerSpace, complete_arch, complete_space_kwargs
 
 # The paper's recipe (DeiT's) for ImageNet; the demo recipe is sized for a laptop CPU.
 RECIPES = {
@@ -28,10 +30,15 @@ RECIPES['folder'] = RECIPES['imagenet']
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser, dataset, recipe = recipe_parser(argv, RECIPES, 'imagenet', 'scratch', __doc__)
     add_name_arg(parser, 'search space preset (default: demo for digits, tiny otherwise)')
+    parser.add_argument('--arch', default=None,
+                        help='retrain this one subnet from scratch and write <output>/subnet.pth: an arch JSON (text '
+                             "or file), a search's best.json, an official RETRAIN: YAML, or autoformer-tiny|small|base "
+                             '(whose preset is then the default --name)')
     add_training_args(parser, recipe)
     args = parse_checked(parser, argv)
     args.dataset = dataset
-    args.name = args.name or ('demo' if dataset == 'digits' else 'tiny')
+    released = (args.arch or '').removeprefix('autoformer-')
+    args.name = args.name or (released if released in SEARCHED else 'demo' if dataset == 'digits' else 'tiny')
     return args
 
 
@@ -42,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     space_kwargs['num_labels'] = data.num_classes(args.dataset, args.datapath)
     if args.img_size:
         space_kwargs['img_size'] = args.img_size
-    train_supernet(args, complete_space_kwargs(**space_kwargs))
+    space_kwargs = complete_space_kwargs(**space_kwargs)
+    arch = complete_arch(load_arch_arg(args.arch), space_kwargs) if args.arch else None
+    train_supernet(args, space_kwargs, arch=arch)
 
 
 if __name__ == '__main__':

@@ -217,3 +217,49 @@ def test_weight_decay_groups_are_those_of_the_official_run(golden, rel_pos_decay
     assert len(tables) == 16 and 'cls_token.cls_token' not in decayed and 'pos_embed.pos_embed' not in decayed
     assert decayed == (expected if rel_pos_decay else expected - tables)
     assert {group['weight_decay'] for group in groups} == {0.05, 0.0}
+
+
+@pytest.fixture(scope='module')
+def digits_supernet(tmp_path_factory):
+    """A demo supernet trained on digits by scratch.py (shortened)."""
+    output = tmp_path_factory.mktemp('digits-supernet')
+    scratch.main([*FAST, '--epochs', '8', '--output', str(output)])
+    return output / 'supernet.pth'
+
+
+def test_finetune_arch_trains_the_searched_subnet_from_its_inherited_weights(tmp_path, digits_supernet):
+    import evaluate
+    from space import canonical_arch, make_arch
+    arch = make_arch(112, [3.5, 4.0, 3.0], [2, 1, 2])
+    best = tmp_path / 'best.json'
+    best.write_text(json.dumps({'arch': arch, 'top1': 0.0}))  # as search.py writes it
+    test = ['--dataset', 'digits', '--split', 'test', '--num-workers', '0']
+    inherited = evaluate.main(['--weights', str(digits_supernet), '--arch', str(best), *test])
+    output = tmp_path / 'subnet'
+    finetune.main(['--weights', str(digits_supernet), '--arch', str(best), *FAST, '--output', str(output)])
+    state, meta = read_weights(output / 'subnet.pth')
+    assert meta['arch'] == canonical_arch(arch) and meta['space']['search_embed_dim'] == [96, 112, 128]
+    tuned = evaluate.main(['--weights', str(output / 'subnet.pth'), *test])  # the file alone: arch and space in it
+    assert tuned['arch'] == canonical_arch(arch) and tuned['params'] == inherited['params']
+    assert tuned['top1'] >= inherited['top1'] - 0.6, (inherited['top1'], tuned['top1'])  # two of the 360 images
+    assert json.loads((output / 'metrics.json').read_text())['val_acc_subnet'] > 50
+    with pytest.raises(UserError, match='already holds a training run'):
+        finetune.main(['--weights', str(digits_supernet), '--arch', str(best), *FAST, '--output', str(output)])
+
+
+def test_scratch_arch_retrains_one_subnet_and_resumes_it(tmp_path):
+    import evaluate
+    from space import make_arch
+    arch = json.dumps(make_arch(96, [3.0, 3.0], [1, 1]))
+    args = [*FAST, '--arch', arch, '--warmup', '0', '--output', str(tmp_path)]
+    scratch.main([*args, '--epochs', '1'])
+    first = read_weights(tmp_path / 'subnet.pth')[0]
+    assert all(not key.startswith('blocks.blocks.') for key in first) and 'blocks.1.fc1.weight' in first
+    (tmp_path / 'subnet.pth').unlink()
+    scratch.main([*args, '--epochs', '2', '--resume'])
+    assert json.loads((tmp_path / 'metrics.json').read_text())['epochs'] == 2
+    results = evaluate.main(['--weights', str(tmp_path / 'subnet.pth'), '--dataset', 'digits', '--num-workers', '0'])
+    assert results['arch'] == json.loads(arch) and results['top1'] > 20  # chance is 10%
+    with pytest.raises(UserError, match='holds a training run with another arch'):
+        scratch.main([*FAST, '--arch', json.dumps(make_arch(96, [3.0, 3.5], [1, 1])), '--warmup', '0', '--epochs', '3',
+                      '--output', str(tmp_path), '--resume'])
