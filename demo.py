@@ -2,8 +2,10 @@
 
 1. train a ``demo`` supernet from scratch (scratch.py);
 2. search it under a parameter budget with the paper's evolution, as an NNI experiment (search.py);
-3. evaluate the best subnet, and the smallest and largest, on the test split (evaluate.py);
-4. write outputs/demo/report.md with the figures and pictures.
+3. fine-tune the searched subnet from the weights it inherits (finetune.py --arch);
+4. evaluate the searched subnet inherited and fine-tuned, and the smallest and largest, on the test
+   split (evaluate.py);
+5. write outputs/demo/report.md with the figures and pictures.
 
 Each stage runs the real command line (printed as it starts). A second run reuses the supernet
 and the search already in --output; --fresh starts over.
@@ -26,8 +28,8 @@ from utils import UserError, atomic_write_text, read_json
 
 ROOT = Path(__file__).resolve().parent
 # What a demo writes into --output; --fresh deletes nothing else.
-DEMO_FILES = {'scratch', 'search', 'report.md', 'training.png', 'pareto.png', 'test-searched.json',
-              'test-smallest.json', 'test-largest.json', '.lock'}
+DEMO_FILES = {'scratch', 'search', 'finetune', 'report.md', 'training.png', 'pareto.png', 'test-searched.json',
+              'test-finetuned.json', 'test-smallest.json', 'test-largest.json', '.lock'}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,18 +112,21 @@ def main(argv: list[str] | None = None) -> Path:
                              '--population', '6', '--select', '3', '--mutation-num', '3', '--crossover-num', '3',
                              '--engine', args.engine, '--port', str(args.port),
                              '--num-workers', '0', '--output', str(search)], times)
+    finetuned = finetune_searched(output, supernet, search / 'best.json', times)
     best = json.loads((search / 'best.json').read_text())
     candidates = json.loads((search / 'candidates.json').read_text())
     scratch_metrics = json.loads((output / 'scratch' / 'metrics.json').read_text())
     searched = evaluate_arch(output, search / 'best-subnet.pth', None, 'searched', times)
+    tuned = {**evaluate_arch(output, finetuned, None, 'finetuned', times),
+             'epochs': read_json(finetuned.parent / 'metrics.json')['epochs']}
     space = read_weights(supernet)[1]['space']
     smallest = evaluate_arch(output, supernet, extreme_arch(space, min), 'smallest', times)
     largest = evaluate_arch(output, supernet, extreme_arch(space, max), 'largest', times)
     plot_training(output / 'scratch' / 'logs', output / 'training.png')
     shutil.copyfile(search / 'pareto.png', output / 'pareto.png')
     report = output / 'report.md'
-    atomic_write_text(render_report(best, searched, smallest, largest, scratch_metrics, len(candidates), times,
-                                    args.max_params), report)
+    atomic_write_text(render_report(best, searched, tuned, smallest, largest, scratch_metrics, len(candidates),
+                                    times, args.max_params), report)
     print(f'\nreport: {report}')
     if args.engine == 'ts':
         print(f'web UI of the search: nnictl view {best["experiment_id"]} --port {args.port}   '
@@ -129,8 +134,27 @@ def main(argv: list[str] | None = None) -> Path:
     return report
 
 
-def render_report(best: dict, searched: dict, smallest: dict, largest: dict, scratch_metrics: dict, candidates: int,
-                  times: dict[str, float], budget: float) -> str:
+def finetune_searched(output: Path, supernet: Path, best: Path, times: dict[str, float]) -> Path:
+    """The searched subnet fine-tuned briefly from its inherited weights (finetune.py's digits recipe)."""
+    folder = output / 'finetune'
+    subnet = folder / 'subnet.pth'
+    searched = canonical_arch(read_json(best)['arch'])
+    if subnet.is_file() and read_weights(subnet)[1].get('arch') == searched:
+        print(f'reusing the fine-tuned subnet {subnet} (pass --fresh to fine-tune again)')
+        return subnet
+    record = folder / 'run.json'
+    interrupted = (folder / 'checkpoints' / 'last.ckpt').is_file() and not subnet.is_file() and \
+        record.is_file() and read_json(record).get('arch') == searched
+    if not interrupted:
+        shutil.rmtree(folder, ignore_errors=True)  # a run stopped before its first checkpoint starts over
+    run_stage('fine-tune', ['finetune.py', '--dataset', 'digits', '--weights', str(supernet), '--arch', str(best),
+                            '--num-workers', '0', '--output', str(folder)] + (['--resume'] if interrupted else []),
+              times)
+    return subnet
+
+
+def render_report(best: dict, searched: dict, tuned: dict, smallest: dict, largest: dict, scratch_metrics: dict,
+                  candidates: int, times: dict[str, float], budget: float) -> str:
     def row(name: str, result: dict) -> str:
         return (f"| {name} | {result['top1']:.2f} | {result['params'] / 1e6:.3f} | {result['flops'] / 1e6:.2f} |")
 
@@ -140,13 +164,15 @@ def render_report(best: dict, searched: dict, smallest: dict, largest: dict, scr
 
 A `demo` supernet trained from scratch on scikit-learn's digits (1,257 training images, 32 px),
 searched under a budget of {budget}M parameters with AutoFormer's evolution ({candidates} candidates
-evaluated on the 180-image validation split), every subnet evaluated on the 360-image test split.
+evaluated on the 180-image validation split), the searched subnet fine-tuned from the weights it
+inherits (`finetune.py --arch`), every subnet evaluated on the 360-image test split.
 
 | subnet | test top-1 (%) | params (M) | FLOPs (M MACs) |
 |---|---|---|---|
 {row('smallest', smallest)}
 {row('largest', largest)}
-{row(f'searched (<= {budget}M)', searched)}
+{row(f'searched (<= {budget}M), inherited weights', searched)}
+{row(f"searched, fine-tuned {tuned['epochs']} epochs", tuned)}
 
 Searched arch: `{json.dumps(canonical_arch(best['arch']))}` (search-split top-1 {best['top1']:.2f}%, NNI experiment
 `{best['experiment_id']}`). Supernet validation top-1 after {scratch_metrics['epochs']} epochs:

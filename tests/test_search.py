@@ -347,7 +347,7 @@ def test_no_evaluated_candidate_is_outside_the_budget(supernet, tmp_path, budget
     elif budget == '--min-params':
         limit, field = (count_params(smallest, **space) + count_params(largest, **space)) / 2 / 1e6, 'params'
     else:
-        limit, field = 2 * Budget(space, max_latency=1.0).latency(smallest), 'latency'
+        limit, field = 4 * Budget(space, max_latency=1.0).latency(smallest), 'latency'  # headroom for a busy machine
     search.main(['--weights', str(supernet), '--engine', 'sequential', '--strategy', 'autoformer', '--generations', '2',
                  '--population', '6', '--select', '3', '--mutation-num', '3', '--crossover-num', '3',
                  '--num-workers', '0', budget, str(limit), '--output', str(tmp_path)])
