@@ -121,7 +121,8 @@ RULES: dict[str, Rule] = {
 
 
 # Paths and JSON given as an empty string would be dropped or fall back to a default silently.
-NOT_EMPTY = ('output', 'arch', 'weights', 'datapath', 'input', 'subnet_output', 'machines', 'experiment_dir')
+NOT_EMPTY = ('output', 'arch', 'weights', 'datapath', 'input', 'subnet_output', 'machines', 'experiment_dir', 'export',
+             'space_file')
 
 
 def check_flags(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ import torch
 from cli import add_name_arg, add_precision_args, check_classes, load_arch_arg, parse_checked, run_main, space_arg
 import data
 from engine import evaluate
-from checkpoints import load_model
+from checkpoints import export_standalone, load_model
 from space import count_flops, count_params
 from utils import atomic_write_json, pick_device, set_up_precision
 
@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='torch.compile the subnet before evaluating (compiled once: worth it for a large '
                              'evaluation on a GPU; training and search change the arch and stay eager)')
     parser.add_argument('--output', default=None, help='also write the results to this JSON file')
+    parser.add_argument('--export', default=None, metavar='FOLDER',
+                        help='also write the subnet as TorchScript and ONNX files (and its JSON) into this folder')
     return parse_checked(parser, argv)
 
 
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
           + (f"  ({results['skipped']} undecodable images left out)" if results['skipped'] else ''))
     if args.output:
         atomic_write_json(results, args.output)
+    if args.export:
+        files = export_standalone(model._orig_mod if args.compile else model, results, space_kwargs, args.export)
+        print(f"exported {files['torchscript']} and {files['onnx']}")
     return results
 
 
