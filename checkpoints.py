@@ -42,6 +42,9 @@ def load_supernet_file(path: str | Path, name: str | Mapping[str, Any] | None = 
     if path == 'nni':
         path = nni_download(f'autoformer-{name}-supernet')
     state_dict, meta = read_weights(path)
+    if is_subnet(state_dict):
+        raise UserError(f'{path} holds the weights of one subnet, not a supernet: pass the supernet file it was '
+                        'sliced or trained from (evaluate.py reads a subnet file alone)')
     stored = meta.get('space')
     space_kwargs = complete_space_kwargs(**name) if isinstance(name, Mapping) else resolve_space(name, stored, path)
     label = name if isinstance(name, str) else 'the space'
