@@ -255,8 +255,9 @@ def recipe_parser(argv: list[str] | None, recipes: Mapping[str, dict[str, Any]],
 
 def add_precision_args(parser: argparse.ArgumentParser) -> None:
     """``--precision`` (Lightning's names) and ``--tf32``, the same in every script."""
-    parser.add_argument('--precision', default='32-true', choices=list(AUTOCAST),
-                        help='numeric precision: mixed precision (autocast) on CUDA; the CPU runs fp32')
+    parser.add_argument('--precision', default=None, choices=list(AUTOCAST),
+                        help='numeric precision (default: bf16-mixed on CUDA GPUs that have bf16, else 16-mixed, '
+                             'as the official AMP; 32-true on the CPU, where bf16-mixed runs slower)')
     parser.add_argument('--tf32', action='store_true',
                         help='TF32 tensor cores for fp32 matmuls on CUDA (faster, about 1e-3 relative error)')
 

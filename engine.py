@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 import nni
 import torch
 import torch.nn as nn
-from timm.utils import accuracy
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -32,8 +31,8 @@ from cli import check_classes, check_output_folder
 from space import (AutoformerSpace, build_supernet, canonical_arch, count_flops, count_params, sub_state_dict,
                    typed_arch)
 from trial import record_failure
-from utils import (AUTOCAST, UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, pick_device,
-                   read_json, remove_unfinished_writes, set_up_precision)
+from utils import (AUTOCAST, UserError, atomic_write_json, atomic_write_text, check_writable, default_precision,
+                   lock_output, pick_device, read_json, remove_unfinished_writes, set_up_precision)
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -43,42 +42,50 @@ _logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'cpu', progress: bool = True,
-             desc: str = 'eval', on_batch: Callable[[int, float], None] | None = None,
-             precision: str = '32-true') -> dict[str, float]:
-    """Top-1 / top-5 (in %) of ``model`` over ``loader``, with images/s of the forward passes, the
+             desc: str = 'eval', on_batch: Callable[[int, float], None] | None = None, report_every: int = 1,
+             precision: str | None = None) -> dict[str, float]:
+    """Top-1 / top-5 (in %) of ``model`` over ``loader``, images/s (wall time from the first batch on), the
     number of images evaluated and of undecodable images left out (``skipped``).
 
-    ``on_batch(batch_index, running_top1)`` is called after every batch (NNI intermediate results).
-    ``precision``: ``bf16-mixed`` or ``16-mixed`` autocast on CUDA (ignored on the CPU).
+    ``on_batch(batch_index, running_top1)`` is called every ``report_every`` batches and after the last
+    (NNI intermediate results); only those calls wait for the GPU, so batches otherwise overlap.
+    ``precision``: ``32-true``, ``bf16-mixed`` or ``16-mixed`` (autocast); default: mixed on CUDA, fp32 else.
     """
     device = torch.device(device)
-    dtype = AUTOCAST[precision] if device.type == 'cuda' else None
+    dtype = AUTOCAST[precision or default_precision(device.type == 'cuda')]
     model.eval().to(device)
-    correct1 = correct5 = seen = 0
-    seconds = 0.0
+    correct = torch.zeros(2, dtype=torch.long, device=device)
+    seen, start, reported, index = 0, None, -1, -1
     for index, batch in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
         if batch is None:  # no image of this batch could be decoded
             continue
+        start = start or time.perf_counter()  # the loader's start-up is not throughput
         images, targets = batch
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(images)
-        if logits.device.type == 'cuda':
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - start
-        top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))
-        correct1 += top1.item() * len(targets) / 100
-        correct5 += top5.item() * len(targets) / 100
+        correct += correct_counts(logits, targets)
         seen += len(targets)
-        if on_batch is not None:
-            on_batch(index, 100 * correct1 / seen)
+        if on_batch is not None and (index + 1) % report_every == 0:
+            on_batch(index, 100 * correct[0].item() / seen)
+            reported = index
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start if start else 0.0
     skipped = data.undecodable_count(loader.dataset) if isinstance(loader, DataLoader) else 0
     if seen == 0:
         raise UserError('no image of the evaluation data could be decoded' if skipped else
                         'the evaluation data is empty')
-    return {'top1': 100 * correct1 / seen, 'top5': 100 * correct5 / seen, 'images': seen, 'skipped': skipped,
-            'images_per_s': seen / max(seconds, 1e-9)}
+    top1, top5 = (100 * count / seen for count in correct.tolist())
+    if on_batch is not None and reported != index:
+        on_batch(index, top1)
+    return {'top1': top1, 'top5': top5, 'images': seen, 'skipped': skipped, 'images_per_s': seen / max(seconds, 1e-9)}
+
+
+def correct_counts(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """How many of the batch are right in the top 1 and in the top 5 (top k for fewer classes), on the device."""
+    hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
+    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,14 +125,9 @@ def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor],
         return read_json(record_file)
     model = AutoformerSpace(**space_kwargs).freeze(arch)
     model.load_state_dict(sub_state_dict(supernet, arch))
-    batches = -(-len(split) // batch_size)
-    every = max(1, batches // INTERMEDIATE_RESULTS)
-
-    def on_batch(index: int, top1: float) -> None:
-        if (index + 1) % every == 0 or index + 1 == batches:
-            report(top1)
-
-    metrics = evaluate(model, split.batches(batch_size), device, progress=False, on_batch=on_batch)
+    every = max(1, -(-len(split) // batch_size) // INTERMEDIATE_RESULTS)
+    metrics = evaluate(model, split.batches(batch_size), device, progress=False,
+                       on_batch=lambda index, top1: report(top1), report_every=every)
     latency = read_json(latency_file).get(key) \
         if (latency_file := output / 'latency.json').is_file() else None
     record = {'arch': arch, 'params': count_params(arch, **space_kwargs) / 1e6,

@@ -55,6 +55,10 @@ class SpaceError(ValueError):
 
 
 HEAD_DIM = 64
+# Device types whose attention runs through F.scaled_dot_product_attention (Attention.fused): on CUDA its
+# flash / memory-efficient kernels keep no N x N tensor. Elsewhere the explicit matmuls, faster on the CPU
+# (bench/train_step.py --attention).
+SDPA_DEVICES = {'cuda'}
 
 PRESETS: dict[str, dict[str, Any]] = {
     'tiny': dict(search_embed_dim=(192, 216, 240), search_mlp_ratio=(3.0, 3.5, 4.0),
@@ -293,18 +297,32 @@ class RelativePosition2D(nn.Module):
     def table(self) -> torch.Tensor:
         return torch.cat([self.embeddings_table_v, self.embeddings_table_h])
 
-    def logits(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-        """``scale * (q . k + q . r(i, j))`` for every query i and key j: (B, H, N, d) x 2 -> (B, H, N, N)."""
+    def query_columns(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """``[scale q, a]``: the queries beside their table terms per bucket, so that ``[scale q, a] @ [k, e]^T``
+        are the logits (B, H, N, d) -> (B, H, N, d + buckets)."""
         q = q * scale  # on N x d rather than N x N
         members, rows = self.buckets(q.shape[-2], q.device)
         per_bucket = (q @ self.table().t()).gather(-1, rows.expand(*q.shape[:-1], rows.shape[-1]))
-        return matmul_with_bucket_columns(torch.cat([q, per_bucket.to(q.dtype)], dim=-1), k, members, True)
+        return torch.cat([q, per_bucket.to(q.dtype)], dim=-1)
+
+    def logits(self, q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+        """``scale * (q . k + q . r(i, j))`` for every query i and key j: (B, H, N, d) x 2 -> (B, H, N, N)."""
+        members, _ = self.buckets(q.shape[-2], q.device)
+        return matmul_with_bucket_columns(self.query_columns(q, scale), k, members, True)
 
     def attend(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``sum_j attn(i, j) (v_j + r(i, j))``: (B, H, N, N), (B, H, N, d) -> (B, H, N, d)."""
-        members, rows = self.buckets(attn.shape[-1], attn.device)
-        out = matmul_with_bucket_columns(attn, v, members, False)
-        out, per_bucket = out.split([v.shape[-1], members.shape[-1]], dim=-1)
+        members, _ = self.buckets(attn.shape[-1], attn.device)
+        return self.values(matmul_with_bucket_columns(attn, v, members, False), v.shape[-1])
+
+    def key_columns(self, k: torch.Tensor) -> torch.Tensor:
+        """``[k, e]``: keys (or values) beside their 0/1 bucket columns, (B, H, N, d) -> (B, H, N, d + buckets)."""
+        return with_bucket_columns(k, self.buckets(k.shape[-2], k.device)[0])
+
+    def values(self, attended: torch.Tensor, width: int) -> torch.Tensor:
+        """``attn @ [v, e]`` -> ``sum_j attn(i, j) (v_j + r(i, j))``: the per-bucket sums through the table."""
+        _, rows = self.buckets(attended.shape[-2], attended.device)
+        out, per_bucket = attended.split([width, attended.shape[-1] - width], dim=-1)
         table = self.table()
         per_row = per_bucket.new_zeros(*per_bucket.shape[:-1], table.shape[0])
         per_row = per_row.scatter_add(-1, rows.expand(*per_bucket.shape[:-1], rows.shape[-1]), per_bucket)
@@ -330,14 +348,32 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
         q, k, v = self.qkv(x).view(batch, tokens, 3, -1, HEAD_DIM).permute(2, 0, 3, 1, 4)
+        if x.device.type in SDPA_DEVICES and not torch.jit.is_tracing():
+            out = self.fused(q, k, v)
+        else:
+            out = self.explicit(q, k, v)
+        out = out.transpose(1, 2).reshape(batch, tokens, -1)
+        return self.proj_drop(self.proj(out))
+
+    def fused(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``F.scaled_dot_product_attention`` over ``[scale q, a]``, ``[k, e]`` and ``[v, e]``: the relative
+        positions as extra columns, so flash or memory-efficient kernels serve it and no N x N tensor is kept."""
+        dropout = self.attn_drop.p if self.training else 0.0
+        if not self.rpe:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=self.scale)
+        out = F.scaled_dot_product_attention(self.rel_pos_embed_k.query_columns(q, self.scale),
+                                             self.rel_pos_embed_k.key_columns(k),
+                                             self.rel_pos_embed_v.key_columns(v), dropout_p=dropout, scale=1.0)
+        return self.rel_pos_embed_v.values(out, v.shape[-1])
+
+    def explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention matrix written out (the official formulation's shape of computation)."""
         if self.rpe:
             attn = self.rel_pos_embed_k.logits(q, k, self.scale)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)
         attn = self.attn_drop(attn.softmax(dim=-1))
-        out = self.rel_pos_embed_v.attend(attn, v) if self.rpe else attn @ v
-        out = out.transpose(1, 2).reshape(batch, tokens, -1)
-        return self.proj_drop(self.proj(out))
+        return self.rel_pos_embed_v.attend(attn, v) if self.rpe else attn @ v
 
 
 class Block(nn.Module):

@@ -16,6 +16,7 @@ from typing import Callable, ContextManager
 import torch
 
 import cli  # noqa: F401  (quiets NNI 3.0's known warnings, as in the scripts)
+import space
 from space import PRESETS
 
 OURS, OFFICIAL = 'ours', 'official formulation'
@@ -39,6 +40,9 @@ def add_timing_args(parser: argparse.ArgumentParser, unit: str) -> None:
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (torch.set_num_threads)')
     parser.add_argument('--reference', action='store_true',
                         help='time the official formulation (bench/reference.py) right after or before each of ours')
+    parser.add_argument('--attention', action='store_true',
+                        help="also time ours with the other attention path than the device's default (SDPA against "
+                             'explicit matmuls: space.SDPA_DEVICES)')
 
 
 def set_up(args: argparse.Namespace) -> torch.device:
@@ -47,6 +51,27 @@ def set_up(args: argparse.Namespace) -> torch.device:
         torch.set_num_threads(args.threads)
     torch.manual_seed(getattr(args, 'seed', 0))
     return torch.device(args.device)
+
+
+OTHER_ATTENTION = 'ours, other attention path'
+
+
+@contextlib.contextmanager
+def other_attention(device: torch.device):
+    """Ours with the attention path the device does not use by default (``space.SDPA_DEVICES`` toggled)."""
+    fused = device.type in space.SDPA_DEVICES
+    space.SDPA_DEVICES.discard(device.type) if fused else space.SDPA_DEVICES.add(device.type)
+    try:
+        yield
+    finally:
+        space.SDPA_DEVICES.add(device.type) if fused else space.SDPA_DEVICES.discard(device.type)
+
+
+def with_other_attention(function: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    def run() -> object:
+        with other_attention(device):
+            return function()
+    return run
 
 
 def autocast(device: torch.device, precision: str) -> ContextManager:

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from common import (OFFICIAL, OURS, add_timing_args, autocast, interleaved_seconds, interleaved_summary,  # noqa: E402
-                    peak_memory, set_up)
+from common import (OFFICIAL, OTHER_ATTENTION, OURS, add_timing_args, autocast, interleaved_seconds,  # noqa: E402
+                    interleaved_summary, peak_memory, set_up, with_other_attention)
 from reference import in_official_formulation  # noqa: E402
 from space import AutoformerSpace, build_supernet, set_active_arch, complete_space_kwargs  # noqa: E402
 
@@ -53,6 +53,8 @@ def main() -> None:
                 'supernet running the subnet': inference(supernet, images, args.precision)}
     if args.reference:
         forwards[OFFICIAL] = functools.partial(in_official_formulation, forwards[OURS])
+    if args.attention:
+        forwards[OTHER_ATTENTION] = with_other_attention(forwards[OURS], device)
     times = interleaved_seconds(lambda index: forwards, args)
     label = (f'eval autoformer-{args.name} frozen subnet {space_kwargs["img_size"]}px batch {args.batch_size} '
              f'{args.device} {args.precision} threads {torch.get_num_threads()}{peak_memory(device)}')

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 # space first: it silences NNI's harmless torch-version warnings before nni is imported.
+import space
 from space import MixedPrefixLinear, MixedQKV, RelativePosition2D, official_qkv_slice
 from nni.nas.oneshot.pytorch.supermodule.operation import MixedLinear
 
@@ -57,12 +58,14 @@ def direct_attend(module: RelativePosition2D, attn: torch.Tensor, v: torch.Tenso
 @contextlib.contextmanager
 def direct_rpe() -> Iterator[None]:
     """Run every :class:`RelativePosition2D` with the official (direct) formulation inside the block."""
-    saved = RelativePosition2D.logits, RelativePosition2D.attend
+    saved = RelativePosition2D.logits, RelativePosition2D.attend, set(space.SDPA_DEVICES)
     RelativePosition2D.logits, RelativePosition2D.attend = direct_logits, direct_attend
+    space.SDPA_DEVICES.clear()  # the explicit attention path, where the direct formulation sits
     try:
         yield
     finally:
-        RelativePosition2D.logits, RelativePosition2D.attend = saved
+        RelativePosition2D.logits, RelativePosition2D.attend, devices = saved
+        space.SDPA_DEVICES.update(devices)
 
 
 def qkv_sliced_by_autograd(module: MixedQKV, in_features: int, out_features: int,

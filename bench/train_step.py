@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from common import (OFFICIAL, OURS, add_timing_args, autocast, interleaved_seconds, interleaved_summary,  # noqa: E402
-                    peak_memory, set_up)
+from common import (OFFICIAL, OTHER_ATTENTION, OURS, add_timing_args, autocast, interleaved_seconds,  # noqa: E402
+                    interleaved_summary, peak_memory, set_up, with_other_attention)
 from reference import in_official_formulation  # noqa: E402
 from space import AutoformerSpace, build_supernet, sample_arch, set_active_arch, complete_space_kwargs  # noqa: E402
 
@@ -78,6 +78,8 @@ def main() -> None:
             steps[OFFICIAL] = functools.partial(in_official_formulation, step, arch)
         if args.ceiling:
             steps['no relative positions'] = functools.partial(step_without_rpe, arch)
+        if args.attention:
+            steps[OTHER_ATTENTION] = with_other_attention(functools.partial(step, arch), device)
         return steps
     times = interleaved_seconds(make_steps, args)
     label = (f'train_step {args.name} {space_kwargs["img_size"]}px batch {args.batch_size} {args.device} '

@@ -37,12 +37,18 @@ def test_evaluate_digits_with_supernet_and_arch(demo_supernet, tmp_path):
     assert results['params'] == sum(p.numel() for p in load_model(demo_supernet, arch=ARCH)[0].parameters())
 
 
-def test_evaluate_compiled_gives_the_same_accuracy(demo_supernet, caplog):
+def test_evaluate_compiled_gives_the_same_outputs_and_accuracy(demo_supernet, caplog):
     args = ['--weights', str(demo_supernet), '--arch', json.dumps(ARCH), '--num-workers', '0']
     eager = evaluate.main(args)
-    compiled = evaluate.main(args + ['--compile', '--precision', 'bf16-mixed'])  # no CUDA: fp32, with a warning
-    assert 'needs CUDA: evaluating in fp32' in caplog.text
+    compiled = evaluate.main(args + ['--compile'])
     assert compiled['top1'] == eager['top1'] and compiled['top5'] == eager['top5']
+    model = load_model(demo_supernet, arch=ARCH)[0].eval()
+    images = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(torch.compile(model)(images), model(images), rtol=1e-4, atol=1e-5)
+    bf16 = evaluate.main(args + ['--precision', 'bf16-mixed'])  # CPU autocast, with a note
+    assert 'bf16-mixed on the CPU: evaluating under CPU autocast' in caplog.text
+    assert abs(bf16['top1'] - eager['top1']) <= 2 * 100 / 360  # within two images of fp32
 
 
 def test_evaluate_arch_from_file_on_image_folder(demo_supernet, tmp_path):

@@ -1,4 +1,6 @@
-"""The fast paths against the plain formulations: bucketed relative positions, sliced linear layers."""
+"""The fast paths against the plain formulations: bucketed relative positions, attention through
+``F.scaled_dot_product_attention`` (the ``fused`` path), sliced linear layers."""
+import random
 import sys
 from pathlib import Path
 
@@ -8,11 +10,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'bench'))
 from reference import direct_rpe  # noqa: E402
 from fixtures import norm_relative_error  # noqa: E402
+import space  # noqa: E402
 from space import Attention, SlicedLinear, official_qkv_slice, qkv_rows  # noqa: E402
 
 
+@pytest.fixture(params=['explicit', 'fused'])
+def attention_path(request, monkeypatch):
+    """Each test below once per attention path: the explicit matmuls and SDPA (CUDA's default) on the CPU."""
+    monkeypatch.setattr(space, 'SDPA_DEVICES', {'cpu'} if request.param == 'fused' else set())
+    return request.param
+
+
 @pytest.mark.parametrize('tokens, length', [(197, 14), (17, 2), (65, 14), (50, 4)])
-def test_attention_matches_the_direct_formulation_forward_and_gradients(tokens, length):
+def test_attention_matches_the_direct_formulation_forward_and_gradients(tokens, length, attention_path):
     torch.manual_seed(tokens)
     attention = Attention(192, 3, qkv_bias=True, qk_scale=None, attn_drop=0., proj_drop=0., rpe=True,
                           rpe_length=length).double()
@@ -36,7 +46,7 @@ def test_attention_matches_the_direct_formulation_forward_and_gradients(tokens, 
     assert max(errors.values()) < 1e-10, errors  # float64: any error above rounding is a bug
 
 
-def test_attention_in_float32_stays_within_1e_5_of_the_direct_formulation():
+def test_attention_in_float32_stays_within_1e_5_of_the_direct_formulation(attention_path):
     torch.manual_seed(0)
     attention = Attention(240, 4, qkv_bias=True, qk_scale=None, attn_drop=0., proj_drop=0., rpe=True, rpe_length=14)
     x = torch.randn(4, 197, 240)
@@ -86,7 +96,7 @@ def test_sliced_linear_under_bf16_autocast_matches_autograd_slicing(rows):
         assert a.dtype == b.dtype and torch.allclose(a, b, rtol=1e-2, atol=1e-2)
 
 
-def test_attention_under_bf16_autocast_runs_forward_and_backward_near_the_direct_formulation():
+def test_attention_under_bf16_autocast_runs_forward_and_backward_near_the_direct_formulation(attention_path):
     torch.manual_seed(0)
     attention = Attention(192, 3, qkv_bias=True, qk_scale=None, attn_drop=0., proj_drop=0., rpe=True, rpe_length=4)
     x = torch.randn(2, 50, 192)
@@ -102,3 +112,38 @@ def test_attention_under_bf16_autocast_runs_forward_and_backward_near_the_direct
     with direct_rpe():
         reference = run()
     assert ours[0].dtype == torch.float32 and all(norm_relative_error(a, b) < 3e-2 for a, b in zip(ours, reference))
+
+
+@pytest.mark.parametrize('name', ['demo', 'tiny'])
+def test_fused_supernet_equals_the_direct_formulation_for_every_depth_and_head_count(name, monkeypatch):
+    """Float64, forward and every gradient: each depth with each head count of the space, all other
+    choices drawn at random; SDPA with the relative positions as columns against the direct formulation."""
+    from space import AutoformerSpace, build_supernet, complete_space_kwargs, make_arch, set_active_arch
+    monkeypatch.setattr(space, 'SDPA_DEVICES', {'cpu'})
+    space_kwargs = complete_space_kwargs(**AutoformerSpace.preset(name), drop_path_rate=0.0)
+    torch.manual_seed(0)
+    supernet = build_supernet(space_kwargs).double()
+    for module in supernet.modules():  # training-scale tables, not init's
+        if isinstance(module, space.RelativePosition2D):
+            torch.nn.init.normal_(module.embeddings_table_v)
+            torch.nn.init.normal_(module.embeddings_table_h)
+    images = torch.randn(1 if name == 'tiny' else 2, 3, space_kwargs['img_size'], space_kwargs['img_size'],
+                         dtype=torch.double)
+    rng = random.Random(0)
+
+    def run():
+        supernet.zero_grad()
+        out = supernet(images)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+        return [out] + [p.grad.clone() for p in supernet.parameters() if p.grad is not None]
+
+    for depth in space_kwargs['search_depth']:
+        for heads in space_kwargs['search_num_heads']:
+            ratios = [rng.choice(space_kwargs['search_mlp_ratio']) for _ in range(depth)]
+            set_active_arch(supernet, make_arch(rng.choice(space_kwargs['search_embed_dim']), ratios, [heads] * depth))
+            fused = run()
+            with direct_rpe():
+                reference = run()
+            assert len(fused) == len(reference) > 10
+            errors = [norm_relative_error(a, b) for a, b in zip(fused, reference)]
+            assert max(errors) < 1e-10, (depth, heads, max(errors))

@@ -147,11 +147,31 @@ def test_subnet_state_dict_mismatches_are_named(golden, change, message):
 
 def test_gpus_without_a_gpu_fall_back_to_the_cpu_with_a_warning(caplog, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    args = Namespace(gpus=4, cpu_processes=1, num_nodes=1, precision='bf16-mixed', epochs=1, clip_grad=None, output='x')
+    args = Namespace(gpus=4, cpu_processes=1, num_nodes=1, precision=None, epochs=1, clip_grad=None, output='x')
     with caplog.at_level(logging.WARNING):
         settings, processes = engine.trainer_settings(args)
     assert settings['accelerator'] == 'cpu' and processes == 1 and settings['precision'] == '32-true'
     assert 'no CUDA GPU is visible: training on the CPU' in caplog.text
+
+
+@pytest.mark.parametrize('cuda, bf16, expected', [(True, True, 'bf16-mixed'), (True, False, '16-mixed'),
+                                                  (False, True, '32-true')])
+def test_precision_defaults_to_mixed_on_cuda_and_fp32_on_the_cpu(monkeypatch, cuda, bf16, expected):
+    from utils import set_up_precision
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: bf16)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
+    assert set_up_precision(Namespace(precision=None, tf32=False), cuda, 'training') == expected
+    assert set_up_precision(Namespace(precision='32-true', tf32=False), cuda, 'training') == '32-true'
+    assert torch.backends.cudnn.benchmark == cuda  # fixed input sizes: cuDNN picks its fastest kernels once
+
+
+def test_fp16_on_the_cpu_is_refused_and_bf16_runs_cpu_autocast(caplog):
+    from utils import set_up_precision
+    with pytest.raises(UserError, match='--precision 16-mixed needs CUDA'):
+        set_up_precision(Namespace(precision='16-mixed', tf32=False), False, 'training')
+    with caplog.at_level(logging.WARNING):
+        assert set_up_precision(Namespace(precision='bf16-mixed', tf32=False), False, 'training') == 'bf16-mixed'
+    assert 'usually slower there than fp32' in caplog.text
 
 
 def test_non_finite_loss_skips_the_step_naming_step_and_arch(golden, caplog):
