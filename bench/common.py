@@ -40,6 +40,8 @@ def add_timing_args(parser: argparse.ArgumentParser, unit: str) -> None:
     parser.add_argument('--threads', type=int, default=None, help='CPU threads (torch.set_num_threads)')
     parser.add_argument('--reference', action='store_true',
                         help='time the official formulation (bench/reference.py) right after or before each of ours')
+    parser.add_argument('--peak-tflops', type=float, default=None,
+                        help="the device's peak dense TFLOP/s at --precision, to print our share of it")
     parser.add_argument('--attention', action='store_true',
                         help="also time ours with the other attention path than the device's default (SDPA against "
                              'explicit matmuls: space.SDPA_DEVICES)')
@@ -111,9 +113,20 @@ def interleaved_seconds(make_steps: Callable[[int], dict[str, Callable[[], objec
     return {name: times[name] for name in names}
 
 
-def interleaved_summary(times: dict[str, list[float]], images_per_step: int) -> str:
-    """Images/s of each variant and, against the official formulation, how many times faster the others are."""
-    parts = [f'{name} {images_per_step * len(values) / sum(values):.2f} images/s' for name, values in times.items()]
+def share_of_peak(times: list[float], flops_per_step: float, peak_tflops: float | None) -> str:
+    """' X TFLOP/s, Y% of peak' for ``times`` of steps of ``flops_per_step`` each (nothing without a peak)."""
+    if not peak_tflops:
+        return ''
+    achieved = flops_per_step * len(times) / sum(times) / 1e12
+    return f' ({achieved:.1f} TFLOP/s, {100 * achieved / peak_tflops:.1f}% of the {peak_tflops:g} TFLOP/s peak)'
+
+
+def interleaved_summary(times: dict[str, list[float]], images_per_step: int, flops_per_step: float = 0.0,
+                        peak_tflops: float | None = None) -> str:
+    """Images/s of each variant (with its share of the device's peak FLOP/s when given) and, against the
+    official formulation, how many times faster the others are."""
+    parts = [f'{name} {images_per_step * len(values) / sum(values):.2f} images/s'
+             + share_of_peak(values, flops_per_step, peak_tflops) for name, values in times.items()]
     official = times.get(OFFICIAL)
     for name, values in times.items():
         if official and name != OFFICIAL:

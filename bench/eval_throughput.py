@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from common import (OFFICIAL, OTHER_ATTENTION, OURS, add_timing_args, autocast, interleaved_seconds,  # noqa: E402
                     interleaved_summary, peak_memory, set_up, with_other_attention)
 from reference import in_official_formulation  # noqa: E402
-from space import AutoformerSpace, build_supernet, set_active_arch, complete_space_kwargs  # noqa: E402
+from space import AutoformerSpace, build_supernet, complete_space_kwargs, count_flops, set_active_arch  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,7 +58,8 @@ def main() -> None:
     times = interleaved_seconds(lambda index: forwards, args)
     label = (f'eval autoformer-{args.name} frozen subnet {space_kwargs["img_size"]}px batch {args.batch_size} '
              f'{args.device} {args.precision} threads {torch.get_num_threads()}{peak_memory(device)}')
-    print(f'{label}: {interleaved_summary(times, args.batch_size)}')
+    flops_per_step = 2 * count_flops(arch, **space_kwargs) * args.batch_size
+    print(f'{label}: {interleaved_summary(times, args.batch_size, flops_per_step, args.peak_tflops)}')
 
 
 if __name__ == '__main__':

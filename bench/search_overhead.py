@@ -39,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'  # where search.py evaluates by default
+
+
 def timed_search(workdir: Path, weights: Path, trials: int, engine: str,
                  args: argparse.Namespace) -> tuple[float, list[dict]]:
     output = workdir / f'search-{engine}-{trials}'
@@ -58,7 +61,7 @@ def forward_seconds(weights: Path, cache: Path, records: list[dict], space_kwarg
         model = AutoformerSpace(**space_kwargs).freeze(record['arch'])
         model.load_state_dict(sub_state_dict(supernet, record['arch']))
         start = time.perf_counter()
-        evaluate(model, split.batches(256), progress=False)
+        evaluate(model, split.batches(256), DEVICE, progress=False)
         total += time.perf_counter() - start
     return total / len(records)
 

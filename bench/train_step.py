@@ -25,7 +25,8 @@ import torch  # noqa: E402
 from common import (OFFICIAL, OTHER_ATTENTION, OURS, add_timing_args, autocast, interleaved_seconds,  # noqa: E402
                     interleaved_summary, peak_memory, set_up, with_other_attention)
 from reference import in_official_formulation  # noqa: E402
-from space import AutoformerSpace, build_supernet, sample_arch, set_active_arch, complete_space_kwargs  # noqa: E402
+from space import (AutoformerSpace, build_supernet, complete_space_kwargs, count_flops, sample_arch,  # noqa: E402
+                   set_active_arch)
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,9 +71,11 @@ def main() -> None:
         no_rpe = build_supernet({**space_kwargs, 'rpe': False}).to(device).train()
         step_without_rpe = training_step(no_rpe, images, targets, args.precision)
     rng = random.Random(args.seed)
+    macs = []  # per image, of each step's arch
 
     def make_steps(index: int) -> dict[str, Callable[[], None]]:
         arch = sample_arch(space_kwargs, rng)
+        macs.append(count_flops(arch, **space_kwargs))
         steps = {OURS: functools.partial(step, arch)}
         if args.reference:
             steps[OFFICIAL] = functools.partial(in_official_formulation, step, arch)
@@ -84,7 +87,8 @@ def main() -> None:
     times = interleaved_seconds(make_steps, args)
     label = (f'train_step {args.name} {space_kwargs["img_size"]}px batch {args.batch_size} {args.device} '
              f'{args.precision} threads {torch.get_num_threads()}{peak_memory(device)}')
-    print(f'{label}: {interleaved_summary(times, args.batch_size)}')
+    flops_per_step = 6 * sum(macs) / len(macs) * args.batch_size  # forward 2 x MACs, backward twice that
+    print(f'{label}: {interleaved_summary(times, args.batch_size, flops_per_step, args.peak_tflops)}')
 
 
 if __name__ == '__main__':
