@@ -296,6 +296,9 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
     parser.add_argument('--num-nodes', '--num_nodes', dest='num_nodes', type=int, default=1,
                         help='machines (launched with torchrun or SLURM)')
     add_precision_args(parser)
+    parser.add_argument('--compile', action='store_true',
+                        help='torch.compile the one subnet of --arch (the supernet changes arch every step and stays '
+                             'eager); worth it for long runs on a GPU')
     parser.add_argument('--resume', action='store_true', help='continue the run in --output from its last checkpoint')
     parser.add_argument('--seed', type=int, default=0, help='random seed (data order, architectures, init)')
     parser.add_argument('--output', default=recipe.get('output'), help='folder for checkpoints, logs and weights')

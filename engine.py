@@ -327,6 +327,9 @@ def train_supernet(args: argparse.Namespace, space_kwargs: Mapping[str, Any],
     then holds its own weights); return the final weights file, ``supernet.pth`` or ``subnet.pth``."""
     output = Path(args.output)
     check_writable(output)
+    if args.compile and arch is None:
+        raise UserError('--compile needs --arch: the supernet runs another arch every step, so there is no one graph '
+                        'to compile')
     if not is_first_process():
         return _train(args, space_kwargs, pretrained, arch)
     with lock_output(output, 'a training run'):
@@ -381,6 +384,8 @@ def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained
     evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs, str(last) if args.resume else None)
     training_space = {**space_kwargs, 'drop_path_rate': args.drop_path}
     supernet = AutoformerSpace(**training_space).freeze(arch) if arch else build_supernet(training_space)
+    if args.compile:
+        supernet.compile()  # in place: the state dict keeps its keys, so checkpoints and weights files stay the same
     try:
         evaluator.evaluate(supernet)
     except SystemExit:  # Lightning's graceful shutdown after Ctrl-C; its checkpoints stay

@@ -266,3 +266,17 @@ def test_scratch_arch_retrains_one_subnet_and_resumes_it(tmp_path):
     with pytest.raises(UserError, match='holds a training run with another arch'):
         scratch.main([*FAST, '--arch', json.dumps(make_arch(96, [3.0, 3.5], [1, 1])), '--warmup', '0', '--epochs', '3',
                       '--output', str(tmp_path), '--resume'])
+
+
+def test_compile_of_a_fixed_arch_keeps_outputs_and_state_dict_keys():
+    """``--compile`` compiles the subnet in place (``nn.Module.compile``): same outputs, same weights file keys."""
+    from space import make_arch
+    space_kwargs = AutoformerSpace.preset('demo')
+    model = AutoformerSpace(**space_kwargs).freeze(make_arch(96, [3.0, 3.5], [1, 2])).eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        eager = model(images)
+        keys = list(model.state_dict())
+        model.compile()
+        compiled = model(images)
+    assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-5) and list(model.state_dict()) == keys
