@@ -40,7 +40,11 @@ def load_supernet_file(path: str | Path, name: str | Mapping[str, Any] | None = 
     ``name``: a preset, constructor kwargs, or None for the space stored in the file (else tiny).
     """
     if path == 'nni':
-        path = nni_download(f'autoformer-{name}-supernet')
+        size = name if isinstance(name, str) else preset_name(complete_space_kwargs(**name)) if name else 'tiny'
+        if size not in SEARCHED:
+            raise UserError(f"'nni' downloads NNI's supernets of the tiny, small and base presets, not of "
+                            f"{'this space' if size is None else size}: pass --name tiny|small|base, or a weights file")
+        path = nni_download(f'autoformer-{size}-supernet')
     state_dict, meta = read_weights(path)
     if is_subnet(state_dict):
         raise UserError(f'{path} holds the weights of one subnet, not a supernet: pass the supernet file it was '

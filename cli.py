@@ -312,17 +312,18 @@ def check_classes(dataset: str, classes: int, space_kwargs: Mapping[str, Any], w
 
 
 def check_output_folder(output: Path, resume: Any, run: str, held: list[Path], recorded: Mapping[str, Any] | None,
-                        fingerprint: Mapping[str, Any]) -> None:
+                        fingerprint: Mapping[str, Any], before: Mapping[str, Any] | None = None) -> None:
     """One ``--output`` holds one run (``run`` names it: 'a training run', 'search <id>'). Without
     ``--resume``, refuse a folder holding results (``held``); with it, refuse settings other than those
     ``recorded`` for the run.
-    A setting the run did not record (it predates that key, or all of them: None) is taken as unchanged."""
+    A setting the run did not record was, where ``before`` says, what it was before it was recorded (an
+    older run); else it is taken as unchanged, as are all of a run that recorded none (``recorded`` None)."""
     if not resume:
         if held:
             raise UserError(f'{output} already holds {run} ({held[0].name}): pass --resume to continue it, or choose '
                             'another --output')
         return
-    recorded = recorded or {}
+    recorded = {**(before or {}), **recorded} if recorded is not None else {}
     changed = [key for key in fingerprint if key in recorded and recorded[key] != fingerprint[key]]
     if changed:
         differences = ', '.join(f'another {key} ({recorded[key]!r}, now {fingerprint[key]!r})' for key in changed)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from checkpoints import save_weights
 from cli import add_name_arg, parse_checked, run_main, space_arg
-from space import AutoformerSpace, sub_state_dict
+from space import AutoformerSpace, complete_arch, sub_state_dict
 from utils import UserError
 
 
@@ -46,12 +46,14 @@ def main(argv: list[str] | None = None) -> None:
         if Path(path).exists() and not args.force:
             raise UserError(f'{path} already exists: pass --force to overwrite it, or choose another output')
     space = space_arg(args)
-    supernet = AutoformerSpace.load_supernet_weights(space, args.input, layout=args.format)
     space_kwargs = dict(space) if isinstance(space, dict) else AutoformerSpace.preset(space)
+    if args.subnet_output:  # before anything is written: the released arch must be one of the space
+        arch = AutoformerSpace.searched_arch(args.name)
+        complete_arch(arch, space_kwargs)
+    supernet = AutoformerSpace.load_supernet_weights(space, args.input, layout=args.format)
     save_weights(args.output, supernet, space_kwargs)
     print(f'wrote supernet {args.output} ({sum(t.numel() for t in supernet.values()) / 1e6:.1f}M values)')
     if args.subnet_output:
-        arch = AutoformerSpace.searched_arch(args.name)
         save_weights(args.subnet_output, sub_state_dict(supernet, arch), space_kwargs, arch=arch)
         print(f'wrote subnet autoformer-{args.name} {args.subnet_output}')
 

@@ -28,8 +28,8 @@ from tqdm import tqdm
 import data
 from checkpoints import check_finite, read_weights, save_weights
 from cli import check_classes, check_output_folder
-from space import (AutoformerSpace, build_supernet, canonical_arch, count_flops, count_params, sub_state_dict,
-                   typed_arch)
+from space import (AutoformerSpace, build_supernet, canonical_arch, count_flops, count_params, init_weights,
+                   sub_state_dict, typed_arch)
 from trial import record_failure
 from utils import (AUTOCAST, UserError, atomic_write_json, atomic_write_text, check_writable, default_precision,
                    lock_output, pick_device, read_json, remove_unfinished_writes, set_up_precision)
@@ -113,7 +113,7 @@ INTERMEDIATE_RESULTS = 20  # per candidate at most: the web UI's chart, not one 
 
 def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
                   split: data.CachedSplit, output: Path, batch_size: int, device: torch.device,
-                  report: Callable[[float], None]) -> dict[str, Any]:
+                  report: Callable[[float], None], precision: str | None = None) -> dict[str, Any]:
     """Top-1 of one subnet (weights inherited from the supernet) on the search split; writes its record.
 
     A candidate already recorded in ``output`` (a resumed search) is answered from its record.
@@ -127,7 +127,7 @@ def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor],
     model.load_state_dict(sub_state_dict(supernet, arch))
     every = max(1, -(-len(split) // batch_size) // INTERMEDIATE_RESULTS)
     metrics = evaluate(model, split.batches(batch_size), device, progress=False,
-                       on_batch=lambda index, top1: report(top1), report_every=every)
+                       on_batch=lambda index, top1: report(top1), report_every=every, precision=precision)
     latency = read_json(latency_file).get(key) \
         if (latency_file := output / 'latency.json').is_file() else None
     record = {'arch': arch, 'params': count_params(arch, **space_kwargs) / 1e6,
@@ -145,13 +145,13 @@ def final_metrics(record: Mapping[str, Any]) -> dict[str, float]:
 
 
 def evaluate_candidate(model: torch.nn.Module, weights: str, cache: str, output: str, batch_size: int,
-                       device: str) -> None:
+                       device: str, precision: str | None = None) -> None:
     """NNI trial run in the search's own process (``--engine sequential``): evaluates and reports."""
     supernet, space_kwargs = _supernet(weights)
     arch = typed_arch(nni.get_current_parameter().sample)
     try:
         record = evaluate_arch(arch, supernet, space_kwargs, _search_data(cache), Path(output), batch_size,
-                               pick_device(device), nni.report_intermediate_result)
+                               pick_device(device), nni.report_intermediate_result, precision)
     except Exception as err:
         record_failure({'output': output}, arch_key(arch), f'{type(err).__name__}: {err}')
         raise
@@ -168,7 +168,7 @@ def candidate_server(spec: Mapping[str, Any]) -> Callable[[str, Callable[[dict],
     def evaluate_parameter(parameter: str, send: Callable[[dict], None]) -> None:
         arch = typed_arch(nni.load(parameter)['parameters'].sample)
         record = evaluate_arch(arch, supernet, space_kwargs, split, output, spec['batch_size'], device,
-                               lambda top1: send({'intermediate': top1}))
+                               lambda top1: send({'intermediate': top1}), spec.get('precision'))
         send({'final': final_metrics(record)})
 
     return evaluate_parameter
@@ -259,12 +259,18 @@ def trainer_settings(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         raise UserError(f'--gpus {args.gpus}: only {torch.cuda.device_count()} CUDA GPUs are visible on this machine')
     precision = set_up_precision(args, use_gpu, 'training')
     devices = args.gpus if use_gpu else args.cpu_processes
-    processes = devices * args.num_nodes
+    processes = process_count(args)
     return dict(accelerator='gpu' if use_gpu else 'cpu', devices=devices, num_nodes=args.num_nodes,
                 strategy='ddp_find_unused_parameters_true' if processes > 1 else 'auto', precision=precision,
                 max_epochs=args.epochs, gradient_clip_val=args.clip_grad, deterministic=not use_gpu,
                 use_distributed_sampler=False,  # data.RankSampler shards (and repeats) itself
                 default_root_dir=args.output, log_every_n_steps=10), processes
+
+
+def process_count(args: argparse.Namespace) -> int:
+    """Training processes across all machines: a GPU each, or ``--cpu-processes`` without CUDA."""
+    use_gpu = args.gpus > 0 and torch.cuda.is_available()
+    return (args.gpus if use_gpu else args.cpu_processes) * args.num_nodes
 
 
 def check_ranks_agree(trainer: pl.Trainer, supernet: nn.Module) -> None:
@@ -292,22 +298,29 @@ def check_run_output(output: Path, resume: bool, fingerprint: Mapping[str, Any])
         raise UserError(f'--resume: no checkpoint {last} to continue from')
     held = [path for path in (last, output / 'supernet.pth', output / 'subnet.pth') if path.exists()]  # not run.json
     recorded = read_json(output / 'run.json') if (output / 'run.json').is_file() else None
-    check_output_folder(output, resume, 'a training run', held, recorded, fingerprint)
+    check_output_folder(output, resume, 'a training run', held, recorded, fingerprint, RECORDED_SINCE)
     if resume:
         remove_unfinished_writes(last.parent)
 
 
+# What runs did before they recorded these: PyTorch's weight-decay groups exempted the tables, no
+# repeated augmentation, the supernet, fp32.
+RECORDED_SINCE = {'rel_pos_decay': False, 'repeated_aug': False, 'arch': None, 'precision': '32-true'}
+
 # What a resumed run must keep: another batch size or schedule would make one supernet of two recipes.
 # (--epochs may change: a resumed run may be extended.)
 RECIPE_FLAGS = ('batch_size', 'learning_rate', 'min_lr', 'warmup_lr', 'warmup', 'weight_decay', 'smoothing', 'mixup',
-                'cutmix', 'drop_path', 'clip_grad', 'ema_decay', 'img_size', 'repeated_aug', 'rel_pos_decay')
+                'cutmix', 'drop_path', 'clip_grad', 'ema_decay', 'img_size', 'rel_pos_decay')
 
 
 def run_fingerprint(args: argparse.Namespace, space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """What a resumed run must share with the run it continues."""
     recipe = {name: getattr(args, name) for name in RECIPE_FLAGS}
+    use_gpu = args.gpus > 0 and torch.cuda.is_available()
     return {'dataset': args.dataset, 'datapath': str(Path(args.datapath).resolve()) if args.datapath else None,
-            'space': json.loads(json.dumps(dict(space_kwargs))), 'seed': args.seed, **recipe}
+            'space': json.loads(json.dumps(dict(space_kwargs))), 'seed': args.seed, **recipe,
+            'repeated_aug': args.repeated_aug and process_count(args) > 1,  # what is run, not the flag
+            'precision': args.precision or default_precision(use_gpu)}
 
 
 def check_batches(train_size: int, batch_size: int, processes: int, repeats: int = 1) -> int:
@@ -316,6 +329,10 @@ def check_batches(train_size: int, batch_size: int, processes: int, repeats: int
     if per_rank < batch_size:
         global_batch = batch_size * processes
         across = f' ({batch_size} on each of {processes} processes)' if processes > 1 else ''
+        if repeats > 1:
+            raise UserError(f'the training split has {train_size} images; with repeated augmentation an epoch '
+                            f'reads {per_rank * processes} of them (a multiple of {data.REPEAT_ROUND}), fewer than '
+                            f'one batch of {global_batch}{across}: lower --batch-size or pass --no-repeated-aug')
         raise UserError(f'the training split has {train_size} images, fewer than one batch of {global_batch}'
                         f'{across}: lower --batch-size')
     return per_rank // batch_size
@@ -384,6 +401,8 @@ def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained
     evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs, str(last) if args.resume else None)
     training_space = {**space_kwargs, 'drop_path_rate': args.drop_path}
     supernet = AutoformerSpace(**training_space).freeze(arch) if arch else build_supernet(training_space)
+    if arch and pretrained is None:  # retrained from scratch: the official init, as the supernet's
+        init_weights(supernet)
     if args.compile:
         supernet.compile()  # in place: the state dict keeps its keys, so checkpoints and weights files stay the same
     try:

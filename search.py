@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import data
-from cli import add_name_arg, check_classes, check_output_folder, parse_checked, run_main, space_arg
+from cli import add_name_arg, add_precision_args, check_classes, check_output_folder, parse_checked, run_main, space_arg
 import torch
 import trial
 from engine import arch_key, evaluate_candidate, plot_pareto, write_results
@@ -46,7 +46,7 @@ from checkpoints import export_standalone, load_supernet_file, save_weights
 from space import AutoformerSpace, sub_state_dict, canonical_arch
 from strategy import Budget, SearchLedger, build_strategy
 from utils import (UserError, atomic_path, atomic_write_json, check_writable, lock_output, read_json,
-                   remove_unfinished_writes)
+                   remove_unfinished_writes, set_up_precision)
 
 _logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
@@ -105,6 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='with --machines: the address of this machine they connect back to (default: '
                              '127.0.0.1 when every machine is this one, else its address on the route to the first '
                              'other machine)')
+    add_precision_args(parser)
     parser.add_argument('--device', choices=['cuda', 'cpu'], default=None,
                         help='device candidates evaluate on (default: CUDA when this machine, or with --machines any '
                              'listed machine, has a GPU; cpu opts out)')
@@ -364,6 +365,8 @@ def resolve_devices(args: argparse.Namespace) -> None:
         print(f'--gpus {args.gpus}: the sequential engine uses one GPU (--engine ts spreads trials)', flush=True)
     default = (sum(remote_gpus) if args.device == 'cuda' else len(machines)) if machines else args.gpus
     args.concurrency = max(args.concurrency or default, 1)
+    if args.device == 'cpu' or torch.cuda.is_available():  # else remote GPUs: each worker takes its default
+        args.precision = set_up_precision(args, args.device == 'cuda', 'evaluating candidates')
 
 
 def write_worker_spec(output: Path, weights: Path, cache: Path, args: argparse.Namespace) -> Path:
@@ -373,7 +376,8 @@ def write_worker_spec(output: Path, weights: Path, cache: Path, args: argparse.N
         os.chmod(tmp, 0o600)
         tmp.write_text(json.dumps({
             'weights': str(weights), 'cache': str(cache), 'output': str(output), 'batch_size': args.batch_size,
-            'device': args.device, 'workers': args.concurrency, 'gpus': args.gpus, 'owner_pid': os.getpid(),
+            'device': args.device, 'precision': args.precision, 'workers': args.concurrency, 'gpus': args.gpus,
+            'owner_pid': os.getpid(),
             'host': trial.machine_name(), 'token': secrets.token_hex(16), 'idle_seconds': 3600}, indent=2))
     return spec
 
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict:
 def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'SearchExperiment', output: Path,
                supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any], meta: Mapping[str, Any]) -> dict:
     """The search into a locked ``output``: inputs checked and cached, the experiment run, the results."""
-    fingerprint = search_fingerprint(args)
+    fingerprint = search_fingerprint(args, space_kwargs)
     check_output(output, args, fingerprint)
     budget = Budget(space_kwargs, args.min_params, args.max_params, args.max_flops, args.max_latency,
                     args.latency_device, args.latency_batch_size, output / 'latency.json')
@@ -426,7 +430,8 @@ def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'Se
     atomic_write_json({'experiment_id': experiment.id, 'argv': sys.argv[1:] if argv is None else argv,
                        'fingerprint': fingerprint}, output / 'experiment.json')
     weights = Path(args.weights).resolve()
-    if 'space' not in meta:  # an official or NNI hub file: trials read a converted copy
+    if json.loads(json.dumps(meta.get('space'))) != json.loads(json.dumps(dict(space_kwargs))):
+        # an official or NNI hub file, or --space-file over a stored space: trials read a converted copy
         weights = output / 'supernet.pth'
         save_weights(weights, supernet, space_kwargs)
     cache = output / 'search-data.pt'
@@ -437,7 +442,8 @@ def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'Se
     spec = write_worker_spec(output, weights, cache, args) if args.engine == 'ts' else None
     experiment.config = experiment_config(args, spec)
     experiment.evaluator = FunctionalEvaluator(evaluate_candidate, weights=str(weights), cache=str(cache),
-                                               output=str(output), batch_size=args.batch_size, device=args.device)
+                                               output=str(output), batch_size=args.batch_size, device=args.device,
+                                               precision=args.precision)
     ledger = SearchLedger(output, planned_candidates(args))
     experiment.planned = ledger.planned
     experiment.strategy = build_strategy(args, space_kwargs, budget, ledger)
@@ -470,8 +476,8 @@ def stop_all_workers(spec: Path | None) -> None:
         spec.unlink()
 
 
-def search_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
-    """What a candidate's record depends on: the weights, the search split and the budget."""
+def search_fingerprint(args: argparse.Namespace, space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """What a candidate's record depends on: the weights and their space, the search split, the budget."""
     weights = Path(args.weights).resolve()
     stat = weights.stat() if weights.is_file() else None  # not a file: 'nni', NNI's download
     return {'weights': str(weights) if stat else args.weights, 'weights_size': stat and stat.st_size,
@@ -481,7 +487,8 @@ def search_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
             'datapath': str(Path(args.datapath).resolve()) if args.datapath else None,
             'search_images': args.search_images, 'seed': args.seed, 'min_params': args.min_params,
             'max_params': args.max_params, 'max_flops': args.max_flops, 'max_latency': args.max_latency,
-            'latency_device': args.latency_device, 'latency_batch_size': args.latency_batch_size}
+            'latency_device': args.latency_device, 'latency_batch_size': args.latency_batch_size,
+            'precision': args.precision, 'space': json.loads(json.dumps(dict(space_kwargs)))}
 
 
 def check_output(output: Path, args: argparse.Namespace, fingerprint: dict[str, Any]) -> None:
@@ -494,7 +501,7 @@ def check_output(output: Path, args: argparse.Namespace, fingerprint: dict[str, 
                         '--output of that search')
     held = [path for path in (output / 'best.json', *(output / 'candidates').glob('*.json')) if path.exists()]
     check_output_folder(output, args.resume, f'search {previous.get("experiment_id", "?")}', held,
-                        previous.get('fingerprint'), fingerprint)
+                        previous.get('fingerprint'), fingerprint, {'precision': '32-true'})  # searches ran fp32
     if args.resume:
         for folder in (output, output / 'candidates'):
             remove_unfinished_writes(folder)

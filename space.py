@@ -483,7 +483,6 @@ class AutoformerSpace(ModelSpace):
         self.norm = MutableLayerNorm(embed_dim) if pre_norm else nn.Identity()
         self.head = MutableLinear(in_features=embed_dim, out_features=num_labels) if num_labels > 0 \
             else nn.Identity()
-        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
@@ -600,11 +599,13 @@ def build_supernet(space_kwargs: Mapping[str, Any]) -> AutoformerSpace:
 
 
 @torch.no_grad()
-def init_weights(model: nn.Module) -> None:
+def init_weights(model: nn.Module) -> nn.Module:
     """The official supernet's initialisation (``_init_weights``): every linear layer's weight from a
     truncated normal of std 0.02 and a zero bias, LayerNorms 1 / 0. The class token, the position
     embedding and the relative-position tables are drawn with std 0.02 where they are made; the patch
-    embedding keeps PyTorch's default, as in the official code."""
+    embedding keeps PyTorch's default, as in the official code. :func:`build_supernet` applies it; a
+    subnet retrained from scratch gets it from the training driver (a frozen subnet usually receives
+    weights, so building one does not pay for it)."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.trunc_normal_(module.weight, std=.02)
@@ -613,6 +614,7 @@ def init_weights(model: nn.Module) -> None:
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+    return model
 
 
 def set_active_arch(supernet: AutoformerSpace, arch: Mapping[str, Any]) -> None:

@@ -64,6 +64,7 @@ def files(tmp_path_factory) -> dict[str, str]:
                                      .encode('latin-1'))
     paths['small-folder'] = write_image_folder(root / 'small', ['a', 'b'], 3)
     paths['cifar-100'] = write_cifar10(root / 'cifar', n_train_per_batch=20, n_test=10).parent
+    paths['supernet-T.yaml'] = ROOT / 'tests' / 'official-spaces' / 'supernet-T.yaml'
     paths['converted'] = root / 'converted.pth'
     paths['converted'].write_bytes(b'an earlier result')
     archs = {'float-arch': json.dumps({**DEMO_ARCH, 'embed_dim': 96.0}),

@@ -224,3 +224,12 @@ def test_a_space_file_works_for_conversion_evaluation_and_search(tmp_path):
                         'random', '--trials', '2', '--engine', 'sequential', '--num-workers', '0',
                         '--output', str(tmp_path / 'search')])
     assert best['arch']['embed_dim'] in (112, 128) and best['arch']['num_head_0'] == 2
+    # --space-file over a file storing another space: the trials read a copy fitted to the file's space
+    narrower = tmp_path / 'narrower.yaml'
+    narrower.write_text('SEARCH_SPACE: {MLP_RATIO: [3.5], NUM_HEADS: [1, 2], DEPTH: [2], EMBED_DIM: [104, 120]}\n')
+    best = search.main(['--weights', str(tmp_path / 'demo.pth'), '--space-file', str(narrower), '--name', 'demo',
+                        '--strategy', 'random', '--trials', '3', '--engine', 'sequential', '--num-workers', '0',
+                        '--output', str(tmp_path / 'search-narrower')])
+    records = json.loads((tmp_path / 'search-narrower' / 'candidates.json').read_text())
+    assert len(records) == 3 and {r['arch']['embed_dim'] for r in records} <= {104, 120}
+    assert best['arch']['depth'] == 2

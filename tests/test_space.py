@@ -10,7 +10,7 @@ from checkpoints import save_weights
 from conftest import GOLDEN
 from fixtures import max_relative_error
 from space import (AutoformerSpace, build_supernet, check_arch, count_flops, count_params, layer_dims, make_arch,
-                   sample_arch, set_active_arch, complete_space_kwargs, sub_state_dict, SpaceError)
+                   sample_arch, set_active_arch, complete_space_kwargs, sub_state_dict, SpaceError, init_weights)
 from utils import UserError
 
 
@@ -274,7 +274,7 @@ def test_new_weights_follow_the_official_init(make):
     """Linear weights: truncated normal of std 0.02 and zero biases; LayerNorms 1 / 0 (official ``_init_weights``)."""
     space_kwargs = complete_space_kwargs(**AutoformerSpace.preset('tiny'))
     model = build_supernet(space_kwargs) if make == 'supernet' else \
-        AutoformerSpace(**space_kwargs).freeze(AutoformerSpace.searched_arch('tiny'))
+        init_weights(AutoformerSpace(**space_kwargs).freeze(AutoformerSpace.searched_arch('tiny')))
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     assert len(linears) > 40 and len(norms) > 20
