@@ -89,15 +89,18 @@ def test_offspring_are_within_budget_never_seen_and_capped_at_ten_attempts_each(
 
 
 def namespace(**kwargs) -> argparse.Namespace:
-    defaults = {'device': None, 'gpus': None, 'concurrency': None, 'engine': 'ts', 'machine_list': None}
+    defaults = {'device': None, 'gpus': None, 'concurrency': None, 'engine': 'ts', 'machine_list': None,
+                'precision': None, 'tf32': False}
     return argparse.Namespace(**{**defaults, **kwargs})
 
 
 def test_cuda_is_the_default_device_when_present(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
     args = namespace()
     search.resolve_devices(args)
-    assert (args.device, args.gpus, args.concurrency) == ('cuda', 1, 1)
+    assert (args.device, args.gpus, args.concurrency, args.precision) == ('cuda', 1, 1, 'bf16-mixed')
     args = namespace(gpus=4)
     search.resolve_devices(args)
     assert (args.device, args.gpus, args.concurrency) == ('cuda', 4, 4)

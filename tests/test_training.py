@@ -27,10 +27,11 @@ def run_script(*args, **kwargs):
 
 
 def test_scratch_digits_learns_and_writes_checkpoints_and_weights(tmp_path):
-    scratch.main([*FAST, '--epochs', '4', '--output', str(tmp_path)])
+    scratch.main([*FAST, '--epochs', '6', '--warmup', '1', '--output', str(tmp_path)])
     metrics = json.loads((tmp_path / 'metrics.json').read_text())
-    assert metrics['epochs'] == 4
-    assert metrics['val_acc_min'] > 25 and metrics['val_acc_max'] > 25  # chance is 10%; the official init starts slower
+    assert metrics['epochs'] == 6
+    # chance is 10%; from the official init (std 0.02) the first epochs are slow: 33% and 37% measured
+    assert metrics['val_acc_min'] > 25 and metrics['val_acc_max'] > 25
     assert (tmp_path / 'checkpoints' / 'last.ckpt').is_file() and (tmp_path / 'checkpoints' / 'best.ckpt').is_file()
     supernet = AutoformerSpace.load_supernet_weights(None, tmp_path / 'supernet.pth')
     assert supernet['patch_embed.weight'].shape[0] == 128
