@@ -49,8 +49,7 @@ def load_supernet_file(path: str | Path, name: str | Mapping[str, Any] | None = 
     if is_subnet(state_dict):
         raise UserError(f'{path} holds the weights of one subnet, not a supernet: pass the supernet file it was '
                         'sliced or trained from (evaluate.py reads a subnet file alone)')
-    stored = meta.get('space')
-    space_kwargs = complete_space_kwargs(**name) if isinstance(name, Mapping) else resolve_space(name, stored, path)
+    space_kwargs = resolve_space(name, meta.get('space'), path)
     label = name if isinstance(name, str) else 'the space'
     converted = to_project_layout(state_dict, layout or detect_layout(state_dict, path))
     return fit_to_space(converted, supernet_shapes(space_kwargs), label, path), space_kwargs, meta

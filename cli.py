@@ -167,6 +167,18 @@ def space_arg(args: argparse.Namespace) -> str | dict[str, Any] | None:
     return read_space_file(args.space_file, args.name) if getattr(args, 'space_file', None) else args.name
 
 
+def space_kwargs_of(space: str | Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor keywords of a :func:`space_arg`: the file's, or the preset's."""
+    return dict(space) if isinstance(space, Mapping) else AutoformerSpace.preset(space)
+
+
+def add_arch_arg(parser: argparse.ArgumentParser, doing: str, note: str = '') -> None:
+    """``--arch`` of the training scripts: ``doing`` (train that one subnet), writing ``<output>/subnet.pth``."""
+    parser.add_argument('--arch', default=None,
+                        help=f'{doing} and write <output>/subnet.pth: an arch JSON (text or file), '
+                             f"a search's best.json, an official RETRAIN: YAML, or autoformer-tiny|small|base{note}")
+
+
 # The official YAML keys and the constructor keywords they give.
 OFFICIAL_KEYS = {'EMBED_DIM': 'search_embed_dim', 'MLP_RATIO': 'search_mlp_ratio', 'NUM_HEADS': 'search_num_heads',
                  'DEPTH': 'search_depth'}

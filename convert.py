@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 
 from checkpoints import save_weights
-from cli import add_name_arg, parse_checked, run_main, space_arg
+from cli import add_name_arg, parse_checked, run_main, space_arg, space_kwargs_of
 from space import AutoformerSpace, complete_arch, sub_state_dict
 from utils import UserError
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
         if Path(path).exists() and not args.force:
             raise UserError(f'{path} already exists: pass --force to overwrite it, or choose another output')
     space = space_arg(args)
-    space_kwargs = dict(space) if isinstance(space, dict) else AutoformerSpace.preset(space)
+    space_kwargs = space_kwargs_of(space)
     if args.subnet_output:  # before anything is written: the released arch must be one of the space
         arch = AutoformerSpace.searched_arch(args.name)
         complete_arch(arch, space_kwargs)

@@ -175,6 +175,9 @@ class RankSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _epoch_seed(self) -> int:
+        return self.seed * 1_000_003 + self.epoch
+
     def _ranks(self) -> tuple[int, int]:
         if dist.is_available() and dist.is_initialized():
             return dist.get_world_size(), dist.get_rank()
@@ -189,7 +192,7 @@ class RankSampler(Sampler[int]):
                                        selected_round=REPEAT_ROUND)
         else:
             sampler = DistributedSampler(self.dataset, world, rank, shuffle=self.shuffle, seed=self.seed)
-        sampler.set_epoch(self.seed * 1_000_003 + self.epoch if self.shuffle else self.epoch)
+        sampler.set_epoch(self._epoch_seed() if self.shuffle else self.epoch)
         return sampler
 
     def __iter__(self) -> Iterator[int]:
@@ -198,7 +201,7 @@ class RankSampler(Sampler[int]):
             return iter(shard)
         if not self.shuffle:
             return iter(range(len(self.dataset)))
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(self._epoch_seed())
         return iter(torch.randperm(len(self.dataset), generator=generator).tolist())
 
     def __len__(self) -> int:

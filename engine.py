@@ -32,7 +32,7 @@ from space import (AutoformerSpace, build_supernet, canonical_arch, count_flops,
                    sub_state_dict, typed_arch)
 from trial import record_failure
 from utils import (AUTOCAST, UserError, atomic_write_json, atomic_write_text, check_writable, default_precision,
-                   lock_output, pick_device, read_json, remove_unfinished_writes, set_up_precision)
+                   json_form, lock_output, pick_device, read_json, remove_unfinished_writes, set_up_precision)
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -252,14 +252,13 @@ def check_launcher(num_nodes: int) -> None:
 def trainer_settings(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
     """Lightning ``Trainer`` keywords for the hardware asked for, and the number of processes."""
     check_launcher(args.num_nodes)
-    if args.gpus > 0 and not torch.cuda.is_available():
+    use_gpu, devices = training_devices(args)
+    if args.gpus > 0 and not use_gpu:
         _logger.warning('--gpus %d asked for but no CUDA GPU is visible: training on the CPU', args.gpus)
-    use_gpu = args.gpus > 0 and torch.cuda.is_available()
     if use_gpu and args.gpus > torch.cuda.device_count():
         raise UserError(f'--gpus {args.gpus}: only {torch.cuda.device_count()} CUDA GPUs are visible on this machine')
     precision = set_up_precision(args, use_gpu, 'training')
-    devices = args.gpus if use_gpu else args.cpu_processes
-    processes = process_count(args)
+    processes = devices * args.num_nodes
     return dict(accelerator='gpu' if use_gpu else 'cpu', devices=devices, num_nodes=args.num_nodes,
                 strategy='ddp_find_unused_parameters_true' if processes > 1 else 'auto', precision=precision,
                 max_epochs=args.epochs, gradient_clip_val=args.clip_grad, deterministic=not use_gpu,
@@ -267,10 +266,10 @@ def trainer_settings(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
                 default_root_dir=args.output, log_every_n_steps=10), processes
 
 
-def process_count(args: argparse.Namespace) -> int:
-    """Training processes across all machines: a GPU each, or ``--cpu-processes`` without CUDA."""
+def training_devices(args: argparse.Namespace) -> tuple[bool, int]:
+    """Whether training runs on CUDA GPUs, and its processes per machine: a GPU each, or ``--cpu-processes``."""
     use_gpu = args.gpus > 0 and torch.cuda.is_available()
-    return (args.gpus if use_gpu else args.cpu_processes) * args.num_nodes
+    return use_gpu, args.gpus if use_gpu else args.cpu_processes
 
 
 def check_ranks_agree(trainer: pl.Trainer, supernet: nn.Module) -> None:
@@ -316,10 +315,10 @@ RECIPE_FLAGS = ('batch_size', 'learning_rate', 'min_lr', 'warmup_lr', 'warmup', 
 def run_fingerprint(args: argparse.Namespace, space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """What a resumed run must share with the run it continues."""
     recipe = {name: getattr(args, name) for name in RECIPE_FLAGS}
-    use_gpu = args.gpus > 0 and torch.cuda.is_available()
+    use_gpu, devices = training_devices(args)
     return {'dataset': args.dataset, 'datapath': str(Path(args.datapath).resolve()) if args.datapath else None,
-            'space': json.loads(json.dumps(dict(space_kwargs))), 'seed': args.seed, **recipe,
-            'repeated_aug': args.repeated_aug and process_count(args) > 1,  # what is run, not the flag
+            'space': json_form(dict(space_kwargs)), 'seed': args.seed, **recipe,
+            'repeated_aug': args.repeated_aug and devices * args.num_nodes > 1,  # what is run, not the flag
             'precision': args.precision or default_precision(use_gpu)}
 
 
@@ -367,7 +366,8 @@ def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained
     trainer_kwargs, processes = trainer_settings(args)
     train_set = data.build_dataset(args.dataset, args.datapath, 'train', space_kwargs['img_size'], training=True)
     val_set = data.build_dataset(args.dataset, args.datapath, 'val', space_kwargs['img_size'])
-    check_classes(args.dataset, len(train_set.classes), space_kwargs, 'subnet' if arch else 'supernet')
+    kind, stored_arch = ('subnet', canonical_arch(arch)) if arch else ('supernet', None)
+    check_classes(args.dataset, len(train_set.classes), space_kwargs, kind)
     if list(val_set.classes) != list(train_set.classes):  # a class missing from val/ would shift every label
         raise UserError(f'the validation classes of {args.dataset} differ from its training classes '
                         f'({len(val_set.classes)} against {len(train_set.classes)}, first difference: '
@@ -414,18 +414,16 @@ def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained
     trainer = evaluator.trainer
     if trainer.global_step == 0:
         raise UserError(f'no training step was taken: every loss was non-finite (see the errors above) or no batch '
-                        f'was trained; {output / ("subnet.pth" if arch else "supernet.pth")} not written')
+                        f'was trained; {output / f"{kind}.pth"} not written')
     if processes > 1:
         check_ranks_agree(trainer, supernet)
     substituted = int(trainer.strategy.reduce(torch.tensor(data.undecodable_count(train_set)), reduce_op='sum'))
-    kind = 'subnet' if arch else 'supernet'
     weights = output / f'{kind}.pth'
     if trainer.is_global_zero:
         check_finite(supernet.state_dict(), f'the trained {kind} (not written to {weights})')
-        save_weights(weights, supernet.state_dict(), space_kwargs, arch=arch and canonical_arch(arch))
+        save_weights(weights, supernet.state_dict(), space_kwargs, arch=stored_arch)
         if module.ema is not None:
-            save_weights(output / f'{kind}-ema.pth', module.ema.module.state_dict(), space_kwargs,
-                         arch=arch and canonical_arch(arch))
+            save_weights(output / f'{kind}-ema.pth', module.ema.module.state_dict(), space_kwargs, arch=stored_arch)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         atomic_write_json({'epochs': trainer.current_epoch, **metrics, 'undecodable_images': substituted,
                            'undecodable_val_images': data.undecodable_count(val_set)}, output / 'metrics.json')

@@ -20,7 +20,8 @@ import math
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from cli import add_name_arg, add_training_args, load_arch_arg, parse_checked, recipe_parser, run_main, space_arg
+from cli import (add_arch_arg, add_name_arg, add_training_args, load_arch_arg, parse_checked, recipe_parser, run_main,
+                 space_arg)
 import data
 from engine import train_supernet
 from checkpoints import load_supernet_file
@@ -39,9 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_name_arg(parser, 'preset of --weights (default: the space stored with them, else tiny)')
     parser.add_argument('--weights', default='weights/supernet-tiny.pth',
                         help='pretrained supernet weights (any supported layout)')
-    parser.add_argument('--arch', default=None,
-                        help='fine-tune this one subnet and write <output>/subnet.pth: an arch JSON (text or file), '
-                             "a search's best.json, an official RETRAIN: YAML, or autoformer-tiny|small|base")
+    add_arch_arg(parser, 'fine-tune this one subnet')
     add_training_args(parser, recipe)
     args = parse_checked(parser, argv)
     args.dataset = dataset

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 
-from cli import add_name_arg, add_training_args, load_arch_arg, parse_checked, recipe_parser, run_main, space_arg
+from cli import (add_arch_arg, add_name_arg, add_training_args, load_arch_arg, parse_checked, recipe_parser, run_main,
+                 space_arg, space_kwargs_of)
 import data
 from engine import train_supernet
-from space import SEARCHED, AutoformerSpace, complete_arch, complete_space_kwargs
+from space import SEARCHED, complete_arch, complete_space_kwargs
 
 # The paper's recipe (DeiT's) for ImageNet; the demo recipe is sized for a laptop CPU.
 RECIPES = {
@@ -30,10 +31,7 @@ RECIPES['folder'] = RECIPES['imagenet']
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser, dataset, recipe = recipe_parser(argv, RECIPES, 'imagenet', 'scratch', __doc__)
     add_name_arg(parser, 'search space preset (default: demo for digits, tiny otherwise)')
-    parser.add_argument('--arch', default=None,
-                        help='retrain this one subnet from scratch and write <output>/subnet.pth: an arch JSON (text '
-                             "or file), a search's best.json, an official RETRAIN: YAML, or autoformer-tiny|small|base "
-                             '(whose preset is then the default --name)')
+    add_arch_arg(parser, 'retrain this one subnet from scratch', ' (whose preset is then the default --name)')
     add_training_args(parser, recipe)
     args = parse_checked(parser, argv)
     args.dataset = dataset
@@ -44,8 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    space = space_arg(args)
-    space_kwargs = dict(space) if isinstance(space, dict) else AutoformerSpace.preset(space)
+    space_kwargs = space_kwargs_of(space_arg(args))
     space_kwargs['num_labels'] = data.num_classes(args.dataset, args.datapath)
     if args.img_size:
         space_kwargs['img_size'] = args.img_size

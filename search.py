@@ -45,7 +45,7 @@ from nni.runtime.tuner_command_channel.command_type import CommandType
 from checkpoints import export_standalone, load_supernet_file, save_weights
 from space import AutoformerSpace, sub_state_dict, canonical_arch
 from strategy import Budget, SearchLedger, build_strategy
-from utils import (UserError, atomic_path, atomic_write_json, check_writable, lock_output, read_json,
+from utils import (UserError, atomic_path, atomic_write_json, check_writable, json_form, lock_output, read_json,
                    remove_unfinished_writes, set_up_precision)
 
 _logger = logging.getLogger(__name__)
@@ -430,7 +430,7 @@ def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'Se
     atomic_write_json({'experiment_id': experiment.id, 'argv': sys.argv[1:] if argv is None else argv,
                        'fingerprint': fingerprint}, output / 'experiment.json')
     weights = Path(args.weights).resolve()
-    if json.loads(json.dumps(meta.get('space'))) != json.loads(json.dumps(dict(space_kwargs))):
+    if json_form(meta.get('space')) != fingerprint['space']:
         # an official or NNI hub file, or --space-file over a stored space: trials read a converted copy
         weights = output / 'supernet.pth'
         save_weights(weights, supernet, space_kwargs)
@@ -488,7 +488,7 @@ def search_fingerprint(args: argparse.Namespace, space_kwargs: Mapping[str, Any]
             'search_images': args.search_images, 'seed': args.seed, 'min_params': args.min_params,
             'max_params': args.max_params, 'max_flops': args.max_flops, 'max_latency': args.max_latency,
             'latency_device': args.latency_device, 'latency_batch_size': args.latency_batch_size,
-            'precision': args.precision, 'space': json.loads(json.dumps(dict(space_kwargs)))}
+            'precision': args.precision, 'space': json_form(dict(space_kwargs))}
 
 
 def check_output(output: Path, args: argparse.Namespace, fingerprint: dict[str, Any]) -> None:

@@ -301,7 +301,7 @@ class RelativePosition2D(nn.Module):
         """``[scale q, a]``: the queries beside their table terms per bucket, so that ``[scale q, a] @ [k, e]^T``
         are the logits (B, H, N, d) -> (B, H, N, d + buckets)."""
         q = q * scale  # on N x d rather than N x N
-        members, rows = self.buckets(q.shape[-2], q.device)
+        _, rows = self.buckets(q.shape[-2], q.device)
         per_bucket = (q @ self.table().t()).gather(-1, rows.expand(*q.shape[:-1], rows.shape[-1]))
         return torch.cat([q, per_bucket.to(q.dtype)], dim=-1)
 

@@ -156,6 +156,11 @@ def atomic_write_text(text: str, path: str | os.PathLike) -> None:
         raise UserError(f'cannot write {path}: {err.strerror or err}') from None
 
 
+def json_form(value: Any) -> Any:
+    """``value`` as it reads back from a JSON file (tuples as lists): what a recorded fingerprint is compared with."""
+    return json.loads(json.dumps(value))
+
+
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_text(json.dumps(obj, indent=2) + '\n', path)
 
