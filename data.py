@@ -56,12 +56,21 @@ from torchvision.transforms import InterpolationMode, v2
 
 from utils import UserError, atomic_torch_save, torch_load
 
-DATASETS = ('imagenet', 'cifar10', 'digits', 'folder')
+DATASETS = ('imagenet', 'cifar10', 'digits', 'fashion-mnist', 'folder')
 SPLITS = ('train', 'val', 'test')
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 CIFAR_DIR = 'cifar-10-batches-py'
 CIFAR_TRAIN_FILES = tuple(f'data_batch_{i}' for i in range(1, 6))
 DIGITS_SPLIT_SIZES = {'train': 1257, 'val': 180, 'test': 360}
+# Fashion-MNIST: Debian's dataset-fashion-mnist installs the release's four IDX files here.
+FASHION_SYSTEM_PATH = Path('/usr/share/datasets/fashion-mnist')
+FASHION_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+                 'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+FASHION_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
+                   'Ankle boot')  # torchvision's FashionMNIST.classes
+# The validation split (what training validates and the search ranks on) is held out of the 60,000 training
+# images, class-balanced and fixed; the 10,000 test images select nothing.
+FASHION_VAL_PER_CLASS = 500
 # The official repeated augmentation (DeiT's RASampler): each training image 3 times an epoch across the
 # DDP ranks, an epoch rounded down to a multiple of 256 images.
 REPEATS, REPEAT_ROUND = 3, 256
@@ -97,6 +106,8 @@ _EXPECTS = {
                 'or one such split folder itself',
     'folder': 'a folder with one sub-folder of images per class, optionally split into train/ val/ test/',
     'cifar10': f'the folder holding {CIFAR_DIR}/ (torchvision\'s CIFAR-10 python format), or {CIFAR_DIR} itself',
+    'fashion-mnist': "the folder holding the four IDX files of Fashion-MNIST (train-images-idx3-ubyte.gz, ...), "
+                     "or torchvision's layout (FashionMNIST/raw/)",
 }
 _logger = logging.getLogger(__name__)
 
@@ -105,7 +116,8 @@ def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None
     """The data flags every script shares, with the same names and meaning."""
     parser.add_argument('--dataset', choices=DATASETS, default=None,
                         help=f"default: cifar10 when --datapath holds {CIFAR_DIR}/ (or is it), imagenet for any other "
-                             '--datapath, the bundled digits without --datapath')
+                             '--datapath, the bundled digits without --datapath; fashion-mnist reads --datapath, '
+                             f'else {FASHION_SYSTEM_PATH} (Debian: apt-get install dataset-fashion-mnist)')
     parser.add_argument('--datapath', default=None, help='dataset folder (not needed for digits)')
     parser.add_argument('--batch-size', '--batch_size', dest='batch_size', type=int, default=batch_size,
                         help=f'images per batch (default {batch_size})')
@@ -132,6 +144,8 @@ def build_dataset(dataset: str, datapath: str | os.PathLike | None, split: str, 
         raise UserError(f"unknown split '{split}': use one of {', '.join(SPLITS)}")
     if dataset == 'digits':
         return _digits(split, img_size, training)
+    if dataset == 'fashion-mnist':
+        return _fashion_mnist(datapath, split, img_size, training)
     root = _datapath(dataset, datapath)
     if dataset == 'cifar10':
         return Cifar10(_cifar_folder(root), split, _cifar_transform(img_size, training))
@@ -142,7 +156,7 @@ def build_dataset(dataset: str, datapath: str | os.PathLike | None, split: str, 
 def num_classes(dataset: str, datapath: str | os.PathLike | None) -> int:
     """The number of classes, without scanning the images (cheap even for ImageNet)."""
     _check_dataset(dataset)
-    if dataset in ('digits', 'cifar10'):
+    if dataset in ('digits', 'cifar10', 'fashion-mnist'):
         return 10
     root = _datapath(dataset, datapath)
     return len(_class_names(next((root / s for s in SPLITS if (root / s).is_dir()), root)))
@@ -151,7 +165,7 @@ def num_classes(dataset: str, datapath: str | os.PathLike | None) -> int:
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, drop_last: bool = False,
                  sampler: Sampler | None = None) -> DataLoader:
     """Batches of ``dataset`` in ``sampler``'s order (default: as stored); undecodable images left out."""
-    if isinstance(dataset, (DigitsDataset, CachedSplit)):
+    if isinstance(dataset, (TensorDataset, CachedSplit)):
         num_workers = 0  # tensors already in memory: worker processes only add start-up and contention
     workers = num_workers > 0
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
@@ -494,20 +508,22 @@ def _digits_tensors(split: str, img_size: int) -> tuple[torch.Tensor, torch.Tens
     return images.sub(0.5).div(0.5), torch.from_numpy(digits.target[index])
 
 
-def _digits(split: str, img_size: int, training: bool) -> DigitsDataset:
+def _digits(split: str, img_size: int, training: bool) -> TensorDataset:
     images, labels = _digits_tensors(split, img_size)
     # No flips: digits are not mirror-symmetric. Fill -1 is the normalized black background.
     augment = v2.RandomAffine(degrees=10, translate=(0.1, 0.1), interpolation=InterpolationMode.BILINEAR,
                               fill=-1.0) if training else None
-    return DigitsDataset(images, labels, augment)
+    return TensorDataset(images, labels, augment, [str(digit) for digit in range(10)])
 
 
-class DigitsDataset(Dataset):
-    """Preprocessed digits held in memory; images are shared with the in-process cache."""
+class TensorDataset(Dataset):
+    """Small grayscale images held in memory as one normalized Nx1xSxS tensor (shared with the in-process
+    cache), returned as 3 channels; ``augment`` runs on each training image."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: Callable | None) -> None:
-        self.images, self.labels, self.augment = images, labels, augment
-        self.classes = [str(digit) for digit in range(10)]
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: Callable | None,
+                 classes: list[str]) -> None:
+        self.images, self.labels, self.augment, self.classes = images, labels, augment, list(classes)
+        self.targets = labels.tolist()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -517,13 +533,87 @@ class DigitsDataset(Dataset):
         return (self.augment(image) if self.augment else image), int(self.labels[index])
 
 
+def fashion_mnist_folder(datapath: str | os.PathLike | None) -> Path:
+    """The folder holding Fashion-MNIST's IDX files (each plain or .gz): ``datapath``, its ``FashionMNIST/raw/``
+    or ``raw/``; without ``datapath``, Debian's ``/usr/share/datasets/fashion-mnist``."""
+    roots = [Path(datapath).expanduser()] if datapath else [FASHION_SYSTEM_PATH]
+    if datapath and not roots[0].is_dir():
+        state = 'is not a folder' if roots[0].exists() else 'does not exist'
+        raise UserError(f'--datapath {roots[0]} {state}; pass {_EXPECTS["fashion-mnist"]}')
+    for root in roots:
+        for folder in (root, root / 'FashionMNIST' / 'raw', root / 'raw'):
+            if all(_idx_file(folder, name) for pair in FASHION_FILES.values() for name in pair):
+                return folder
+    where = f'--datapath {roots[0]}' if datapath else f'{FASHION_SYSTEM_PATH} (no --datapath given)'
+    raise UserError(f'{where} lacks Fashion-MNIST: install it with apt-get install dataset-fashion-mnist, or pass '
+                    f'--datapath {_EXPECTS["fashion-mnist"]}; nothing is downloaded')
+
+
+def _idx_file(folder: Path, name: str) -> Path | None:
+    return next((path for path in (folder / name, folder / f'{name}.gz') if path.is_file()), None)
+
+
+def read_idx(path: Path, dims: int) -> torch.Tensor:
+    """An IDX file (the MNIST format; gzipped or not) of unsigned bytes with ``dims`` dimensions, checked."""
+    import gzip
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == '.gz' else path.read_bytes()
+    except (OSError, EOFError) as err:
+        raise UserError(f'{path} cannot be read ({type(err).__name__}: {err}); reinstall dataset-fashion-mnist '
+                        'or copy the file again') from None
+    header = 4 * (dims + 1)
+    magic = int.from_bytes(raw[:4], 'big') if len(raw) >= 4 else None
+    shape = [int.from_bytes(raw[4 * (i + 1):4 * (i + 2)], 'big') for i in range(dims)] if len(raw) >= header else []
+    if magic != 0x800 + dims or len(raw) != header + math.prod(shape):
+        raise UserError(f'{path} is not an IDX file of {dims}-D unsigned bytes of the size its header gives '
+                        '(truncated or another file); reinstall dataset-fashion-mnist or copy the file again')
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).view(*shape)
+
+
+@lru_cache(maxsize=2)
+def _fashion_arrays(folder: Path, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+    image_name, label_name = FASHION_FILES[part]
+    images, labels = read_idx(_idx_file(folder, image_name), 3), read_idx(_idx_file(folder, label_name), 1).long()
+    if len(images) != len(labels) or images.shape[1:] != (28, 28) or int(labels.max()) >= len(FASHION_CLASSES):
+        raise UserError(f'{folder}: the {part} images ({tuple(images.shape)}) and labels ({len(labels)}, up to '
+                        f'{int(labels.max())}) are not Fashion-MNIST\'s 28x28 images with one label in 0-9 each')
+    return images, labels
+
+
+def fashion_mnist_indices(labels: torch.Tensor) -> dict[str, list[int]]:
+    """The training images split into ``train`` and a fixed class-balanced ``val`` (500 a class)."""
+    val = balanced_indices(labels.tolist(), FASHION_VAL_PER_CLASS * len(FASHION_CLASSES), seed=0)
+    held = set(val)
+    return {'train': [i for i in range(len(labels)) if i not in held], 'val': val}
+
+
+@lru_cache(maxsize=4)
+def _fashion_tensors(folder: Path, split: str, img_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = _fashion_arrays(folder, 'test' if split == 'test' else 'train')
+    if split != 'test':
+        index = torch.tensor(fashion_mnist_indices(labels)[split])
+        images, labels = images[index], labels[index]
+    images = images.float().div(255).unsqueeze(1)
+    if img_size != 28:
+        images = F.interpolate(images, size=(img_size, img_size), mode='bilinear', antialias=True,
+                               align_corners=False)
+    return images.sub(0.5).div(0.5), labels
+
+
+def _fashion_mnist(datapath: str | os.PathLike | None, split: str, img_size: int, training: bool) -> TensorDataset:
+    images, labels = _fashion_tensors(fashion_mnist_folder(datapath), split, img_size)
+    # A mirror only (clothes are left-right symmetric): shifted crops (padding 4) halved what a short run learns.
+    augment = v2.RandomHorizontalFlip() if training else None
+    return TensorDataset(images, labels, augment, list(FASHION_CLASSES))
+
+
 # --------------------------------------------------------------------------------------------
 # The search split, decoded once into a cache every candidate reads
 # --------------------------------------------------------------------------------------------
 
 def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and std the dataset's tensors are normalized with."""
-    return ((0.5,) * 3, (0.5,) * 3) if dataset == 'digits' else (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
+    return ((0.5,) * 3, (0.5,) * 3) if dataset in ('digits', 'fashion-mnist') else (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
 
 
 SEARCH_IMAGES_PER_CLASS = 100  # the paper's subImageNet: 100 training images of each ImageNet class
@@ -534,7 +624,7 @@ def search_split(dataset: str, datapath: str | os.PathLike | None, img_size: int
     """What search ranks candidates on (eval transform): digits' validation split (its supernet trained on
     every training image); a folder without ``train/`` as it is; otherwise a fixed class-balanced subset of
     the training split, ``max_images`` in all or 100 per class ("subImageNet")."""
-    if dataset == 'digits':
+    if dataset in ('digits', 'fashion-mnist'):
         return build_dataset(dataset, datapath, 'val', img_size)
     root = _datapath(dataset, datapath)
     if dataset in ('imagenet', 'folder') and not (root / 'train').is_dir():

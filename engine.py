@@ -82,6 +82,24 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
     return {'top1': top1, 'top5': top5, 'images': seen, 'skipped': skipped, 'images_per_s': seen / max(seconds, 1e-9)}
 
 
+@torch.no_grad()
+def correct_per_image(model: nn.Module, batches: Iterable, device: torch.device | str = 'cpu',
+                      precision: str | None = None) -> torch.Tensor:
+    """Whether ``model``'s top-1 is right, image by image (a bool tensor in ``batches``' order): what paired
+    comparisons of two models on one test set need."""
+    device = torch.device(device)
+    dtype = AUTOCAST[precision or default_precision(device.type == 'cuda')]
+    model.eval().to(device)
+    hits = []
+    for images, targets in batches:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images.to(device, non_blocking=True))
+        hits.append(logits.argmax(dim=1).eq(targets.to(device)).cpu())
+    if not hits:
+        raise UserError('the evaluation data is empty')
+    return torch.cat(hits)
+
+
 def correct_counts(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """How many of the batch are right in the top 1 and in the top 5 (top k for fewer classes), on the device."""
     hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
@@ -132,7 +150,8 @@ def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor],
         if (latency_file := output / 'latency.json').is_file() else None
     record = {'arch': arch, 'params': count_params(arch, **space_kwargs) / 1e6,
               'flops': count_flops(arch, **space_kwargs) / 1e9, 'latency': latency,
-              'top1': metrics['top1'], 'seconds': time.perf_counter() - start}
+              'top1': metrics['top1'], 'seconds': time.perf_counter() - start,
+              'finished': time.time()}  # the order candidates finished in: best-so-far curves
     atomic_write_json(record, record_file)
     write_results(output, every_seconds=2.0)
     return record

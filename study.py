@@ -1,0 +1,567 @@
+"""Does the search work on this supernet? The paper's claims measured, and a user's check of a supernet.
+
+    python study.py --weights outputs/scratch-fashion-mnist/supernet.pth --dataset fashion-mnist   # the check
+    python study.py --weights W --dataset fashion-mnist --parts all --output bench/results/study-fashion-mnist
+    python study.py --weights W --datapath path/to/imagenet --parts all --gpus 8 --batch-size 256
+
+Parts (``--parts``, comma-separated, or ``all``; each writes ``<output>/<part>.json``, and ``report.md`` is
+rebuilt from every part present, so parts can run one at a time):
+
+* ``spread``: inherited top-1 of the smallest, the largest and ``--subnets`` random subnets on the search
+  split (what the search ranks on: held out from the test set) and on the test split; Kendall tau between
+  the two, and between parameter count and test top-1 (the ranking that needs no supernet).
+* ``control``: the same on the supernet with every tensor's entries permuted (a supernet that learned
+  nothing with the same weight statistics): its tau must come out near zero, or the study cannot fail.
+* ``finetune``: ``--finetune-subnets`` of the random subnets fine-tuned (``finetune.py --arch``); Kendall tau
+  between inherited and fine-tuned test top-1 (the paper's claim that inherited weights rank like trained).
+* ``evolution``: ``search.py --strategy autoformer`` against ``--strategy random`` at equal candidates under
+  ``--max-params`` (default: the median of the random subnets), ``--seeds`` seeds each.
+* ``pick``: the first autoformer search's pick, the median random subnet in the budget and the widest
+  uniform subnet in it: inherited, fine-tuned and retrained (``scratch.py --arch``) test top-1.
+
+The check (the default ``--parts spread,control``) reads only ``--weights`` and the data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from cli import add_name_arg, add_precision_args, check_classes, parse_checked, run_main, space_arg
+import data
+from checkpoints import load_supernet_file, read_weights, save_weights
+from engine import arch_key, correct_per_image
+from space import (AutoformerSpace, arch_choices, count_params, extreme_arch, make_arch, preset_name, sample_arch,
+                   sub_state_dict)
+from utils import UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, pick_device, \
+    read_json, set_up_precision
+
+import torch
+
+PARTS = ('spread', 'control', 'finetune', 'evolution', 'pick')
+CHECK = ('spread', 'control')
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_name_arg(parser, 'preset of --weights (default: the space stored with them, else tiny)')
+    parser.add_argument('--weights', required=True, help='the trained supernet to study')
+    data.add_data_args(parser, batch_size=256)
+    parser.add_argument('--parts', default=','.join(CHECK),
+                        help=f'comma-separated parts to run, or all: {", ".join(PARTS)} (default: the check, '
+                             f'{",".join(CHECK)})')
+    parser.add_argument('--subnets', type=int, default=50, help='random subnets of the spread (default 50)')
+    parser.add_argument('--finetune-subnets', type=int, default=8, help='subnets fine-tuned for the second tau')
+    parser.add_argument('--finetune-epochs', type=int, default=None,
+                        help="epochs of each fine-tune (default: finetune.py's recipe)")
+    parser.add_argument('--retrain-epochs', type=int, default=None,
+                        help="epochs of each retraining from scratch (default: scratch.py's recipe)")
+    parser.add_argument('--max-params', type=float, default=None,
+                        help='budget of the searches and the pick, M params (default: median of the random subnets)')
+    parser.add_argument('--seeds', type=int, default=3, help='searches of each strategy, one per seed')
+    parser.add_argument('--population', type=int, default=10, help='autoformer: population per generation')
+    parser.add_argument('--generations', type=int, default=4,
+                        help='autoformer: generations (random search gets population x generations candidates)')
+    parser.add_argument('--gpus', type=int, default=0, help='GPUs for the fine-tunes and retrainings (as scratch.py)')
+    parser.add_argument('--device', default=None, help='device of the evaluations (default: CUDA when present)')
+    add_precision_args(parser)
+    parser.add_argument('--seed', type=int, default=0, help='seed of the random subnets and the permutation')
+    parser.add_argument('--output', default=None, help='folder of the parts and report.md '
+                                                       '(default: outputs/study-<dataset>)')
+    args = parse_checked(parser, argv)
+    parts = PARTS if args.parts == 'all' else tuple(p.strip() for p in args.parts.split(',') if p.strip())
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise UserError(f'--parts {args.parts}: use all or some of {", ".join(PARTS)}')
+    for flag in ('subnets', 'finetune_subnets', 'seeds', 'population', 'generations'):
+        if getattr(args, flag) < (2 if flag != 'seeds' else 1):
+            raise UserError(f'--{flag.replace("_", "-")} must be at least {2 if flag != "seeds" else 1}')
+    for flag in ('finetune_epochs', 'retrain_epochs'):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f'--{flag.replace("_", "-")} must be at least 1')
+    args.parts = parts
+    args.dataset = data.dataset_name(args.dataset, args.datapath)
+    args.output = Path(args.output or f'outputs/study-{args.dataset}')
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------
+
+def kendall(first: list[float], second: list[float], resamples: int = 1000) -> dict[str, float | None]:
+    """Kendall tau-b with its two-sided p-value (scipy) and a bootstrap 95% interval over the pairs; tau is
+    None when one side is constant (no ranking at all)."""
+    from scipy.stats import kendalltau
+
+    tau, p_value = kendalltau(first, second)
+    if math.isnan(tau):
+        return {'tau': None, 'p': None, 'low': None, 'high': None, 'n': len(first)}
+    rng = random.Random(0)
+    taus = []
+    for _ in range(resamples):
+        picks = [rng.randrange(len(first)) for _ in first]
+        resampled = kendalltau([first[i] for i in picks], [second[i] for i in picks])[0]
+        if not math.isnan(resampled):
+            taus.append(resampled)
+    taus.sort()
+    return {'tau': float(tau), 'p': float(p_value), 'low': taus[int(0.025 * len(taus))],
+            'high': taus[int(0.975 * len(taus)) - 1], 'n': len(first)}
+
+
+def binomial_se(top1: float, images: int) -> float:
+    """Standard error (points) of a top-1 measured on ``images`` images."""
+    share = top1 / 100
+    return 100 * math.sqrt(share * (1 - share) / images)
+
+
+def paired_difference(first: torch.Tensor, second: torch.Tensor) -> tuple[float, float]:
+    """Top-1 of ``first`` minus ``second`` on the same images, with its paired standard error (points)."""
+    diff = first.float() - second.float()
+    return 100 * diff.mean().item(), 100 * diff.std().item() / math.sqrt(len(diff))
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluating subnets with inherited weights
+# --------------------------------------------------------------------------------------------
+
+class Evaluator:
+    """Inherited top-1 of subnets of one supernet on the search and test splits, each split decoded once into a
+    cache in the output folder; per-image results kept for paired comparisons."""
+
+    def __init__(self, supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
+                 args: argparse.Namespace) -> None:
+        self.supernet, self.space_kwargs, self.args = supernet, dict(space_kwargs), args
+        self.device = pick_device(args.device)
+        self.precision = set_up_precision(args, self.device.type == 'cuda', 'evaluating')
+        self.splits = {name: self._cache(name) for name in ('search', 'test')}
+
+    def _cache(self, name: str) -> data.CachedSplit:
+        path = self.args.output / f'{name}-data.pt'
+        if not path.is_file():
+            img_size, args = self.space_kwargs['img_size'], self.args
+            split = data.search_split(args.dataset, args.datapath, img_size) if name == 'search' else \
+                data.build_dataset(args.dataset, args.datapath, 'test', img_size)
+            check_classes(args.dataset, len(getattr(split, 'dataset', split).classes), self.space_kwargs, 'supernet')
+            data.write_cache(split, args.dataset, path, num_workers=args.num_workers)
+        return data.CachedSplit(path)
+
+    def correct(self, arch: Mapping[str, Any], split: str, subnet_weights: Mapping[str, torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """Per-image top-1 hits of ``arch``: weights sliced from the supernet, or a subnet's own weights."""
+        model = AutoformerSpace(**self.space_kwargs).freeze(arch)
+        model.load_state_dict(sub_state_dict(self.supernet, arch) if subnet_weights is None else subnet_weights)
+        return correct_per_image(model, self.splits[split].batches(self.args.batch_size), self.device,
+                                 self.precision)
+
+    def record(self, arch: Mapping[str, Any], label: str) -> dict[str, Any]:
+        search, test = self.correct(arch, 'search'), self.correct(arch, 'test')
+        return {'label': label, 'arch': dict(arch), 'params': count_params(arch, **self.space_kwargs) / 1e6,
+                'search_top1': 100 * search.float().mean().item(), 'test_top1': 100 * test.float().mean().item(),
+                'search_images': len(search), 'test_images': len(test)}
+
+
+def permuted(supernet: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """Every tensor's entries shuffled: the trained supernet's weight statistics, none of what it learned."""
+    generator = torch.Generator().manual_seed(seed)
+    return {name: tensor.flatten()[torch.randperm(tensor.numel(), generator=generator)].view_as(tensor)
+            if tensor.is_floating_point() else tensor for name, tensor in supernet.items()}
+
+
+def study_archs(space_kwargs: Mapping[str, Any], count: int, seed: int) -> list[tuple[str, dict[str, Any]]]:
+    """The smallest, the largest and up to ``count`` distinct random subnets (fewer when the space is smaller)."""
+    archs = [('smallest', extreme_arch(space_kwargs, min)), ('largest', extreme_arch(space_kwargs, max))]
+    seen = {arch_key(arch) for _, arch in archs}
+    rng = random.Random(seed)
+    for _ in range(100 * count):
+        if len(archs) == count + 2:
+            break
+        arch = sample_arch(space_kwargs, rng)
+        if arch_key(arch) not in seen:
+            seen.add(arch_key(arch))
+            archs.append(('random', arch))
+    return archs
+
+
+def spread(evaluator: Evaluator, args: argparse.Namespace) -> dict[str, Any]:
+    """Inherited top-1 of the study's subnets on both splits, and the two ranking measures."""
+    from tqdm import tqdm
+
+    archs = study_archs(evaluator.space_kwargs, args.subnets, args.seed)
+    records = [evaluator.record(arch, label) for label, arch in tqdm(archs, desc='subnets')]
+    return {'records': records, **rankings(records)}
+
+
+def rankings(records: list[dict[str, Any]]) -> dict[str, Any]:
+    search, test = [r['search_top1'] for r in records], [r['test_top1'] for r in records]
+    return {'tau_search_test': kendall(search, test), 'tau_params_test': kendall([r['params'] for r in records], test)}
+
+
+def control(supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
+            args: argparse.Namespace) -> dict[str, Any]:
+    """The spread of a supernet that learned nothing (its tensors permuted)."""
+    return spread(Evaluator(permuted(supernet, args.seed), space_kwargs, args), args)
+
+
+# --------------------------------------------------------------------------------------------
+# Training and searching through the scripts, as a user runs them
+# --------------------------------------------------------------------------------------------
+
+def run_script(command: list[str], log: list[str]) -> None:
+    import shlex
+
+    printable = shlex.join(command[1:])
+    print(f'$ python {printable}', flush=True)
+    log.append(f'python {printable}')
+    if subprocess.run([sys.executable, *command[1:]], cwd=ROOT).returncode != 0:
+        raise UserError(f'python {printable} failed (its error is above); rerun the study to continue: parts and '
+                        'runs already finished are kept')
+
+
+def data_flags(args: argparse.Namespace) -> list[str]:
+    flags = ['--dataset', args.dataset, '--num-workers', str(args.num_workers)]
+    return flags + (['--datapath', str(args.datapath)] if args.datapath else [])
+
+
+def train_subnet(script: str, arch: Mapping[str, Any], args: argparse.Namespace, epochs: int | None,
+                 log: list[str]) -> Path:
+    """``finetune.py --arch`` (inherited weights) or ``scratch.py --arch`` (from scratch): the subnet file,
+    reused when an earlier run of the study wrote it, resumed from its checkpoint when one was interrupted."""
+    kind = 'finetune' if script == 'finetune.py' else 'retrain'
+    output = args.output / kind / f'{arch_key(arch)}-epochs-{epochs or "default"}'
+    if not (output / 'subnet.pth').is_file():
+        command = ['python', script, '--arch', json.dumps(arch), *data_flags(args), '--output', str(output),
+                   '--gpus', str(args.gpus), '--seed', str(args.seed)]
+        command += ['--weights', str(args.weights)] if script == 'finetune.py' else retrain_space_flags(args)
+        command += ['--epochs', str(epochs)] if epochs else []
+        command += ['--resume'] if (output / 'checkpoints' / 'last.ckpt').is_file() else []
+        run_script(command, log)
+    return output / 'subnet.pth'
+
+
+def retrain_space_flags(args: argparse.Namespace) -> list[str]:
+    """What tells ``scratch.py`` the supernet's space: its preset and input size."""
+    name = preset_name(args.space_kwargs)
+    if name is None:
+        raise UserError('retraining from scratch needs the supernet\'s space to be a preset (--name); this one is '
+                        'not: leave pick out of --parts')
+    return ['--name', name, '--img-size', str(args.space_kwargs['img_size'])]
+
+
+def trained_top1(evaluator: Evaluator, arch: Mapping[str, Any], path: Path) -> torch.Tensor:
+    state_dict, _ = read_weights(path)
+    return evaluator.correct(arch, 'test', state_dict)
+
+
+def finetune(evaluator: Evaluator, args: argparse.Namespace, spread_part: Mapping[str, Any]) -> dict[str, Any]:
+    """Inherited against fine-tuned test top-1 of random subnets spread over the inherited ranking."""
+    ranked = sorted((r for r in spread_part['records'] if r['label'] == 'random'), key=lambda r: r['test_top1'])
+    count = min(args.finetune_subnets, len(ranked))
+    chosen = [ranked[round(i * (len(ranked) - 1) / max(count - 1, 1))] for i in range(count)]
+    commands: list[str] = []
+    records = []
+    for record in chosen:
+        path = train_subnet('finetune.py', record['arch'], args, args.finetune_epochs, commands)
+        hits = trained_top1(evaluator, record['arch'], path)
+        records.append({**record, 'finetuned_top1': 100 * hits.float().mean().item()})
+    return {'records': records, 'commands': commands,
+            'tau_inherited_finetuned': kendall([r['test_top1'] for r in records],
+                                               [r['finetuned_top1'] for r in records])}
+
+
+def search_candidates(output: Path) -> list[dict[str, Any]]:
+    """A search's candidate records in the order they finished."""
+    return sorted((read_json(path) for path in (output / 'candidates').glob('*.json')), key=lambda r: r['finished'])
+
+
+def run_search(strategy: str, seed: int, budget: float, args: argparse.Namespace, log: list[str]) -> Path:
+    """One ``search.py`` run (one process, no web UI), resumed when an earlier study was interrupted in it."""
+    output = args.output / 'searches' / f'{strategy}-seed{seed}'
+    if (output / 'best.json').is_file():
+        return output
+    command = ['python', 'search.py', '--weights', str(args.weights), *data_flags(args), '--engine', 'sequential',
+               '--strategy', strategy, '--seed', str(seed), '--max-params', f'{budget:.6g}', '--output', str(output),
+               '--batch-size', str(args.batch_size)]
+    command += ['--device', args.device] if args.device else []
+    if strategy == 'autoformer':
+        half = max(args.population // 2, 1)
+        command += ['--population', str(args.population), '--generations', str(args.generations),
+                    '--select', str(max(args.population // 4, 2)), '--mutation-num', str(half),
+                    '--crossover-num', str(half)]
+    else:
+        command += ['--trials', str(args.population * args.generations)]
+    if (output / 'experiment.json').is_file():
+        command += ['--resume', read_json(output / 'experiment.json')['experiment_id']]
+    run_script(command, log)
+    return output
+
+
+def default_budget(spread_part: Mapping[str, Any]) -> float:
+    """The median parameter count of the random subnets: half of the space is inside it."""
+    return statistics.median(r['params'] for r in spread_part['records'] if r['label'] == 'random')
+
+
+def evolution(evaluator: Evaluator, args: argparse.Namespace, budget: float) -> dict[str, Any]:
+    """Autoformer's evolution against random search at equal candidates, ``--seeds`` searches each."""
+    commands: list[str] = []
+    runs = []
+    for seed in range(args.seeds):
+        for strategy in ('autoformer', 'random'):
+            output = run_search(strategy, seed, budget, args, commands)
+            candidates = search_candidates(output)
+            best = read_json(output / 'best.json')
+            curve = [max(r['top1'] for r in candidates[:i + 1]) for i in range(len(candidates))]
+            runs.append({'strategy': strategy, 'seed': seed, 'curve': curve, 'best_arch': best['arch'],
+                         'best_search_top1': best['top1'], 'best_params': best['params'],
+                         'best_test_top1': 100 * evaluator.correct(best['arch'], 'test').float().mean().item()})
+    equal = min(len(run['curve']) for run in runs)
+    summary = {}
+    for strategy in ('autoformer', 'random'):
+        mine = [run for run in runs if run['strategy'] == strategy]
+        summary[strategy] = {'search_top1_at_equal': mean_se([run['curve'][equal - 1] for run in mine]),
+                             'test_top1_of_pick': mean_se([run['best_test_top1'] for run in mine]),
+                             'test_top1_range': (min(r['best_test_top1'] for r in mine),
+                                                 max(r['best_test_top1'] for r in mine))}
+    return {'budget': budget, 'candidates': equal, 'runs': runs, 'summary': summary, 'commands': commands}
+
+
+def widest_within(space_kwargs: Mapping[str, Any], budget: float) -> dict[str, Any] | None:
+    """What a person would pick by hand: the same layer everywhere, the widest embedding, then the widest
+    MLP and the most heads, then the most layers, that fit ``budget`` (M params)."""
+    choices = arch_choices(space_kwargs)
+    for embed in sorted(choices['embed_dim'], reverse=True):
+        for ratio in sorted(choices['mlp_ratio_0'], reverse=True):
+            for heads in sorted(choices['num_head_0'], reverse=True):
+                for depth in sorted(choices['depth'], reverse=True):
+                    arch = make_arch(embed, [ratio] * depth, [heads] * depth)
+                    if count_params(arch, **space_kwargs) / 1e6 <= budget:
+                        return arch
+    return None
+
+
+def pick(evaluator: Evaluator, args: argparse.Namespace, spread_part: Mapping[str, Any],
+         evolution_part: Mapping[str, Any]) -> dict[str, Any]:
+    """The searched subnet against the median random one and the widest uniform one at the same budget."""
+    budget = evolution_part['budget']
+    inside = sorted((r for r in spread_part['records'] if r['label'] == 'random' and r['params'] <= budget),
+                    key=lambda r: r['test_top1'])
+    if not inside:
+        raise UserError(f'no random subnet of the spread is inside the budget {budget:g}M: raise --max-params')
+    searched = next(run for run in evolution_part['runs'] if run['strategy'] == 'autoformer')['best_arch']
+    contenders = {'searched': searched, 'median random': inside[len(inside) // 2]['arch'],
+                  'widest uniform': widest_within(evaluator.space_kwargs, budget)}
+    commands: list[str] = []
+    rows, hits = [], {}
+    for label, arch in contenders.items():
+        if arch is None:
+            continue
+        hits[label] = {'inherited': evaluator.correct(arch, 'test'),
+                       'fine-tuned': trained_top1(evaluator, arch, train_subnet('finetune.py', arch, args,
+                                                                               args.finetune_epochs, commands)),
+                       'retrained': trained_top1(evaluator, arch, train_subnet('scratch.py', arch, args,
+                                                                              args.retrain_epochs, commands))}
+        rows.append({'label': label, 'arch': arch, 'params': count_params(arch, **evaluator.space_kwargs) / 1e6,
+                     **{kind: 100 * h.float().mean().item() for kind, h in hits[label].items()}})
+    differences = {other: {kind: paired_difference(hits['searched'][kind], hits[other][kind])
+                           for kind in hits['searched']} for other in hits if other != 'searched'}
+    return {'budget': budget, 'rows': rows, 'searched_minus': differences,
+            'in_budget_random_median_test_top1': statistics.median(r['test_top1'] for r in inside),
+            'in_budget_random': len(inside), 'commands': commands}
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+def format_tau(result: Mapping[str, Any] | None) -> str:
+    if not result:
+        return 'not run'
+    if result['tau'] is None:
+        return f'undefined: every subnet scored the same (n={result["n"]})'
+    return (f'{result["tau"]:.3f} (95% bootstrap {result["low"]:.2f} to {result["high"]:.2f}, p={result["p"]:.2g}, '
+            f'n={result["n"]})')
+
+
+def spread_lines(part: Mapping[str, Any], title: str) -> list[str]:
+    records = part['records']
+    by_label = {r['label']: r for r in records if r['label'] != 'random'}
+    randoms = [r['test_top1'] for r in records if r['label'] == 'random']
+    images = records[0]['test_images']
+    lines = [f'## {title}', '', f'{len(records)} subnets, inherited weights; test top-1 on {images} test images '
+             f'(standard error about {binomial_se(statistics.fmean(randoms), images):.2f} points each), search '
+             f'top-1 on the {records[0]["search_images"]} images of the search split.', '',
+             '| subnet | params (M) | search top-1 (%) | test top-1 (%) |', '|---|---|---|---|']
+    for label, record in by_label.items():
+        lines.append(f'| {label} | {record["params"]:.3f} | {record["search_top1"]:.2f} | {record["test_top1"]:.2f} |')
+    lines += [f'| {len(randoms)} random: min / median / max | | | {min(randoms):.2f} / '
+              f'{statistics.median(randoms):.2f} / {max(randoms):.2f} |', '',
+              f'- Kendall tau, search top-1 against test top-1: {format_tau(part["tau_search_test"])}',
+              f'- Kendall tau, parameter count against test top-1: {format_tau(part["tau_params_test"])}', '']
+    return lines
+
+
+def report(output: Path) -> str:
+    parts = {name: read_json(output / f'{name}.json') for name in PARTS if (output / f'{name}.json').is_file()}
+    study = read_json(output / 'study.json')
+    lines = [f'# Search study: {study["dataset"]}', '', f'Supernet `{study["weights"]}`; written by '
+             f'`python study.py {" ".join(study["argv"])}`. Figures are as measured; each comes with its spread.', '']
+    if 'spread' in parts:
+        lines += spread_lines(parts['spread'], 'Spread and ranking (trained supernet)')
+        lines += ['![test top-1 against parameters](spread.png)', '']
+    if 'control' in parts:
+        lines += spread_lines(parts['control'], 'Negative control: the same supernet, every tensor permuted')
+    if 'finetune' in parts:
+        part = parts['finetune']
+        lines += ['## Inherited against fine-tuned', '', '| params (M) | inherited test top-1 (%) | fine-tuned (%) |',
+                  '|---|---|---|']
+        lines += [f'| {r["params"]:.3f} | {r["test_top1"]:.2f} | {r["finetuned_top1"]:.2f} |' for r in part['records']]
+        lines += ['', f'- Kendall tau, inherited against fine-tuned: {format_tau(part["tau_inherited_finetuned"])}', '']
+    if 'evolution' in parts:
+        part = parts['evolution']
+        lines += [f'## Evolution against random search ({part["budget"]:.3f}M params at most, {part["candidates"]} '
+                  f'candidates each, {len(part["runs"]) // 2} seeds)', '',
+                  '| strategy | best search top-1 at equal candidates (%) | test top-1 of its pick (%) | range over '
+                  'seeds |', '|---|---|---|---|']
+        for strategy, row in part['summary'].items():
+            (search, search_se), (test, test_se) = row['search_top1_at_equal'], row['test_top1_of_pick']
+            lines.append(f'| {strategy} | {search:.2f} ± {search_se:.2f} | {test:.2f} ± {test_se:.2f} | '
+                         f'{row["test_top1_range"][0]:.2f} to {row["test_top1_range"][1]:.2f} |')
+        lines += ['', '± is the standard error over seeds.', '', '![best so far](evolution.png)', '']
+    if 'pick' in parts:
+        part = parts['pick']
+        lines += [f'## The pick against the alternatives ({part["budget"]:.3f}M params at most)', '',
+                  '| subnet | params (M) | inherited (%) | fine-tuned (%) | retrained (%) |', '|---|---|---|---|---|']
+        lines += [f'| {r["label"]} | {r["params"]:.3f} | {r["inherited"]:.2f} | {r["fine-tuned"]:.2f} | '
+                  f'{r["retrained"]:.2f} |' for r in part['rows']]
+        lines += ['', f'The median of the {part["in_budget_random"]} random subnets inside the budget: '
+                  f'{part["in_budget_random_median_test_top1"]:.2f}% inherited.', '',
+                  'Searched minus each alternative, test top-1 points ± paired standard error (same test images):', '']
+        for other, kinds in part['searched_minus'].items():
+            lines.append(f'- {other}: ' + ', '.join(f'{kind} {diff:+.2f} ± {se:.2f}'
+                                                   for kind, (diff, se) in kinds.items()))
+        lines.append('')
+    commands = [c for part in parts.values() for c in part.get('commands', [])]
+    if commands:
+        lines += ['## Commands the study ran', '', '```', *commands, '```', '']
+    return '\n'.join(lines)
+
+
+def plot(output: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(output / f'{name}.tmp.png', dpi=110)
+        plt.close(fig)
+        (output / f'{name}.tmp.png').replace(output / f'{name}.png')
+
+    if (output / 'spread.json').is_file():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, marker in (('spread', 'o'), ('control', 'x')):
+            if (output / f'{name}.json').is_file():
+                records = read_json(output / f'{name}.json')['records']
+                ax.scatter([r['params'] for r in records], [r['test_top1'] for r in records], marker=marker, s=16,
+                           label='trained supernet' if name == 'spread' else 'permuted (control)')
+        ax.set(xlabel='parameters (M)', ylabel='inherited test top-1 (%)')
+        ax.legend()
+        save(fig, 'spread')
+    if (output / 'evolution.json').is_file():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for run in read_json(output / 'evolution.json')['runs']:
+            ax.plot(range(1, len(run['curve']) + 1), run['curve'], color='C0' if run['strategy'] == 'autoformer'
+                    else 'C1', alpha=0.8, label=f'{run["strategy"]}' if run['seed'] == 0 else None)
+        ax.set(xlabel='candidates evaluated', ylabel='best search top-1 so far (%)')
+        ax.legend()
+        save(fig, 'evolution')
+
+
+# --------------------------------------------------------------------------------------------
+# The script
+# --------------------------------------------------------------------------------------------
+
+def check_study_folder(output: Path, fingerprint: Mapping[str, Any]) -> None:
+    """An output folder holds the study of one supernet on one data set: its caches and parts are reused."""
+    recorded = read_json(output / 'study.json') if (output / 'study.json').is_file() else None
+    if recorded is not None and recorded['fingerprint'] != fingerprint:
+        changed = [key for key in fingerprint if recorded['fingerprint'].get(key) != fingerprint[key]]
+        raise UserError(f'{output} holds the study of another supernet or data set (its {", ".join(changed)} '
+                        'differ): choose another --output')
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    supernet, space_kwargs, _ = load_supernet_file(args.weights, space_arg(args))
+    args.space_kwargs = space_kwargs
+    weights = Path(args.weights).resolve()
+    fingerprint = {'weights': str(weights), 'weights_bytes': weights.stat().st_size,
+                   'weights_mtime': weights.stat().st_mtime, 'dataset': args.dataset,
+                   'datapath': str(Path(args.datapath).resolve()) if args.datapath else None,
+                   'img_size': space_kwargs['img_size'], 'seed': args.seed, 'subnets': args.subnets}
+    check_writable(args.output)
+    with lock_output(args.output, 'a study'):
+        check_study_folder(args.output, fingerprint)
+        atomic_write_json({'fingerprint': fingerprint, 'dataset': args.dataset, 'weights': args.weights,
+                           'argv': sys.argv[1:] if argv is None else argv}, args.output / 'study.json')
+        run_parts(args, supernet, space_kwargs)
+        plot(args.output)
+        atomic_write_text(report(args.output), args.output / 'report.md')
+    print(f'wrote {args.output / "report.md"}')
+    return args.output / 'report.md'
+
+
+def run_parts(args: argparse.Namespace, supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any]) -> None:
+    evaluator = Evaluator(supernet, space_kwargs, args)
+    done: dict[str, Any] = {}
+
+    def part(name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """A part's results: computed when asked for in --parts (or needed and never run), else as written."""
+        path = args.output / f'{name}.json'
+        if name not in done:
+            done[name] = compute() if name in args.parts or not path.is_file() else read_json(path)
+            if name in args.parts or not path.is_file():
+                atomic_write_json(done[name], path)
+                print(summary_line(name, done[name]), flush=True)
+        return done[name]
+
+    for name in args.parts:
+        if name == 'spread':
+            part('spread', lambda: spread(evaluator, args))
+        elif name == 'control':
+            part('control', lambda: control(supernet, space_kwargs, args))
+        elif name == 'finetune':
+            part('finetune', lambda: finetune(evaluator, args, part('spread', lambda: spread(evaluator, args))))
+        else:
+            budget = lambda: args.max_params or default_budget(part('spread', lambda: spread(evaluator, args)))
+            evolved = part('evolution', lambda: evolution(evaluator, args, budget()))
+            if name == 'pick':
+                part('pick', lambda: pick(evaluator, args, part('spread', lambda: spread(evaluator, args)), evolved))
+
+
+def summary_line(name: str, result: Mapping[str, Any]) -> str:
+    if name in ('spread', 'control'):
+        return f'{name}: tau(search, test) {format_tau(result["tau_search_test"])}'
+    if name == 'finetune':
+        return f'finetune: tau(inherited, fine-tuned) {format_tau(result["tau_inherited_finetuned"])}'
+    if name == 'evolution':
+        return 'evolution: pick test top-1 ' + ', '.join(
+            f'{strategy} {row["test_top1_of_pick"][0]:.2f} ± {row["test_top1_of_pick"][1]:.2f}'
+            for strategy, row in result['summary'].items())
+    return 'pick: searched minus ' + ', '.join(f'{other} {kinds["inherited"][0]:+.2f} ± {kinds["inherited"][1]:.2f}'
+                                              for other, kinds in result['searched_minus'].items())
+
+
+if __name__ == '__main__':
+    run_main(main)
