@@ -117,6 +117,9 @@ RULES: dict[str, Rule] = {
     'mutation_prob': PROBABILITY, 'param_mutation_prob': PROBABILITY, 'evolution_mutation_prob': PROBABILITY,
     'min_params': number(), 'max_params': number(), 'max_flops': number(), 'max_latency': number(),
     'latency_device': present_device,
+    # study
+    'subnets': between(2, 100_000), 'finetune_subnets': between(2, 100_000), 'seeds': between(1, 1000),
+    'finetune_epochs': at_least(1), 'retrain_epochs': at_least(1),
 }
 
 

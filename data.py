@@ -15,9 +15,14 @@ wraps one in a DataLoader. Nothing is ever downloaded.
   ``datapath`` is ignored). Split once, stratified by class, with
   ``sklearn.model_selection.train_test_split(random_state=0)``: 360 images for test, then 180
   of the remaining 1,437 for val, leaving 1,257 for train.
+* ``fashion-mnist``: Zalando's 28x28 clothing images from the release's four IDX files (gzipped or not) in
+  ``datapath``, its ``FashionMNIST/raw/`` (torchvision's layout), or without ``datapath`` Debian's
+  ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``). ``val`` is a fixed class-balanced
+  twelfth of the 60,000 training images (5,000), ``train`` the rest (55,000), ``test`` the 10,000 test images.
 
 ImageNet/folder/CIFAR images use ImageNet mean/std and DeiT's transforms (timm
-``create_transform``); digits use mean 0.5 / std 0.5. Image files are decoded to RGB; a file
+``create_transform``), or at 32 px and below CIFAR's (the whole image, a shifted crop and a mirror); digits
+and Fashion-MNIST use mean 0.5 / std 0.5. Image files are decoded to RGB; a file
 that cannot be decoded (corrupt, truncated, a decompression bomb) is left out of evaluation and
 replaced by the next image in training, counted (``undecodable_count``) and reported by one
 warning per process. Entries that are not regular files, and folders reached twice through
@@ -68,9 +73,9 @@ FASHION_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte')
                  'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
 FASHION_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
                    'Ankle boot')  # torchvision's FashionMNIST.classes
-# The validation split (what training validates and the search ranks on) is held out of the 60,000 training
-# images, class-balanced and fixed; the 10,000 test images select nothing.
-FASHION_VAL_PER_CLASS = 500
+# The validation split (what training validates and the search ranks on) is one twelfth of the training
+# images, class-balanced and fixed (5,000 of 60,000); the 10,000 test images select nothing.
+FASHION_VAL_SHARE = 12
 # The official repeated augmentation (DeiT's RASampler): each training image 3 times an epoch across the
 # DDP ranks, an epoch rounded down to a multiple of 256 images.
 REPEATS, REPEAT_ROUND = 3, 256
@@ -415,11 +420,27 @@ def _train_transform(img_size: int) -> Callable:
                             re_count=1, interpolation='bicubic')
 
 
+# Inputs this small (CIFAR-sized and below) get the small-image transform: ImageNet's RandomResizedCrop
+# (down to 8% of the image) and its centre crop would leave a few pixels of each image.
+SMALL_IMAGE = 32
+
+
 def _image_transform(img_size: int, training: bool) -> Callable:
+    if img_size <= SMALL_IMAGE:
+        return _small_image_transform(img_size, training)
     if training:
         return _train_transform(img_size)
     # DeiT's eval transform: bicubic resize to int(img_size / 0.875), center crop, normalize.
     return create_transform(img_size, is_training=False, interpolation='bicubic', crop_pct=0.875)
+
+
+def _small_image_transform(img_size: int, training: bool) -> Callable:
+    """CIFAR's recipe: the whole image resized to the input, a crop shifted by up to 1/8 of it and a mirror in
+    training (a no-op resize for CIFAR-10 at 32 px)."""
+    steps = [transforms.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC)]
+    if training:
+        steps += [transforms.RandomCrop(img_size, padding=max(img_size // 8, 1)), transforms.RandomHorizontalFlip()]
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def _cifar_folder(root: Path) -> Path:
@@ -427,15 +448,11 @@ def _cifar_folder(root: Path) -> Path:
 
 
 def _cifar_transform(img_size: int, training: bool) -> Callable:
-    if training and img_size != 32:
-        return _train_transform(img_size)
-    if training:
-        steps = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
-    elif img_size != 32:
-        steps = [transforms.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC)]
-    else:
-        steps = []
-    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    if training or img_size <= SMALL_IMAGE:
+        return _image_transform(img_size, training)
+    # Evaluated upsampled whole: a centre crop would cut the border of an image already 32 px.
+    return transforms.Compose([transforms.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC),
+                               transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -581,8 +598,8 @@ def _fashion_arrays(folder: Path, part: str) -> tuple[torch.Tensor, torch.Tensor
 
 
 def fashion_mnist_indices(labels: torch.Tensor) -> dict[str, list[int]]:
-    """The training images split into ``train`` and a fixed class-balanced ``val`` (500 a class)."""
-    val = balanced_indices(labels.tolist(), FASHION_VAL_PER_CLASS * len(FASHION_CLASSES), seed=0)
+    """The training images split into ``train`` and a fixed class-balanced ``val`` (500 a class of 60,000)."""
+    val = balanced_indices(labels.tolist(), len(labels) // FASHION_VAL_SHARE, seed=0)
     held = set(val)
     return {'train': [i for i in range(len(labels)) if i not in held], 'val': val}
 
@@ -613,7 +630,9 @@ def _fashion_mnist(datapath: str | os.PathLike | None, split: str, img_size: int
 
 def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Mean and std the dataset's tensors are normalized with."""
-    return ((0.5,) * 3, (0.5,) * 3) if dataset in ('digits', 'fashion-mnist') else (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
+    if dataset in ('digits', 'fashion-mnist'):
+        return (0.5,) * 3, (0.5,) * 3
+    return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
 
 
 SEARCH_IMAGES_PER_CLASS = 100  # the paper's subImageNet: 100 training images of each ImageNet class
@@ -621,9 +640,9 @@ SEARCH_IMAGES_PER_CLASS = 100  # the paper's subImageNet: 100 training images of
 
 def search_split(dataset: str, datapath: str | os.PathLike | None, img_size: int, max_images: int | None = None,
                  seed: int = 0) -> Dataset:
-    """What search ranks candidates on (eval transform): digits' validation split (its supernet trained on
-    every training image); a folder without ``train/`` as it is; otherwise a fixed class-balanced subset of
-    the training split, ``max_images`` in all or 100 per class ("subImageNet")."""
+    """What search ranks candidates on (eval transform): the validation split of digits and Fashion-MNIST (held
+    out of training, never the test set); a folder without ``train/`` as it is; otherwise a fixed
+    class-balanced subset of the training split, ``max_images`` in all or 100 per class ("subImageNet")."""
     if dataset in ('digits', 'fashion-mnist'):
         return build_dataset(dataset, datapath, 'val', img_size)
     root = _datapath(dataset, datapath)

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_data_args(parser, batch_size=256)
     parser.add_argument('--search-images', type=int, default=None,
                         help='class-balanced training images to search on (default: 100 per class, the '
-                             "paper's subImageNet; digits: its validation split)")
+                             "paper's subImageNet; digits and fashion-mnist: their validation split)")
     parser.add_argument('--strategy', choices=['random', 'evolution', 'autoformer'], default='random',
                         help="NNI's Random, NNI's RegularizedEvolution, or the paper's evolution")
     parser.add_argument('--evolution', action='store_true', help='same as --strategy evolution (seed CLI)')

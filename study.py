@@ -46,6 +46,8 @@ import torch
 
 PARTS = ('spread', 'control', 'finetune', 'evolution', 'pick')
 CHECK = ('spread', 'control')
+QUICK = dict(subnets=12, finetune_subnets=4, seeds=2, population=4, generations=2, finetune_epochs=1,
+             retrain_epochs=1)
 ROOT = Path(__file__).resolve().parent
 
 
@@ -72,20 +74,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--gpus', type=int, default=0, help='GPUs for the fine-tunes and retrainings (as scratch.py)')
     parser.add_argument('--device', default=None, help='device of the evaluations (default: CUDA when present)')
     add_precision_args(parser)
+    parser.add_argument('--quick', action='store_true',
+                        help='a few minutes on a CPU: ' + ', '.join(f'--{key.replace("_", "-")} {value}'
+                                                                    for key, value in QUICK.items())
+                             + ' (flags given explicitly win)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the random subnets and the permutation')
     parser.add_argument('--output', default=None, help='folder of the parts and report.md '
                                                        '(default: outputs/study-<dataset>)')
+    if '--quick' in (sys.argv[1:] if argv is None else argv):
+        parser.set_defaults(**QUICK)
     args = parse_checked(parser, argv)
     parts = PARTS if args.parts == 'all' else tuple(p.strip() for p in args.parts.split(',') if p.strip())
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
         raise UserError(f'--parts {args.parts}: use all or some of {", ".join(PARTS)}')
-    for flag in ('subnets', 'finetune_subnets', 'seeds', 'population', 'generations'):
-        if getattr(args, flag) < (2 if flag != 'seeds' else 1):
-            raise UserError(f'--{flag.replace("_", "-")} must be at least {2 if flag != "seeds" else 1}')
-    for flag in ('finetune_epochs', 'retrain_epochs'):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise UserError(f'--{flag.replace("_", "-")} must be at least 1')
     args.parts = parts
     args.dataset = data.dataset_name(args.dataset, args.datapath)
     args.output = Path(args.output or f'outputs/study-{args.dataset}')
@@ -151,6 +153,10 @@ class Evaluator:
         path = self.args.output / f'{name}-data.pt'
         if not path.is_file():
             img_size, args = self.space_kwargs['img_size'], self.args
+            if name == 'search' and args.dataset in ('imagenet', 'folder') and \
+                    not (Path(args.datapath) / 'train').is_dir():
+                raise UserError(f'--datapath {args.datapath} has no train/ folder: the study ranks on training images '
+                                'held apart from the test (val/) images; give the dataset root holding train/ and val/')
             split = data.search_split(args.dataset, args.datapath, img_size) if name == 'search' else \
                 data.build_dataset(args.dataset, args.datapath, 'test', img_size)
             check_classes(args.dataset, len(getattr(split, 'dataset', split).classes), self.space_kwargs, 'supernet')
@@ -287,7 +293,7 @@ def search_candidates(output: Path) -> list[dict[str, Any]]:
 
 def run_search(strategy: str, seed: int, budget: float, args: argparse.Namespace, log: list[str]) -> Path:
     """One ``search.py`` run (one process, no web UI), resumed when an earlier study was interrupted in it."""
-    output = args.output / 'searches' / f'{strategy}-seed{seed}'
+    output = args.output / 'searches' / f'{strategy}-seed{seed}-{budget:.4g}M-{args.population}x{args.generations}'
     if (output / 'best.json').is_file():
         return output
     command = ['python', 'search.py', '--weights', str(args.weights), *data_flags(args), '--engine', 'sequential',
@@ -523,31 +529,34 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 def run_parts(args: argparse.Namespace, supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any]) -> None:
+    """Each part of ``--parts``, and the parts they need that never ran; a part not asked for is read back."""
     evaluator = Evaluator(supernet, space_kwargs, args)
-    done: dict[str, Any] = {}
+    results: dict[str, dict[str, Any]] = {}
 
-    def part(name: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """A part's results: computed when asked for in --parts (or needed and never run), else as written."""
+    def budget() -> float:
+        return args.max_params if args.max_params is not None else default_budget(part('spread'))
+
+    compute: dict[str, Callable[[], dict[str, Any]]] = {
+        'spread': lambda: spread(evaluator, args),
+        'control': lambda: control(supernet, space_kwargs, args),
+        'finetune': lambda: finetune(evaluator, args, part('spread')),
+        'evolution': lambda: evolution(evaluator, args, budget()),
+        'pick': lambda: pick(evaluator, args, part('spread'), part('evolution')),
+    }
+
+    def part(name: str) -> dict[str, Any]:
         path = args.output / f'{name}.json'
-        if name not in done:
-            done[name] = compute() if name in args.parts or not path.is_file() else read_json(path)
+        if name not in results:
             if name in args.parts or not path.is_file():
-                atomic_write_json(done[name], path)
-                print(summary_line(name, done[name]), flush=True)
-        return done[name]
+                results[name] = compute[name]()
+                atomic_write_json(results[name], path)
+                print(summary_line(name, results[name]), flush=True)
+            else:
+                results[name] = read_json(path)
+        return results[name]
 
     for name in args.parts:
-        if name == 'spread':
-            part('spread', lambda: spread(evaluator, args))
-        elif name == 'control':
-            part('control', lambda: control(supernet, space_kwargs, args))
-        elif name == 'finetune':
-            part('finetune', lambda: finetune(evaluator, args, part('spread', lambda: spread(evaluator, args))))
-        else:
-            budget = lambda: args.max_params or default_budget(part('spread', lambda: spread(evaluator, args)))
-            evolved = part('evolution', lambda: evolution(evaluator, args, budget()))
-            if name == 'pick':
-                part('pick', lambda: pick(evaluator, args, part('spread', lambda: spread(evaluator, args)), evolved))
+        part(name)
 
 
 def summary_line(name: str, result: Mapping[str, Any]) -> str:

@@ -69,3 +69,25 @@ def max_relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 def norm_relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     """Difference over magnitude of whole tensors (gradients, where single entries may be near zero)."""
     return ((ours - reference).norm() / reference.norm()).item()
+
+
+def write_idx(path: str | Path, array: np.ndarray, compress: bool = True) -> Path:
+    """An IDX file of unsigned bytes (the MNIST format), gzipped when ``compress``."""
+    import gzip
+
+    header = (0x800 + array.ndim).to_bytes(4, 'big') + b''.join(int(d).to_bytes(4, 'big') for d in array.shape)
+    content = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path = Path(f'{path}.gz' if compress else path)
+    path.write_bytes(gzip.compress(content) if compress else content)
+    return path
+
+
+def write_fashion_mnist(folder: str | Path, n_train: int, n_test: int, compress: bool = True) -> Path:
+    """Fashion-MNIST's four IDX files with random images, labels cycling through the 10 classes."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for prefix, count in (('train', n_train), ('t10k', n_test)):
+        write_idx(folder / f'{prefix}-images-idx3-ubyte', rng.integers(0, 256, (count, 28, 28)), compress)
+        write_idx(folder / f'{prefix}-labels-idx1-ubyte', np.arange(count) % 10, compress)
+    return folder

@@ -20,6 +20,7 @@ import evaluate
 import finetune
 import scratch
 import search
+import study
 from cli import run_main
 from fixtures import within, write_cifar10, write_image_folder
 from checkpoints import save_weights
@@ -27,7 +28,7 @@ from space import AutoformerSpace, build_supernet, make_arch, complete_space_kwa
 
 ROOT = Path(__file__).parent.parent
 SCRIPTS = {'evaluate': evaluate, 'scratch': scratch, 'finetune': finetune, 'search': search, 'demo': demo,
-           'convert': convert}
+           'convert': convert, 'study': study}
 DEMO_ARCH = make_arch(96, [3.0, 3.0], [1, 1])
 LAUNCHER_VARIABLES = ('TORCHELASTIC_RUN_ID', 'GROUP_RANK', 'SLURM_NTASKS', 'NODE_RANK', 'MASTER_ADDR')
 
@@ -65,6 +66,8 @@ def files(tmp_path_factory) -> dict[str, str]:
     paths['small-folder'] = write_image_folder(root / 'small', ['a', 'b'], 3)
     paths['cifar-100'] = write_cifar10(root / 'cifar', n_train_per_batch=20, n_test=10).parent
     paths['supernet-T.yaml'] = ROOT / 'tests' / 'official-spaces' / 'supernet-T.yaml'
+    paths['empty'] = root / 'empty'
+    paths['empty'].mkdir()
     paths['converted'] = root / 'converted.pth'
     paths['converted'].write_bytes(b'an earlier result')
     archs = {'float-arch': json.dumps({**DEMO_ARCH, 'embed_dim': 96.0}),

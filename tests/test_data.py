@@ -201,6 +201,23 @@ def test_imagenet_eval_transform_is_deit():
     assert steps[0].size == 256 and steps[1].size == (224, 224)
 
 
+@pytest.mark.parametrize('training', [False, True])
+def test_small_images_keep_the_whole_image(training):
+    """At 32 px and below no RandomResizedCrop (down to 8% of the image) and no centre crop: every pixel of a
+    32 px image stays, shifted by at most 4 pixels in training."""
+    from PIL import Image
+
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    pixels[:, :16] = 255  # left half white
+    transform = data._image_transform(32, training=training)
+    names = [type(step).__name__ for step in transform.transforms]
+    assert 'RandomResizedCrop' not in names and 'CenterCrop' not in names
+    torch.manual_seed(0)
+    for _ in range(20):
+        white = transform(Image.fromarray(pixels)).mean(dim=0) > 0
+        assert abs(int(white.sum()) - 16 * 32) <= 4 * 32 + 4 * 16 + 16  # a shifted crop keeps most of the half
+
+
 def test_training_transform_is_the_official_one_with_random_erasing_in_pixel_mode():
     from timm.data.random_erasing import RandomErasing
     steps = data._image_transform(224, training=True).transforms
@@ -343,11 +360,11 @@ def test_imagenet_training_augmentation_survives_every_randaugment_draw():
     """rand-m9-mstd0.5-inc1 draws 0-bit posterize at times, which Pillow 11 refuses; it must not crash training."""
     from PIL import Image
 
-    transform = data._image_transform(32, training=True)
+    transform = data._image_transform(48, training=True)
     image = Image.new('RGB', (40, 40), (200, 100, 50))
     torch.manual_seed(0)
     for _ in range(300):
-        assert transform(image).shape == (3, 32, 32)
+        assert transform(image).shape == (3, 48, 48)
 
 
 def test_raw_imagenet_layout_with_a_flat_val_folder_is_not_read_as_two_classes(tmp_path):

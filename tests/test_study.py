@@ -1,0 +1,106 @@
+"""study.py: on a briefly trained Fashion-MNIST supernet the search split ranks subnets like the test set, and
+on the same supernet with its tensors permuted (the negative control) it does not; the evolution part runs
+search.py at equal candidates."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import data
+import scratch
+import study
+import torch
+from space import AutoformerSpace, build_supernet, complete_space_kwargs, count_params, extreme_arch
+from utils import UserError
+
+installed = pytest.mark.skipif(not data.FASHION_SYSTEM_PATH.is_dir(),
+                               reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+
+
+@pytest.fixture(scope='module')
+def fashion_supernet(tmp_path_factory):
+    output = tmp_path_factory.mktemp('fashion-supernet')
+    scratch.main(['--dataset', 'fashion-mnist', '--epochs', '1', '--num-workers', '0', '--output', str(output)])
+    return output / 'supernet.pth'
+
+
+@pytest.fixture(scope='module')
+def quick_study(fashion_supernet, tmp_path_factory):
+    output = tmp_path_factory.mktemp('study')
+    study.main(['--weights', str(fashion_supernet), '--dataset', 'fashion-mnist', '--quick', '--num-workers', '0',
+                '--parts', 'spread,control,evolution', '--output', str(output)])
+    return output
+
+
+def read(output, part):
+    return json.loads((output / f'{part}.json').read_text())
+
+
+@installed
+def test_search_split_ranks_a_trained_supernet_like_the_test_set(quick_study):
+    tau = read(quick_study, 'spread')['tau_search_test']
+    assert tau['n'] == 14 and tau['tau'] > 0 and tau['p'] < 0.01
+
+
+@installed
+def test_negative_control_ranks_nothing(quick_study):
+    """The permuted supernet: the same measure must not find a ranking (else the study could never fail)."""
+    records = read(quick_study, 'control')['records']
+    tau = read(quick_study, 'control')['tau_search_test']
+    assert max(r['test_top1'] for r in records) < 40  # near chance (10%): nothing learned survives
+    assert tau['tau'] is None or tau['p'] > 0.01
+
+
+@installed
+def test_evolution_against_random_at_equal_candidates(quick_study):
+    part = read(quick_study, 'evolution')
+    assert sorted((run['strategy'], run['seed']) for run in part['runs']) == [
+        ('autoformer', 0), ('autoformer', 1), ('random', 0), ('random', 1)]
+    assert part['candidates'] == 8
+    for run in part['runs']:
+        assert run['curve'] == sorted(run['curve']) and run['best_params'] <= part['budget'] + 1e-9
+        assert run['best_search_top1'] == run['curve'][-1]
+    report = (quick_study / 'report.md').read_text()
+    assert '## Evolution against random search' in report and 'Negative control' in report
+    assert (quick_study / 'spread.png').is_file() and (quick_study / 'evolution.png').is_file()
+
+
+@installed
+def test_another_supernet_in_the_same_output_is_refused(quick_study, fashion_supernet, tmp_path):
+    other = tmp_path / 'supernet.pth'
+    shutil.copy(fashion_supernet, other)
+    with pytest.raises(UserError, match='holds the study of another supernet or data set .its weights'):
+        study.main(['--weights', str(other), '--dataset', 'fashion-mnist', '--output', str(quick_study)])
+
+
+def test_kendall_measures_agreement_and_says_when_there_is_no_ranking():
+    same = study.kendall([1, 2, 3, 4, 5, 6], [10, 20, 30, 40, 50, 60])
+    reversed_ = study.kendall([1, 2, 3, 4, 5, 6], [6, 5, 4, 3, 2, 1])
+    assert same['tau'] == 1 and same['p'] < 0.01 and reversed_['tau'] == -1
+    assert study.kendall([1, 2, 3], [7, 7, 7])['tau'] is None
+
+
+def test_paired_difference_of_two_models_on_the_same_images():
+    first, second = torch.tensor([1, 1, 1, 0] * 25).bool(), torch.tensor([1, 0, 1, 0] * 25).bool()
+    difference, se = study.paired_difference(first, second)
+    assert difference == pytest.approx(25.0) and 0 < se < 5
+
+
+def test_permuted_supernet_keeps_each_tensors_values_not_their_order():
+    space = complete_space_kwargs(**AutoformerSpace.preset('fashion'))
+    state = build_supernet(space).state_dict()
+    shuffled = study.permuted(state, seed=0)
+    name = 'patch_embed.weight'
+    assert torch.equal(shuffled[name].flatten().sort().values, state[name].flatten().sort().values)
+    assert not torch.equal(shuffled[name], state[name]) and shuffled[name].shape == state[name].shape
+
+
+def test_widest_uniform_subnet_fits_the_budget():
+    space = complete_space_kwargs(**AutoformerSpace.preset('fashion'))
+    budget = count_params(extreme_arch(space, max), **space) / 2e6
+    arch = study.widest_within(space, budget)
+    assert count_params(arch, **space) / 1e6 <= budget and arch['embed_dim'] == 128
+    assert len({arch[f'mlp_ratio_{i}'] for i in range(arch['depth'])}) == 1
+    assert study.widest_within(space, count_params(extreme_arch(space, min), **space) / 2e6) is None
