@@ -670,7 +670,7 @@ def balanced_indices(targets: list[int], max_images: int, seed: int) -> list[int
 
 
 def write_cache(split: Dataset, dataset: str, path: str | os.PathLike, batch_size: int = 256,
-                num_workers: int = 0) -> None:
+                num_workers: int = 0, desc: str = 'caching the search split') -> None:
     """Decode and transform ``split`` once into uint8 tensors at the final resolution (atomically).
 
     The images go straight into one preallocated tensor: subImageNet at 224 px is 15 GB, which
@@ -679,7 +679,7 @@ def write_cache(split: Dataset, dataset: str, path: str | os.PathLike, batch_siz
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalization(dataset))
     images = labels = None
     filled = 0
-    for decoded in tqdm(build_loader(split, batch_size, num_workers), desc='caching the search split'):
+    for decoded in tqdm(build_loader(split, batch_size, num_workers), desc=desc):
         if decoded is None:  # no image of this batch could be decoded
             continue
         batch, targets = decoded

@@ -160,7 +160,7 @@ class Evaluator:
             split = data.search_split(args.dataset, args.datapath, img_size) if name == 'search' else \
                 data.build_dataset(args.dataset, args.datapath, 'test', img_size)
             check_classes(args.dataset, len(getattr(split, 'dataset', split).classes), self.space_kwargs, 'supernet')
-            data.write_cache(split, args.dataset, path, num_workers=args.num_workers)
+            data.write_cache(split, args.dataset, path, num_workers=args.num_workers, desc=f'caching the {name} split')
         return data.CachedSplit(path)
 
     def correct(self, arch: Mapping[str, Any], split: str, subnet_weights: Mapping[str, torch.Tensor] | None = None
