@@ -10,10 +10,12 @@ rebuilt from every part present, so parts can run one at a time):
 * ``spread``: inherited top-1 of the smallest, the largest and ``--subnets`` random subnets on the search
   split (what the search ranks on: held out from the test set) and on the test split; Kendall tau between
   the two, and between parameter count and test top-1 (the ranking that needs no supernet).
-* ``control``: the same on the supernet with every tensor's entries permuted (a supernet that learned
-  nothing with the same weight statistics): its tau must come out near zero, or the study cannot fail.
+* ``control``: the same subnets on the supernet with every tensor's entries permuted (a supernet that learned
+  nothing, with the same weight statistics). Its search ranking against the trained supernet's test ranking
+  must come out near zero, or the study could not fail.
 * ``finetune``: ``--finetune-subnets`` of the random subnets fine-tuned (``finetune.py --arch``); Kendall tau
-  between inherited and fine-tuned test top-1 (the paper's claim that inherited weights rank like trained).
+  between inherited and fine-tuned test top-1 (the paper's claim that inherited weights rank like trained),
+  and between search top-1 and fine-tuned (with the control's, when the control part ran).
 * ``evolution``: ``search.py --strategy autoformer`` against ``--strategy random`` at equal candidates under
   ``--max-params`` (default: the median of the random subnets), ``--seeds`` seeds each.
 * ``pick``: the first autoformer search's pick, the median random subnet in the budget and the widest
@@ -214,24 +216,33 @@ def rankings(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {'tau_search_test': kendall(search, test), 'tau_params_test': kendall([r['params'] for r in records], test)}
 
 
-def control(supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
-            args: argparse.Namespace) -> dict[str, Any]:
-    """The spread of a supernet that learned nothing (its tensors permuted)."""
-    return spread(Evaluator(permuted(supernet, args.seed), space_kwargs, args), args)
+def control(supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any], args: argparse.Namespace,
+            spread_part: Mapping[str, Any]) -> dict[str, Any]:
+    """The same subnets on a supernet that learned nothing (its tensors permuted). Its search-split ranking
+    against the trained supernet's test ranking is the study's measure with a broken predictor; against its
+    own test ranking it shows what split agreement alone is worth."""
+    result = spread(Evaluator(permuted(supernet, args.seed), space_kwargs, args), args)
+    trained = {arch_key(r['arch']): r['test_top1'] for r in spread_part['records']}
+    result['tau_search_trained_test'] = kendall([r['search_top1'] for r in result['records']],
+                                                [trained[arch_key(r['arch'])] for r in result['records']])
+    return result
 
 
 # --------------------------------------------------------------------------------------------
 # Training and searching through the scripts, as a user runs them
 # --------------------------------------------------------------------------------------------
 
-def run_script(command: list[str], log: list[str]) -> None:
+def run_script(command: list[str], log: list[str], done: bool = False) -> None:
+    """Run one of the scripts as a user would (``done``: its result is already there; only logged)."""
     import shlex
 
-    printable = shlex.join(command[1:])
-    print(f'$ python {printable}', flush=True)
-    log.append(f'python {printable}')
+    printable = 'python ' + shlex.join(command[1:])
+    log.append(printable)
+    if done:
+        return
+    print(f'$ {printable}', flush=True)
     if subprocess.run([sys.executable, *command[1:]], cwd=ROOT).returncode != 0:
-        raise UserError(f'python {printable} failed (its error is above); rerun the study to continue: parts and '
+        raise UserError(f'{printable} failed (its error is above); rerun the study to continue: parts and '
                         'runs already finished are kept')
 
 
@@ -246,13 +257,13 @@ def train_subnet(script: str, arch: Mapping[str, Any], args: argparse.Namespace,
     reused when an earlier run of the study wrote it, resumed from its checkpoint when one was interrupted."""
     kind = 'finetune' if script == 'finetune.py' else 'retrain'
     output = args.output / kind / f'{arch_key(arch)}-epochs-{epochs or "default"}'
-    if not (output / 'subnet.pth').is_file():
-        command = ['python', script, '--arch', json.dumps(arch), *data_flags(args), '--output', str(output),
-                   '--gpus', str(args.gpus), '--seed', str(args.seed)]
-        command += ['--weights', str(args.weights)] if script == 'finetune.py' else retrain_space_flags(args)
-        command += ['--epochs', str(epochs)] if epochs else []
-        command += ['--resume'] if (output / 'checkpoints' / 'last.ckpt').is_file() else []
-        run_script(command, log)
+    command = ['python', script, '--arch', json.dumps(arch), *data_flags(args), '--output', str(output),
+               '--gpus', str(args.gpus), '--seed', str(args.seed)]
+    command += ['--weights', str(args.weights)] if script == 'finetune.py' else retrain_space_flags(args)
+    command += ['--epochs', str(epochs)] if epochs else []
+    done = (output / 'subnet.pth').is_file()
+    command += ['--resume'] if (output / 'checkpoints' / 'last.ckpt').is_file() and not done else []
+    run_script(command, log, done)
     return output / 'subnet.pth'
 
 
@@ -270,8 +281,10 @@ def trained_top1(evaluator: Evaluator, arch: Mapping[str, Any], path: Path) -> t
     return evaluator.correct(arch, 'test', state_dict)
 
 
-def finetune(evaluator: Evaluator, args: argparse.Namespace, spread_part: Mapping[str, Any]) -> dict[str, Any]:
-    """Inherited against fine-tuned test top-1 of random subnets spread over the inherited ranking."""
+def finetune(evaluator: Evaluator, args: argparse.Namespace, spread_part: Mapping[str, Any],
+             control_part: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Inherited against fine-tuned test top-1 of random subnets spread over the inherited ranking (and the
+    search-split ranking of the trained and of the permuted supernet against the fine-tuned one)."""
     ranked = sorted((r for r in spread_part['records'] if r['label'] == 'random'), key=lambda r: r['test_top1'])
     count = min(args.finetune_subnets, len(ranked))
     chosen = [ranked[round(i * (len(ranked) - 1) / max(count - 1, 1))] for i in range(count)]
@@ -281,9 +294,14 @@ def finetune(evaluator: Evaluator, args: argparse.Namespace, spread_part: Mappin
         path = train_subnet('finetune.py', record['arch'], args, args.finetune_epochs, commands)
         hits = trained_top1(evaluator, record['arch'], path)
         records.append({**record, 'finetuned_top1': 100 * hits.float().mean().item()})
-    return {'records': records, 'commands': commands,
-            'tau_inherited_finetuned': kendall([r['test_top1'] for r in records],
-                                               [r['finetuned_top1'] for r in records])}
+    finetuned = [r['finetuned_top1'] for r in records]
+    result = {'records': records, 'commands': commands,
+              'tau_inherited_finetuned': kendall([r['test_top1'] for r in records], finetuned),
+              'tau_search_finetuned': kendall([r['search_top1'] for r in records], finetuned)}
+    if control_part is not None:  # the permuted supernet's search ranking of the same subnets
+        broken = {arch_key(r['arch']): r['search_top1'] for r in control_part['records']}
+        result['control_tau_search_finetuned'] = kendall([broken[arch_key(r['arch'])] for r in records], finetuned)
+    return result
 
 
 def search_candidates(output: Path) -> list[dict[str, Any]]:
@@ -294,8 +312,6 @@ def search_candidates(output: Path) -> list[dict[str, Any]]:
 def run_search(strategy: str, seed: int, budget: float, args: argparse.Namespace, log: list[str]) -> Path:
     """One ``search.py`` run (one process, no web UI), resumed when an earlier study was interrupted in it."""
     output = args.output / 'searches' / f'{strategy}-seed{seed}-{budget:.4g}M-{args.population}x{args.generations}'
-    if (output / 'best.json').is_file():
-        return output
     command = ['python', 'search.py', '--weights', str(args.weights), *data_flags(args), '--engine', 'sequential',
                '--strategy', strategy, '--seed', str(seed), '--max-params', f'{budget:.6g}', '--output', str(output),
                '--batch-size', str(args.batch_size)]
@@ -307,9 +323,10 @@ def run_search(strategy: str, seed: int, budget: float, args: argparse.Namespace
                     '--crossover-num', str(half)]
     else:
         command += ['--trials', str(args.population * args.generations)]
-    if (output / 'experiment.json').is_file():
+    finished = (output / 'best.json').is_file() and 'interrupted' not in read_json(output / 'best.json')
+    if (output / 'experiment.json').is_file() and not finished:
         command += ['--resume', read_json(output / 'experiment.json')['experiment_id']]
-    run_script(command, log)
+    run_script(command, log, done=finished)
     return output
 
 
@@ -411,10 +428,18 @@ def spread_lines(part: Mapping[str, Any], title: str) -> list[str]:
     for label, record in by_label.items():
         lines.append(f'| {label} | {record["params"]:.3f} | {record["search_top1"]:.2f} | {record["test_top1"]:.2f} |')
     lines += [f'| {len(randoms)} random: min / median / max | | | {min(randoms):.2f} / '
-              f'{statistics.median(randoms):.2f} / {max(randoms):.2f} |', '',
-              f'- Kendall tau, search top-1 against test top-1: {format_tau(part["tau_search_test"])}',
-              f'- Kendall tau, parameter count against test top-1: {format_tau(part["tau_params_test"])}', '']
-    return lines
+              f'{statistics.median(randoms):.2f} / {max(randoms):.2f} |', '']
+    if 'tau_search_trained_test' in part:  # the control
+        return lines + [
+            '- Kendall tau, its search top-1 against the trained supernet\'s test top-1 (the measure above with a '
+            f'broken supernet; near zero when the ranking comes from what the supernet learned): '
+            f'{format_tau(part["tau_search_trained_test"])}',
+            f'- Kendall tau, its search top-1 against its own test top-1: {format_tau(part["tau_search_test"])} '
+            '(two splits agree on any fixed set of networks, meaningless ones too: agreement alone does not show '
+            'that a supernet is good)', '']
+    return lines + [f'- Kendall tau, search top-1 against test top-1: {format_tau(part["tau_search_test"])}',
+                    f'- Kendall tau, parameter count against test top-1 (no supernet needed): '
+                    f'{format_tau(part["tau_params_test"])}', '']
 
 
 def report(output: Path) -> str:
@@ -432,7 +457,14 @@ def report(output: Path) -> str:
         lines += ['## Inherited against fine-tuned', '', '| params (M) | inherited test top-1 (%) | fine-tuned (%) |',
                   '|---|---|---|']
         lines += [f'| {r["params"]:.3f} | {r["test_top1"]:.2f} | {r["finetuned_top1"]:.2f} |' for r in part['records']]
-        lines += ['', f'- Kendall tau, inherited against fine-tuned: {format_tau(part["tau_inherited_finetuned"])}', '']
+        lines += ['', f'- Kendall tau, inherited test top-1 against fine-tuned: '
+                  f'{format_tau(part["tau_inherited_finetuned"])}',
+                  f'- Kendall tau, search top-1 (what the search ranks by) against fine-tuned: '
+                  f'{format_tau(part.get("tau_search_finetuned"))}']
+        if 'control_tau_search_finetuned' in part:
+            lines.append(f'- the same for the permuted supernet (negative control): '
+                         f'{format_tau(part["control_tau_search_finetuned"])}')
+        lines.append('')
     if 'evolution' in parts:
         part = parts['evolution']
         lines += [f'## Evolution against random search ({part["budget"]:.3f}M params at most, {part["candidates"]} '
@@ -538,8 +570,8 @@ def run_parts(args: argparse.Namespace, supernet: Mapping[str, torch.Tensor], sp
 
     compute: dict[str, Callable[[], dict[str, Any]]] = {
         'spread': lambda: spread(evaluator, args),
-        'control': lambda: control(supernet, space_kwargs, args),
-        'finetune': lambda: finetune(evaluator, args, part('spread')),
+        'control': lambda: control(supernet, space_kwargs, args, part('spread')),
+        'finetune': lambda: finetune(evaluator, args, part('spread'), part('control')),
         'evolution': lambda: evolution(evaluator, args, budget()),
         'pick': lambda: pick(evaluator, args, part('spread'), part('evolution')),
     }
@@ -560,8 +592,10 @@ def run_parts(args: argparse.Namespace, supernet: Mapping[str, torch.Tensor], sp
 
 
 def summary_line(name: str, result: Mapping[str, Any]) -> str:
-    if name in ('spread', 'control'):
-        return f'{name}: tau(search, test) {format_tau(result["tau_search_test"])}'
+    if name == 'spread':
+        return f'spread: tau(search, test) {format_tau(result["tau_search_test"])}'
+    if name == 'control':
+        return f'control: tau(search, trained test) {format_tau(result["tau_search_trained_test"])}'
     if name == 'finetune':
         return f'finetune: tau(inherited, fine-tuned) {format_tau(result["tau_inherited_finetuned"])}'
     if name == 'evolution':

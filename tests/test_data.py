@@ -348,7 +348,7 @@ def test_cifar10_bad_or_unsafe_batch(tmp_path, capsys, content):
 
 
 def test_unknown_dataset_and_split():
-    with pytest.raises(UserError, match="'mnist'.*imagenet, cifar10, digits, folder"):
+    with pytest.raises(UserError, match="'mnist'.*imagenet, cifar10, digits, fashion-mnist, folder"):
         data.build_dataset('mnist', None, 'train', 32)
     with pytest.raises(UserError, match="'mnist'"):
         data.num_classes('mnist', None)

@@ -48,7 +48,7 @@ def test_search_split_ranks_a_trained_supernet_like_the_test_set(quick_study):
 def test_negative_control_ranks_nothing(quick_study):
     """The permuted supernet: the same measure must not find a ranking (else the study could never fail)."""
     records = read(quick_study, 'control')['records']
-    tau = read(quick_study, 'control')['tau_search_test']
+    tau = read(quick_study, 'control')['tau_search_trained_test']
     assert max(r['test_top1'] for r in records) < 40  # near chance (10%): nothing learned survives
     assert tau['tau'] is None or tau['p'] > 0.01
 
