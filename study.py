@@ -37,7 +37,7 @@ from typing import Any, Callable, Mapping
 
 from cli import add_name_arg, add_precision_args, check_classes, parse_checked, run_main, space_arg
 import data
-from checkpoints import load_supernet_file, read_weights, save_weights
+from checkpoints import load_supernet_file, read_weights
 from engine import arch_key, correct_per_image
 from space import (AutoformerSpace, arch_choices, count_params, extreme_arch, make_arch, preset_name, sample_arch,
                    sub_state_dict)
@@ -165,16 +165,18 @@ class Evaluator:
             data.write_cache(split, args.dataset, path, num_workers=args.num_workers, desc=f'caching the {name} split')
         return data.CachedSplit(path)
 
-    def correct(self, arch: Mapping[str, Any], split: str, subnet_weights: Mapping[str, torch.Tensor] | None = None
-                ) -> torch.Tensor:
-        """Per-image top-1 hits of ``arch``: weights sliced from the supernet, or a subnet's own weights."""
+    def correct(self, arch: Mapping[str, Any], splits: str | tuple[str, ...],
+                subnet_weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor | list[torch.Tensor]:
+        """Per-image top-1 hits of ``arch`` on a split (or on each of several, one model built): weights sliced
+        from the supernet, or a subnet's own weights."""
         model = AutoformerSpace(**self.space_kwargs).freeze(arch)
         model.load_state_dict(sub_state_dict(self.supernet, arch) if subnet_weights is None else subnet_weights)
-        return correct_per_image(model, self.splits[split].batches(self.args.batch_size), self.device,
-                                 self.precision)
+        hits = [correct_per_image(model, self.splits[split].batches(self.args.batch_size), self.device,
+                                  self.precision) for split in ((splits,) if isinstance(splits, str) else splits)]
+        return hits[0] if isinstance(splits, str) else hits
 
     def record(self, arch: Mapping[str, Any], label: str) -> dict[str, Any]:
-        search, test = self.correct(arch, 'search'), self.correct(arch, 'test')
+        search, test = self.correct(arch, ('search', 'test'))
         return {'label': label, 'arch': dict(arch), 'params': count_params(arch, **self.space_kwargs) / 1e6,
                 'search_top1': 100 * search.float().mean().item(), 'test_top1': 100 * test.float().mean().item(),
                 'search_images': len(search), 'test_images': len(test)}
