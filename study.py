@@ -48,7 +48,7 @@ import torch
 
 PARTS = ('spread', 'control', 'finetune', 'evolution', 'pick')
 CHECK = ('spread', 'control')
-QUICK = dict(subnets=12, finetune_subnets=4, seeds=2, population=4, generations=2, finetune_epochs=1,
+QUICK = dict(subnets=12, control_draws=3, finetune_subnets=4, seeds=2, population=4, generations=2, finetune_epochs=1,
              retrain_epochs=1)
 ROOT = Path(__file__).resolve().parent
 
@@ -80,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='a few minutes on a CPU: ' + ', '.join(f'--{key.replace("_", "-")} {value}'
                                                                     for key, value in QUICK.items())
                              + ' (flags given explicitly win)')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the random subnets and the permutation')
+    parser.add_argument('--control-draws', type=int, default=5,
+                        help='permutations of the negative control (seeds --seed, --seed + 1, ...; default 5)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the random subnets and the first permutation')
     parser.add_argument('--output', default=None, help='folder of the parts and report.md '
                                                        '(default: outputs/study-<dataset>)')
     if '--quick' in (sys.argv[1:] if argv is None else argv):
@@ -108,6 +110,8 @@ def kendall(first: list[float], second: list[float], resamples: int = 1000) -> d
     tau, p_value = kendalltau(first, second)
     if math.isnan(tau):
         return {'tau': None, 'p': None, 'low': None, 'high': None, 'n': len(first)}
+    if resamples == 0:
+        return {'tau': float(tau), 'p': float(p_value), 'low': None, 'high': None, 'n': len(first)}
     rng = random.Random(0)
     taus = []
     for _ in range(resamples):
@@ -222,11 +226,25 @@ def control(supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any
             spread_part: Mapping[str, Any]) -> dict[str, Any]:
     """The same subnets on a supernet that learned nothing (its tensors permuted). Its search-split ranking
     against the trained supernet's test ranking is the study's measure with a broken predictor; against its
-    own test ranking it shows what split agreement alone is worth."""
+    own test ranking it shows what split agreement alone is worth. The subnets of one permuted supernet share
+    its weights, so one permutation's tau is a single draw (the bootstrap over subnets misses that): the measure
+    is the mean over ``--control-draws`` permutations, with its standard error."""
+    from tqdm import tqdm
+
     result = spread(Evaluator(permuted(supernet, args.seed), space_kwargs, args), args)
     trained = {arch_key(r['arch']): r['test_top1'] for r in spread_part['records']}
-    result['tau_search_trained_test'] = kendall([r['search_top1'] for r in result['records']],
-                                                [trained[arch_key(r['arch'])] for r in result['records']])
+    archs = [r['arch'] for r in result['records']]
+    trained_test = [trained[arch_key(arch)] for arch in archs]
+    result['tau_search_trained_test'] = kendall([r['search_top1'] for r in result['records']], trained_test)
+    taus = [result['tau_search_trained_test']['tau']]
+    for draw in range(1, args.control_draws):
+        evaluator = Evaluator(permuted(supernet, args.seed + draw), space_kwargs, args)
+        search = [100 * evaluator.correct(arch, 'search').float().mean().item()
+                  for arch in tqdm(archs, desc=f'permutation {draw + 1}/{args.control_draws}')]
+        taus.append(kendall(search, trained_test, resamples=0)['tau'])
+    defined = [tau for tau in taus if tau is not None]
+    mean, se = mean_se(defined) if defined else (None, None)
+    result['draws'] = {'taus': taus, 'mean': mean, 'se': se}
     return result
 
 
@@ -418,6 +436,15 @@ def format_tau(result: Mapping[str, Any] | None) -> str:
             f'n={result["n"]})')
 
 
+def control_tau(part: Mapping[str, Any]) -> str:
+    """The control's measure: the mean tau over its permutations, each listed."""
+    draws = part.get('draws')
+    if not draws or draws['mean'] is None:
+        return format_tau(part['tau_search_trained_test'])
+    each = ', '.join('undefined' if tau is None else f'{tau:.2f}' for tau in draws['taus'])
+    return f'{draws["mean"]:.3f} ± {draws["se"]:.3f} (mean ± standard error over {len(draws["taus"])} permutations: {each})'
+
+
 def spread_lines(part: Mapping[str, Any], title: str) -> list[str]:
     records = part['records']
     by_label = {r['label']: r for r in records if r['label'] != 'random'}
@@ -435,7 +462,7 @@ def spread_lines(part: Mapping[str, Any], title: str) -> list[str]:
         return lines + [
             '- Kendall tau, its search top-1 against the trained supernet\'s test top-1 (the measure above with a '
             f'broken supernet; near zero when the ranking comes from what the supernet learned): '
-            f'{format_tau(part["tau_search_trained_test"])}',
+            f'{control_tau(part)}; this permutation alone: {format_tau(part["tau_search_trained_test"])}',
             f'- Kendall tau, its search top-1 against its own test top-1: {format_tau(part["tau_search_test"])} '
             '(two splits agree on any fixed set of networks, meaningless ones too: agreement alone does not show '
             'that a supernet is good)', '']
@@ -597,7 +624,7 @@ def summary_line(name: str, result: Mapping[str, Any]) -> str:
     if name == 'spread':
         return f'spread: tau(search, test) {format_tau(result["tau_search_test"])}'
     if name == 'control':
-        return f'control: tau(search, trained test) {format_tau(result["tau_search_trained_test"])}'
+        return f'control: tau(search, trained test) {control_tau(result)}'
     if name == 'finetune':
         return f'finetune: tau(inherited, fine-tuned) {format_tau(result["tau_inherited_finetuned"])}'
     if name == 'evolution':

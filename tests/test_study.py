@@ -47,10 +47,13 @@ def test_search_split_ranks_a_trained_supernet_like_the_test_set(quick_study):
 @installed
 def test_negative_control_ranks_nothing(quick_study):
     """The permuted supernet: the same measure must not find a ranking (else the study could never fail)."""
-    records = read(quick_study, 'control')['records']
-    tau = read(quick_study, 'control')['tau_search_trained_test']
-    assert max(r['test_top1'] for r in records) < 40  # near chance (10%): nothing learned survives
-    assert tau['tau'] is None or tau['p'] > 0.01
+    part = read(quick_study, 'control')
+    assert max(r['test_top1'] for r in part['records']) < 40  # near chance (10%): nothing learned survives
+    assert len(part['draws']['taus']) == 3  # --quick's permutations
+    trained = read(quick_study, 'spread')['tau_search_test']['tau']
+    # The trained supernet's tau is significant (p < 0.01 over 14 subnets: above 0.5); the mean over the
+    # permutations must sit far below it and near zero.
+    assert abs(part['draws']['mean']) < 0.3 < trained - 0.2
 
 
 @installed
