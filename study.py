@@ -512,7 +512,11 @@ def report(output: Path) -> str:
         lines += [f'| {r["label"]} | {r["params"]:.3f} | {r["inherited"]:.2f} | {r["fine-tuned"]:.2f} | '
                   f'{r["retrained"]:.2f} |' for r in part['rows']]
         lines += ['', f'The median of the {part["in_budget_random"]} random subnets inside the budget: '
-                  f'{part["in_budget_random_median_test_top1"]:.2f}% inherited.', '',
+                  f'{part["in_budget_random_median_test_top1"]:.2f}% inherited.']
+        lines += [f'The {second["label"]} subnet is the {first["label"]} subnet here (one arch, two roles).'
+                  for i, first in enumerate(part['rows']) for second in part['rows'][i + 1:]
+                  if arch_key(first['arch']) == arch_key(second['arch'])]
+        lines += ['',
                   'Searched minus each alternative, test top-1 points ± paired standard error (same test images):', '']
         for other, kinds in part['searched_minus'].items():
             lines.append(f'- {other}: ' + ', '.join(f'{kind} {diff:+.2f} ± {se:.2f}'
