@@ -319,33 +319,6 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
     parser.add_argument('--output', default=recipe.get('output'), help='folder for checkpoints, logs and weights')
 
 
-def check_classes(dataset: str, classes: int, space_kwargs: Mapping[str, Any], what: str = 'model') -> None:
-    """Refuse data whose class count is not the model's output count."""
-    if classes != space_kwargs['num_labels']:
-        raise UserError(f'the {dataset} data has {classes} classes but the {what} has {space_kwargs["num_labels"]} '
-                        f'outputs: pass weights trained for this dataset')
-
-
-def check_output_folder(output: Path, resume: Any, run: str, held: list[Path], recorded: Mapping[str, Any] | None,
-                        fingerprint: Mapping[str, Any], before: Mapping[str, Any] | None = None) -> None:
-    """One ``--output`` holds one run (``run`` names it: 'a training run', 'search <id>'). Without
-    ``--resume``, refuse a folder holding results (``held``); with it, refuse settings other than those
-    ``recorded`` for the run.
-    A setting the run did not record was, where ``before`` says, what it was before it was recorded (an
-    older run); else it is taken as unchanged, as are all of a run that recorded none (``recorded`` None)."""
-    if not resume:
-        if held:
-            raise UserError(f'{output} already holds {run} ({held[0].name}): pass --resume to continue it, or choose '
-                            'another --output')
-        return
-    recorded = {**(before or {}), **recorded} if recorded is not None else {}
-    changed = [key for key in fingerprint if key in recorded and recorded[key] != fingerprint[key]]
-    if changed:
-        differences = ', '.join(f'another {key} ({recorded[key]!r}, now {fingerprint[key]!r})' for key in changed)
-        raise UserError(f'--resume: {output} holds {run} with {differences}: resume with the same flags, or '
-                        'choose another --output')
-
-
 def load_json_arg(value: str, what: str = '--arch') -> Any:
     """Parse a JSON string or the path of a JSON file, with a clear message when it is neither."""
     text = value

@@ -40,7 +40,7 @@ import pickle
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -736,3 +736,10 @@ class CachedSplit(Dataset):
         for start in range(0, len(self.labels), batch_size):
             images = self.images[start:start + batch_size].float()
             yield (images - self.mean) / self.std, self.labels[start:start + batch_size]
+
+
+def check_classes(dataset: str, classes: int, space_kwargs: Mapping[str, Any], what: str = 'model') -> None:
+    """Refuse data whose class count is not the model's output count."""
+    if classes != space_kwargs['num_labels']:
+        raise UserError(f'the {dataset} data has {classes} classes but the {what} has {space_kwargs["num_labels"]} '
+                        f'outputs: pass weights trained for this dataset')

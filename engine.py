@@ -1,38 +1,28 @@
-"""DeiT's "train and eval functions": the accuracy loop shared by evaluate.py, search.py and the
-Lightning validation, the search trial built on it, and the training driver of scratch.py and finetune.py.
-
-The trial lives here, not in search.py: NNI's in-process trials import it by name, and the warm
-workers of ``trial.py`` run it for web-UI trials.
+"""DeiT's "train and eval functions": the accuracy loop shared by evaluate.py, the search's candidates
+(candidates.py) and study.py, and the training driver of scratch.py and finetune.py (the LightningModule it
+drives is in lightning.py).
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import io
-import json
 import logging
 import os
 import sys
 import time
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-import nni
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-from checkpoints import check_finite, read_weights, save_weights
-from cli import check_classes, check_output_folder
-from space import (AutoformerSpace, build_supernet, canonical_arch, count_flops, count_params, init_weights,
-                   sub_state_dict, typed_arch)
-from trial import record_failure
-from utils import (AUTOCAST, UserError, atomic_write_json, atomic_write_text, check_writable, default_precision,
-                   json_form, lock_output, pick_device, read_json, remove_unfinished_writes, set_up_precision)
+from checkpoints import check_finite, save_weights
+from data import check_classes
+from space import AutoformerSpace, build_supernet, canonical_arch, init_weights
+from utils import (AUTOCAST, UserError, atomic_write_json, check_output_folder, check_writable, default_precision,
+                   json_form, lock_output, read_json, remove_unfinished_writes, set_up_precision)
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -107,152 +97,6 @@ def correct_counts(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# The search trial: one candidate with weights inherited from the supernet
-# --------------------------------------------------------------------------------------------
-
-def arch_key(arch: Mapping[str, Any]) -> str:
-    """A stable name of an arch (labels of unused layers ignored)."""
-    return hashlib.sha1(json.dumps(canonical_arch(arch), sort_keys=True).encode()).hexdigest()[:16]
-
-
-@lru_cache(maxsize=2)
-def _supernet(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state_dict, meta = read_weights(weights)
-    return state_dict, meta['space']
-
-
-@lru_cache(maxsize=2)
-def _search_data(cache: str) -> data.CachedSplit:
-    return data.CachedSplit(cache)
-
-
-INTERMEDIATE_RESULTS = 20  # per candidate at most: the web UI's chart, not one point per batch
-
-
-def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
-                  split: data.CachedSplit, output: Path, batch_size: int, device: torch.device,
-                  report: Callable[[float], None], precision: str | None = None) -> dict[str, Any]:
-    """Top-1 of one subnet (weights inherited from the supernet) on the search split; writes its record.
-
-    A candidate already recorded in ``output`` (a resumed search) is answered from its record.
-    """
-    start = time.perf_counter()
-    key = arch_key(arch)
-    record_file = output / 'candidates' / f'{key}.json'
-    if record_file.is_file():
-        return read_json(record_file)
-    model = AutoformerSpace(**space_kwargs).freeze(arch)
-    model.load_state_dict(sub_state_dict(supernet, arch))
-    every = max(1, -(-len(split) // batch_size) // INTERMEDIATE_RESULTS)
-    metrics = evaluate(model, split.batches(batch_size), device, progress=False,
-                       on_batch=lambda index, top1: report(top1), report_every=every, precision=precision)
-    latency = read_json(latency_file).get(key) \
-        if (latency_file := output / 'latency.json').is_file() else None
-    record = {'arch': arch, 'params': count_params(arch, **space_kwargs) / 1e6,
-              'flops': count_flops(arch, **space_kwargs) / 1e9, 'latency': latency,
-              'top1': metrics['top1'], 'seconds': time.perf_counter() - start,
-              'finished': time.time()}  # the order candidates finished in: best-so-far curves
-    atomic_write_json(record, record_file)
-    write_results(output, every_seconds=2.0)
-    return record
-
-
-def final_metrics(record: Mapping[str, Any]) -> dict[str, float]:
-    """What NNI shows of a candidate: top-1 as the default metric, then its cost."""
-    return {'default': record['top1'], 'params': record['params'], 'flops': record['flops'],
-            **({'latency': record['latency']} if record['latency'] is not None else {})}
-
-
-def evaluate_candidate(model: torch.nn.Module, weights: str, cache: str, output: str, batch_size: int,
-                       device: str, precision: str | None = None) -> None:
-    """NNI trial run in the search's own process (``--engine sequential``): evaluates and reports."""
-    supernet, space_kwargs = _supernet(weights)
-    arch = typed_arch(nni.get_current_parameter().sample)
-    try:
-        record = evaluate_arch(arch, supernet, space_kwargs, _search_data(cache), Path(output), batch_size,
-                               pick_device(device), nni.report_intermediate_result, precision)
-    except Exception as err:
-        record_failure({'output': output}, arch_key(arch), f'{type(err).__name__}: {err}')
-        raise
-    nni.report_final_result(final_metrics(record))
-
-
-def candidate_server(spec: Mapping[str, Any]) -> Callable[[str, Callable[[dict], None]], None]:
-    """What a warm worker (trial.py) runs per candidate: the supernet, the split and the imports stay loaded."""
-    supernet, space_kwargs = _supernet(spec['weights'])
-    split = _search_data(spec['cache'])
-    device = pick_device(spec['device'])
-    output = Path(spec['output'])
-
-    def evaluate_parameter(parameter: str, send: Callable[[dict], None]) -> None:
-        arch = typed_arch(nni.load(parameter)['parameters'].sample)
-        record = evaluate_arch(arch, supernet, space_kwargs, split, output, spec['batch_size'], device,
-                               lambda top1: send({'intermediate': top1}), spec.get('precision'))
-        send({'final': final_metrics(record)})
-
-    return evaluate_parameter
-
-
-def read_results(output: Path) -> list[dict]:
-    records = [read_json(p) for p in sorted((output / 'candidates').glob('*.json'))]
-    return sorted(records, key=lambda r: -r['top1'])
-
-
-_last_results_write = 0.0
-
-
-def write_results(output: Path, every_seconds: float = 0.0) -> list[dict]:
-    """Every finished candidate as candidates.json and candidates.csv (each written atomically).
-
-    Each candidate's own record is written the moment it finishes; these summaries, which grow
-    with the search, are rewritten at most every ``every_seconds`` in one process (and at the end).
-    """
-    global _last_results_write
-    if time.monotonic() - _last_results_write < every_seconds:
-        return []
-    _last_results_write = time.monotonic()
-    records = read_results(output)
-    atomic_write_json(records, output / 'candidates.json')
-    fields = ['top1', 'params', 'flops', 'latency', 'seconds', 'arch']
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(fields)
-    for r in records:
-        writer.writerow([json.dumps(r['arch']) if f == 'arch' else '' if r[f] is None else f'{r[f]:.6g}'
-                         for f in fields])
-    atomic_write_text(buffer.getvalue(), output / 'candidates.csv')
-    return records
-
-
-def pareto_front(records: list[dict]) -> list[dict]:
-    """Candidates no other beats on both top-1 and (fewer) params."""
-    front, best = [], float('-inf')
-    for record in sorted(records, key=lambda r: (r['params'], -r['top1'])):
-        if record['top1'] > best:
-            front.append(record)
-            best = record['top1']
-    return front
-
-
-def plot_pareto(records: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    front = pareto_front(records)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([r['params'] for r in records], [r['top1'] for r in records], s=12, alpha=0.6, label='candidates')
-    ax.plot([r['params'] for r in front], [r['top1'] for r in front], 'r.-', label='Pareto front')
-    ax.set(xlabel='parameters (M)', ylabel='top-1 (%)', title=title)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix('.tmp.png')
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-
-
-# --------------------------------------------------------------------------------------------
 # The training driver shared by scratch.py and finetune.py
 # --------------------------------------------------------------------------------------------
 
@@ -310,20 +154,16 @@ def is_first_process() -> bool:
 
 
 def check_run_output(output: Path, resume: bool, fingerprint: Mapping[str, Any]) -> None:
-    """An output folder holds one training run: see :func:`cli.check_output_folder`."""
+    """An output folder holds one training run: see :func:`utils.check_output_folder`."""
     last = output / 'checkpoints' / 'last.ckpt'
     if resume and not last.is_file():
         raise UserError(f'--resume: no checkpoint {last} to continue from')
     held = [path for path in (last, output / 'supernet.pth', output / 'subnet.pth') if path.exists()]  # not run.json
     recorded = read_json(output / 'run.json') if (output / 'run.json').is_file() else None
-    check_output_folder(output, resume, 'a training run', held, recorded, fingerprint, RECORDED_SINCE)
+    check_output_folder(output, resume, 'a training run', held, recorded, fingerprint)
     if resume:
         remove_unfinished_writes(last.parent)
 
-
-# What runs did before they recorded these: PyTorch's weight-decay groups exempted the tables, no
-# repeated augmentation, the supernet, fp32.
-RECORDED_SINCE = {'rel_pos_decay': False, 'repeated_aug': False, 'arch': None, 'precision': '32-true'}
 
 # What a resumed run must keep: another batch size or schedule would make one supernet of two recipes.
 # (--epochs may change: a resumed run may be extended.)

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from cli import add_name_arg, add_precision_args, check_classes, load_arch_arg, parse_checked, run_main, space_arg
+from cli import add_name_arg, add_precision_args, load_arch_arg, parse_checked, run_main, space_arg
 import data
 from engine import evaluate
 from checkpoints import export_standalone, load_model
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, arch, space_kwargs = load_model(weights, space_arg(args), arch)
     args.dataset = data.dataset_name(args.dataset, args.datapath)
     dataset = data.build_dataset(args.dataset, args.datapath, args.split, space_kwargs['img_size'])
-    check_classes(args.dataset, len(dataset.classes), space_kwargs)
+    data.check_classes(args.dataset, len(dataset.classes), space_kwargs)
     loader = data.build_loader(dataset, args.batch_size, args.num_workers)
     device = pick_device(args.device)
     precision = set_up_precision(args, device.type == 'cuda', 'evaluating')

@@ -19,6 +19,8 @@ and writing weights files is ``checkpoints.py``'s; the ``load_*`` classmethods r
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import random
 import re
@@ -731,6 +733,11 @@ def canonical_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
     depth = int(arch['depth'])
     used = ['embed_dim', 'depth'] + [f'{kind}_{i}' for i in range(depth) for kind in ('mlp_ratio', 'num_head')]
     return typed_arch({label: arch[label] for label in used})
+
+
+def arch_key(arch: Mapping[str, Any]) -> str:
+    """A stable name of an arch (labels of unused layers ignored)."""
+    return hashlib.sha1(json.dumps(canonical_arch(arch), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_arch(arch: Mapping[str, Any], space_kwargs: Mapping[str, Any]) -> None:

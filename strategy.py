@@ -21,8 +21,8 @@ from nni.nas.strategy import Random, RegularizedEvolution
 from nni.nas.strategy.base import Strategy
 from nni.nas.strategy.middleware import Chain, Filter, StrategyMiddleware
 
-from engine import arch_key, final_metrics
-from space import AutoformerSpace, arch_choices, count_flops, count_params, extreme_arch, sample_arch
+from candidates import SearchFolder, final_metrics
+from space import AutoformerSpace, arch_choices, arch_key, count_flops, count_params, extreme_arch, sample_arch
 from trial import first_failure
 from utils import UserError, atomic_write_json, read_json
 
@@ -319,7 +319,7 @@ class SearchLedger(StrategyMiddleware):
                                     "--resume)")
 
     def _record(self, model: ExecutableModelSpace) -> dict | None:
-        path = self.output / 'candidates' / f'{arch_key(model.sample)}.json'
+        path = SearchFolder(self.output).record(model.sample)
         return read_json(path) if path.is_file() else None
 
     def _on_end(self, event: TrainingEndEvent) -> None:

@@ -35,12 +35,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from cli import add_name_arg, add_precision_args, check_classes, parse_checked, run_main, space_arg
+from cli import add_name_arg, add_precision_args, parse_checked, run_main, space_arg
 import data
 from checkpoints import load_supernet_file, read_weights
-from engine import arch_key, correct_per_image
-from space import (AutoformerSpace, arch_choices, count_params, extreme_arch, make_arch, preset_name, sample_arch,
-                   sub_state_dict)
+from candidates import SearchFolder
+from engine import correct_per_image
+from space import (AutoformerSpace, arch_choices, arch_key, count_params, extreme_arch, make_arch, preset_name,
+                   sample_arch, sub_state_dict)
 from utils import UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, pick_device, \
     read_json, set_up_precision
 
@@ -165,7 +166,7 @@ class Evaluator:
                                 'held apart from the test (val/) images; give the dataset root holding train/ and val/')
             split = data.search_split(args.dataset, args.datapath, img_size) if name == 'search' else \
                 data.build_dataset(args.dataset, args.datapath, 'test', img_size)
-            check_classes(args.dataset, len(getattr(split, 'dataset', split).classes), self.space_kwargs, 'supernet')
+            data.check_classes(args.dataset, len(getattr(split, 'dataset', split).classes), self.space_kwargs, 'supernet')
             data.write_cache(split, args.dataset, path, num_workers=args.num_workers, desc=f'caching the {name} split')
         return data.CachedSplit(path)
 
@@ -326,7 +327,7 @@ def finetune(evaluator: Evaluator, args: argparse.Namespace, spread_part: Mappin
 
 def search_candidates(output: Path) -> list[dict[str, Any]]:
     """A search's candidate records in the order they finished."""
-    return sorted((read_json(path) for path in (output / 'candidates').glob('*.json')), key=lambda r: r['finished'])
+    return sorted((read_json(path) for path in SearchFolder(output).records()), key=lambda r: r['finished'])
 
 
 def run_search(strategy: str, seed: int, budget: float, args: argparse.Namespace, log: list[str]) -> Path:

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -212,3 +212,21 @@ def set_up_precision(args: argparse.Namespace, cuda: bool, doing: str) -> str:
         logging.getLogger(__name__).warning('--precision bf16-mixed on the CPU: %s under CPU autocast, usually '
                                             'slower there than fp32', doing)
     return precision
+
+
+def check_output_folder(output: Path, resume: Any, run: str, held: list[Path], recorded: Mapping[str, Any] | None,
+                        fingerprint: Mapping[str, Any]) -> None:
+    """One ``--output`` holds one run (``run`` names it: 'a training run', 'search <id>'). Without
+    ``--resume``, refuse a folder holding results (``held``); with it, refuse settings other than those
+    ``recorded`` for the run (a setting it did not record is taken as unchanged)."""
+    if not resume:
+        if held:
+            raise UserError(f'{output} already holds {run} ({held[0].name}): pass --resume to continue it, or choose '
+                            'another --output')
+        return
+    recorded = recorded or {}
+    changed = [key for key in fingerprint if key in recorded and recorded[key] != fingerprint[key]]
+    if changed:
+        differences = ', '.join(f'another {key} ({recorded[key]!r}, now {fingerprint[key]!r})' for key in changed)
+        raise UserError(f'--resume: {output} holds {run} with {differences}: resume with the same flags, or '
+                        'choose another --output')

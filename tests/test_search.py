@@ -17,7 +17,8 @@ import data
 import evaluate
 import scratch
 import search
-from engine import arch_key, evaluate as accuracy
+from engine import evaluate as accuracy
+from space import arch_key
 from checkpoints import load_model, read_weights
 from space import count_flops, count_params, extreme_arch, sample_arch
 from strategy import Budget

@@ -6,7 +6,7 @@ import torch
 
 import search
 import strategy
-from engine import arch_key
+from space import arch_key
 from space import AutoformerSpace, arch_choices, count_params, complete_space_kwargs
 
 SPACE = complete_space_kwargs(**AutoformerSpace.preset('tiny'))
