@@ -8,6 +8,7 @@ rule (one table, :data:`RULES`) is refused before a dataset or a weights file is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -15,7 +16,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 # NNI 3.0 predates torch 2.14 and warns once per torch class it does not know; nothing broader is silenced.
 warnings.filterwarnings('ignore', message=r'.*is found to be not a nn\.Module, which is unexpected.*',
@@ -27,6 +28,8 @@ import torch  # noqa: E402
 
 from space import PRESETS, SEARCHED, AutoformerSpace, SpaceError, complete_space_kwargs, make_arch  # noqa: E402
 from utils import AUTOCAST, UserError  # noqa: E402
+
+T = TypeVar('T')
 
 
 class _DropMixedOpNestedMutableWarning(logging.Filter):
@@ -251,6 +254,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
+    """The data flags every script shares, with the same names and meaning."""
+    import data  # here: convert.py's --help needs no timm
+
+    parser.add_argument('--dataset', choices=data.DATASETS, default=None,
+                        help=f"default: cifar10 when --datapath holds {data.CIFAR_DIR}/ (or is it), imagenet for any "
+                             'other --datapath, the bundled digits without --datapath; fashion-mnist reads --datapath, '
+                             f'else {data.FASHION_SYSTEM_PATH} (Debian: apt-get install dataset-fashion-mnist)')
+    parser.add_argument('--datapath', default=None, help='dataset folder (not needed for digits)')
+    parser.add_argument('--batch-size', '--batch_size', dest='batch_size', type=int, default=batch_size,
+                        help=f'images per batch (default {batch_size})')
+    parser.add_argument('--num-workers', '--num_workers', dest='num_workers', type=int,
+                        default=min(8, os.cpu_count() or 1), help='data loading processes')
+
+
 def recipe_parser(argv: list[str] | None, recipes: Mapping[str, dict[str, Any]], fallback: str, script: str,
                   description: str | None) -> tuple[argparse.ArgumentParser, str, dict[str, Any]]:
     """A training script's parser, the dataset its command line names and that dataset's recipe (the flags'
@@ -264,7 +282,7 @@ def recipe_parser(argv: list[str] | None, recipes: Mapping[str, dict[str, Any]],
     dataset = data.dataset_name(known.dataset, known.datapath)
     recipe = {**recipes.get(dataset, recipes[fallback]), 'output': f'outputs/{script}-{dataset}'}
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data.add_data_args(parser, batch_size=recipe['batch_size'])
+    add_data_args(parser, batch_size=recipe['batch_size'])
     return parser, dataset, recipe
 
 
@@ -355,3 +373,10 @@ def load_arch_arg(value: str) -> Any:
             raise UserError(f"--arch: the record's arch is {arch['arch']!r}, not an arch (a JSON object of labels)")
         return arch['arch']
     return arch
+
+
+def from_flags(settings: type[T], args: argparse.Namespace, **values: Any) -> T:
+    """A library's settings dataclass built from the flags of the same names (``values`` win): the one place
+    where a script's Namespace turns into what the library takes."""
+    return settings(**{field.name: values[field.name] if field.name in values else getattr(args, field.name)
+                       for field in dataclasses.fields(settings)})

@@ -30,7 +30,6 @@ symlinks, are left out when the folder is scanned.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import math
@@ -115,19 +114,6 @@ _EXPECTS = {
                      "or torchvision's layout (FashionMNIST/raw/)",
 }
 _logger = logging.getLogger(__name__)
-
-
-def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
-    """The data flags every script shares, with the same names and meaning."""
-    parser.add_argument('--dataset', choices=DATASETS, default=None,
-                        help=f"default: cifar10 when --datapath holds {CIFAR_DIR}/ (or is it), imagenet for any other "
-                             '--datapath, the bundled digits without --datapath; fashion-mnist reads --datapath, '
-                             f'else {FASHION_SYSTEM_PATH} (Debian: apt-get install dataset-fashion-mnist)')
-    parser.add_argument('--datapath', default=None, help='dataset folder (not needed for digits)')
-    parser.add_argument('--batch-size', '--batch_size', dest='batch_size', type=int, default=batch_size,
-                        help=f'images per batch (default {batch_size})')
-    parser.add_argument('--num-workers', '--num_workers', dest='num_workers', type=int,
-                        default=min(8, os.cpu_count() or 1), help='data loading processes')
 
 
 def dataset_name(dataset: str | None, datapath: str | None) -> str:

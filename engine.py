@@ -4,11 +4,11 @@ drives is in lightning.py).
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
@@ -96,6 +96,39 @@ def correct_counts(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
 
 
+@dataclass(frozen=True)
+class TrainingRun:
+    """What scratch.py and finetune.py ask of one training run: their flags of the same names (see their --help).
+    ``learning_rate`` None: 5e-4 x global batch / 512, as the official run."""
+    output: Path
+    dataset: str
+    datapath: str | None
+    epochs: int
+    warmup: int
+    batch_size: int
+    learning_rate: float | None
+    min_lr: float
+    warmup_lr: float
+    weight_decay: float
+    smoothing: float
+    mixup: float
+    cutmix: float
+    drop_path: float
+    clip_grad: float | None
+    ema_decay: float | None
+    rel_pos_decay: bool
+    repeated_aug: bool
+    seed: int
+    gpus: int
+    cpu_processes: int
+    num_nodes: int
+    num_workers: int
+    precision: str | None
+    tf32: bool
+    resume: bool
+    compile: bool
+
+
 # --------------------------------------------------------------------------------------------
 # The training driver shared by scratch.py and finetune.py
 # --------------------------------------------------------------------------------------------
@@ -112,27 +145,27 @@ def check_launcher(num_nodes: int) -> None:
                         'NODE_RANK set on each machine')
 
 
-def trainer_settings(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+def trainer_settings(run: TrainingRun) -> tuple[dict[str, Any], int]:
     """Lightning ``Trainer`` keywords for the hardware asked for, and the number of processes."""
-    check_launcher(args.num_nodes)
-    use_gpu, devices = training_devices(args)
-    if args.gpus > 0 and not use_gpu:
-        _logger.warning('--gpus %d asked for but no CUDA GPU is visible: training on the CPU', args.gpus)
-    if use_gpu and args.gpus > torch.cuda.device_count():
-        raise UserError(f'--gpus {args.gpus}: only {torch.cuda.device_count()} CUDA GPUs are visible on this machine')
-    precision = set_up_precision(args, use_gpu, 'training')
-    processes = devices * args.num_nodes
-    return dict(accelerator='gpu' if use_gpu else 'cpu', devices=devices, num_nodes=args.num_nodes,
+    check_launcher(run.num_nodes)
+    use_gpu, devices = training_devices(run)
+    if run.gpus > 0 and not use_gpu:
+        _logger.warning('--gpus %d asked for but no CUDA GPU is visible: training on the CPU', run.gpus)
+    if use_gpu and run.gpus > torch.cuda.device_count():
+        raise UserError(f'--gpus {run.gpus}: only {torch.cuda.device_count()} CUDA GPUs are visible on this machine')
+    precision = set_up_precision(run.precision, run.tf32, use_gpu, 'training')
+    processes = devices * run.num_nodes
+    return dict(accelerator='gpu' if use_gpu else 'cpu', devices=devices, num_nodes=run.num_nodes,
                 strategy='ddp_find_unused_parameters_true' if processes > 1 else 'auto', precision=precision,
-                max_epochs=args.epochs, gradient_clip_val=args.clip_grad, deterministic=not use_gpu,
+                max_epochs=run.epochs, gradient_clip_val=run.clip_grad, deterministic=not use_gpu,
                 use_distributed_sampler=False,  # data.RankSampler shards (and repeats) itself
-                default_root_dir=args.output, log_every_n_steps=10), processes
+                default_root_dir=run.output, log_every_n_steps=10), processes
 
 
-def training_devices(args: argparse.Namespace) -> tuple[bool, int]:
+def training_devices(run: TrainingRun) -> tuple[bool, int]:
     """Whether training runs on CUDA GPUs, and its processes per machine: a GPU each, or ``--cpu-processes``."""
-    use_gpu = args.gpus > 0 and torch.cuda.is_available()
-    return use_gpu, args.gpus if use_gpu else args.cpu_processes
+    use_gpu = run.gpus > 0 and torch.cuda.is_available()
+    return use_gpu, run.gpus if use_gpu else run.cpu_processes
 
 
 def check_ranks_agree(trainer: pl.Trainer, supernet: nn.Module) -> None:
@@ -171,14 +204,14 @@ RECIPE_FLAGS = ('batch_size', 'learning_rate', 'min_lr', 'warmup_lr', 'warmup', 
                 'cutmix', 'drop_path', 'clip_grad', 'ema_decay', 'img_size', 'rel_pos_decay')
 
 
-def run_fingerprint(args: argparse.Namespace, space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def run_fingerprint(run: TrainingRun, space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """What a resumed run must share with the run it continues."""
-    recipe = {name: getattr(args, name) for name in RECIPE_FLAGS}
-    use_gpu, devices = training_devices(args)
-    return {'dataset': args.dataset, 'datapath': str(Path(args.datapath).resolve()) if args.datapath else None,
-            'space': json_form(dict(space_kwargs)), 'seed': args.seed, **recipe,
-            'repeated_aug': args.repeated_aug and devices * args.num_nodes > 1,  # what is run, not the flag
-            'precision': args.precision or default_precision(use_gpu)}
+    recipe = {name: getattr(run, name) for name in RECIPE_FLAGS}
+    use_gpu, devices = training_devices(run)
+    return {'dataset': run.dataset, 'datapath': str(Path(run.datapath).resolve()) if run.datapath else None,
+            'space': json_form(dict(space_kwargs)), 'seed': run.seed, **recipe,
+            'repeated_aug': run.repeated_aug and devices * run.num_nodes > 1,  # what is run, not the flag
+            'precision': run.precision or default_precision(use_gpu)}
 
 
 def check_batches(train_size: int, batch_size: int, processes: int, repeats: int = 1) -> int:
@@ -196,60 +229,60 @@ def check_batches(train_size: int, batch_size: int, processes: int, repeats: int
     return per_rank // batch_size
 
 
-def train_supernet(args: argparse.Namespace, space_kwargs: Mapping[str, Any],
+def train_supernet(run: TrainingRun, space_kwargs: Mapping[str, Any],
                    pretrained: Mapping[str, torch.Tensor] | None = None, arch: Mapping[str, Any] | None = None) -> Path:
-    """Train the supernet of ``space_kwargs`` as ``args`` say, or with ``arch`` that one subnet (``pretrained``
+    """Train the supernet of ``space_kwargs`` as ``run`` says, or with ``arch`` that one subnet (``pretrained``
     then holds its own weights); return the final weights file, ``supernet.pth`` or ``subnet.pth``."""
-    output = Path(args.output)
+    output = Path(run.output)
     check_writable(output)
-    if args.compile and arch is None:
+    if run.compile and arch is None:
         raise UserError('--compile needs --arch: the supernet runs another arch every step, so there is no one graph '
                         'to compile')
     if not is_first_process():
-        return _train(args, space_kwargs, pretrained, arch)
+        return _train(run, space_kwargs, pretrained, arch)
     with lock_output(output, 'a training run'):
-        fingerprint = {**run_fingerprint(args, space_kwargs), 'arch': arch and canonical_arch(arch)}
-        check_run_output(output, args.resume, fingerprint)
-        return _train(args, space_kwargs, pretrained, arch, fingerprint)
+        fingerprint = {**run_fingerprint(run, space_kwargs), 'arch': arch and canonical_arch(arch)}
+        check_run_output(output, run.resume, fingerprint)
+        return _train(run, space_kwargs, pretrained, arch, fingerprint)
 
 
-def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained: Mapping[str, torch.Tensor] | None,
+def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mapping[str, torch.Tensor] | None,
            arch: Mapping[str, Any] | None, fingerprint: Mapping[str, Any] | None = None) -> Path:
     import pytorch_lightning as pl  # here: the search's warm workers import this module and never train
 
     from lightning import AtomicCheckpointIO, SupernetModule, build_evaluator
 
-    output = Path(args.output)
+    output = Path(run.output)
     last = output / 'checkpoints' / 'last.ckpt'
-    pl.seed_everything(args.seed, workers=True, verbose=False)
-    trainer_kwargs, processes = trainer_settings(args)
-    train_set = data.build_dataset(args.dataset, args.datapath, 'train', space_kwargs['img_size'], training=True)
-    val_set = data.build_dataset(args.dataset, args.datapath, 'val', space_kwargs['img_size'])
+    pl.seed_everything(run.seed, workers=True, verbose=False)
+    trainer_kwargs, processes = trainer_settings(run)
+    train_set = data.build_dataset(run.dataset, run.datapath, 'train', space_kwargs['img_size'], training=True)
+    val_set = data.build_dataset(run.dataset, run.datapath, 'val', space_kwargs['img_size'])
     kind, stored_arch = ('subnet', canonical_arch(arch)) if arch else ('supernet', None)
-    check_classes(args.dataset, len(train_set.classes), space_kwargs, kind)
+    check_classes(run.dataset, len(train_set.classes), space_kwargs, kind)
     if list(val_set.classes) != list(train_set.classes):  # a class missing from val/ would shift every label
-        raise UserError(f'the validation classes of {args.dataset} differ from its training classes '
+        raise UserError(f'the validation classes of {run.dataset} differ from its training classes '
                         f'({len(val_set.classes)} against {len(train_set.classes)}, first difference: '
                         f'{next(iter(set(val_set.classes) ^ set(train_set.classes)), "their order")}): give val/ the '
                         'same class folders as train/')
-    repeats = data.REPEATS if args.repeated_aug and processes > 1 else 1  # as the official run: under DDP only
-    steps_per_epoch = check_batches(len(train_set), args.batch_size, processes, repeats)
+    repeats = data.REPEATS if run.repeated_aug and processes > 1 else 1  # as the official run: under DDP only
+    steps_per_epoch = check_batches(len(train_set), run.batch_size, processes, repeats)
     if fingerprint is not None:
         atomic_write_json(fingerprint, output / 'run.json')
     if repeats > 1 and is_first_process():
         print(f'repeated augmentation: {data.images_per_rank(len(train_set), processes, repeats) * processes} '
               f'images an epoch across {processes} processes, each {repeats} times (--no-repeated-aug turns it off)')
-    train_loader = data.build_loader(train_set, args.batch_size, args.num_workers, drop_last=True,
-                                     sampler=data.RankSampler(train_set, shuffle=True, repeats=repeats, seed=args.seed))
-    val_loader = data.build_loader(val_set, args.batch_size, args.num_workers,
+    train_loader = data.build_loader(train_set, run.batch_size, run.num_workers, drop_last=True,
+                                     sampler=data.RankSampler(train_set, shuffle=True, repeats=repeats, seed=run.seed))
+    val_loader = data.build_loader(val_set, run.batch_size, run.num_workers,
                                    sampler=data.RankSampler(val_set, shuffle=False))
-    global_batch = args.batch_size * processes
+    global_batch = run.batch_size * processes
     module = SupernetModule(
-        space_kwargs, learning_rate=5e-4 * global_batch / 512 if args.learning_rate is None else args.learning_rate,
-        min_lr=args.min_lr,
-        warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, epochs=args.epochs, warmup_epochs=args.warmup,
-        steps_per_epoch=steps_per_epoch, smoothing=args.smoothing, mixup=args.mixup,
-        cutmix=args.cutmix, ema_decay=args.ema_decay or 0.0, rel_pos_decay=args.rel_pos_decay, seed=args.seed,
+        space_kwargs, learning_rate=5e-4 * global_batch / 512 if run.learning_rate is None else run.learning_rate,
+        min_lr=run.min_lr,
+        warmup_lr=run.warmup_lr, weight_decay=run.weight_decay, epochs=run.epochs, warmup_epochs=run.warmup,
+        steps_per_epoch=steps_per_epoch, smoothing=run.smoothing, mixup=run.mixup,
+        cutmix=run.cutmix, ema_decay=run.ema_decay or 0.0, rel_pos_decay=run.rel_pos_decay, seed=run.seed,
         pretrained=pretrained, arch=arch)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=output / 'checkpoints', filename='best',
                                                monitor='val_acc_subnet' if arch else 'val_acc_max', mode='max',
@@ -257,12 +290,12 @@ def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained
     # The CSV logger starts a new version per (resumed) run: no log is overwritten.
     trainer_kwargs.update(callbacks=[checkpoints], plugins=[AtomicCheckpointIO()],
                           logger=pl.loggers.CSVLogger(output, name='logs'))
-    evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs, str(last) if args.resume else None)
-    training_space = {**space_kwargs, 'drop_path_rate': args.drop_path}
+    evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs, str(last) if run.resume else None)
+    training_space = {**space_kwargs, 'drop_path_rate': run.drop_path}
     supernet = AutoformerSpace(**training_space).freeze(arch) if arch else build_supernet(training_space)
     if arch and pretrained is None:  # retrained from scratch: the official init, as the supernet's
         init_weights(supernet)
-    if args.compile:
+    if run.compile:
         supernet.compile()  # in place: the state dict keeps its keys, so checkpoints and weights files stay the same
     try:
         evaluator.evaluate(supernet)

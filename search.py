@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import data
-from cli import add_name_arg, add_precision_args, parse_checked, run_main, space_arg
+from cli import add_data_args, add_name_arg, add_precision_args, from_flags, parse_checked, run_main, space_arg
 import torch
 import trial
 from candidates import SearchFolder, evaluate_candidate, plot_pareto, write_results
@@ -44,7 +44,7 @@ from nni.runtime.tuner_command_channel import TunerCommandChannel
 from nni.runtime.tuner_command_channel.command_type import CommandType
 from checkpoints import export_standalone, load_supernet_file, save_weights
 from space import AutoformerSpace, arch_key, canonical_arch, sub_state_dict
-from strategy import Budget, SearchLedger, build_strategy
+from strategy import Budget, SearchLedger, StrategySettings, build_strategy
 from utils import (UserError, atomic_path, atomic_write_json, check_output_folder, check_writable, json_form,
                    lock_output, read_json, remove_unfinished_writes, set_up_precision)
 
@@ -60,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_name_arg(parser, 'preset of --weights (default: the space stored with them, else tiny)')
     parser.add_argument('--weights', default='weights/supernet-tiny.pth', help='trained supernet weights')
-    data.add_data_args(parser, batch_size=256)
+    add_data_args(parser, batch_size=256)
     parser.add_argument('--search-images', type=int, default=None,
                         help='class-balanced training images to search on (default: 100 per class, the '
                              "paper's subImageNet; digits and fashion-mnist: their validation split)")
@@ -366,7 +366,7 @@ def resolve_devices(args: argparse.Namespace) -> None:
     default = (sum(remote_gpus) if args.device == 'cuda' else len(machines)) if machines else args.gpus
     args.concurrency = max(args.concurrency or default, 1)
     if args.device == 'cpu' or torch.cuda.is_available():  # else remote GPUs: each worker takes its default
-        args.precision = set_up_precision(args, args.device == 'cuda', 'evaluating candidates')
+        args.precision = set_up_precision(args.precision, args.tf32, args.device == 'cuda', 'evaluating candidates')
 
 
 def write_worker_spec(output: Path, weights: Path, cache: Path, args: argparse.Namespace) -> Path:
@@ -448,7 +448,7 @@ def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'Se
                                                precision=args.precision)
     ledger = SearchLedger(output, planned_candidates(args))
     experiment.planned = ledger.planned
-    experiment.strategy = build_strategy(args, space_kwargs, budget, ledger)
+    experiment.strategy = build_strategy(from_flags(StrategySettings, args), space_kwargs, budget, ledger)
     print(f'experiment {experiment.id}: {args.strategy} search of {ledger.planned} candidates on {args.device}, '
           f'budget {budget.describe()}, results in {output}')
     recorded = len(folder.records())

@@ -1,7 +1,6 @@
 """Small helpers with no side effects at import: the user-error type, safe file I/O, device and precision."""
 from __future__ import annotations
 
-import argparse
 import fcntl
 import io
 import json
@@ -193,18 +192,19 @@ def default_precision(cuda: bool) -> str:
     return 'bf16-mixed' if torch.cuda.is_bf16_supported() else '16-mixed'
 
 
-def set_up_precision(args: argparse.Namespace, cuda: bool, doing: str) -> str:
-    """The precision to run in: ``--precision``, else :func:`default_precision`; ``doing`` names the work.
+def set_up_precision(precision: str | None, tf32: bool, cuda: bool, doing: str) -> str:
+    """The precision to run in: ``precision`` (``--precision``), else :func:`default_precision`; ``doing``
+    names the work.
 
     On CUDA it also turns on cuDNN autotuning (fixed input sizes) and, with ``--tf32``, TF32 tensor
     cores for fp32 matmuls and convs (off by default: 10 mantissa bits move outputs by about 1e-3).
     On the CPU, ``bf16-mixed`` runs CPU autocast (with a note: usually slower there); fp16 is refused.
     """
-    precision = args.precision or default_precision(cuda)
+    precision = precision or default_precision(cuda)
     if cuda:
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        torch.backends.cudnn.allow_tf32 = args.tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
         return precision
     if precision == '16-mixed':
         raise UserError('--precision 16-mixed needs CUDA: on the CPU pass bf16-mixed (CPU autocast) or 32-true')

@@ -55,3 +55,13 @@ def test_no_library_module_imports_the_command_line_layer_or_a_script():
 
 def test_space_and_utils_import_nothing_of_the_project_at_the_top():
     assert GRAPH['space'] == set() and GRAPH['utils'] == set() and GRAPH['trial'] == set()
+
+
+def test_library_modules_take_values_not_a_namespace():
+    """Flags turn into values or a settings dataclass in the scripts (cli.from_flags); below them no module
+    knows argparse."""
+    scripts = {name for name, path in MODULES.items() if is_script(path)}
+    for name, path in MODULES.items():
+        if name not in scripts and name != 'cli':
+            text = path.read_text()
+            assert 'argparse' not in text and 'Namespace' not in text, f'{name} knows argparse'
