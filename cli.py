@@ -1,52 +1,36 @@
 """What every script's command line shares: ``run_main`` (one ``error:`` line, exit status 2), the
 flags several scripts take, and the checks they all run.
 
-Import it first in a script: it quiets the known, harmless warnings of NNI 3.0 under torch 2.14
-before NNI is imported. Each script parses with :func:`parse_checked`; a flag value outside its
-rule (one table, :data:`RULES`) is refused before a dataset or a weights file is read.
+Import it before NNI in a script: it imports ``nni_patches``, whose warning filters must precede
+NNI's imports, and ``run_main`` refuses an NNI other than the one patched. Each script parses with
+:func:`parse_checked`; a flag value outside its rule (one table, :data:`RULES`) is refused before a
+dataset or a weights file is read.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import logging
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
-# NNI 3.0 predates torch 2.14 and warns once per torch class it does not know; nothing broader is silenced.
-warnings.filterwarnings('ignore', message=r'.*is found to be not a nn\.Module, which is unexpected.*',
-                        category=RuntimeWarning)
-warnings.filterwarnings('ignore', message='Using a non-tuple sequence for multidimensional indexing',
-                        category=UserWarning, module=r'nni\.')
+import nni_patches  # first: its warning filters must be in place before NNI is imported
+import torch
 
-import torch  # noqa: E402
-
-from space import PRESETS, SEARCHED, AutoformerSpace, SpaceError, complete_space_kwargs, make_arch  # noqa: E402
-from utils import AUTOCAST, UserError  # noqa: E402
+from space import PRESETS, SEARCHED, AutoformerSpace, SpaceError, complete_space_kwargs, make_arch
+from utils import AUTOCAST, UserError
 
 T = TypeVar('T')
-
-
-class _DropMixedOpNestedMutableWarning(logging.Filter):
-    """NNI's own mixed class token / position embedding warn about their constructor on every mutation."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ('Found a nested mutable' in message and 'of class Mixed' in message)
-
-
-logging.getLogger('nni.nas.nn.pytorch.base').addFilter(_DropMixedOpNestedMutableWarning())
 
 
 def run_main(main: Callable[[], Any]) -> None:
     """Run a script's ``main``: a :class:`UserError` or :class:`SpaceError` becomes one line on stderr and
     exit status 2, a Ctrl-C that ``main`` does not handle itself one line and exit status 130."""
     try:
+        nni_patches.check_nni_version()
         main()
     except (UserError, SpaceError) as err:
         print(f'error: {err}', file=sys.stderr)

@@ -16,7 +16,6 @@ process start-up; Ctrl-C stops cleanly and ``--resume ID`` continues.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -24,24 +23,21 @@ import secrets
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-import data
-from cli import add_data_args, add_name_arg, add_precision_args, from_flags, parse_checked, run_main, space_arg
+import nni_patches  # first: its warning filters must be in place before NNI is imported
 import torch
-import trial
-from candidates import SearchFolder, evaluate_candidate, plot_pareto, write_results
-from nni.experiment import launcher
 from nni.nas.evaluator import FunctionalEvaluator
-from nni.nas.execution import training_service
 from nni.nas.experiment import NasExperiment, NasExperimentConfig
 from nni.nas.strategy import Random
-from nni.runtime.tuner_command_channel import TunerCommandChannel
-from nni.runtime.tuner_command_channel.command_type import CommandType
+
+import data
+import trial
+from candidates import SearchFolder, evaluate_candidate, plot_pareto, write_results
+from cli import add_data_args, add_name_arg, add_precision_args, from_flags, parse_checked, run_main, space_arg
 from checkpoints import export_standalone, load_supernet_file, save_weights
 from space import AutoformerSpace, arch_key, canonical_arch, sub_state_dict
 from strategy import Budget, SearchLedger, StrategySettings, build_strategy
@@ -125,42 +121,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class _TunerChannel(TunerCommandChannel):
-    """NNI 3.0's tuner channel without the ``ValueError`` it raises on the commands NNI's manager sends a
-    resumed experiment (ImportData, AddCustomizedTrialJob): that error kills the engine's listener thread,
-    and the resumed search waits forever for trial slots."""
-
-    def _receive(self):
-        while True:
-            command_type, data = super()._receive()
-            if command_type not in (CommandType.ImportData, CommandType.AddCustomizedTrialJob):
-                return command_type, data
-
-
-def _prctl() -> Callable | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (AttributeError, OSError):
-        return None  # not Linux: an orphan manager is stopped by the next --resume instead
-
-
-_PRCTL = _prctl()  # looked up here: loading a library between fork and exec can deadlock
-
-
-def _die_with_parent() -> None:
-    """Run in NNI's manager process before it starts: its own process group (as NNI does), and a SIGTERM
-    from the kernel when the search dies, even by SIGKILL (Linux), so no web server is left behind."""
-    os.setpgrp()
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the search died before the line above: nobody would send the signal
-            os._exit(1)
-
-
-def _popen_dying_with_parent(*args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(*args, **{**kwargs, 'preexec_fn': _die_with_parent})
-
-
 class SearchExperiment(NasExperiment):
     """A NAS experiment resumed from its candidate records rather than NNI's pickled strategy state.
 
@@ -173,15 +133,12 @@ class SearchExperiment(NasExperiment):
     planned = 0
 
     def execution_engine_factory(self, config):
-        training_service.TunerCommandChannel = _TunerChannel
-        return super().execution_engine_factory(config)
+        with nni_patches.tolerant_tuner_channel():
+            return super().execution_engine_factory(config)
 
     def _start_nni_manager(self, *args, **kwargs) -> None:
-        launcher.Popen = _popen_dying_with_parent
-        try:
+        with nni_patches.manager_dies_with_search():
             super()._start_nni_manager(*args, **kwargs)
-        finally:
-            launcher.Popen = subprocess.Popen
 
     def load_checkpoint(self) -> None:
         """On resume: room in NNI's trial count for the candidates still to come (its count includes the
@@ -212,9 +169,8 @@ def experiment_config(args: argparse.Namespace, spec: Path | None) -> NasExperim
             config.training_service.gpu_indices = list(range(args.gpus))
         # NNI fixes the trial command to "{envs} {python} -m nni.nas.execution.training_service trial";
         # trial.py, run as the "python", ignores the module arguments after it and asks a warm worker.
-        config._trial_command_params = {
-            'envs': f'{trial.SPEC_ENV}={shlex.quote(str(spec))}',
-            'python': f'{shlex.quote(python)} {shlex.quote(str(ROOT / "trial.py"))}'}
+        nni_patches.set_trial_command(config, envs=f'{trial.SPEC_ENV}={shlex.quote(str(spec))}',
+                                      python=f'{shlex.quote(python)} {shlex.quote(str(ROOT / "trial.py"))}')
     config.max_trial_number = planned_candidates(args)
     if args.experiment_dir:
         config.experiment_working_directory = str(Path(args.experiment_dir).resolve())
@@ -404,8 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.resume:
             stop_orphan_manager(args.resume)
         if args.web_ui_host == 'loopback':
-            preload = f"--require {ROOT / 'loopback.js'}"
-            os.environ['NODE_OPTIONS'] = f"{os.environ.get('NODE_OPTIONS', '')} {preload}".strip()
+            os.environ['NODE_OPTIONS'] = nni_patches.loopback_node_options(os.environ.get('NODE_OPTIONS', ''))
 
     # The experiment id names the output folder: the config (which names the worker spec in it), the
     # evaluator and the strategy come after.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import random
 import re
@@ -45,6 +46,17 @@ with warnings.catch_warnings():  # NNI 3.0 predates torch 2.14: one harmless war
     from nni.nas.oneshot.pytorch.supermodule.base import BaseSuperNetModule
     from nni.nas.oneshot.pytorch.supermodule.operation import MixedLinear, MixedOperation
     from nni.nas.space import model_context
+
+class _DropMixedOpNestedMutableWarning(logging.Filter):
+    """NNI's own mixed class token / position embedding warn about their constructor on every mutation."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ('Found a nested mutable' in message and 'of class Mixed' in message)
+
+
+logging.getLogger('nni.nas.nn.pytorch.base').addFilter(_DropMixedOpNestedMutableWarning())
+
 
 __all__ = ['AutoformerSpace', 'SpaceError', 'PRESETS', 'SEARCHED', 'DEFAULTS', 'build_supernet', 'set_active_arch',
            'complete_space_kwargs', 'space_problem', 'make_arch', 'arch_choices', 'sample_arch', 'extreme_arch',
