@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, TypeVar
 import nni_patches  # first: its warning filters must be in place before NNI is imported
 import torch
 
-from space import PRESETS, SEARCHED, AutoformerSpace, SpaceError, complete_space_kwargs, make_arch
+from space import PRESETS, SEARCHED, AutoformerSpace, SpaceError, complete_space_kwargs, is_number, make_arch
 from utils import AUTOCAST, UserError
 
 T = TypeVar('T')
@@ -205,7 +205,7 @@ def read_space_file(path: str, name: str | None = None) -> dict[str, Any]:
     supernet = content.get('SUPERNET') or {}
     for official, key in OFFICIAL_KEYS.items():
         size = supernet.get(official) if isinstance(supernet, dict) else None
-        if size is not None and not (_is_number(size) and size >= max(space[key])):
+        if size is not None and not (is_number(size) and size >= max(space[key])):
             raise UserError(f'--space-file {path}: SUPERNET: {official} {size!r} is smaller than the largest '
                             f'choice {max(space[key])} of SEARCH_SPACE:')
     try:
@@ -222,20 +222,16 @@ def read_retrain_arch(path: str) -> dict[str, Any]:
                         'format: experiments/subnet/AutoFormer-T.yaml)')
     ratios = _official_values(retrain['MLP_RATIO'], f'--arch {path}: RETRAIN: MLP_RATIO')
     heads = _official_values(retrain['NUM_HEADS'], f'--arch {path}: RETRAIN: NUM_HEADS')
-    if not (retrain['DEPTH'] == len(ratios) == len(heads) and _is_number(retrain['EMBED_DIM'])):
+    if not (retrain['DEPTH'] == len(ratios) == len(heads) and is_number(retrain['EMBED_DIM'])):
         raise UserError(f'--arch {path}: RETRAIN: has DEPTH {retrain["DEPTH"]!r} but {len(ratios)} MLP ratios and '
                         f'{len(heads)} head counts')
     return make_arch(retrain['EMBED_DIM'], [float(ratio) for ratio in ratios], heads)
 
 
 def _official_values(values: Any, what: str) -> tuple:
-    if not isinstance(values, list) or not values or not all(_is_number(v) and v > 0 for v in values):
+    if not isinstance(values, list) or not values or not all(is_number(v) and v > 0 for v in values):
         raise UserError(f'{what} must be a list of positive numbers, got {values!r}')
     return tuple(values)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:

@@ -58,7 +58,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
-from utils import UserError, atomic_torch_save, torch_load
+from utils import UserError, atomic_torch_save, seed_for, torch_load
 
 DATASETS = ('imagenet', 'cifar10', 'digits', 'fashion-mnist', 'folder')
 SPLITS = ('train', 'val', 'test')
@@ -181,7 +181,7 @@ class RankSampler(Sampler[int]):
         self.epoch = epoch
 
     def _epoch_seed(self) -> int:
-        return self.seed * 1_000_003 + self.epoch
+        return seed_for(self.seed, self.epoch)
 
     def _ranks(self) -> tuple[int, int]:
         if dist.is_available() and dist.is_initialized():

@@ -667,7 +667,8 @@ def _is_int(value: Any, least: int = 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -677,7 +678,7 @@ def space_problem(space_kwargs: Mapping[str, Any]) -> str | None:
     for key in ('search_embed_dim', 'search_num_heads', 'search_depth', 'search_mlp_ratio'):
         values = space_kwargs[key]
         ratios = key == 'search_mlp_ratio'
-        ok = (lambda v: _is_number(v) and v > 0) if ratios else _is_int
+        ok = (lambda v: is_number(v) and v > 0) if ratios else _is_int
         if not isinstance(values, (list, tuple)) or not values or not all(ok(v) for v in values):
             kind = 'positive numbers' if ratios else 'positive integers'
             return f'{key} must be a non-empty list of {kind}, got {values!r}'
@@ -694,10 +695,10 @@ def space_problem(space_kwargs: Mapping[str, Any]) -> str | None:
         if not isinstance(space_kwargs[key], bool):
             return f'{key} must be true or false, got {space_kwargs[key]!r}'
     for key in ('drop_rate', 'attn_drop_rate', 'drop_path_rate'):
-        if not (_is_number(space_kwargs[key]) and 0 <= space_kwargs[key] < 1):
+        if not (is_number(space_kwargs[key]) and 0 <= space_kwargs[key] < 1):
             return f'{key} must be a number in [0, 1), got {space_kwargs[key]!r}'
     scale = space_kwargs['qk_scale']
-    if scale is not None and not (_is_number(scale) and scale > 0):
+    if scale is not None and not (is_number(scale) and scale > 0):
         return f'qk_scale must be a positive number or null, got {space_kwargs["qk_scale"]!r}'
     if space_kwargs['rpe_length'] is not None and not _is_int(space_kwargs['rpe_length']):
         return f'rpe_length must be a positive integer or null, got {space_kwargs["rpe_length"]!r}'
@@ -777,7 +778,7 @@ def _check_label(arch: Mapping[str, Any], label: str, allowed: list) -> None:
     if label not in arch:
         raise SpaceError(f'arch is missing the label {label!r} (allowed values: {allowed})')
     value = arch[label]
-    if label.startswith('mlp_ratio') and not _is_number(value) or not label.startswith('mlp_ratio') and not \
+    if label.startswith('mlp_ratio') and not is_number(value) or not label.startswith('mlp_ratio') and not \
             _is_int(value, least=-2**63):
         kind = 'a number' if label.startswith('mlp_ratio') else 'an integer'
         raise SpaceError(f'arch value {label}={value!r} must be {kind} (allowed values: {allowed})')
@@ -907,7 +908,7 @@ def _check_arch_fits(state_dict: Mapping[str, torch.Tensor], arch: Mapping[str, 
                                     (f'mlp_ratio_{i}', arch['embed_dim'], state_dict[prefix + 'fc1.weight'].shape[0])):
             if label not in arch:
                 raise SpaceError(f'arch is missing the label {label!r}')
-            if not _is_number(arch[label]) or not 0 < needed * arch[label] <= rows:
+            if not is_number(arch[label]) or not 0 < needed * arch[label] <= rows:
                 raise SpaceError(f'arch value {label}={arch[label]!r} does not fit the supernet')
 
 

@@ -230,3 +230,9 @@ def check_output_folder(output: Path, resume: Any, run: str, held: list[Path], r
         differences = ', '.join(f'another {key} ({recorded[key]!r}, now {fingerprint[key]!r})' for key in changed)
         raise UserError(f'--resume: {output} holds {run} with {differences}: resume with the same flags, or '
                         'choose another --output')
+
+
+def seed_for(seed: int, step: int) -> int:
+    """The seed of one step (an epoch, an optimizer step) of a run seeded ``seed``: distinct for every pair of
+    small values, the same wherever it is computed (every DDP rank, a resumed run)."""
+    return seed * 1_000_003 + step
