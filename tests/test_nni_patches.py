@@ -23,7 +23,8 @@ def test_the_installed_nni_is_the_patched_one():
 
 def test_another_nni_version_is_refused_in_one_line(monkeypatch):
     monkeypatch.setattr(nni, '__version__', '3.1')
-    with pytest.raises(UserError, match=r'^NNI 3.1 is installed, but this project patches NNI 3.0 .*pip install nni==3.0$'):
+    refusal = r'^NNI 3.1 is installed, but this project patches NNI 3.0 .*pip install nni==3.0$'
+    with pytest.raises(UserError, match=refusal):
         nni_patches.check_nni_version()
 
 

@@ -91,7 +91,8 @@ def test_read_only_output_is_refused_up_front_and_earlier_results_kept(tmp_path)
     scratch.main(['--dataset', 'digits', '--epochs', '1', '--output', str(run)])
     before = snapshot(run)
     for script in (['scratch.py', '--dataset', 'digits', '--epochs', '2', '--resume', '--output', str(run)],
-                   ['search.py', '--weights', str(run / 'supernet.pth'), '--output', str(run / 'search')]):
+                   ['search.py', '--weights', str(run / 'supernet.pth'), '--engine', 'sequential',
+                    '--output', str(run / 'search')]):
         result = subprocess.run(as_read_only(run, [sys.executable, *script]), cwd=ROOT, capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 2, result.stderr[-3000:]
@@ -190,10 +191,9 @@ def test_same_seed_gives_the_same_supernet_weights(tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_same_seed_gives_the_same_sequential_search(tmp_path):
-    scratch.main(['--dataset', 'digits', '--epochs', '1', '--output', str(tmp_path / 'supernet')])
+def test_same_seed_gives_the_same_sequential_search(tmp_path, digits_supernet):
     for run in ('a', 'b'):
-        search.main(['--weights', str(tmp_path / 'supernet' / 'supernet.pth'), '--strategy', 'autoformer',
+        search.main(['--weights', str(digits_supernet), '--strategy', 'autoformer',
                      '--generations', '2', '--population', '6', '--select', '3', '--mutation-num', '3',
                      '--crossover-num', '3', '--engine', 'sequential', '--seed', '5', '--output', str(tmp_path / run)])
     first, second = ([(r['arch'], r['top1']) for r in json.loads((tmp_path / run / 'candidates.json').read_text())]
