@@ -2,8 +2,8 @@
 ``--arch`` retrain one subnet from scratch (the official ``--mode retrain``), with the same recipe.
 
     python scratch.py --dataset digits                       # the bundled demo, a few minutes on a CPU
-    python scratch.py --gpus 4 --datapath path/to/imagenet --batch_size 256 --warmup 20 --epochs 500 \\
-                      --learning_rate 0.001
+    python scratch.py --gpus 4 --datapath path/to/imagenet --batch-size 256 --warmup 20 --epochs 500 \\
+                      --learning-rate 0.001
     python scratch.py --gpus 8 --datapath path/to/imagenet --arch autoformer-tiny --output outputs/retrain-T
 """
 from __future__ import annotations
