@@ -99,7 +99,8 @@ def correct_counts(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class TrainingRun:
     """What scratch.py and finetune.py ask of one training run: their flags of the same names (see their --help).
-    ``learning_rate`` None: 5e-4 x global batch / 512, as the official run."""
+    ``learning_rate`` None: 5e-4 x global batch / 512, as the official run. ``img_size`` is recorded only (the
+    space given beside the run holds the size trained at)."""
     output: Path
     dataset: str
     datapath: str | None
@@ -114,6 +115,7 @@ class TrainingRun:
     mixup: float
     cutmix: float
     drop_path: float
+    img_size: int | None
     clip_grad: float | None
     ema_decay: float | None
     rel_pos_decay: bool

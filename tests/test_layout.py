@@ -5,6 +5,10 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.fast  # make test-fast
+
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = {path.stem: path for path in ROOT.glob('*.py')}
 # space.py's load_* classmethods (the public API) reach checkpoints.py lazily, so that space.py can be

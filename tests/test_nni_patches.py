@@ -15,6 +15,8 @@ from nni.runtime.tuner_command_channel.command_type import CommandType
 import nni_patches
 from utils import UserError
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 
 def test_the_installed_nni_is_the_patched_one():
     assert nni.__version__ == nni_patches.NNI_VERSION

@@ -13,6 +13,8 @@ from space import (AutoformerSpace, build_supernet, check_arch, count_flops, cou
                    sample_arch, set_active_arch, complete_space_kwargs, sub_state_dict, SpaceError, init_weights)
 from utils import UserError
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 
 @pytest.mark.parametrize('checkpoint', ['small-official.pth', 'small-nnihub.pth'])
 def test_golden_logits_and_params_for_every_case(golden, checkpoint):

@@ -9,6 +9,8 @@ import strategy
 from space import arch_key
 from space import AutoformerSpace, arch_choices, count_params, complete_space_kwargs
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 SPACE = complete_space_kwargs(**AutoformerSpace.preset('tiny'))
 CHOICES = arch_choices(SPACE)
 
