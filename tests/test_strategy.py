@@ -2,12 +2,12 @@
 import argparse
 import random
 
+import pytest
 import torch
 
 import search
 import strategy
-from space import arch_key
-from space import AutoformerSpace, arch_choices, count_params, complete_space_kwargs
+from space import AutoformerSpace, arch_choices, arch_key, complete_space_kwargs, count_params
 
 pytestmark = pytest.mark.fast  # make test-fast
 
