@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test demo clean
+.PHONY: test test-fast demo clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,10 @@ $(VENV)/.installed: requirements.txt
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
+
+# Everyday work: every script once on tiny inputs and each module's core (tests marked fast).
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m fast tests
 
 demo: $(VENV)/.installed
 	$(PY) demo.py $(if $(FRESH),--fresh,)

@@ -1,49 +1,36 @@
 """What every script's command line shares: ``run_main`` (one ``error:`` line, exit status 2), the
 flags several scripts take, and the checks they all run.
 
-Import it first in a script: it quiets the known, harmless warnings of NNI 3.0 under torch 2.14
-before NNI is imported. Each script parses with :func:`parse_checked`; a flag value outside its
-rule (one table, :data:`RULES`) is refused before a dataset or a weights file is read.
+Import it before NNI in a script: it imports ``nni_patches``, whose warning filters must precede
+NNI's imports, and ``run_main`` refuses an NNI other than the one patched. Each script parses with
+:func:`parse_checked`; a flag value outside its rule (one table, :data:`RULES`) is refused before a
+dataset or a weights file is read.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import logging
 import math
 import os
 import sys
-import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
-# NNI 3.0 predates torch 2.14 and warns once per torch class it does not know; nothing broader is silenced.
-warnings.filterwarnings('ignore', message=r'.*is found to be not a nn\.Module, which is unexpected.*',
-                        category=RuntimeWarning)
-warnings.filterwarnings('ignore', message='Using a non-tuple sequence for multidimensional indexing',
-                        category=UserWarning, module=r'nni\.')
+import nni_patches  # first: its warning filters must be in place before NNI is imported
+import torch
 
-import torch  # noqa: E402
+from space import PRESETS, SEARCHED, AutoformerSpace, SpaceError, complete_space_kwargs, is_number, make_arch
+from utils import AUTOCAST, UserError
 
-from space import PRESETS, SEARCHED, AutoformerSpace, SpaceError, complete_space_kwargs, make_arch  # noqa: E402
-from utils import AUTOCAST, UserError  # noqa: E402
-
-
-class _DropMixedOpNestedMutableWarning(logging.Filter):
-    """NNI's own mixed class token / position embedding warn about their constructor on every mutation."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ('Found a nested mutable' in message and 'of class Mixed' in message)
-
-
-logging.getLogger('nni.nas.nn.pytorch.base').addFilter(_DropMixedOpNestedMutableWarning())
+T = TypeVar('T')
 
 
 def run_main(main: Callable[[], Any]) -> None:
     """Run a script's ``main``: a :class:`UserError` or :class:`SpaceError` becomes one line on stderr and
     exit status 2, a Ctrl-C that ``main`` does not handle itself one line and exit status 130."""
     try:
+        nni_patches.check_nni_version()
         main()
     except (UserError, SpaceError) as err:
         print(f'error: {err}', file=sys.stderr)
@@ -218,7 +205,7 @@ def read_space_file(path: str, name: str | None = None) -> dict[str, Any]:
     supernet = content.get('SUPERNET') or {}
     for official, key in OFFICIAL_KEYS.items():
         size = supernet.get(official) if isinstance(supernet, dict) else None
-        if size is not None and not (_is_number(size) and size >= max(space[key])):
+        if size is not None and not (is_number(size) and size >= max(space[key])):
             raise UserError(f'--space-file {path}: SUPERNET: {official} {size!r} is smaller than the largest '
                             f'choice {max(space[key])} of SEARCH_SPACE:')
     try:
@@ -235,20 +222,31 @@ def read_retrain_arch(path: str) -> dict[str, Any]:
                         'format: experiments/subnet/AutoFormer-T.yaml)')
     ratios = _official_values(retrain['MLP_RATIO'], f'--arch {path}: RETRAIN: MLP_RATIO')
     heads = _official_values(retrain['NUM_HEADS'], f'--arch {path}: RETRAIN: NUM_HEADS')
-    if not (retrain['DEPTH'] == len(ratios) == len(heads) and _is_number(retrain['EMBED_DIM'])):
+    if not (retrain['DEPTH'] == len(ratios) == len(heads) and is_number(retrain['EMBED_DIM'])):
         raise UserError(f'--arch {path}: RETRAIN: has DEPTH {retrain["DEPTH"]!r} but {len(ratios)} MLP ratios and '
                         f'{len(heads)} head counts')
     return make_arch(retrain['EMBED_DIM'], [float(ratio) for ratio in ratios], heads)
 
 
 def _official_values(values: Any, what: str) -> tuple:
-    if not isinstance(values, list) or not values or not all(_is_number(v) and v > 0 for v in values):
+    if not isinstance(values, list) or not values or not all(is_number(v) and v > 0 for v in values):
         raise UserError(f'{what} must be a list of positive numbers, got {values!r}')
     return tuple(values)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
+    """The data flags every script shares, with the same names and meaning."""
+    import data  # here: convert.py's --help needs no timm
+
+    parser.add_argument('--dataset', choices=data.DATASETS, default=None,
+                        help=f"default: cifar10 when --datapath holds {data.CIFAR_DIR}/ (or is it), imagenet for any "
+                             'other --datapath, the bundled digits without --datapath; fashion-mnist reads --datapath, '
+                             f'else {data.FASHION_SYSTEM_PATH} (Debian: apt-get install dataset-fashion-mnist)')
+    parser.add_argument('--datapath', default=None, help='dataset folder (not needed for digits)')
+    parser.add_argument('--batch-size', '--batch_size', dest='batch_size', type=int, default=batch_size,
+                        help=f'images per batch (default {batch_size})')
+    parser.add_argument('--num-workers', '--num_workers', dest='num_workers', type=int,
+                        default=min(8, os.cpu_count() or 1), help='data loading processes')
 
 
 def recipe_parser(argv: list[str] | None, recipes: Mapping[str, dict[str, Any]], fallback: str, script: str,
@@ -264,7 +262,7 @@ def recipe_parser(argv: list[str] | None, recipes: Mapping[str, dict[str, Any]],
     dataset = data.dataset_name(known.dataset, known.datapath)
     recipe = {**recipes.get(dataset, recipes[fallback]), 'output': f'outputs/{script}-{dataset}'}
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    data.add_data_args(parser, batch_size=recipe['batch_size'])
+    add_data_args(parser, batch_size=recipe['batch_size'])
     return parser, dataset, recipe
 
 
@@ -319,33 +317,6 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
     parser.add_argument('--output', default=recipe.get('output'), help='folder for checkpoints, logs and weights')
 
 
-def check_classes(dataset: str, classes: int, space_kwargs: Mapping[str, Any], what: str = 'model') -> None:
-    """Refuse data whose class count is not the model's output count."""
-    if classes != space_kwargs['num_labels']:
-        raise UserError(f'the {dataset} data has {classes} classes but the {what} has {space_kwargs["num_labels"]} '
-                        f'outputs: pass weights trained for this dataset')
-
-
-def check_output_folder(output: Path, resume: Any, run: str, held: list[Path], recorded: Mapping[str, Any] | None,
-                        fingerprint: Mapping[str, Any], before: Mapping[str, Any] | None = None) -> None:
-    """One ``--output`` holds one run (``run`` names it: 'a training run', 'search <id>'). Without
-    ``--resume``, refuse a folder holding results (``held``); with it, refuse settings other than those
-    ``recorded`` for the run.
-    A setting the run did not record was, where ``before`` says, what it was before it was recorded (an
-    older run); else it is taken as unchanged, as are all of a run that recorded none (``recorded`` None)."""
-    if not resume:
-        if held:
-            raise UserError(f'{output} already holds {run} ({held[0].name}): pass --resume to continue it, or choose '
-                            'another --output')
-        return
-    recorded = {**(before or {}), **recorded} if recorded is not None else {}
-    changed = [key for key in fingerprint if key in recorded and recorded[key] != fingerprint[key]]
-    if changed:
-        differences = ', '.join(f'another {key} ({recorded[key]!r}, now {fingerprint[key]!r})' for key in changed)
-        raise UserError(f'--resume: {output} holds {run} with {differences}: resume with the same flags, or '
-                        'choose another --output')
-
-
 def load_json_arg(value: str, what: str = '--arch') -> Any:
     """Parse a JSON string or the path of a JSON file, with a clear message when it is neither."""
     text = value
@@ -382,3 +353,10 @@ def load_arch_arg(value: str) -> Any:
             raise UserError(f"--arch: the record's arch is {arch['arch']!r}, not an arch (a JSON object of labels)")
         return arch['arch']
     return arch
+
+
+def from_flags(settings: type[T], args: argparse.Namespace, **values: Any) -> T:
+    """A library's settings dataclass built from the flags of the same names (``values`` win): the one place
+    where a script's Namespace turns into what the library takes."""
+    return settings(**{field.name: values[field.name] if field.name in values else getattr(args, field.name)
+                       for field in dataclasses.fields(settings)})

@@ -30,7 +30,6 @@ symlinks, are left out when the folder is scanned.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import logging
 import math
@@ -40,7 +39,7 @@ import pickle
 import sys
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -59,7 +58,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms import InterpolationMode, v2
 
-from utils import UserError, atomic_torch_save, torch_load
+from utils import UserError, atomic_torch_save, seed_for, torch_load
 
 DATASETS = ('imagenet', 'cifar10', 'digits', 'fashion-mnist', 'folder')
 SPLITS = ('train', 'val', 'test')
@@ -115,19 +114,6 @@ _EXPECTS = {
                      "or torchvision's layout (FashionMNIST/raw/)",
 }
 _logger = logging.getLogger(__name__)
-
-
-def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
-    """The data flags every script shares, with the same names and meaning."""
-    parser.add_argument('--dataset', choices=DATASETS, default=None,
-                        help=f"default: cifar10 when --datapath holds {CIFAR_DIR}/ (or is it), imagenet for any other "
-                             '--datapath, the bundled digits without --datapath; fashion-mnist reads --datapath, '
-                             f'else {FASHION_SYSTEM_PATH} (Debian: apt-get install dataset-fashion-mnist)')
-    parser.add_argument('--datapath', default=None, help='dataset folder (not needed for digits)')
-    parser.add_argument('--batch-size', '--batch_size', dest='batch_size', type=int, default=batch_size,
-                        help=f'images per batch (default {batch_size})')
-    parser.add_argument('--num-workers', '--num_workers', dest='num_workers', type=int,
-                        default=min(8, os.cpu_count() or 1), help='data loading processes')
 
 
 def dataset_name(dataset: str | None, datapath: str | None) -> str:
@@ -195,7 +181,7 @@ class RankSampler(Sampler[int]):
         self.epoch = epoch
 
     def _epoch_seed(self) -> int:
-        return self.seed * 1_000_003 + self.epoch
+        return seed_for(self.seed, self.epoch)
 
     def _ranks(self) -> tuple[int, int]:
         if dist.is_available() and dist.is_initialized():
@@ -736,3 +722,10 @@ class CachedSplit(Dataset):
         for start in range(0, len(self.labels), batch_size):
             images = self.images[start:start + batch_size].float()
             yield (images - self.mean) / self.std, self.labels[start:start + batch_size]
+
+
+def check_classes(dataset: str, classes: int, space_kwargs: Mapping[str, Any], what: str = 'model') -> None:
+    """Refuse data whose class count is not the model's output count."""
+    if classes != space_kwargs['num_labels']:
+        raise UserError(f'the {dataset} data has {classes} classes but the {what} has {space_kwargs["num_labels"]} '
+                        f'outputs: pass weights trained for this dataset')

@@ -53,7 +53,8 @@ def run_stage(name: str, args: list[str], times: dict[str, float]) -> None:
     times[name] = time.perf_counter() - start
 
 
-def evaluate_arch(output: Path, weights: Path, arch: dict | None, name: str, times: dict[str, float]) -> dict:
+def evaluate_by_script(output: Path, weights: Path, arch: dict | None, name: str, times: dict[str, float]) -> dict:
+    """evaluate.py on the digits test split, as a user runs it: its results."""
     results = output / f'test-{name}.json'
     args = ['evaluate.py', '--weights', str(weights), '--dataset', 'digits', '--split', 'test', '--num-workers', '0',
             '--output', str(results)]
@@ -116,12 +117,12 @@ def main(argv: list[str] | None = None) -> Path:
     best = json.loads((search / 'best.json').read_text())
     candidates = json.loads((search / 'candidates.json').read_text())
     scratch_metrics = json.loads((output / 'scratch' / 'metrics.json').read_text())
-    searched = evaluate_arch(output, search / 'best-subnet.pth', None, 'searched', times)
-    tuned = {**evaluate_arch(output, finetuned, None, 'finetuned', times),
+    searched = evaluate_by_script(output, search / 'best-subnet.pth', None, 'searched', times)
+    tuned = {**evaluate_by_script(output, finetuned, None, 'finetuned', times),
              'epochs': read_json(finetuned.parent / 'metrics.json')['epochs']}
     space = read_weights(supernet)[1]['space']
-    smallest = evaluate_arch(output, supernet, extreme_arch(space, min), 'smallest', times)
-    largest = evaluate_arch(output, supernet, extreme_arch(space, max), 'largest', times)
+    smallest = evaluate_by_script(output, supernet, extreme_arch(space, min), 'smallest', times)
+    largest = evaluate_by_script(output, supernet, extreme_arch(space, max), 'largest', times)
     plot_training(output / 'scratch' / 'logs', output / 'training.png')
     shutil.copyfile(search / 'pareto.png', output / 'pareto.png')
     report = output / 'report.md'

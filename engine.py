@@ -1,38 +1,28 @@
-"""DeiT's "train and eval functions": the accuracy loop shared by evaluate.py, search.py and the
-Lightning validation, the search trial built on it, and the training driver of scratch.py and finetune.py.
-
-The trial lives here, not in search.py: NNI's in-process trials import it by name, and the warm
-workers of ``trial.py`` run it for web-UI trials.
+"""DeiT's "train and eval functions": the accuracy loop shared by evaluate.py, the search's candidates
+(candidates.py) and study.py, and the training driver of scratch.py and finetune.py (the LightningModule it
+drives is in lightning.py).
 """
 from __future__ import annotations
 
-import argparse
-import csv
-import hashlib
-import io
-import json
 import logging
 import os
 import sys
 import time
-from functools import lru_cache
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
-import nni
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-from checkpoints import check_finite, read_weights, save_weights
-from cli import check_classes, check_output_folder
-from space import (AutoformerSpace, build_supernet, canonical_arch, count_flops, count_params, init_weights,
-                   sub_state_dict, typed_arch)
-from trial import record_failure
-from utils import (AUTOCAST, UserError, atomic_write_json, atomic_write_text, check_writable, default_precision,
-                   json_form, lock_output, pick_device, read_json, remove_unfinished_writes, set_up_precision)
+from checkpoints import check_finite, save_weights
+from data import check_classes
+from space import AutoformerSpace, build_supernet, canonical_arch, init_weights
+from utils import (AUTOCAST, UserError, atomic_write_json, check_output_folder, check_writable, default_precision,
+                   json_form, lock_output, read_json, remove_unfinished_writes, set_up_precision)
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -106,150 +96,39 @@ def correct_counts(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
 
 
-# --------------------------------------------------------------------------------------------
-# The search trial: one candidate with weights inherited from the supernet
-# --------------------------------------------------------------------------------------------
-
-def arch_key(arch: Mapping[str, Any]) -> str:
-    """A stable name of an arch (labels of unused layers ignored)."""
-    return hashlib.sha1(json.dumps(canonical_arch(arch), sort_keys=True).encode()).hexdigest()[:16]
-
-
-@lru_cache(maxsize=2)
-def _supernet(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state_dict, meta = read_weights(weights)
-    return state_dict, meta['space']
-
-
-@lru_cache(maxsize=2)
-def _search_data(cache: str) -> data.CachedSplit:
-    return data.CachedSplit(cache)
-
-
-INTERMEDIATE_RESULTS = 20  # per candidate at most: the web UI's chart, not one point per batch
-
-
-def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
-                  split: data.CachedSplit, output: Path, batch_size: int, device: torch.device,
-                  report: Callable[[float], None], precision: str | None = None) -> dict[str, Any]:
-    """Top-1 of one subnet (weights inherited from the supernet) on the search split; writes its record.
-
-    A candidate already recorded in ``output`` (a resumed search) is answered from its record.
-    """
-    start = time.perf_counter()
-    key = arch_key(arch)
-    record_file = output / 'candidates' / f'{key}.json'
-    if record_file.is_file():
-        return read_json(record_file)
-    model = AutoformerSpace(**space_kwargs).freeze(arch)
-    model.load_state_dict(sub_state_dict(supernet, arch))
-    every = max(1, -(-len(split) // batch_size) // INTERMEDIATE_RESULTS)
-    metrics = evaluate(model, split.batches(batch_size), device, progress=False,
-                       on_batch=lambda index, top1: report(top1), report_every=every, precision=precision)
-    latency = read_json(latency_file).get(key) \
-        if (latency_file := output / 'latency.json').is_file() else None
-    record = {'arch': arch, 'params': count_params(arch, **space_kwargs) / 1e6,
-              'flops': count_flops(arch, **space_kwargs) / 1e9, 'latency': latency,
-              'top1': metrics['top1'], 'seconds': time.perf_counter() - start,
-              'finished': time.time()}  # the order candidates finished in: best-so-far curves
-    atomic_write_json(record, record_file)
-    write_results(output, every_seconds=2.0)
-    return record
-
-
-def final_metrics(record: Mapping[str, Any]) -> dict[str, float]:
-    """What NNI shows of a candidate: top-1 as the default metric, then its cost."""
-    return {'default': record['top1'], 'params': record['params'], 'flops': record['flops'],
-            **({'latency': record['latency']} if record['latency'] is not None else {})}
-
-
-def evaluate_candidate(model: torch.nn.Module, weights: str, cache: str, output: str, batch_size: int,
-                       device: str, precision: str | None = None) -> None:
-    """NNI trial run in the search's own process (``--engine sequential``): evaluates and reports."""
-    supernet, space_kwargs = _supernet(weights)
-    arch = typed_arch(nni.get_current_parameter().sample)
-    try:
-        record = evaluate_arch(arch, supernet, space_kwargs, _search_data(cache), Path(output), batch_size,
-                               pick_device(device), nni.report_intermediate_result, precision)
-    except Exception as err:
-        record_failure({'output': output}, arch_key(arch), f'{type(err).__name__}: {err}')
-        raise
-    nni.report_final_result(final_metrics(record))
-
-
-def candidate_server(spec: Mapping[str, Any]) -> Callable[[str, Callable[[dict], None]], None]:
-    """What a warm worker (trial.py) runs per candidate: the supernet, the split and the imports stay loaded."""
-    supernet, space_kwargs = _supernet(spec['weights'])
-    split = _search_data(spec['cache'])
-    device = pick_device(spec['device'])
-    output = Path(spec['output'])
-
-    def evaluate_parameter(parameter: str, send: Callable[[dict], None]) -> None:
-        arch = typed_arch(nni.load(parameter)['parameters'].sample)
-        record = evaluate_arch(arch, supernet, space_kwargs, split, output, spec['batch_size'], device,
-                               lambda top1: send({'intermediate': top1}), spec.get('precision'))
-        send({'final': final_metrics(record)})
-
-    return evaluate_parameter
-
-
-def read_results(output: Path) -> list[dict]:
-    records = [read_json(p) for p in sorted((output / 'candidates').glob('*.json'))]
-    return sorted(records, key=lambda r: -r['top1'])
-
-
-_last_results_write = 0.0
-
-
-def write_results(output: Path, every_seconds: float = 0.0) -> list[dict]:
-    """Every finished candidate as candidates.json and candidates.csv (each written atomically).
-
-    Each candidate's own record is written the moment it finishes; these summaries, which grow
-    with the search, are rewritten at most every ``every_seconds`` in one process (and at the end).
-    """
-    global _last_results_write
-    if time.monotonic() - _last_results_write < every_seconds:
-        return []
-    _last_results_write = time.monotonic()
-    records = read_results(output)
-    atomic_write_json(records, output / 'candidates.json')
-    fields = ['top1', 'params', 'flops', 'latency', 'seconds', 'arch']
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(fields)
-    for r in records:
-        writer.writerow([json.dumps(r['arch']) if f == 'arch' else '' if r[f] is None else f'{r[f]:.6g}'
-                         for f in fields])
-    atomic_write_text(buffer.getvalue(), output / 'candidates.csv')
-    return records
-
-
-def pareto_front(records: list[dict]) -> list[dict]:
-    """Candidates no other beats on both top-1 and (fewer) params."""
-    front, best = [], float('-inf')
-    for record in sorted(records, key=lambda r: (r['params'], -r['top1'])):
-        if record['top1'] > best:
-            front.append(record)
-            best = record['top1']
-    return front
-
-
-def plot_pareto(records: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    front = pareto_front(records)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([r['params'] for r in records], [r['top1'] for r in records], s=12, alpha=0.6, label='candidates')
-    ax.plot([r['params'] for r in front], [r['top1'] for r in front], 'r.-', label='Pareto front')
-    ax.set(xlabel='parameters (M)', ylabel='top-1 (%)', title=title)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix('.tmp.png')
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+@dataclass(frozen=True)
+class TrainingRun:
+    """What scratch.py and finetune.py ask of one training run: their flags of the same names (see their --help).
+    ``learning_rate`` None: 5e-4 x global batch / 512, as the official run. ``img_size`` is recorded only (the
+    space given beside the run holds the size trained at)."""
+    output: Path
+    dataset: str
+    datapath: str | None
+    epochs: int
+    warmup: int
+    batch_size: int
+    learning_rate: float | None
+    min_lr: float
+    warmup_lr: float
+    weight_decay: float
+    smoothing: float
+    mixup: float
+    cutmix: float
+    drop_path: float
+    img_size: int | None
+    clip_grad: float | None
+    ema_decay: float | None
+    rel_pos_decay: bool
+    repeated_aug: bool
+    seed: int
+    gpus: int
+    cpu_processes: int
+    num_nodes: int
+    num_workers: int
+    precision: str | None
+    tf32: bool
+    resume: bool
+    compile: bool
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,27 +147,27 @@ def check_launcher(num_nodes: int) -> None:
                         'NODE_RANK set on each machine')
 
 
-def trainer_settings(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
+def trainer_settings(run: TrainingRun) -> tuple[dict[str, Any], int]:
     """Lightning ``Trainer`` keywords for the hardware asked for, and the number of processes."""
-    check_launcher(args.num_nodes)
-    use_gpu, devices = training_devices(args)
-    if args.gpus > 0 and not use_gpu:
-        _logger.warning('--gpus %d asked for but no CUDA GPU is visible: training on the CPU', args.gpus)
-    if use_gpu and args.gpus > torch.cuda.device_count():
-        raise UserError(f'--gpus {args.gpus}: only {torch.cuda.device_count()} CUDA GPUs are visible on this machine')
-    precision = set_up_precision(args, use_gpu, 'training')
-    processes = devices * args.num_nodes
-    return dict(accelerator='gpu' if use_gpu else 'cpu', devices=devices, num_nodes=args.num_nodes,
+    check_launcher(run.num_nodes)
+    use_gpu, devices = training_devices(run)
+    if run.gpus > 0 and not use_gpu:
+        _logger.warning('--gpus %d asked for but no CUDA GPU is visible: training on the CPU', run.gpus)
+    if use_gpu and run.gpus > torch.cuda.device_count():
+        raise UserError(f'--gpus {run.gpus}: only {torch.cuda.device_count()} CUDA GPUs are visible on this machine')
+    precision = set_up_precision(run.precision, run.tf32, use_gpu, 'training')
+    processes = devices * run.num_nodes
+    return dict(accelerator='gpu' if use_gpu else 'cpu', devices=devices, num_nodes=run.num_nodes,
                 strategy='ddp_find_unused_parameters_true' if processes > 1 else 'auto', precision=precision,
-                max_epochs=args.epochs, gradient_clip_val=args.clip_grad, deterministic=not use_gpu,
+                max_epochs=run.epochs, gradient_clip_val=run.clip_grad, deterministic=not use_gpu,
                 use_distributed_sampler=False,  # data.RankSampler shards (and repeats) itself
-                default_root_dir=args.output, log_every_n_steps=10), processes
+                default_root_dir=run.output, log_every_n_steps=10), processes
 
 
-def training_devices(args: argparse.Namespace) -> tuple[bool, int]:
+def training_devices(run: TrainingRun) -> tuple[bool, int]:
     """Whether training runs on CUDA GPUs, and its processes per machine: a GPU each, or ``--cpu-processes``."""
-    use_gpu = args.gpus > 0 and torch.cuda.is_available()
-    return use_gpu, args.gpus if use_gpu else args.cpu_processes
+    use_gpu = run.gpus > 0 and torch.cuda.is_available()
+    return use_gpu, run.gpus if use_gpu else run.cpu_processes
 
 
 def check_ranks_agree(trainer: pl.Trainer, supernet: nn.Module) -> None:
@@ -310,20 +189,16 @@ def is_first_process() -> bool:
 
 
 def check_run_output(output: Path, resume: bool, fingerprint: Mapping[str, Any]) -> None:
-    """An output folder holds one training run: see :func:`cli.check_output_folder`."""
+    """An output folder holds one training run: see :func:`utils.check_output_folder`."""
     last = output / 'checkpoints' / 'last.ckpt'
     if resume and not last.is_file():
         raise UserError(f'--resume: no checkpoint {last} to continue from')
     held = [path for path in (last, output / 'supernet.pth', output / 'subnet.pth') if path.exists()]  # not run.json
     recorded = read_json(output / 'run.json') if (output / 'run.json').is_file() else None
-    check_output_folder(output, resume, 'a training run', held, recorded, fingerprint, RECORDED_SINCE)
+    check_output_folder(output, resume, 'a training run', held, recorded, fingerprint)
     if resume:
         remove_unfinished_writes(last.parent)
 
-
-# What runs did before they recorded these: PyTorch's weight-decay groups exempted the tables, no
-# repeated augmentation, the supernet, fp32.
-RECORDED_SINCE = {'rel_pos_decay': False, 'repeated_aug': False, 'arch': None, 'precision': '32-true'}
 
 # What a resumed run must keep: another batch size or schedule would make one supernet of two recipes.
 # (--epochs may change: a resumed run may be extended.)
@@ -331,14 +206,14 @@ RECIPE_FLAGS = ('batch_size', 'learning_rate', 'min_lr', 'warmup_lr', 'warmup', 
                 'cutmix', 'drop_path', 'clip_grad', 'ema_decay', 'img_size', 'rel_pos_decay')
 
 
-def run_fingerprint(args: argparse.Namespace, space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def run_fingerprint(run: TrainingRun, space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """What a resumed run must share with the run it continues."""
-    recipe = {name: getattr(args, name) for name in RECIPE_FLAGS}
-    use_gpu, devices = training_devices(args)
-    return {'dataset': args.dataset, 'datapath': str(Path(args.datapath).resolve()) if args.datapath else None,
-            'space': json_form(dict(space_kwargs)), 'seed': args.seed, **recipe,
-            'repeated_aug': args.repeated_aug and devices * args.num_nodes > 1,  # what is run, not the flag
-            'precision': args.precision or default_precision(use_gpu)}
+    recipe = {name: getattr(run, name) for name in RECIPE_FLAGS}
+    use_gpu, devices = training_devices(run)
+    return {'dataset': run.dataset, 'datapath': str(Path(run.datapath).resolve()) if run.datapath else None,
+            'space': json_form(dict(space_kwargs)), 'seed': run.seed, **recipe,
+            'repeated_aug': run.repeated_aug and devices * run.num_nodes > 1,  # what is run, not the flag
+            'precision': run.precision or default_precision(use_gpu)}
 
 
 def check_batches(train_size: int, batch_size: int, processes: int, repeats: int = 1) -> int:
@@ -356,60 +231,60 @@ def check_batches(train_size: int, batch_size: int, processes: int, repeats: int
     return per_rank // batch_size
 
 
-def train_supernet(args: argparse.Namespace, space_kwargs: Mapping[str, Any],
+def train_supernet(run: TrainingRun, space_kwargs: Mapping[str, Any],
                    pretrained: Mapping[str, torch.Tensor] | None = None, arch: Mapping[str, Any] | None = None) -> Path:
-    """Train the supernet of ``space_kwargs`` as ``args`` say, or with ``arch`` that one subnet (``pretrained``
+    """Train the supernet of ``space_kwargs`` as ``run`` says, or with ``arch`` that one subnet (``pretrained``
     then holds its own weights); return the final weights file, ``supernet.pth`` or ``subnet.pth``."""
-    output = Path(args.output)
+    output = Path(run.output)
     check_writable(output)
-    if args.compile and arch is None:
+    if run.compile and arch is None:
         raise UserError('--compile needs --arch: the supernet runs another arch every step, so there is no one graph '
                         'to compile')
     if not is_first_process():
-        return _train(args, space_kwargs, pretrained, arch)
+        return _train(run, space_kwargs, pretrained, arch)
     with lock_output(output, 'a training run'):
-        fingerprint = {**run_fingerprint(args, space_kwargs), 'arch': arch and canonical_arch(arch)}
-        check_run_output(output, args.resume, fingerprint)
-        return _train(args, space_kwargs, pretrained, arch, fingerprint)
+        fingerprint = {**run_fingerprint(run, space_kwargs), 'arch': arch and canonical_arch(arch)}
+        check_run_output(output, run.resume, fingerprint)
+        return _train(run, space_kwargs, pretrained, arch, fingerprint)
 
 
-def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained: Mapping[str, torch.Tensor] | None,
+def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mapping[str, torch.Tensor] | None,
            arch: Mapping[str, Any] | None, fingerprint: Mapping[str, Any] | None = None) -> Path:
     import pytorch_lightning as pl  # here: the search's warm workers import this module and never train
 
     from lightning import AtomicCheckpointIO, SupernetModule, build_evaluator
 
-    output = Path(args.output)
+    output = Path(run.output)
     last = output / 'checkpoints' / 'last.ckpt'
-    pl.seed_everything(args.seed, workers=True, verbose=False)
-    trainer_kwargs, processes = trainer_settings(args)
-    train_set = data.build_dataset(args.dataset, args.datapath, 'train', space_kwargs['img_size'], training=True)
-    val_set = data.build_dataset(args.dataset, args.datapath, 'val', space_kwargs['img_size'])
+    pl.seed_everything(run.seed, workers=True, verbose=False)
+    trainer_kwargs, processes = trainer_settings(run)
+    train_set = data.build_dataset(run.dataset, run.datapath, 'train', space_kwargs['img_size'], training=True)
+    val_set = data.build_dataset(run.dataset, run.datapath, 'val', space_kwargs['img_size'])
     kind, stored_arch = ('subnet', canonical_arch(arch)) if arch else ('supernet', None)
-    check_classes(args.dataset, len(train_set.classes), space_kwargs, kind)
+    check_classes(run.dataset, len(train_set.classes), space_kwargs, kind)
     if list(val_set.classes) != list(train_set.classes):  # a class missing from val/ would shift every label
-        raise UserError(f'the validation classes of {args.dataset} differ from its training classes '
+        raise UserError(f'the validation classes of {run.dataset} differ from its training classes '
                         f'({len(val_set.classes)} against {len(train_set.classes)}, first difference: '
                         f'{next(iter(set(val_set.classes) ^ set(train_set.classes)), "their order")}): give val/ the '
                         'same class folders as train/')
-    repeats = data.REPEATS if args.repeated_aug and processes > 1 else 1  # as the official run: under DDP only
-    steps_per_epoch = check_batches(len(train_set), args.batch_size, processes, repeats)
+    repeats = data.REPEATS if run.repeated_aug and processes > 1 else 1  # as the official run: under DDP only
+    steps_per_epoch = check_batches(len(train_set), run.batch_size, processes, repeats)
     if fingerprint is not None:
         atomic_write_json(fingerprint, output / 'run.json')
     if repeats > 1 and is_first_process():
         print(f'repeated augmentation: {data.images_per_rank(len(train_set), processes, repeats) * processes} '
               f'images an epoch across {processes} processes, each {repeats} times (--no-repeated-aug turns it off)')
-    train_loader = data.build_loader(train_set, args.batch_size, args.num_workers, drop_last=True,
-                                     sampler=data.RankSampler(train_set, shuffle=True, repeats=repeats, seed=args.seed))
-    val_loader = data.build_loader(val_set, args.batch_size, args.num_workers,
+    train_loader = data.build_loader(train_set, run.batch_size, run.num_workers, drop_last=True,
+                                     sampler=data.RankSampler(train_set, shuffle=True, repeats=repeats, seed=run.seed))
+    val_loader = data.build_loader(val_set, run.batch_size, run.num_workers,
                                    sampler=data.RankSampler(val_set, shuffle=False))
-    global_batch = args.batch_size * processes
+    global_batch = run.batch_size * processes
     module = SupernetModule(
-        space_kwargs, learning_rate=5e-4 * global_batch / 512 if args.learning_rate is None else args.learning_rate,
-        min_lr=args.min_lr,
-        warmup_lr=args.warmup_lr, weight_decay=args.weight_decay, epochs=args.epochs, warmup_epochs=args.warmup,
-        steps_per_epoch=steps_per_epoch, smoothing=args.smoothing, mixup=args.mixup,
-        cutmix=args.cutmix, ema_decay=args.ema_decay or 0.0, rel_pos_decay=args.rel_pos_decay, seed=args.seed,
+        space_kwargs, learning_rate=5e-4 * global_batch / 512 if run.learning_rate is None else run.learning_rate,
+        min_lr=run.min_lr,
+        warmup_lr=run.warmup_lr, weight_decay=run.weight_decay, epochs=run.epochs, warmup_epochs=run.warmup,
+        steps_per_epoch=steps_per_epoch, smoothing=run.smoothing, mixup=run.mixup,
+        cutmix=run.cutmix, ema_decay=run.ema_decay or 0.0, rel_pos_decay=run.rel_pos_decay, seed=run.seed,
         pretrained=pretrained, arch=arch)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=output / 'checkpoints', filename='best',
                                                monitor='val_acc_subnet' if arch else 'val_acc_max', mode='max',
@@ -417,12 +292,12 @@ def _train(args: argparse.Namespace, space_kwargs: Mapping[str, Any], pretrained
     # The CSV logger starts a new version per (resumed) run: no log is overwritten.
     trainer_kwargs.update(callbacks=[checkpoints], plugins=[AtomicCheckpointIO()],
                           logger=pl.loggers.CSVLogger(output, name='logs'))
-    evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs, str(last) if args.resume else None)
-    training_space = {**space_kwargs, 'drop_path_rate': args.drop_path}
+    evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs, str(last) if run.resume else None)
+    training_space = {**space_kwargs, 'drop_path_rate': run.drop_path}
     supernet = AutoformerSpace(**training_space).freeze(arch) if arch else build_supernet(training_space)
     if arch and pretrained is None:  # retrained from scratch: the official init, as the supernet's
         init_weights(supernet)
-    if args.compile:
+    if run.compile:
         supernet.compile()  # in place: the state dict keeps its keys, so checkpoints and weights files stay the same
     try:
         evaluator.evaluate(supernet)

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from cli import add_name_arg, add_precision_args, check_classes, load_arch_arg, parse_checked, run_main, space_arg
+from cli import add_data_args, add_name_arg, add_precision_args, load_arch_arg, parse_checked, run_main, space_arg
 import data
 from engine import evaluate
 from checkpoints import export_standalone, load_model
@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "NNI's AutoFormer-T/S/B (default); 'none' evaluates random weights")
     parser.add_argument('--arch', default=None,
                         help="arch to slice from a supernet: JSON text or a JSON file, also a search's best.json")
-    data.add_data_args(parser)
+    add_data_args(parser)
     parser.add_argument('--split', choices=data.SPLITS, default='test',
                         help="split to evaluate (ImageNet's test is its val folder)")
     parser.add_argument('--device', default=None, help='cpu, cuda, cuda:1, ... (default: CUDA when present)')
@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
     model, arch, space_kwargs = load_model(weights, space_arg(args), arch)
     args.dataset = data.dataset_name(args.dataset, args.datapath)
     dataset = data.build_dataset(args.dataset, args.datapath, args.split, space_kwargs['img_size'])
-    check_classes(args.dataset, len(dataset.classes), space_kwargs)
+    data.check_classes(args.dataset, len(dataset.classes), space_kwargs)
     loader = data.build_loader(dataset, args.batch_size, args.num_workers)
     device = pick_device(args.device)
-    precision = set_up_precision(args, device.type == 'cuda', 'evaluating')
+    precision = set_up_precision(args.precision, args.tf32, device.type == 'cuda', 'evaluating')
     if args.compile:
         model = torch.compile(model)
     metrics = evaluate(model, loader, device, precision=precision)

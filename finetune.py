@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from cli import (add_arch_arg, add_name_arg, add_training_args, load_arch_arg, parse_checked, recipe_parser, run_main,
-                 space_arg)
+from cli import (add_arch_arg, add_name_arg, add_training_args, from_flags, load_arch_arg, parse_checked, recipe_parser,
+                 run_main, space_arg)
 import data
-from engine import train_supernet
+from engine import TrainingRun, train_supernet
 from checkpoints import load_supernet_file
 from space import complete_arch, complete_space_kwargs, sub_state_dict
 
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         pretrained = sub_state_dict(pretrained, arch)
     if new_head:
         pretrained = {k: v for k, v in pretrained.items() if not k.startswith('head.')}
-    train_supernet(args, space_kwargs, pretrained, arch)
+    train_supernet(from_flags(TrainingRun, args, output=Path(args.output)), space_kwargs, pretrained, arch)
 
 
 if __name__ == '__main__':

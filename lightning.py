@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -25,13 +24,12 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3, accuracy
 
+import nni_patches  # noqa: F401  its warning filters (NNI's evaluator on Lightning)
 from checkpoints import check_finite, load_checked
 from space import SEARCHED, AutoformerSpace, extreme_arch, preset_name, sample_arch, set_active_arch
-from utils import atomic_torch_save
+from utils import atomic_torch_save, seed_for
 
 _logger = logging.getLogger(__name__)
-# NNI's evaluator asks for traced DataLoaders, which only matter for trials it spawns; training runs here.
-warnings.filterwarnings('ignore', message='When using training service to spawn trials')
 
 # The official run's weight-decay groups (timm 0.3.2's ``add_weight_decay``): no decay for 1-D tensors
 # and for the tensors its ``no_weight_decay`` names exactly, the class token and position embedding. Its
@@ -101,7 +99,7 @@ class SupernetModule(LightningModule):
         images, targets = batch
         arch = self.arch
         if arch is None:  # the supernet: one arch a step, the same on every rank, the same after a resume
-            arch = sample_arch(self.space_kwargs, random.Random(self.hparams.seed * 1_000_003 + self.global_step))
+            arch = sample_arch(self.space_kwargs, random.Random(seed_for(self.hparams.seed, self.global_step)))
             set_active_arch(self.model, arch)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)

@@ -2,18 +2,19 @@
 ``--arch`` retrain one subnet from scratch (the official ``--mode retrain``), with the same recipe.
 
     python scratch.py --dataset digits                       # the bundled demo, a few minutes on a CPU
-    python scratch.py --gpus 4 --datapath path/to/imagenet --batch_size 256 --warmup 20 --epochs 500 \\
-                      --learning_rate 0.001
+    python scratch.py --gpus 4 --datapath path/to/imagenet --batch-size 256 --warmup 20 --epochs 500 \\
+                      --learning-rate 0.001
     python scratch.py --gpus 8 --datapath path/to/imagenet --arch autoformer-tiny --output outputs/retrain-T
 """
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from cli import (add_arch_arg, add_name_arg, add_training_args, load_arch_arg, parse_checked, recipe_parser, run_main,
-                 space_arg, space_kwargs_of)
+from cli import (add_arch_arg, add_name_arg, add_training_args, from_flags, load_arch_arg, parse_checked, recipe_parser,
+                 run_main, space_arg, space_kwargs_of)
 import data
-from engine import train_supernet
+from engine import TrainingRun, train_supernet
 from space import SEARCHED, complete_arch, complete_space_kwargs
 
 # The paper's recipe (DeiT's) for ImageNet; the demo recipe is sized for a laptop CPU.
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         space_kwargs['img_size'] = args.img_size
     space_kwargs = complete_space_kwargs(**space_kwargs)
     arch = complete_arch(load_arch_arg(args.arch), space_kwargs) if args.arch else None
-    train_supernet(args, space_kwargs, arch=arch)
+    train_supernet(from_flags(TrainingRun, args, output=Path(args.output)), space_kwargs, arch=arch)
 
 
 if __name__ == '__main__':

@@ -16,7 +16,6 @@ process start-up; Ctrl-C stops cleanly and ``--resume ID`` continues.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
@@ -24,29 +23,26 @@ import secrets
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-import data
-from cli import add_name_arg, add_precision_args, check_classes, check_output_folder, parse_checked, run_main, space_arg
+import nni_patches  # first: its warning filters must be in place before NNI is imported
 import torch
-import trial
-from engine import arch_key, evaluate_candidate, plot_pareto, write_results
-from nni.experiment import launcher
 from nni.nas.evaluator import FunctionalEvaluator
-from nni.nas.execution import training_service
 from nni.nas.experiment import NasExperiment, NasExperimentConfig
 from nni.nas.strategy import Random
-from nni.runtime.tuner_command_channel import TunerCommandChannel
-from nni.runtime.tuner_command_channel.command_type import CommandType
+
+import data
+import trial
+from candidates import SearchFolder, evaluate_candidate, plot_pareto, write_results
+from cli import add_data_args, add_name_arg, add_precision_args, from_flags, parse_checked, run_main, space_arg
 from checkpoints import export_standalone, load_supernet_file, save_weights
-from space import AutoformerSpace, sub_state_dict, canonical_arch
-from strategy import Budget, SearchLedger, build_strategy
-from utils import (UserError, atomic_path, atomic_write_json, check_writable, json_form, lock_output, read_json,
-                   remove_unfinished_writes, set_up_precision)
+from space import AutoformerSpace, arch_key, canonical_arch, sub_state_dict
+from strategy import Budget, SearchLedger, StrategySettings, build_strategy
+from utils import (UserError, atomic_path, atomic_write_json, check_output_folder, check_writable, json_form,
+                   lock_output, read_json, remove_unfinished_writes, set_up_precision)
 
 _logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
@@ -60,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_name_arg(parser, 'preset of --weights (default: the space stored with them, else tiny)')
     parser.add_argument('--weights', default='weights/supernet-tiny.pth', help='trained supernet weights')
-    data.add_data_args(parser, batch_size=256)
+    add_data_args(parser, batch_size=256)
     parser.add_argument('--search-images', type=int, default=None,
                         help='class-balanced training images to search on (default: 100 per class, the '
                              "paper's subImageNet; digits and fashion-mnist: their validation split)")
@@ -125,42 +121,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class _TunerChannel(TunerCommandChannel):
-    """NNI 3.0's tuner channel without the ``ValueError`` it raises on the commands NNI's manager sends a
-    resumed experiment (ImportData, AddCustomizedTrialJob): that error kills the engine's listener thread,
-    and the resumed search waits forever for trial slots."""
-
-    def _receive(self):
-        while True:
-            command_type, data = super()._receive()
-            if command_type not in (CommandType.ImportData, CommandType.AddCustomizedTrialJob):
-                return command_type, data
-
-
-def _prctl() -> Callable | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (AttributeError, OSError):
-        return None  # not Linux: an orphan manager is stopped by the next --resume instead
-
-
-_PRCTL = _prctl()  # looked up here: loading a library between fork and exec can deadlock
-
-
-def _die_with_parent() -> None:
-    """Run in NNI's manager process before it starts: its own process group (as NNI does), and a SIGTERM
-    from the kernel when the search dies, even by SIGKILL (Linux), so no web server is left behind."""
-    os.setpgrp()
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the search died before the line above: nobody would send the signal
-            os._exit(1)
-
-
-def _popen_dying_with_parent(*args, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen(*args, **{**kwargs, 'preexec_fn': _die_with_parent})
-
-
 class SearchExperiment(NasExperiment):
     """A NAS experiment resumed from its candidate records rather than NNI's pickled strategy state.
 
@@ -173,15 +133,12 @@ class SearchExperiment(NasExperiment):
     planned = 0
 
     def execution_engine_factory(self, config):
-        training_service.TunerCommandChannel = _TunerChannel
-        return super().execution_engine_factory(config)
+        with nni_patches.tolerant_tuner_channel():
+            return super().execution_engine_factory(config)
 
     def _start_nni_manager(self, *args, **kwargs) -> None:
-        launcher.Popen = _popen_dying_with_parent
-        try:
+        with nni_patches.manager_dies_with_search():
             super()._start_nni_manager(*args, **kwargs)
-        finally:
-            launcher.Popen = subprocess.Popen
 
     def load_checkpoint(self) -> None:
         """On resume: room in NNI's trial count for the candidates still to come (its count includes the
@@ -212,9 +169,8 @@ def experiment_config(args: argparse.Namespace, spec: Path | None) -> NasExperim
             config.training_service.gpu_indices = list(range(args.gpus))
         # NNI fixes the trial command to "{envs} {python} -m nni.nas.execution.training_service trial";
         # trial.py, run as the "python", ignores the module arguments after it and asks a warm worker.
-        config._trial_command_params = {
-            'envs': f'{trial.SPEC_ENV}={shlex.quote(str(spec))}',
-            'python': f'{shlex.quote(python)} {shlex.quote(str(ROOT / "trial.py"))}'}
+        nni_patches.set_trial_command(config, envs=f'{trial.SPEC_ENV}={shlex.quote(str(spec))}',
+                                      python=f'{shlex.quote(python)} {shlex.quote(str(ROOT / "trial.py"))}')
     config.max_trial_number = planned_candidates(args)
     if args.experiment_dir:
         config.experiment_working_directory = str(Path(args.experiment_dir).resolve())
@@ -366,15 +322,16 @@ def resolve_devices(args: argparse.Namespace) -> None:
     default = (sum(remote_gpus) if args.device == 'cuda' else len(machines)) if machines else args.gpus
     args.concurrency = max(args.concurrency or default, 1)
     if args.device == 'cpu' or torch.cuda.is_available():  # else remote GPUs: each worker takes its default
-        args.precision = set_up_precision(args, args.device == 'cuda', 'evaluating candidates')
+        args.precision = set_up_precision(args.precision, args.tf32, args.device == 'cuda', 'evaluating candidates')
 
 
 def write_worker_spec(output: Path, weights: Path, cache: Path, args: argparse.Namespace) -> Path:
     """What every warm worker loads (read by trial.py), with a token only this user can read."""
-    spec = output / 'worker.json'
+    spec = SearchFolder(output).worker_spec
     with atomic_path(spec) as tmp:
         os.chmod(tmp, 0o600)
         tmp.write_text(json.dumps({
+            'server': 'candidates.candidate_server',
             'weights': str(weights), 'cache': str(cache), 'output': str(output), 'batch_size': args.batch_size,
             'device': args.device, 'precision': args.precision, 'workers': args.concurrency, 'gpus': args.gpus,
             'owner_pid': os.getpid(),
@@ -397,21 +354,20 @@ def main(argv: list[str] | None = None) -> dict:
     resolve_devices(args)
     supernet, space_kwargs, meta = load_supernet_file(args.weights, space_arg(args))
     split_classes = data.num_classes(args.dataset, args.datapath)
-    check_classes(args.dataset, split_classes, space_kwargs, 'supernet')
+    data.check_classes(args.dataset, split_classes, space_kwargs, 'supernet')
     if args.engine == 'ts':
         check_port_free(args.port)
         if args.resume:
             stop_orphan_manager(args.resume)
         if args.web_ui_host == 'loopback':
-            preload = f"--require {ROOT / 'loopback.js'}"
-            os.environ['NODE_OPTIONS'] = f"{os.environ.get('NODE_OPTIONS', '')} {preload}".strip()
+            os.environ['NODE_OPTIONS'] = nni_patches.loopback_node_options(os.environ.get('NODE_OPTIONS', ''))
 
     # The experiment id names the output folder: the config (which names the worker spec in it), the
     # evaluator and the strategy come after.
     experiment = SearchExperiment(AutoformerSpace(**space_kwargs), FunctionalEvaluator(lambda *a, **k: None),
                                   Random(), NasExperimentConfig('sequential', 'raw'), id=args.resume)
     output = Path(args.output or f'outputs/search-{experiment.id}').resolve()
-    if args.resume and not (output / 'experiment.json').is_file():  # before a folder is made for nothing
+    if args.resume and not SearchFolder(output).experiment.is_file():  # before a folder is made for nothing
         raise UserError(f'{output} does not hold experiment {args.resume} (no search): pass the --output of '
                         'that search')
     check_writable(output)
@@ -423,18 +379,19 @@ def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'Se
                supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any], meta: Mapping[str, Any]) -> dict:
     """The search into a locked ``output``: inputs checked and cached, the experiment run, the results."""
     fingerprint = search_fingerprint(args, space_kwargs)
-    check_output(output, args, fingerprint)
+    folder = SearchFolder(output)
+    check_output(folder, args, fingerprint)
     budget = Budget(space_kwargs, args.min_params, args.max_params, args.max_flops, args.max_latency,
-                    args.latency_device, args.latency_batch_size, output / 'latency.json')
+                    args.latency_device, args.latency_batch_size, folder.latency)
     budget.check_feasible()
     atomic_write_json({'experiment_id': experiment.id, 'argv': sys.argv[1:] if argv is None else argv,
-                       'fingerprint': fingerprint}, output / 'experiment.json')
+                       'fingerprint': fingerprint}, folder.experiment)
     weights = Path(args.weights).resolve()
     if json_form(meta.get('space')) != fingerprint['space']:
         # an official or NNI hub file, or --space-file over a stored space: trials read a converted copy
         weights = output / 'supernet.pth'
         save_weights(weights, supernet, space_kwargs)
-    cache = output / 'search-data.pt'
+    cache = folder.search_data
     if not cache.is_file():
         split = data.search_split(args.dataset, args.datapath, space_kwargs['img_size'], args.search_images,
                                   args.seed)
@@ -446,10 +403,10 @@ def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'Se
                                                precision=args.precision)
     ledger = SearchLedger(output, planned_candidates(args))
     experiment.planned = ledger.planned
-    experiment.strategy = build_strategy(args, space_kwargs, budget, ledger)
+    experiment.strategy = build_strategy(from_flags(StrategySettings, args), space_kwargs, budget, ledger)
     print(f'experiment {experiment.id}: {args.strategy} search of {ledger.planned} candidates on {args.device}, '
           f'budget {budget.describe()}, results in {output}')
-    recorded = sum(1 for _ in (output / 'candidates').glob('*.json'))
+    recorded = len(folder.records())
     if recorded:
         print(f'{recorded} candidates already evaluated: answered from their records')
     if args.engine == 'ts':
@@ -491,23 +448,24 @@ def search_fingerprint(args: argparse.Namespace, space_kwargs: Mapping[str, Any]
             'precision': args.precision, 'space': json_form(dict(space_kwargs))}
 
 
-def check_output(output: Path, args: argparse.Namespace, fingerprint: dict[str, Any]) -> None:
-    """Refuse to mix this search's candidates with another's (:func:`cli.check_output_folder`); reuse the
+def check_output(folder: SearchFolder, args: argparse.Namespace, fingerprint: dict[str, Any]) -> None:
+    """Refuse to mix this search's candidates with another's (:func:`utils.check_output_folder`); reuse the
     split cache and latencies of the same search only."""
-    previous = read_json(output / 'experiment.json') if (output / 'experiment.json').is_file() else {}
+    output = folder.root
+    previous = read_json(folder.experiment) if folder.experiment.is_file() else {}
     if args.resume and previous.get('experiment_id') != args.resume:
         raise UserError(f'{output} does not hold experiment {args.resume} '
                         f'({"it holds " + previous["experiment_id"] if previous else "no search"}): pass the '
                         '--output of that search')
-    held = [path for path in (output / 'best.json', *(output / 'candidates').glob('*.json')) if path.exists()]
+    held = [path for path in (folder.best, *folder.records()) if path.exists()]
     check_output_folder(output, args.resume, f'search {previous.get("experiment_id", "?")}', held,
-                        previous.get('fingerprint'), fingerprint, {'precision': '32-true'})  # searches ran fp32
+                        previous.get('fingerprint'), fingerprint)
     if args.resume:
-        for folder in (output, output / 'candidates'):
-            remove_unfinished_writes(folder)
+        for path in (output, folder.candidates):
+            remove_unfinished_writes(path)
     elif previous.get('fingerprint') != fingerprint:  # another search's split or latencies
-        for stale in ('search-data.pt', 'latency.json'):
-            (output / stale).unlink(missing_ok=True)
+        for stale in (folder.search_data, folder.latency):
+            stale.unlink(missing_ok=True)
 
 
 def run_experiment(experiment: SearchExperiment, ledger: SearchLedger, args: argparse.Namespace) -> None:
@@ -555,13 +513,13 @@ def write_interrupted_results(experiment: NasExperiment, output: Path, supernet:
         best = write_best(records, output, supernet, space_kwargs, args, experiment.id,
                           {'interrupted': signal_name, 'nni_top_model': None})
     print(f'search stopped by {signal_name} after {len(records)} candidates'
-          f'{"; best so far in " + str(output / "best.json") if records else ""}. Continue with: {command}',
+          f'{"; best so far in " + str(SearchFolder(output).best) if records else ""}. Continue with: {command}',
           flush=True)
     return best
 
 
 def resume_argv(args: argparse.Namespace, experiment_id: str, output: Path) -> list[str]:
-    argv = read_json(output / 'experiment.json')['argv']
+    argv = read_json(SearchFolder(output).experiment)['argv']
     kept, skip = [], False
     for arg in argv:
         if skip:
@@ -601,9 +559,9 @@ def write_best(records: list[dict], output: Path, supernet: Mapping[str, torch.T
                extra: dict) -> dict:
     best = {**best_record(records), 'experiment_id': experiment_id, 'strategy': args.strategy,
             'candidates': len(records), **extra}
-    atomic_write_json(best, output / 'best.json')
+    atomic_write_json(best, SearchFolder(output).best)
     save_weights(output / 'best-subnet.pth', sub_state_dict(supernet, best['arch']), space_kwargs, arch=best['arch'])
-    plot_pareto(records, output / 'pareto.png', f'{args.strategy} search, {len(records)} candidates')
+    plot_pareto(records, SearchFolder(output).pareto, f'{args.strategy} search, {len(records)} candidates')
     return best
 
 
@@ -622,7 +580,7 @@ def write_final_results(experiment: NasExperiment, output: Path, supernet: Mappi
     best = write_best(records, output, supernet, space_kwargs, args, experiment.id,
                       {'nni_top_model': nni_top_model(experiment, best_record(records)['top1'], records)})
     print(f"best: top-1 {best['top1']:.2f} on the search split, {best['params']:.3f}M params, "
-          f"{best['flops']:.4f}G FLOPs; {output / 'best.json'}")
+          f"{best['flops']:.4f}G FLOPs; {SearchFolder(output).best}")
     if args.export:
         model = AutoformerSpace(**space_kwargs).freeze(best['arch'])
         model.load_state_dict(sub_state_dict(supernet, best['arch']))

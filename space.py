@@ -19,6 +19,9 @@ and writing weights files is ``checkpoints.py``'s; the ``load_*`` classmethods r
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import logging
 import math
 import random
 import re
@@ -43,6 +46,17 @@ with warnings.catch_warnings():  # NNI 3.0 predates torch 2.14: one harmless war
     from nni.nas.oneshot.pytorch.supermodule.base import BaseSuperNetModule
     from nni.nas.oneshot.pytorch.supermodule.operation import MixedLinear, MixedOperation
     from nni.nas.space import model_context
+
+class _DropMixedOpNestedMutableWarning(logging.Filter):
+    """NNI's own mixed class token / position embedding warn about their constructor on every mutation."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ('Found a nested mutable' in message and 'of class Mixed' in message)
+
+
+logging.getLogger('nni.nas.nn.pytorch.base').addFilter(_DropMixedOpNestedMutableWarning())
+
 
 __all__ = ['AutoformerSpace', 'SpaceError', 'PRESETS', 'SEARCHED', 'DEFAULTS', 'build_supernet', 'set_active_arch',
            'complete_space_kwargs', 'space_problem', 'make_arch', 'arch_choices', 'sample_arch', 'extreme_arch',
@@ -121,55 +135,6 @@ def official_qkv_slice(weight: torch.Tensor, bias: torch.Tensor | None, in_featu
     return weight, None if bias is None else bias[:out_features]
 
 
-class SlicedLinear(torch.autograd.Function):
-    """``F.linear`` with some rows and the first ``in_features`` columns of a larger weight.
-
-    ``rows``: the number of leading rows, or a tensor of row indices. The weight gradient is
-    written straight into one full-size tensor; slicing in autograd makes the block's gradient,
-    then a zero tensor per slice to copy it into, and for qkv's interleaved rows three of them
-    summed. The gain is memory traffic; ``bench/kernels.py`` times both ways.
-    """
-
-    @staticmethod
-    def forward(ctx, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                rows: int | torch.Tensor, in_features: int) -> torch.Tensor:
-        ctx.save_for_backward(inputs, weight, bias)
-        ctx.rows, ctx.in_features = rows, in_features
-        out_features = len(rows) if isinstance(rows, torch.Tensor) else rows
-        return F.linear(inputs, _sliced_weight(weight, rows, in_features),
-                        None if bias is None else bias[:out_features])
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        inputs, weight, bias = ctx.saved_tensors
-        rows, in_features = ctx.rows, ctx.in_features
-        grad = grad.reshape(-1, grad.shape[-1])
-        grad_inputs = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            block = _sliced_weight(weight, rows, in_features).to(grad.dtype)
-            grad_inputs = (grad @ block).view(*inputs.shape[:-1], in_features)
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.zeros_like(weight)
-            columns = grad_weight[:, :in_features]
-            inputs_2d = inputs.reshape(-1, in_features).to(grad.dtype)
-            if isinstance(rows, torch.Tensor):
-                columns.index_copy_(0, rows, (grad.t() @ inputs_2d).to(weight.dtype))
-            elif grad.dtype == weight.dtype:
-                columns[:rows].addmm_(grad.t(), inputs_2d)
-            else:  # autocast: the product in the forward's dtype, kept in the weight's
-                columns[:rows].copy_(grad.t() @ inputs_2d)
-        if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = torch.zeros_like(bias)
-            grad_bias[:grad.shape[1]] = grad.sum(0)
-        return grad_inputs, grad_weight, grad_bias, None, None
-
-
-def _sliced_weight(weight: torch.Tensor, rows: int | torch.Tensor, in_features: int) -> torch.Tensor:
-    if isinstance(rows, torch.Tensor):
-        return weight[:, :in_features].index_select(0, rows)
-    return weight[:rows, :in_features]
-
-
 class MixedPrefixLinear(MixedLinear):
     """NNI's ``MixedLinear`` (the leading rows and columns of the weight) with :class:`SlicedLinear`."""
 
@@ -199,57 +164,14 @@ class MixedQKV(MixedOperation, nn.Linear):
         return SlicedLinear.apply(inputs, self.weight, self.bias, qkv_rows(out_features, inputs.device), in_features)
 
 
-@lru_cache(maxsize=64)
-def qkv_rows(out_features: int, device: torch.device) -> torch.Tensor:
-    """Rows of an official-layout qkv weight in (q; k; v) order (see :func:`official_qkv_slice`)."""
-    rows = torch.arange(out_features, device=device)
-    return torch.cat([rows[0::3], rows[1::3], rows[2::3]])
-
-
-def with_bucket_columns(right: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-    """``[right, members]`` along the last dim, ``members`` (N, buckets) broadcast over batch and heads."""
-    return torch.cat([right, members.to(right.dtype).expand(*right.shape[:-1], members.shape[-1])], dim=-1)
-
-
-class MatmulWithBucketColumns(torch.autograd.Function):
-    """``left @ [right, members]`` or, with ``transpose``, ``left @ [right, members]^T``.
-
-    The 0/1 bucket ``members`` of :class:`RelativePosition2D` need no gradient, so the gradient
-    of ``right`` is computed for its own columns only (a third of that matmul saved).
-    """
-
-    @staticmethod
-    def forward(ctx, left: torch.Tensor, right: torch.Tensor, members: torch.Tensor,
-                transpose: bool) -> torch.Tensor:
-        full = with_bucket_columns(right, members)
-        ctx.save_for_backward(left, full)
-        ctx.transpose, ctx.width = transpose, right.shape[-1]
-        return left @ (full.transpose(-2, -1) if transpose else full)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        left, full = (t.to(grad.dtype) for t in ctx.saved_tensors)  # autocast: the forward's dtype
-        if ctx.transpose:
-            return grad @ full, grad.transpose(-2, -1) @ left[..., :ctx.width], None, None
-        return grad @ full.transpose(-2, -1), left.transpose(-2, -1) @ grad[..., :ctx.width], None, None
-
-
-def matmul_with_bucket_columns(left: torch.Tensor, right: torch.Tensor, members: torch.Tensor,
-                        transpose: bool) -> torch.Tensor:
-    """:class:`MatmulWithBucketColumns` when training; plain ops otherwise (TorchScript and ONNX export them)."""
-    if (left.requires_grad or right.requires_grad) and not torch.jit.is_tracing():
-        return MatmulWithBucketColumns.apply(left, right, members, transpose)
-    full = with_bucket_columns(right, members)
-    return left @ (full.transpose(-2, -1) if transpose else full)
-
-
 class RelativePosition2D(nn.Module):
     """AutoFormer's 2-D relative position encoding, computed without N x N x head_dim tensors.
 
-    A token pair's encoding is ``table_v[dv] + table_h[dh]`` with dv, dh the clipped row and
-    column distances (row 0 of each table is for pairs with the class token). Every key of one
-    grid row shares dv and of one grid column dh, so the encoding of key j is picked by a fixed
-    0/1 vector ``e_j`` (its class / row / column bucket) and each query's table row per bucket:
+    Plainly: ``r(i, j) = table_v[dv(i, j)] + table_h[dh(i, j)]``, added to the keys' logits as ``q_i . r(i, j)`` and
+    to the values as ``sum_j attn_ij r(i, j)``. A token pair's encoding is ``table_v[dv] + table_h[dh]`` with dv, dh
+    the clipped row and column distances (row 0 of each table is for pairs with the class token). Every key of one
+    grid row shares dv and of one grid column dh, so the encoding of key j is picked by a fixed 0/1 vector ``e_j``
+    (its class / row / column bucket) and each query's table row per bucket:
 
     * keys: ``q . r(i, j) = a_i . e_j`` where ``a_i`` gathers ``q_i . table`` per bucket, so the
       logits are one matmul ``[q, a] @ [k, e]^T``;
@@ -336,7 +258,12 @@ class RelativePosition2D(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a fixed head dim; the head count follows from the qkv width."""
+    """Multi-head self-attention with a fixed head dim; the head count follows from the qkv width.
+
+    Per head, with ``r_k``, ``r_v`` the relative position encodings of :class:`RelativePosition2D`:
+    ``attn = softmax(scale * (q_i . k_j + q_i . r_k(i, j)))`` and ``out_i = sum_j attn_ij (v_j + r_v(i, j))``.
+    ``fused`` (SDPA, on CUDA) and ``explicit`` compute exactly this; neither builds the N x N x head_dim tensors.
+    """
 
     def __init__(self, embed_dim, num_heads, qkv_bias: bool, qk_scale: float | None, attn_drop: float,
                  proj_drop: float, rpe: bool, rpe_length: int) -> None:
@@ -587,7 +514,7 @@ def _checkpoints():
 
 
 class SupernetCheckpoint:
-    """A trained supernet with the seed's ``.model`` and ``.sub_state_dict(arch)``."""
+    """A trained supernet with ``.model`` and ``.sub_state_dict(arch)``, as NNI's hub's strategy checkpoints."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -653,7 +580,8 @@ def _is_int(value: Any, least: int = 1) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float (not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -663,7 +591,7 @@ def space_problem(space_kwargs: Mapping[str, Any]) -> str | None:
     for key in ('search_embed_dim', 'search_num_heads', 'search_depth', 'search_mlp_ratio'):
         values = space_kwargs[key]
         ratios = key == 'search_mlp_ratio'
-        ok = (lambda v: _is_number(v) and v > 0) if ratios else _is_int
+        ok = (lambda v: is_number(v) and v > 0) if ratios else _is_int
         if not isinstance(values, (list, tuple)) or not values or not all(ok(v) for v in values):
             kind = 'positive numbers' if ratios else 'positive integers'
             return f'{key} must be a non-empty list of {kind}, got {values!r}'
@@ -680,10 +608,10 @@ def space_problem(space_kwargs: Mapping[str, Any]) -> str | None:
         if not isinstance(space_kwargs[key], bool):
             return f'{key} must be true or false, got {space_kwargs[key]!r}'
     for key in ('drop_rate', 'attn_drop_rate', 'drop_path_rate'):
-        if not (_is_number(space_kwargs[key]) and 0 <= space_kwargs[key] < 1):
+        if not (is_number(space_kwargs[key]) and 0 <= space_kwargs[key] < 1):
             return f'{key} must be a number in [0, 1), got {space_kwargs[key]!r}'
     scale = space_kwargs['qk_scale']
-    if scale is not None and not (_is_number(scale) and scale > 0):
+    if scale is not None and not (is_number(scale) and scale > 0):
         return f'qk_scale must be a positive number or null, got {space_kwargs["qk_scale"]!r}'
     if space_kwargs['rpe_length'] is not None and not _is_int(space_kwargs['rpe_length']):
         return f'rpe_length must be a positive integer or null, got {space_kwargs["rpe_length"]!r}'
@@ -733,6 +661,11 @@ def canonical_arch(arch: Mapping[str, Any]) -> dict[str, Any]:
     return typed_arch({label: arch[label] for label in used})
 
 
+def arch_key(arch: Mapping[str, Any]) -> str:
+    """A stable name of an arch (labels of unused layers ignored)."""
+    return hashlib.sha1(json.dumps(canonical_arch(arch), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def check_arch(arch: Mapping[str, Any], space_kwargs: Mapping[str, Any]) -> None:
     """Refuse a missing label or a value outside the space, naming the label and the allowed values."""
     if not isinstance(arch, Mapping):
@@ -750,7 +683,7 @@ def check_arch(arch: Mapping[str, Any], space_kwargs: Mapping[str, Any]) -> None
             _check_label(arch, label, choices[label])
 
 
-# Labels of layers past the space's depth are ignored like those past the arch's depth (design.md).
+# Labels of layers past the space's depth are ignored like those past the arch's depth.
 _LAYER_LABEL = re.compile(r'(mlp_ratio|num_head)_\d+')
 
 
@@ -758,7 +691,7 @@ def _check_label(arch: Mapping[str, Any], label: str, allowed: list) -> None:
     if label not in arch:
         raise SpaceError(f'arch is missing the label {label!r} (allowed values: {allowed})')
     value = arch[label]
-    if label.startswith('mlp_ratio') and not _is_number(value) or not label.startswith('mlp_ratio') and not \
+    if label.startswith('mlp_ratio') and not is_number(value) or not label.startswith('mlp_ratio') and not \
             _is_int(value, least=-2**63):
         kind = 'a number' if label.startswith('mlp_ratio') else 'an integer'
         raise SpaceError(f'arch value {label}={value!r} must be {kind} (allowed values: {allowed})')
@@ -888,7 +821,7 @@ def _check_arch_fits(state_dict: Mapping[str, torch.Tensor], arch: Mapping[str, 
                                     (f'mlp_ratio_{i}', arch['embed_dim'], state_dict[prefix + 'fc1.weight'].shape[0])):
             if label not in arch:
                 raise SpaceError(f'arch is missing the label {label!r}')
-            if not _is_number(arch[label]) or not 0 < needed * arch[label] <= rows:
+            if not is_number(arch[label]) or not 0 < needed * arch[label] <= rows:
                 raise SpaceError(f'arch value {label}={arch[label]!r} does not fit the supernet')
 
 
@@ -896,3 +829,103 @@ def preset_name(space_kwargs: Mapping[str, Any]) -> str | None:
     """The preset whose search space ``space_kwargs`` has, if any."""
     return next((name for name, preset in PRESETS.items()
                  if all(list(preset[k]) == list(space_kwargs[k]) for k in SEARCH_KEYS)), None)
+
+# --------------------------------------------------------------------------------------------
+# Fast paths: each equals the plain formula its docstring gives (bench/reference.py holds them
+# written out; tests/test_fast_paths.py compares them), and only saves memory traffic in training.
+# --------------------------------------------------------------------------------------------
+
+class SlicedLinear(torch.autograd.Function):
+    """``F.linear`` with some rows and the first ``in_features`` columns of a larger weight: it equals
+    ``F.linear(inputs, weight[rows, :in_features], bias[:len(rows)])`` (``weight[:rows, :in_features]`` and
+    ``bias[:rows]`` when ``rows`` is a count), values and gradients.
+
+    ``rows``: the number of leading rows, or a tensor of row indices. The weight gradient is
+    written straight into one full-size tensor; slicing in autograd makes the block's gradient,
+    then a zero tensor per slice to copy it into, and for qkv's interleaved rows three of them
+    summed. The gain is memory traffic; ``bench/kernels.py`` times both ways.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                rows: int | torch.Tensor, in_features: int) -> torch.Tensor:
+        ctx.save_for_backward(inputs, weight, bias)
+        ctx.rows, ctx.in_features = rows, in_features
+        out_features = len(rows) if isinstance(rows, torch.Tensor) else rows
+        return F.linear(inputs, _sliced_weight(weight, rows, in_features),
+                        None if bias is None else bias[:out_features])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        inputs, weight, bias = ctx.saved_tensors
+        rows, in_features = ctx.rows, ctx.in_features
+        grad = grad.reshape(-1, grad.shape[-1])
+        grad_inputs = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            block = _sliced_weight(weight, rows, in_features).to(grad.dtype)
+            grad_inputs = (grad @ block).view(*inputs.shape[:-1], in_features)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.zeros_like(weight)
+            columns = grad_weight[:, :in_features]
+            inputs_2d = inputs.reshape(-1, in_features).to(grad.dtype)
+            if isinstance(rows, torch.Tensor):
+                columns.index_copy_(0, rows, (grad.t() @ inputs_2d).to(weight.dtype))
+            elif grad.dtype == weight.dtype:
+                columns[:rows].addmm_(grad.t(), inputs_2d)
+            else:  # autocast: the product in the forward's dtype, kept in the weight's
+                columns[:rows].copy_(grad.t() @ inputs_2d)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = torch.zeros_like(bias)
+            grad_bias[:grad.shape[1]] = grad.sum(0)
+        return grad_inputs, grad_weight, grad_bias, None, None
+
+
+def _sliced_weight(weight: torch.Tensor, rows: int | torch.Tensor, in_features: int) -> torch.Tensor:
+    if isinstance(rows, torch.Tensor):
+        return weight[:, :in_features].index_select(0, rows)
+    return weight[:rows, :in_features]
+
+
+@lru_cache(maxsize=64)
+def qkv_rows(out_features: int, device: torch.device) -> torch.Tensor:
+    """Rows of an official-layout qkv weight in (q; k; v) order (see :func:`official_qkv_slice`)."""
+    rows = torch.arange(out_features, device=device)
+    return torch.cat([rows[0::3], rows[1::3], rows[2::3]])
+
+
+def with_bucket_columns(right: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """``[right, members]`` along the last dim, ``members`` (N, buckets) broadcast over batch and heads."""
+    return torch.cat([right, members.to(right.dtype).expand(*right.shape[:-1], members.shape[-1])], dim=-1)
+
+
+class MatmulWithBucketColumns(torch.autograd.Function):
+    """``left @ [right, members]`` or, with ``transpose``, ``left @ [right, members]^T``: it equals
+    ``left @ with_bucket_columns(right, members)`` (transposed), values and gradients.
+
+    The 0/1 bucket ``members`` of :class:`RelativePosition2D` need no gradient, so the gradient
+    of ``right`` is computed for its own columns only (a third of that matmul saved).
+    """
+
+    @staticmethod
+    def forward(ctx, left: torch.Tensor, right: torch.Tensor, members: torch.Tensor,
+                transpose: bool) -> torch.Tensor:
+        full = with_bucket_columns(right, members)
+        ctx.save_for_backward(left, full)
+        ctx.transpose, ctx.width = transpose, right.shape[-1]
+        return left @ (full.transpose(-2, -1) if transpose else full)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        left, full = (t.to(grad.dtype) for t in ctx.saved_tensors)  # autocast: the forward's dtype
+        if ctx.transpose:
+            return grad @ full, grad.transpose(-2, -1) @ left[..., :ctx.width], None, None
+        return grad @ full.transpose(-2, -1), left.transpose(-2, -1) @ grad[..., :ctx.width], None, None
+
+
+def matmul_with_bucket_columns(left: torch.Tensor, right: torch.Tensor, members: torch.Tensor,
+                        transpose: bool) -> torch.Tensor:
+    """:class:`MatmulWithBucketColumns` when training; plain ops otherwise (TorchScript and ONNX export them)."""
+    if (left.requires_grad or right.requires_grad) and not torch.jit.is_tracing():
+        return MatmulWithBucketColumns.apply(left, right, members, transpose)
+    full = with_bucket_columns(right, members)
+    return left @ (full.transpose(-2, -1) if transpose else full)

@@ -5,11 +5,11 @@ Used by ``search.py``; each piece works on its own in any NNI 3.0 experiment.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -21,8 +21,8 @@ from nni.nas.strategy import Random, RegularizedEvolution
 from nni.nas.strategy.base import Strategy
 from nni.nas.strategy.middleware import Chain, Filter, StrategyMiddleware
 
-from engine import arch_key, final_metrics
-from space import AutoformerSpace, arch_choices, count_flops, count_params, extreme_arch, sample_arch
+from candidates import SearchFolder, final_metrics
+from space import AutoformerSpace, arch_choices, arch_key, count_flops, count_params, extreme_arch, sample_arch
 from trial import first_failure
 from utils import UserError, atomic_write_json, read_json
 
@@ -235,20 +235,37 @@ class AutoformerEvolution(Strategy):
         return candidates + self._make(missing, self._random, missing * RANDOM_ATTEMPTS)
 
 
-def build_strategy(args: argparse.Namespace, space_kwargs: Mapping[str, Any], budget: Budget,
+@dataclass(frozen=True)
+class StrategySettings:
+    """search.py's strategy flags of the same names (see its --help)."""
+    strategy: str
+    seed: int
+    population: int
+    select: int
+    mutation_num: int
+    crossover_num: int
+    mutation_prob: float
+    param_mutation_prob: float
+    generations: int
+    evolution_population_size: int
+    evolution_sample_size: int
+    evolution_mutation_prob: float
+
+
+def build_strategy(settings: StrategySettings, space_kwargs: Mapping[str, Any], budget: Budget,
                    ledger: 'SearchLedger') -> Strategy:
     """The strategy, with candidates outside the budget rejected before they are submitted (never evaluated)
     and the ledger (records, count, progress) between it and the engine."""
-    if args.strategy == 'autoformer':
-        strategy = AutoformerEvolution(space_kwargs, budget.fits, population=args.population, select=args.select,
-                                       mutation_num=args.mutation_num, crossover_num=args.crossover_num,
-                                       mutation_prob=args.mutation_prob,
-                                       param_mutation_prob=args.param_mutation_prob,
-                                       generations=args.generations, seed=args.seed)
+    s = settings
+    if s.strategy == 'autoformer':
+        strategy = AutoformerEvolution(space_kwargs, budget.fits, population=s.population, select=s.select,
+                                       mutation_num=s.mutation_num, crossover_num=s.crossover_num,
+                                       mutation_prob=s.mutation_prob, param_mutation_prob=s.param_mutation_prob,
+                                       generations=s.generations, seed=s.seed)
         return Chain(strategy, ledger)
-    strategy = Random(seed=args.seed) if args.strategy == 'random' else RegularizedEvolution(
-        population_size=args.evolution_population_size, sample_size=args.evolution_sample_size,
-        mutation_prob=args.evolution_mutation_prob, seed=args.seed)
+    strategy = Random(seed=s.seed) if s.strategy == 'random' else RegularizedEvolution(
+        population_size=s.evolution_population_size, sample_size=s.evolution_sample_size,
+        mutation_prob=s.evolution_mutation_prob, seed=s.seed)
     return Chain(strategy, Filter(lambda model: budget.fits(model.sample), patience=100_000), ledger)
 
 
@@ -319,7 +336,7 @@ class SearchLedger(StrategyMiddleware):
                                     "--resume)")
 
     def _record(self, model: ExecutableModelSpace) -> dict | None:
-        path = self.output / 'candidates' / f'{arch_key(model.sample)}.json'
+        path = SearchFolder(self.output).record(model.sample)
         return read_json(path) if path.is_file() else None
 
     def _on_end(self, event: TrainingEndEvent) -> None:

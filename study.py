@@ -35,12 +35,13 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from cli import add_name_arg, add_precision_args, check_classes, parse_checked, run_main, space_arg
+from cli import add_data_args, add_name_arg, add_precision_args, parse_checked, run_main, space_arg
 import data
 from checkpoints import load_supernet_file, read_weights
-from engine import arch_key, correct_per_image
-from space import (AutoformerSpace, arch_choices, count_params, extreme_arch, make_arch, preset_name, sample_arch,
-                   sub_state_dict)
+from candidates import SearchFolder
+from engine import correct_per_image
+from space import (AutoformerSpace, arch_choices, arch_key, count_params, extreme_arch, make_arch, preset_name,
+                   sample_arch, sub_state_dict)
 from utils import UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, pick_device, \
     read_json, set_up_precision
 
@@ -57,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_name_arg(parser, 'preset of --weights (default: the space stored with them, else tiny)')
     parser.add_argument('--weights', required=True, help='the trained supernet to study')
-    data.add_data_args(parser, batch_size=256)
+    add_data_args(parser, batch_size=256)
     parser.add_argument('--parts', default=','.join(CHECK),
                         help=f'comma-separated parts to run, or all: {", ".join(PARTS)} (default: the check, '
                              f'{",".join(CHECK)})')
@@ -152,7 +153,7 @@ class Evaluator:
                  args: argparse.Namespace) -> None:
         self.supernet, self.space_kwargs, self.args = supernet, dict(space_kwargs), args
         self.device = pick_device(args.device)
-        self.precision = set_up_precision(args, self.device.type == 'cuda', 'evaluating')
+        self.precision = set_up_precision(args.precision, args.tf32, self.device.type == 'cuda', 'evaluating')
         self.splits = {name: self._cache(name) for name in ('search', 'test')}
 
     def _cache(self, name: str) -> data.CachedSplit:
@@ -165,7 +166,8 @@ class Evaluator:
                                 'held apart from the test (val/) images; give the dataset root holding train/ and val/')
             split = data.search_split(args.dataset, args.datapath, img_size) if name == 'search' else \
                 data.build_dataset(args.dataset, args.datapath, 'test', img_size)
-            check_classes(args.dataset, len(getattr(split, 'dataset', split).classes), self.space_kwargs, 'supernet')
+            classes = len(getattr(split, 'dataset', split).classes)
+            data.check_classes(args.dataset, classes, self.space_kwargs, 'supernet')
             data.write_cache(split, args.dataset, path, num_workers=args.num_workers, desc=f'caching the {name} split')
         return data.CachedSplit(path)
 
@@ -326,7 +328,7 @@ def finetune(evaluator: Evaluator, args: argparse.Namespace, spread_part: Mappin
 
 def search_candidates(output: Path) -> list[dict[str, Any]]:
     """A search's candidate records in the order they finished."""
-    return sorted((read_json(path) for path in (output / 'candidates').glob('*.json')), key=lambda r: r['finished'])
+    return sorted((read_json(path) for path in SearchFolder(output).records()), key=lambda r: r['finished'])
 
 
 def run_search(strategy: str, seed: int, budget: float, args: argparse.Namespace, log: list[str]) -> Path:
@@ -442,7 +444,8 @@ def control_tau(part: Mapping[str, Any]) -> str:
     if not draws or draws['mean'] is None:
         return format_tau(part['tau_search_trained_test'])
     each = ', '.join('undefined' if tau is None else f'{tau:.2f}' for tau in draws['taus'])
-    return f'{draws["mean"]:.3f} ± {draws["se"]:.3f} (mean ± standard error over {len(draws["taus"])} permutations: {each})'
+    return (f'{draws["mean"]:.3f} ± {draws["se"]:.3f} (mean ± standard error over {len(draws["taus"])} '
+            f'permutations: {each})')
 
 
 def spread_lines(part: Mapping[str, Any], title: str) -> list[str]:

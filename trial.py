@@ -387,8 +387,12 @@ def _send_quietly(conn: Connection, message: dict) -> None:
 
 
 def _load_evaluator(spec: dict[str, Any]) -> Callable[[str, Callable[[dict], None]], None]:
-    import engine  # the heavy imports, once per worker
-    return engine.candidate_server(spec)
+    """The server the search names in its spec (``module.function``): the heavy imports, once per worker.
+    By name, so that this protocol module imports nothing of the project."""
+    import importlib
+
+    module, function = spec['server'].rsplit('.', 1)
+    return getattr(importlib.import_module(module), function)(spec)
 
 
 def main(argv: list[str] | None = None) -> int:

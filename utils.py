@@ -1,7 +1,6 @@
 """Small helpers with no side effects at import: the user-error type, safe file I/O, device and precision."""
 from __future__ import annotations
 
-import argparse
 import fcntl
 import io
 import json
@@ -14,7 +13,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 
@@ -193,18 +192,19 @@ def default_precision(cuda: bool) -> str:
     return 'bf16-mixed' if torch.cuda.is_bf16_supported() else '16-mixed'
 
 
-def set_up_precision(args: argparse.Namespace, cuda: bool, doing: str) -> str:
-    """The precision to run in: ``--precision``, else :func:`default_precision`; ``doing`` names the work.
+def set_up_precision(precision: str | None, tf32: bool, cuda: bool, doing: str) -> str:
+    """The precision to run in: ``precision`` (``--precision``), else :func:`default_precision`; ``doing``
+    names the work.
 
     On CUDA it also turns on cuDNN autotuning (fixed input sizes) and, with ``--tf32``, TF32 tensor
     cores for fp32 matmuls and convs (off by default: 10 mantissa bits move outputs by about 1e-3).
     On the CPU, ``bf16-mixed`` runs CPU autocast (with a note: usually slower there); fp16 is refused.
     """
-    precision = args.precision or default_precision(cuda)
+    precision = precision or default_precision(cuda)
     if cuda:
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = args.tf32
-        torch.backends.cudnn.allow_tf32 = args.tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
         return precision
     if precision == '16-mixed':
         raise UserError('--precision 16-mixed needs CUDA: on the CPU pass bf16-mixed (CPU autocast) or 32-true')
@@ -212,3 +212,27 @@ def set_up_precision(args: argparse.Namespace, cuda: bool, doing: str) -> str:
         logging.getLogger(__name__).warning('--precision bf16-mixed on the CPU: %s under CPU autocast, usually '
                                             'slower there than fp32', doing)
     return precision
+
+
+def check_output_folder(output: Path, resume: Any, run: str, held: list[Path], recorded: Mapping[str, Any] | None,
+                        fingerprint: Mapping[str, Any]) -> None:
+    """One ``--output`` holds one run (``run`` names it: 'a training run', 'search <id>'). Without
+    ``--resume``, refuse a folder holding results (``held``); with it, refuse settings other than those
+    ``recorded`` for the run (a setting it did not record is taken as unchanged)."""
+    if not resume:
+        if held:
+            raise UserError(f'{output} already holds {run} ({held[0].name}): pass --resume to continue it, or choose '
+                            'another --output')
+        return
+    recorded = recorded or {}
+    changed = [key for key in fingerprint if key in recorded and recorded[key] != fingerprint[key]]
+    if changed:
+        differences = ', '.join(f'another {key} ({recorded[key]!r}, now {fingerprint[key]!r})' for key in changed)
+        raise UserError(f'--resume: {output} holds {run} with {differences}: resume with the same flags, or '
+                        'choose another --output')
+
+
+def seed_for(seed: int, step: int) -> int:
+    """The seed of one step (an epoch, an optimizer step) of a run seeded ``seed``: distinct for every pair of
+    small values, the same wherever it is computed (every DDP rank, a resumed run)."""
+    return seed * 1_000_003 + step

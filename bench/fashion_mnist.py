@@ -67,7 +67,7 @@ def main() -> None:
         top1 = evaluate(model, test, 'cpu', progress=False)['top1']
         rows.append((label, count_params(arch, **space_kwargs) / 1e6, top1))
     metrics = json.loads((Path(args.output) / 'metrics.json').read_text())
-    lines = [f'# Fashion-MNIST recipe: `scratch.py --dataset fashion-mnist`', '',
+    lines = ['# Fashion-MNIST recipe: `scratch.py --dataset fashion-mnist`', '',
              f'Trained in {seconds / 60:.1f} min wall time ({metrics["epochs"]} epochs) on {os.cpu_count()} CPU cores '
              f'({platform.processor() or platform.machine()}), measured by `python bench/fashion_mnist.py`.', '',
              '| model | params (M) | test top-1 (%) |', '|---|---|---|']

@@ -1,4 +1,5 @@
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,3 +18,21 @@ def golden():
                         img_size=32, patch_size=4, num_labels=10, drop_path_rate=0.)
     inputs = torch.load(GOLDEN / 'small-input.pt', weights_only=True)['input']
     return space_kwargs, inputs, cases['cases']
+
+
+@pytest.fixture(scope='session')
+def digits_supernet(tmp_path_factory):
+    """The digits demo supernet, 12 epochs of scratch.py (about two minutes): trained once per session and
+    shared, so a test reads it and writes nothing into its folder."""
+    import scratch
+
+    output = tmp_path_factory.mktemp('digits-supernet')
+    scratch.main(['--dataset', 'digits', '--num-workers', '0', '--epochs', '12', '--output', str(output)])
+    return output / 'supernet.pth'
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (no test depends on a fixed port)."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]

@@ -1,5 +1,5 @@
 """Bad input in every script ends in one ``error:`` line and exit status 2 within 60 s: never a
-traceback, a hang or a result (issue 13). One table, ``bad_input_cases.txt``: the script, its flags,
+traceback, a hang or a result. One table, ``bad_input_cases.txt``: the script, its flags,
 the message expected."""
 from __future__ import annotations
 

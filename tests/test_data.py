@@ -16,6 +16,8 @@ from engine import evaluate as engine_evaluate
 from fixtures import CIFAR_CLASSES, within, write_cifar10, write_image_folder
 from utils import UserError
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 
 def _items(dataset) -> list[tuple[torch.Tensor, int]]:
     return [dataset[i] for i in range(len(dataset))]

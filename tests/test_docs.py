@@ -1,4 +1,5 @@
-"""Every Python block of tutorials.md and README.md runs (in order, one session per document)."""
+"""Every Python block of tutorials.md and README.md runs (in order, one session per document), and prints
+what the document says it prints: a comment line right after a ``print(...)`` line is its output."""
 import re
 import subprocess
 import sys
@@ -11,6 +12,16 @@ ROOT = Path(__file__).parent.parent
 
 def python_blocks(document: Path) -> list[str]:
     return re.findall(r'```python\n(.*?)```', document.read_text(), flags=re.S)
+
+
+def documented_outputs(blocks: list[str]) -> list[str]:
+    """The ``# output`` comment lines that follow a line starting with ``print(``."""
+    outputs = []
+    for block in blocks:
+        lines = block.splitlines()
+        outputs += [after.lstrip('# ').strip() for before, after in zip(lines, lines[1:])
+                    if before.startswith('print(') and after.startswith('# ')]
+    return outputs
 
 
 @pytest.mark.parametrize('document', ['tutorials.md', 'README.md'])
@@ -30,3 +41,8 @@ def test_python_blocks_run(document, tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     # a block's check printed rather than asserted would pass with False: none may print False
     assert not [line for line in result.stdout.splitlines() if line.split()[:1] == ['False']], result.stdout
+    printed = result.stdout.splitlines()
+    for output in documented_outputs(blocks):
+        assert output in printed, f'{document} says a block prints {output!r}; it printed:\n{result.stdout[-2000:]}'
+    if document == 'tutorials.md':
+        assert len(documented_outputs(blocks)) >= 2

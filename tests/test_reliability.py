@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import lightning
 import scratch
 import search
 from checkpoints import load_checked, save_weights
-from cli import load_json_arg
+from cli import from_flags, load_json_arg
 from conftest import GOLDEN
 from fixtures import within
 from space import (AutoformerSpace, SpaceError, build_supernet, canonical_arch, check_arch, complete_space_kwargs,
@@ -92,7 +91,8 @@ def test_read_only_output_is_refused_up_front_and_earlier_results_kept(tmp_path)
     scratch.main(['--dataset', 'digits', '--epochs', '1', '--output', str(run)])
     before = snapshot(run)
     for script in (['scratch.py', '--dataset', 'digits', '--epochs', '2', '--resume', '--output', str(run)],
-                   ['search.py', '--weights', str(run / 'supernet.pth'), '--output', str(run / 'search')]):
+                   ['search.py', '--weights', str(run / 'supernet.pth'), '--engine', 'sequential',
+                    '--output', str(run / 'search')]):
         result = subprocess.run(as_read_only(run, [sys.executable, *script]), cwd=ROOT, capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 2, result.stderr[-3000:]
@@ -147,9 +147,9 @@ def test_subnet_state_dict_mismatches_are_named(golden, change, message):
 
 def test_gpus_without_a_gpu_fall_back_to_the_cpu_with_a_warning(caplog, monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    args = Namespace(gpus=4, cpu_processes=1, num_nodes=1, precision=None, epochs=1, clip_grad=None, output='x')
+    run = from_flags(engine.TrainingRun, scratch.parse_args(['--dataset', 'digits', '--gpus', '4']), output='x')
     with caplog.at_level(logging.WARNING):
-        settings, processes = engine.trainer_settings(args)
+        settings, processes = engine.trainer_settings(run)
     assert settings['accelerator'] == 'cpu' and processes == 1 and settings['precision'] == '32-true'
     assert 'no CUDA GPU is visible: training on the CPU' in caplog.text
 
@@ -160,17 +160,17 @@ def test_precision_defaults_to_mixed_on_cuda_and_fp32_on_the_cpu(monkeypatch, cu
     from utils import set_up_precision
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: bf16)
     monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
-    assert set_up_precision(Namespace(precision=None, tf32=False), cuda, 'training') == expected
-    assert set_up_precision(Namespace(precision='32-true', tf32=False), cuda, 'training') == '32-true'
+    assert set_up_precision(None, False, cuda, 'training') == expected
+    assert set_up_precision('32-true', False, cuda, 'training') == '32-true'
     assert torch.backends.cudnn.benchmark == cuda  # fixed input sizes: cuDNN picks its fastest kernels once
 
 
 def test_fp16_on_the_cpu_is_refused_and_bf16_runs_cpu_autocast(caplog):
     from utils import set_up_precision
     with pytest.raises(UserError, match='--precision 16-mixed needs CUDA'):
-        set_up_precision(Namespace(precision='16-mixed', tf32=False), False, 'training')
+        set_up_precision('16-mixed', False, False, 'training')
     with caplog.at_level(logging.WARNING):
-        assert set_up_precision(Namespace(precision='bf16-mixed', tf32=False), False, 'training') == 'bf16-mixed'
+        assert set_up_precision('bf16-mixed', False, False, 'training') == 'bf16-mixed'
     assert 'usually slower there than fp32' in caplog.text
 
 
@@ -191,10 +191,9 @@ def test_same_seed_gives_the_same_supernet_weights(tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)
 
 
-def test_same_seed_gives_the_same_sequential_search(tmp_path):
-    scratch.main(['--dataset', 'digits', '--epochs', '1', '--output', str(tmp_path / 'supernet')])
+def test_same_seed_gives_the_same_sequential_search(tmp_path, digits_supernet):
     for run in ('a', 'b'):
-        search.main(['--weights', str(tmp_path / 'supernet' / 'supernet.pth'), '--strategy', 'autoformer',
+        search.main(['--weights', str(digits_supernet), '--strategy', 'autoformer',
                      '--generations', '2', '--population', '6', '--select', '3', '--mutation-num', '3',
                      '--crossover-num', '3', '--engine', 'sequential', '--seed', '5', '--output', str(tmp_path / run)])
     first, second = ([(r['arch'], r['top1']) for r in json.loads((tmp_path / run / 'candidates.json').read_text())]

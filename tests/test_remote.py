@@ -17,18 +17,12 @@ from pathlib import Path
 
 import pytest
 
-import scratch
 import search
+from conftest import free_port
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 SSHD = '/usr/sbin/sshd'
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def processes_mentioning(text, exclude=()):
@@ -124,11 +118,8 @@ LogLevel VERBOSE
 
 
 @pytest.fixture(scope='module')
-def supernet(tmp_path_factory):
-    """A digits supernet from scratch.py: 2 epochs, enough for candidates to differ."""
-    output = tmp_path_factory.mktemp('scratch')
-    scratch.main(['--dataset', 'digits', '--num-workers', '0', '--epochs', '2', '--output', str(output)])
-    return output / 'supernet.pth'
+def supernet(digits_supernet):
+    return digits_supernet
 
 
 def loopback_python(folder):

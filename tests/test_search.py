@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import random
 import signal
@@ -15,12 +16,12 @@ import torch
 
 import data
 import evaluate
-import scratch
 import search
-from engine import arch_key, evaluate as accuracy
 from checkpoints import load_model, read_weights
-from space import count_flops, count_params, extreme_arch, sample_arch
+from engine import evaluate as accuracy
+from space import arch_key, count_flops, count_params, extreme_arch, sample_arch
 from strategy import Budget
+from conftest import free_port
 from utils import UserError, lock_output
 
 ROOT = Path(__file__).parent.parent
@@ -30,11 +31,8 @@ SMALL_EVOLUTION = ['--strategy', 'autoformer', '--max-params', str(BUDGET), '--g
 
 
 @pytest.fixture(scope='module')
-def supernet(tmp_path_factory):
-    """A demo supernet trained on digits by scratch.py (shortened)."""
-    output = tmp_path_factory.mktemp('scratch')
-    scratch.main(['--dataset', 'digits', '--num-workers', '0', '--epochs', '12', '--output', str(output)])
-    return output / 'supernet.pth'
+def supernet(digits_supernet):
+    return digits_supernet
 
 
 @pytest.fixture(scope='module')
@@ -72,10 +70,13 @@ def check_search_result(output, supernet, random_archs, nni_agrees=True):
     on_split = [accuracy(load_model(supernet, arch=arch)[0], split.batches(256), progress=False)['top1']
                 for arch, _ in random_archs]
     assert best['top1'] >= statistics.median(on_split)
-    # ...and its subnet holds up on the test split: within 2 standard errors (360 images) of the median random
-    # arch. After 12 epochs on digits, test top-1 of archs in the budget spans 77-81% and is hardly correlated
-    # with their search-split top-1, so "above the median" would be a coin toss.
-    assert top1_on_test_split(output / 'best-subnet.pth') >= statistics.median(t for _, t in random_archs) - 4.4
+    # ...and its subnet holds up on the test split: not below the median random arch by more than two binomial
+    # standard errors. (On digits every arch in the budget is within a few test images, so "above the median"
+    # would be a coin toss: the Fashion-MNIST study measures the real gap.)
+    median = statistics.median(t for _, t in random_archs)
+    images = len(data.build_dataset('digits', None, 'test', 32))
+    two_se = 2 * 100 * math.sqrt(median / 100 * (1 - median / 100) / images)
+    assert top1_on_test_split(output / 'best-subnet.pth') >= median - two_se
 
 
 def test_autoformer_search_sequential_beats_the_median_random_arch(supernet, random_archs, tmp_path):
@@ -110,13 +111,6 @@ def check_standalone_export(folder, subnet):
     assert ((onnx_out - expected).abs().max() / expected.abs().max()) < 1e-5
     info = json.loads((folder / 'subnet.json').read_text())
     assert {'arch', 'params', 'flops', 'top1'} <= set(info)
-
-
-def free_port():
-    import socket
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
 
 
 def test_ts_engine_search_and_nnictl_view(supernet, random_archs, tmp_path):
@@ -335,7 +329,7 @@ def test_the_seeds_evolution_command_runs_its_cycles(supernet, tmp_path, capsys)
                  '--output', str(tmp_path)])
     assert 'candidate 8/8' in capsys.readouterr().out  # 8 cycles, each a candidate evaluated or answered
     candidates = json.loads((tmp_path / 'candidates.json').read_text())  # distinct archs: an evolution may repeat one
-    assert 5 <= len(candidates) <= 8
+    assert 0 < len(candidates) <= 8 and len({arch_key(c['arch']) for c in candidates}) == len(candidates)
     assert json.loads((tmp_path / 'best.json').read_text())['top1'] == candidates[0]['top1']
 
 

@@ -13,6 +13,8 @@ from space import (AutoformerSpace, build_supernet, check_arch, count_flops, cou
                    sample_arch, set_active_arch, complete_space_kwargs, sub_state_dict, SpaceError, init_weights)
 from utils import UserError
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 
 @pytest.mark.parametrize('checkpoint', ['small-official.pth', 'small-nnihub.pth'])
 def test_golden_logits_and_params_for_every_case(golden, checkpoint):
@@ -287,3 +289,18 @@ def test_new_weights_follow_the_official_init(make):
     tables = [p for n, p in model.named_parameters()
               if 'embeddings_table' in n or n.endswith(('cls_token', 'pos_embed'))]
     assert tables and all(abs(p.std().item() - 0.02) < 0.003 for p in tables)
+
+
+def test_defaults_are_the_constructors_own():
+    """space.DEFAULTS (what complete_space_kwargs fills in) holds exactly AutoformerSpace.__init__'s defaults
+    (read from the source: NNI's wrapper hides the signature)."""
+    import ast
+    import inspect
+
+    import space
+
+    tree = ast.parse(inspect.getsource(space.AutoformerSpace))
+    init = next(node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == '__init__')
+    names = [arg.arg for arg in init.args.args[1:]]
+    defaults = dict(zip(names, (ast.literal_eval(value) for value in init.args.defaults)))
+    assert defaults == space.DEFAULTS

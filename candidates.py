@@ -1,0 +1,214 @@
+"""The search's candidates: one subnet evaluated with weights inherited from the supernet (the trial NNI runs
+in the search's process, or a warm worker of ``trial.py`` serves), its record, the results files and the
+Pareto plot. :class:`SearchFolder` names every file of a search's output folder.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import nni
+import torch
+
+import data
+from checkpoints import read_weights
+from engine import evaluate
+from space import AutoformerSpace, arch_key, count_flops, count_params, sub_state_dict, typed_arch
+from trial import record_failure
+from utils import atomic_write_json, atomic_write_text, pick_device, read_json
+
+
+@dataclass(frozen=True)
+class SearchFolder:
+    """The files of one search's ``--output`` folder."""
+    root: Path
+
+    @property
+    def candidates(self) -> Path:
+        """One record per finished candidate, named by :func:`space.arch_key`."""
+        return self.root / 'candidates'
+
+    def record(self, arch: Mapping[str, Any]) -> Path:
+        return self.candidates / f'{arch_key(arch)}.json'
+
+    def records(self) -> list[Path]:
+        return sorted(self.candidates.glob('*.json'))
+
+    @property
+    def failures(self) -> Path:
+        return self.root / 'failures'
+
+    @property
+    def latency(self) -> Path:
+        return self.root / 'latency.json'
+
+    @property
+    def worker_spec(self) -> Path:
+        return self.root / 'worker.json'
+
+    @property
+    def search_data(self) -> Path:
+        return self.root / 'search-data.pt'
+
+    @property
+    def best(self) -> Path:
+        return self.root / 'best.json'
+
+    @property
+    def experiment(self) -> Path:
+        """The experiment id, the command line and the fingerprint a resumed search must match."""
+        return self.root / 'experiment.json'
+
+    @property
+    def pareto(self) -> Path:
+        return self.root / 'pareto.png'
+
+    @property
+    def results_json(self) -> Path:
+        return self.root / 'candidates.json'
+
+    @property
+    def results_csv(self) -> Path:
+        return self.root / 'candidates.csv'
+
+
+@lru_cache(maxsize=2)
+def _supernet(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state_dict, meta = read_weights(weights)
+    return state_dict, meta['space']
+
+
+@lru_cache(maxsize=2)
+def _search_data(cache: str) -> data.CachedSplit:
+    return data.CachedSplit(cache)
+
+
+INTERMEDIATE_RESULTS = 20  # per candidate at most: the web UI's chart, not one point per batch
+
+
+def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
+                  split: data.CachedSplit, output: Path, batch_size: int, device: torch.device,
+                  report: Callable[[float], None], precision: str | None = None) -> dict[str, Any]:
+    """Top-1 of one subnet (weights inherited from the supernet) on the search split; writes its record.
+
+    A candidate already recorded in ``output`` (a resumed search) is answered from its record.
+    """
+    start = time.perf_counter()
+    folder = SearchFolder(output)
+    record_file = folder.record(arch)
+    if record_file.is_file():
+        return read_json(record_file)
+    model = AutoformerSpace(**space_kwargs).freeze(arch)
+    model.load_state_dict(sub_state_dict(supernet, arch))
+    every = max(1, -(-len(split) // batch_size) // INTERMEDIATE_RESULTS)
+    metrics = evaluate(model, split.batches(batch_size), device, progress=False,
+                       on_batch=lambda index, top1: report(top1), report_every=every, precision=precision)
+    latency = read_json(folder.latency).get(arch_key(arch)) if folder.latency.is_file() else None
+    record = {'arch': arch, 'params': count_params(arch, **space_kwargs) / 1e6,
+              'flops': count_flops(arch, **space_kwargs) / 1e9, 'latency': latency,
+              'top1': metrics['top1'], 'seconds': time.perf_counter() - start,
+              'finished': time.time()}  # the order candidates finished in: best-so-far curves
+    atomic_write_json(record, record_file)
+    write_results(output, every_seconds=2.0)
+    return record
+
+
+def final_metrics(record: Mapping[str, Any]) -> dict[str, float]:
+    """What NNI shows of a candidate: top-1 as the default metric, then its cost."""
+    return {'default': record['top1'], 'params': record['params'], 'flops': record['flops'],
+            **({'latency': record['latency']} if record['latency'] is not None else {})}
+
+
+def evaluate_candidate(model: torch.nn.Module, weights: str, cache: str, output: str, batch_size: int,
+                       device: str, precision: str | None = None) -> None:
+    """NNI trial run in the search's own process (``--engine sequential``): evaluates and reports."""
+    supernet, space_kwargs = _supernet(weights)
+    arch = typed_arch(nni.get_current_parameter().sample)
+    try:
+        record = evaluate_arch(arch, supernet, space_kwargs, _search_data(cache), Path(output), batch_size,
+                               pick_device(device), nni.report_intermediate_result, precision)
+    except Exception as err:
+        record_failure({'output': output}, arch_key(arch), f'{type(err).__name__}: {err}')
+        raise
+    nni.report_final_result(final_metrics(record))
+
+
+def candidate_server(spec: Mapping[str, Any]) -> Callable[[str, Callable[[dict], None]], None]:
+    """What a warm worker (trial.py) runs per candidate: the supernet, the split and the imports stay loaded."""
+    supernet, space_kwargs = _supernet(spec['weights'])
+    split = _search_data(spec['cache'])
+    device = pick_device(spec['device'])
+    output = Path(spec['output'])
+
+    def evaluate_parameter(parameter: str, send: Callable[[dict], None]) -> None:
+        arch = typed_arch(nni.load(parameter)['parameters'].sample)
+        record = evaluate_arch(arch, supernet, space_kwargs, split, output, spec['batch_size'], device,
+                               lambda top1: send({'intermediate': top1}), spec.get('precision'))
+        send({'final': final_metrics(record)})
+
+    return evaluate_parameter
+
+
+def read_results(output: Path) -> list[dict]:
+    records = [read_json(p) for p in SearchFolder(output).records()]
+    return sorted(records, key=lambda r: -r['top1'])
+
+
+_last_results_write = 0.0
+
+
+def write_results(output: Path, every_seconds: float = 0.0) -> list[dict]:
+    """Every finished candidate as candidates.json and candidates.csv (each written atomically).
+
+    Each candidate's own record is written the moment it finishes; these summaries, which grow
+    with the search, are rewritten at most every ``every_seconds`` in one process (and at the end).
+    """
+    global _last_results_write
+    if time.monotonic() - _last_results_write < every_seconds:
+        return []
+    _last_results_write = time.monotonic()
+    records = read_results(output)
+    atomic_write_json(records, SearchFolder(output).results_json)
+    fields = ['top1', 'params', 'flops', 'latency', 'seconds', 'arch']
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(fields)
+    for r in records:
+        writer.writerow([json.dumps(r['arch']) if f == 'arch' else '' if r[f] is None else f'{r[f]:.6g}'
+                         for f in fields])
+    atomic_write_text(buffer.getvalue(), SearchFolder(output).results_csv)
+    return records
+
+
+def pareto_front(records: list[dict]) -> list[dict]:
+    """Candidates no other beats on both top-1 and (fewer) params."""
+    front, best = [], float('-inf')
+    for record in sorted(records, key=lambda r: (r['params'], -r['top1'])):
+        if record['top1'] > best:
+            front.append(record)
+            best = record['top1']
+    return front
+
+
+def plot_pareto(records: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    front = pareto_front(records)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r['params'] for r in records], [r['top1'] for r in records], s=12, alpha=0.6, label='candidates')
+    ax.plot([r['params'] for r in front], [r['top1'] for r in front], 'r.-', label='Pareto front')
+    ax.set(xlabel='parameters (M)', ylabel='top-1 (%)', title=title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix('.tmp.png')
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)

@@ -1,0 +1,139 @@
+"""Everything this project changes in NNI 3.0 (and in its Node.js manager), why, and where; nothing else patches NNI.
+
+Written for NNI 3.0 (``NNI_VERSION``); :func:`check_nni_version` refuses any other in one line, and
+``tests/test_nni_patches.py`` fails when an attribute patched or overridden here no longer exists.
+
+Patches, each undone when it has served unless said:
+
+* ``nni.nas.execution.training_service.TunerCommandChannel`` -> :class:`TolerantTunerChannel` while a search
+  builds its execution engine (``search.SearchExperiment.execution_engine_factory``): NNI 3.0's channel raises
+  ``ValueError`` on the commands its manager sends a resumed experiment (ImportData, AddCustomizedTrialJob);
+  the error kills the engine's listener thread and the resumed search waits forever.
+* ``nni.experiment.launcher.Popen`` -> :func:`popen_dying_with_parent` while NNI starts its manager
+  (``search.SearchExperiment._start_nni_manager``): the manager gets its own process group (as NNI does) and
+  ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` (Linux, through ctypes), so a search killed even by SIGKILL leaves no
+  web server behind.
+* ``NasExperimentConfig._trial_command_params`` (private, per config; :func:`set_trial_command`): NNI fixes a
+  trial's command to ``{envs} {python} -m nni.nas.execution.training_service trial``; ``python`` becomes
+  ``trial.py``, which asks a warm worker instead of importing torch in every trial.
+* ``net.Server.prototype.listen`` in NNI's Node.js manager (``loopback.js``, preloaded through
+  ``NODE_OPTIONS=--require``; :func:`loopback_node_options`): the web UI and REST server have no
+  authentication and listen on every interface; this keeps them on 127.0.0.1 (``--web-ui-host loopback``).
+* ``search.SearchExperiment`` overrides ``NasExperiment.load_checkpoint`` (resumed from the candidate records,
+  not NNI's pickled strategy state, which torch >= 2.6 refuses to unpickle) and
+  ``_send_space_to_nni_manager`` (NNI 3.0's ``nnictl view`` refuses a NAS experiment whose stored config
+  has a search space).
+* ``trial.TrialChannel`` speaks NNI 3.0's HTTP trial command channel (``nni.runtime.trial_command_channel.v3``)
+  without importing NNI: a copy of the protocol, not a patch, but tied to the same version.
+
+Warnings: the filters below drop three harmless ones NNI 3.0 prints on torch 2.14 and Lightning 2
+(``space.py`` filters what importing and building the space print itself, so that it can be copied alone).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from utils import UserError
+
+NNI_VERSION = '3.0'
+LOOPBACK_JS = Path(__file__).resolve().parent / 'loopback.js'
+
+# NNI 3.0 predates torch 2.14: one warning per torch class it does not know, and an indexing deprecation.
+warnings.filterwarnings('ignore', message=r'.*is found to be not a nn\.Module, which is unexpected.*',
+                        category=RuntimeWarning)
+warnings.filterwarnings('ignore', message='Using a non-tuple sequence for multidimensional indexing',
+                        category=UserWarning, module=r'nni\.')
+# NNI's Lightning evaluator warns that it is not spawned by a training service: the scripts train in-process.
+warnings.filterwarnings('ignore', message='When using training service to spawn trials')
+
+
+def check_nni_version() -> None:
+    """Refuse, in one line, an NNI other than the one these patches were written for."""
+    import nni
+
+    if nni.__version__ != NNI_VERSION:
+        raise UserError(f'NNI {nni.__version__} is installed, but this project patches NNI {NNI_VERSION} '
+                        f'(nni_patches.py): pip install nni=={NNI_VERSION}')
+
+
+@contextmanager
+def replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` is ``value`` inside the block, and what it was after."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def _tolerant_tuner_channel() -> type:
+    from nni.runtime.tuner_command_channel import TunerCommandChannel
+    from nni.runtime.tuner_command_channel.command_type import CommandType
+
+    class TolerantTunerChannel(TunerCommandChannel):
+        """NNI 3.0's tuner channel, skipping the commands a resumed experiment receives and it cannot parse."""
+
+        def _receive(self):
+            while True:
+                command_type, data = super()._receive()
+                if command_type not in (CommandType.ImportData, CommandType.AddCustomizedTrialJob):
+                    return command_type, data
+
+    return TolerantTunerChannel
+
+
+def tolerant_tuner_channel() -> Any:
+    """The block in which NNI's execution engine is built with :class:`TolerantTunerChannel`."""
+    from nni.nas.execution import training_service
+
+    return replaced(training_service, 'TunerCommandChannel', _tolerant_tuner_channel())
+
+
+def _prctl() -> Callable | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (AttributeError, OSError):
+        return None  # not Linux: an orphan manager is stopped by the next --resume instead
+
+
+_PRCTL = _prctl()  # looked up here: loading a library between fork and exec can deadlock
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Run in NNI's manager process before it starts: its own process group, and SIGTERM from the kernel when
+    the search dies."""
+    os.setpgrp()
+    if _PRCTL is not None:
+        _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() == 1:  # the search died before the line above: nobody would send the signal
+            os._exit(1)
+
+
+def popen_dying_with_parent(*args: Any, **kwargs: Any) -> subprocess.Popen:
+    return subprocess.Popen(*args, **{**kwargs, 'preexec_fn': _die_with_parent})
+
+
+def manager_dies_with_search() -> Any:
+    """The block in which NNI starts its manager process with :func:`popen_dying_with_parent`."""
+    from nni.experiment import launcher
+
+    return replaced(launcher, 'Popen', popen_dying_with_parent)
+
+
+def set_trial_command(config: Any, envs: str, python: str) -> None:
+    """Each trial of ``config`` runs ``{envs} {python} -m nni.nas.execution.training_service trial``."""
+    config._trial_command_params = {'envs': envs, 'python': python}
+
+
+def loopback_node_options(node_options: str) -> str:
+    """``NODE_OPTIONS`` that keep NNI's Node.js servers on 127.0.0.1."""
+    return f'{node_options} --require {LOOPBACK_JS}'.strip()

@@ -1,0 +1,71 @@
+"""The layout: imports run one way (scripts -> cli -> search and training -> data, checkpoints -> space, utils),
+no cycle, and no library module depends on the command-line layer."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.fast  # make test-fast
+
+ROOT = Path(__file__).resolve().parent.parent
+MODULES = {path.stem: path for path in ROOT.glob('*.py')}
+# space.py's load_* classmethods (the public API) reach checkpoints.py lazily, so that space.py can be
+# copied alone: the one import allowed against the layering.
+ALLOWED = {('space', 'checkpoints')}
+
+
+def project_imports(path: Path) -> set[str]:
+    """The project modules ``path`` imports, at the top or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split('.')[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split('.')[0])
+    return names & MODULES.keys()
+
+
+def is_script(path: Path) -> bool:
+    return "if __name__ == '__main__':" in path.read_text()
+
+
+GRAPH = {name: project_imports(path) - {dep for mod, dep in ALLOWED if mod == name} for name, path in MODULES.items()}
+
+
+def test_no_import_cycle():
+    done: set[str] = set()
+
+    def visit(name: str, stack: list[str]) -> None:
+        assert name not in stack, f'import cycle: {" -> ".join(stack[stack.index(name):] + [name])}'
+        if name not in done:
+            for dep in GRAPH[name]:
+                visit(dep, stack + [name])
+            done.add(name)
+
+    for name in GRAPH:
+        visit(name, [])
+
+
+def test_no_library_module_imports_the_command_line_layer_or_a_script():
+    scripts = {name for name, path in MODULES.items() if is_script(path)}
+    assert {'evaluate', 'search', 'scratch', 'finetune', 'convert', 'demo', 'study', 'trial'} <= scripts
+    for name, deps in GRAPH.items():
+        assert not deps & (scripts - {'trial'}), f'{name} imports a script: {deps & scripts}'
+        if name not in scripts and name != 'cli':
+            assert 'cli' not in deps, f'library module {name} imports cli'
+
+
+def test_space_and_utils_import_nothing_of_the_project_at_the_top():
+    assert GRAPH['space'] == set() and GRAPH['utils'] == set() and GRAPH['trial'] == set()
+
+
+def test_library_modules_take_values_not_a_namespace():
+    """Flags turn into values or a settings dataclass in the scripts (cli.from_flags); below them no module
+    knows argparse."""
+    scripts = {name for name, path in MODULES.items() if is_script(path)}
+    for name, path in MODULES.items():
+        if name not in scripts and name != 'cli':
+            text = path.read_text()
+            assert 'argparse' not in text and 'Namespace' not in text, f'{name} knows argparse'

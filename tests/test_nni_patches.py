@@ -1,0 +1,56 @@
+"""nni_patches.py: every attribute it patches or overrides exists in the NNI installed, a patch is undone after
+its block, and another NNI version is refused in one line."""
+from __future__ import annotations
+
+import subprocess
+
+import nni
+import pytest
+from nni.experiment import launcher
+from nni.nas.execution import training_service
+from nni.nas.experiment import NasExperiment, NasExperimentConfig
+from nni.runtime.tuner_command_channel import TunerCommandChannel
+from nni.runtime.tuner_command_channel.command_type import CommandType
+
+import nni_patches
+from utils import UserError
+
+pytestmark = pytest.mark.fast  # make test-fast
+
+
+def test_the_installed_nni_is_the_patched_one():
+    assert nni.__version__ == nni_patches.NNI_VERSION
+    nni_patches.check_nni_version()
+
+
+def test_another_nni_version_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(nni, '__version__', '3.1')
+    refusal = r'^NNI 3.1 is installed, but this project patches NNI 3.0 .*pip install nni==3.0$'
+    with pytest.raises(UserError, match=refusal):
+        nni_patches.check_nni_version()
+
+
+def test_every_patched_or_overridden_attribute_exists():
+    assert training_service.TunerCommandChannel is TunerCommandChannel and hasattr(TunerCommandChannel, '_receive')
+    assert CommandType.ImportData and CommandType.AddCustomizedTrialJob
+    assert launcher.Popen is subprocess.Popen
+    for method in ('execution_engine_factory', '_start_nni_manager', 'load_checkpoint', '_send_space_to_nni_manager'):
+        assert callable(getattr(NasExperiment, method)), method
+    config = NasExperimentConfig('ts', 'simplified', 'local')
+    assert '_trial_command_params' in type(config).__dataclass_fields__
+    nni_patches.set_trial_command(config, envs='A=1', python='/bin/python trial.py')
+    config._canonicalize([])  # NNI composes the trial command here
+    assert config.trial_command.startswith('A=1 /bin/python trial.py -m nni.nas.execution.training_service')
+    import nni.runtime.trial_command_channel.v3  # noqa: F401  the protocol trial.TrialChannel speaks
+    assert nni_patches.LOOPBACK_JS.is_file()
+
+
+def test_patches_are_undone_after_their_block():
+    with nni_patches.tolerant_tuner_channel():
+        assert training_service.TunerCommandChannel.__name__ == 'TolerantTunerChannel'
+        assert issubclass(training_service.TunerCommandChannel, TunerCommandChannel)
+    assert training_service.TunerCommandChannel is TunerCommandChannel
+    with pytest.raises(RuntimeError), nni_patches.manager_dies_with_search():
+        assert launcher.Popen is nni_patches.popen_dying_with_parent
+        raise RuntimeError
+    assert launcher.Popen is subprocess.Popen
