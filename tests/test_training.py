@@ -277,16 +277,3 @@ def test_compile_of_a_fixed_arch_keeps_outputs_and_state_dict_keys():
         model.compile()
         compiled = model(images)
     assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-5) and list(model.state_dict()) == keys
-
-
-def test_a_run_recorded_before_the_official_recipe_resumes_only_with_its_settings(tmp_path):
-    """run.json of an older run lacks the new keys: they were the old behaviour, not 'unchanged'."""
-    from engine import check_run_output
-    (tmp_path / 'checkpoints').mkdir()
-    (tmp_path / 'checkpoints' / 'last.ckpt').write_bytes(b'a run')
-    old = {'dataset': 'digits', 'seed': 0}
-    (tmp_path / 'run.json').write_text(json.dumps(old))
-    now = {**old, 'rel_pos_decay': True, 'repeated_aug': False, 'arch': None, 'precision': '32-true'}
-    with pytest.raises(UserError, match=r"with another rel_pos_decay \(False, now True\)"):
-        check_run_output(tmp_path, True, now)
-    check_run_output(tmp_path, True, {**now, 'rel_pos_decay': False})  # --no-rel-pos-decay: as the run was
