@@ -304,8 +304,8 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
                         help='exempt the relative-position tables from weight decay (the official run decays '
                              "them: its exempt list's 'rel_pos_embed' matched no parameter name)")
     parser.add_argument('--gpus', type=int, default=0, help='GPUs per machine (Lightning DDP when more than one)')
-    parser.add_argument('--cpu-processes', '--devices', dest='cpu_processes', type=int, default=1,
-                        help='DDP processes on the CPU when there is no GPU (gloo); --devices is the older spelling')
+    parser.add_argument('--cpu-processes', type=int, default=1,
+                        help='DDP processes on the CPU when there is no GPU (gloo)')
     parser.add_argument('--num-nodes', '--num_nodes', dest='num_nodes', type=int, default=1,
                         help='machines (launched with torchrun or SLURM)')
     add_precision_args(parser)
