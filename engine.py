@@ -19,7 +19,6 @@ from tqdm import tqdm
 
 import data
 from checkpoints import check_finite, save_weights
-from data import check_classes
 from space import AutoformerSpace, build_supernet, canonical_arch, init_weights
 from utils import (AUTOCAST, UserError, atomic_write_json, check_output_folder, check_writable, default_precision,
                    json_form, lock_output, read_json, remove_unfinished_writes, set_up_precision)
@@ -261,7 +260,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
     train_set = data.build_dataset(run.dataset, run.datapath, 'train', space_kwargs['img_size'], training=True)
     val_set = data.build_dataset(run.dataset, run.datapath, 'val', space_kwargs['img_size'])
     kind, stored_arch = ('subnet', canonical_arch(arch)) if arch else ('supernet', None)
-    check_classes(run.dataset, len(train_set.classes), space_kwargs, kind)
+    data.check_classes(run.dataset, len(train_set.classes), space_kwargs, kind)
     if list(val_set.classes) != list(train_set.classes):  # a class missing from val/ would shift every label
         raise UserError(f'the validation classes of {run.dataset} differ from its training classes '
                         f'({len(val_set.classes)} against {len(train_set.classes)}, first difference: '

@@ -233,14 +233,15 @@ def control(supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any
     is the mean over ``--control-draws`` permutations, with its standard error."""
     from tqdm import tqdm
 
-    result = spread(Evaluator(permuted(supernet, args.seed), space_kwargs, args), args)
+    evaluator = Evaluator(permuted(supernet, args.seed), space_kwargs, args)
+    result = spread(evaluator, args)
     trained = {arch_key(r['arch']): r['test_top1'] for r in spread_part['records']}
     archs = [r['arch'] for r in result['records']]
     trained_test = [trained[arch_key(arch)] for arch in archs]
     result['tau_search_trained_test'] = kendall([r['search_top1'] for r in result['records']], trained_test)
     taus = [result['tau_search_trained_test']['tau']]
     for draw in range(1, args.control_draws):
-        evaluator = Evaluator(permuted(supernet, args.seed + draw), space_kwargs, args)
+        evaluator.supernet = permuted(supernet, args.seed + draw)  # the same splits and device: another draw
         search = [100 * evaluator.correct(arch, 'search').float().mean().item()
                   for arch in tqdm(archs, desc=f'permutation {draw + 1}/{args.control_draws}')]
         taus.append(kendall(search, trained_test, resamples=0)['tau'])

@@ -1,5 +1,5 @@
-"""Helpers of the tests: small on-disk datasets (an ImageFolder tree, a CIFAR-10 folder), a time limit, and
-the two error measures (the golden contract's, and a whole-tensor one for gradients)."""
+"""Helpers of the tests: small on-disk datasets (an ImageFolder tree, a CIFAR-10 folder), an official-layout
+checkpoint, a time limit, and the two error measures (the golden contract's, and a whole-tensor one for gradients)."""
 from __future__ import annotations
 
 import pickle
@@ -91,3 +91,28 @@ def write_fashion_mnist(folder: str | Path, n_train: int, n_test: int, compress:
         write_idx(folder / f'{prefix}-images-idx3-ubyte', rng.integers(0, 256, (count, 28, 28)), compress)
         write_idx(folder / f'{prefix}-labels-idx1-ubyte', np.arange(count) % 10, compress)
     return folder
+
+
+def official_tiny_checkpoint(generator):
+    """Random weights with the shapes of the released official tiny supernet (256 wide, 4 heads, depth 14)."""
+    embed, heads, hidden = 256, 4, 1024
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator) * 0.05
+
+    model = {'pos_embed': rand(1, 197, embed), 'cls_token': rand(1, 1, embed),
+             'patch_embed_super.proj.weight': rand(embed, 3, 16, 16), 'patch_embed_super.proj.bias': rand(embed),
+             'norm.weight': 1 + rand(embed), 'norm.bias': rand(embed), 'head.weight': rand(1000, embed),
+             'head.bias': rand(1000)}
+    for i in range(14):
+        block = {'attn.qkv.weight': rand(3 * heads * 64, embed), 'attn.qkv.bias': rand(3 * heads * 64),
+                 'attn.proj.weight': rand(embed, heads * 64), 'attn.proj.bias': rand(embed),
+                 'attn_layer_norm.weight': 1 + rand(embed), 'attn_layer_norm.bias': rand(embed),
+                 'ffn_layer_norm.weight': 1 + rand(embed), 'ffn_layer_norm.bias': rand(embed),
+                 'fc1.weight': rand(hidden, embed), 'fc1.bias': rand(hidden), 'fc2.weight': rand(embed, hidden),
+                 'fc2.bias': rand(embed)}
+        for table in ('k', 'v'):
+            for axis in ('v', 'h'):
+                block[f'attn.rel_pos_embed_{table}.embeddings_table_{axis}'] = rand(30, 64)
+        model.update({f'blocks.{i}.{k}': v for k, v in block.items()})
+    return {'model': model, 'epoch': 499}

@@ -9,7 +9,7 @@ import torch
 import convert
 import evaluate
 from conftest import GOLDEN
-from fixtures import write_cifar10, write_image_folder
+from fixtures import official_tiny_checkpoint, write_cifar10, write_image_folder
 from checkpoints import is_subnet, load_model, read_weights, save_weights
 from space import AutoformerSpace, SpaceError, sub_state_dict
 from utils import UserError
@@ -86,31 +86,6 @@ def test_evaluate_cli_prints_one_clear_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith('error: weights file')
     assert 'Traceback' not in result.stderr
-
-
-def official_tiny_checkpoint(generator):
-    """Random weights with the shapes of the released official tiny supernet (256 wide, 4 heads, depth 14)."""
-    embed, heads, hidden = 256, 4, 1024
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=generator) * 0.05
-
-    model = {'pos_embed': rand(1, 197, embed), 'cls_token': rand(1, 1, embed),
-             'patch_embed_super.proj.weight': rand(embed, 3, 16, 16), 'patch_embed_super.proj.bias': rand(embed),
-             'norm.weight': 1 + rand(embed), 'norm.bias': rand(embed), 'head.weight': rand(1000, embed),
-             'head.bias': rand(1000)}
-    for i in range(14):
-        block = {'attn.qkv.weight': rand(3 * heads * 64, embed), 'attn.qkv.bias': rand(3 * heads * 64),
-                 'attn.proj.weight': rand(embed, heads * 64), 'attn.proj.bias': rand(embed),
-                 'attn_layer_norm.weight': 1 + rand(embed), 'attn_layer_norm.bias': rand(embed),
-                 'ffn_layer_norm.weight': 1 + rand(embed), 'ffn_layer_norm.bias': rand(embed),
-                 'fc1.weight': rand(hidden, embed), 'fc1.bias': rand(hidden), 'fc2.weight': rand(embed, hidden),
-                 'fc2.bias': rand(embed)}
-        for table in ('k', 'v'):
-            for axis in ('v', 'h'):
-                block[f'attn.rel_pos_embed_{table}.embeddings_table_{axis}'] = rand(30, 64)
-        model.update({f'blocks.{i}.{k}': v for k, v in block.items()})
-    return {'model': model, 'epoch': 499}
 
 
 def test_convert_wide_official_tiny_to_supernet_and_subnet(tmp_path):

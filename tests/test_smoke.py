@@ -15,7 +15,7 @@ import scratch
 import search
 import study
 from checkpoints import read_weights
-from test_evaluate_convert import official_tiny_checkpoint
+from fixtures import official_tiny_checkpoint
 from space import canonical_arch, count_params, make_arch
 
 pytestmark = pytest.mark.fast
