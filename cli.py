@@ -266,6 +266,18 @@ def recipe_parser(argv: list[str] | None, recipes: Mapping[str, dict[str, Any]],
     return parser, dataset, recipe
 
 
+def add_device_arg(parser: argparse.ArgumentParser, text: str) -> None:
+    """``--device``: one device, the same value type in every script (checked by :data:`RULES`)."""
+    parser.add_argument('--device', default=None, metavar='DEVICE',
+                        help=f'{text}: cpu, cuda or cuda:N (default: CUDA when present)')
+
+
+def add_gpus_arg(parser: argparse.ArgumentParser, text: str) -> None:
+    """``--gpus``: GPUs per machine, the same default in every script."""
+    parser.add_argument('--gpus', type=int, default=None,
+                        help=f'{text} (default: 1 when CUDA is present, else none: the CPU; 0 chooses the CPU)')
+
+
 def add_precision_args(parser: argparse.ArgumentParser) -> None:
     """``--precision`` (Lightning's names) and ``--tf32``, the same in every script."""
     parser.add_argument('--precision', default=None, choices=list(AUTOCAST),
@@ -303,7 +315,7 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
     parser.add_argument('--no-rel-pos-decay', dest='rel_pos_decay', action='store_false',
                         help='exempt the relative-position tables from weight decay (the official run decays '
                              "them: its exempt list's 'rel_pos_embed' matched no parameter name)")
-    parser.add_argument('--gpus', type=int, default=0, help='GPUs per machine (Lightning DDP when more than one)')
+    add_gpus_arg(parser, 'GPUs per machine (Lightning DDP when more than one)')
     parser.add_argument('--cpu-processes', type=int, default=1,
                         help='DDP processes on the CPU when there is no GPU (gloo)')
     parser.add_argument('--num-nodes', '--num_nodes', dest='num_nodes', type=int, default=1,
@@ -314,7 +326,8 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
                              'eager); worth it for long runs on a GPU')
     parser.add_argument('--resume', action='store_true', help='continue the run in --output from its last checkpoint')
     parser.add_argument('--seed', type=int, default=0, help='random seed (data order, architectures, init)')
-    parser.add_argument('--output', default=recipe.get('output'), help='folder for checkpoints, logs and weights')
+    parser.add_argument('--output', default=recipe.get('output'), metavar='FOLDER',
+                        help='folder for checkpoints, logs and weights')
 
 
 def load_json_arg(value: str, what: str = '--arch') -> Any:

@@ -23,11 +23,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_name_arg(parser, 'preset of the supernet (default: tiny)')
     parser.add_argument('--input', default=None, help="checkpoint to convert, or 'nni' to download NNI's "
                                                       '(default: weights/official-supernet-{name}.pth)')
-    parser.add_argument('--output', default=None,
+    # A file, not a folder as elsewhere: design.md's public command line (convert.py --output weights/...pth).
+    parser.add_argument('--output', default=None, metavar='FILE',
                         help='supernet weights to write (default: weights/supernet-{name}.pth)')
     parser.add_argument('--format', choices=['official', 'nni', 'project'], default=None,
                         help='layout of --input (default: detected from the keys)')
-    parser.add_argument('--subnet-output', default=None,
+    parser.add_argument('--subnet-output', default=None, metavar='FILE',
                         help='also write the pre-searched AutoFormer subnet here '
                              '(default with no --input/--output: weights/subnet-{name}.pth)')
     parser.add_argument('--force', action='store_true', help='overwrite output files that already exist')

@@ -28,13 +28,13 @@ from utils import UserError, atomic_write_text, read_json
 
 ROOT = Path(__file__).resolve().parent
 # What a demo writes into --output; --fresh deletes nothing else.
-DEMO_FILES = {'scratch', 'search', 'finetune', 'report.md', 'training.png', 'pareto.png', 'test-searched.json',
-              'test-finetuned.json', 'test-smallest.json', 'test-largest.json', '.lock'}
+DEMO_FILES = {'scratch', 'search', 'finetune', 'report.md', 'training.png', 'pareto.png', 'test-searched',
+              'test-finetuned', 'test-smallest', 'test-largest', '.lock'}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--output', default='outputs/demo', help='folder of every result of the demo')
+    parser.add_argument('--output', default='outputs/demo', metavar='FOLDER', help='folder of every result of the demo')
     parser.add_argument('--max-params', type=float, default=0.25, help='search budget in M parameters')
     parser.add_argument('--engine', choices=['ts', 'sequential'], default='ts',
                         help="search engine (ts: NNI's training service, viewable in the web UI)")
@@ -55,11 +55,11 @@ def run_stage(name: str, args: list[str], times: dict[str, float]) -> None:
 
 def evaluate_by_script(output: Path, weights: Path, arch: dict | None, name: str, times: dict[str, float]) -> dict:
     """evaluate.py on the digits test split, as a user runs it: its results."""
-    results = output / f'test-{name}.json'
+    results = output / f'test-{name}'
     args = ['evaluate.py', '--weights', str(weights), '--dataset', 'digits', '--split', 'test', '--num-workers', '0',
             '--output', str(results)]
     run_stage(f'evaluate {name}', args + (['--arch', json.dumps(arch)] if arch else []), times)
-    return json.loads(results.read_text())
+    return json.loads((results / 'results.json').read_text())
 
 
 def plot_training(log_folder: Path, path: Path) -> None:

@@ -120,7 +120,7 @@ class TrainingRun:
     rel_pos_decay: bool
     repeated_aug: bool
     seed: int
-    gpus: int
+    gpus: int | None  # None: one GPU when CUDA is present, else the CPU
     cpu_processes: int
     num_nodes: int
     num_workers: int
@@ -150,9 +150,9 @@ def trainer_settings(run: TrainingRun) -> tuple[dict[str, Any], int]:
     """Lightning ``Trainer`` keywords for the hardware asked for, and the number of processes."""
     check_launcher(run.num_nodes)
     use_gpu, devices = training_devices(run)
-    if run.gpus > 0 and not use_gpu:
+    if run.gpus and not use_gpu:
         _logger.warning('--gpus %d asked for but no CUDA GPU is visible: training on the CPU', run.gpus)
-    if use_gpu and run.gpus > torch.cuda.device_count():
+    if use_gpu and devices > torch.cuda.device_count():
         raise UserError(f'--gpus {run.gpus}: only {torch.cuda.device_count()} CUDA GPUs are visible on this machine')
     precision = set_up_precision(run.precision, run.tf32, use_gpu, 'training')
     processes = devices * run.num_nodes
@@ -165,8 +165,9 @@ def trainer_settings(run: TrainingRun) -> tuple[dict[str, Any], int]:
 
 def training_devices(run: TrainingRun) -> tuple[bool, int]:
     """Whether training runs on CUDA GPUs, and its processes per machine: a GPU each, or ``--cpu-processes``."""
-    use_gpu = run.gpus > 0 and torch.cuda.is_available()
-    return use_gpu, run.gpus if use_gpu else run.cpu_processes
+    gpus = int(torch.cuda.is_available()) if run.gpus is None else run.gpus
+    use_gpu = gpus > 0 and torch.cuda.is_available()
+    return use_gpu, gpus if use_gpu else run.cpu_processes
 
 
 def check_ranks_agree(trainer: pl.Trainer, supernet: nn.Module) -> None:

@@ -6,15 +6,17 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
-from cli import add_data_args, add_name_arg, add_precision_args, load_arch_arg, parse_checked, run_main, space_arg
+from cli import (add_data_args, add_device_arg, add_name_arg, add_precision_args, load_arch_arg, parse_checked,
+                 run_main, space_arg)
 import data
 from engine import evaluate
 from checkpoints import export_standalone, load_model
 from space import count_flops, count_params
-from utils import atomic_write_json, pick_device, set_up_precision
+from utils import UserError, atomic_write_json, pick_device, set_up_precision
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,15 +30,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_data_args(parser)
     parser.add_argument('--split', choices=data.SPLITS, default='test',
                         help="split to evaluate (ImageNet's test is its val folder)")
-    parser.add_argument('--device', default=None, help='cpu, cuda, cuda:1, ... (default: CUDA when present)')
+    add_device_arg(parser, 'device to evaluate on')
     add_precision_args(parser)
     parser.add_argument('--compile', action='store_true',
                         help='torch.compile the subnet before evaluating (compiled once: worth it for a large '
                              'evaluation on a GPU; training and search change the arch and stay eager)')
-    parser.add_argument('--output', default=None, help='also write the results to this JSON file')
-    parser.add_argument('--export', default=None, metavar='FOLDER',
-                        help='also write the subnet as TorchScript and ONNX files (and its JSON) into this folder')
-    return parse_checked(parser, argv)
+    parser.add_argument('--output', default=None, metavar='FOLDER',
+                        help='also write the results to FOLDER/results.json')
+    parser.add_argument('--export', action='store_true',
+                        help='also export the subnet into --output/export (TorchScript, ONNX and its JSON)')
+    args = parse_checked(parser, argv)
+    if args.export and not args.output:
+        raise UserError('--export writes into --output/export: give --output FOLDER')
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,9 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"FLOPs {results['flops'] / 1e9:.3f}G  {results['images']} images  {results['images_per_s']:.1f} images/s"
           + (f"  ({results['skipped']} undecodable images left out)" if results['skipped'] else ''))
     if args.output:
-        atomic_write_json(results, args.output)
+        atomic_write_json(results, Path(args.output) / 'results.json')
     if args.export:
-        files = export_standalone(model._orig_mod if args.compile else model, results, space_kwargs, args.export)
+        files = export_standalone(model._orig_mod if args.compile else model, results, space_kwargs,
+                                  Path(args.output) / 'export')
         print(f"exported {files['torchscript']} and {files['onnx']}")
     return results
 

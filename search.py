@@ -11,7 +11,7 @@ the search split, decoded once into a cache. Candidates outside the budget are n
 Results go to --output as they finish: candidates.csv / .json, best.json, the best subnet's
 weights, and a plot of top-1 against parameters with the Pareto front. With the web UI (``--engine
 ts``), each NNI trial asks a warm worker of trial.py, so a candidate costs its evaluation, not a
-process start-up; Ctrl-C stops cleanly and ``--resume ID`` continues.
+process start-up; Ctrl-C stops cleanly and ``--resume --output FOLDER`` continues.
 """
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ from nni.nas.strategy import Random
 import data
 import trial
 from candidates import SearchFolder, evaluate_candidate, plot_pareto, write_results
-from cli import add_data_args, add_name_arg, add_precision_args, from_flags, parse_checked, run_main, space_arg
+from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_precision_args, from_flags,
+                 parse_checked, run_main, space_arg)
 from checkpoints import export_standalone, load_supernet_file, save_weights
 from space import AutoformerSpace, arch_key, canonical_arch, sub_state_dict
 from strategy import Budget, SearchLedger, StrategySettings, build_strategy
@@ -85,9 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--latency-batch-size', type=int, default=1, help='batch latency is measured at')
     parser.add_argument('--engine', choices=['ts', 'sequential'], default='ts',
                         help="ts: NNI's training service with the web UI; sequential: one process")
-    parser.add_argument('--gpus', type=int, default=None,
-                        help='GPUs to spread trials over, one trial and one warm worker each (default: 1 when '
-                             'CUDA is present, else 0)')
+    add_gpus_arg(parser, 'GPUs to spread trials over, one trial and one warm worker each')
     parser.add_argument('--concurrency', type=int, default=None,
                         help='trials at once, one warm worker each (default: --gpus, at least 1; ts engine)')
     parser.add_argument('--port', type=int, default=8080, help='web UI port (ts engine)')
@@ -102,14 +101,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              '127.0.0.1 when every machine is this one, else its address on the route to the first '
                              'other machine)')
     add_precision_args(parser)
-    parser.add_argument('--device', choices=['cuda', 'cpu'], default=None,
-                        help='device candidates evaluate on (default: CUDA when this machine, or with --machines any '
-                             'listed machine, has a GPU; cpu opts out)')
-    parser.add_argument('--resume', default=None, metavar='ID', help='continue the experiment with this id')
-    parser.add_argument('--export', action='store_true', help='also export the best subnet (TorchScript, ONNX)')
-    parser.add_argument('--output', default=None, help='results folder (default: outputs/search-<experiment id>)')
+    add_device_arg(parser, 'device candidates evaluate on, cpu or cuda (with --machines: CUDA when any listed '
+                   'machine has a GPU); --gpus spreads the trials over GPUs')
+    parser.add_argument('--resume', action='store_true', help='continue the search in --output (its experiment)')
+    parser.add_argument('--export', action='store_true',
+                        help='also export the best subnet into --output (TorchScript, ONNX and its JSON)')
+    parser.add_argument('--output', default=None, metavar='FOLDER',
+                        help='results folder (default: outputs/search-<experiment id>)')
     parser.add_argument('--seed', type=int, default=0, help='random seed of the strategy')
     args = parse_checked(parser, argv)
+    if args.resume and args.output is None:
+        raise UserError('--resume continues the search in --output: give the folder of the search to continue')
     if args.evolution:
         args.strategy = 'evolution'
     args.dataset = data.dataset_name(args.dataset, args.datapath)
@@ -303,6 +305,13 @@ def stop_orphan_manager(experiment_id: str) -> None:
 def resolve_devices(args: argparse.Namespace) -> None:
     """CUDA whenever present (one GPU unless --gpus says more); the CPU with one line otherwise. With
     --machines, the machines' GPUs decide: CUDA when any lists ``gpus``, one trial per listed GPU."""
+    if args.device not in (None, 'cpu', 'cuda'):
+        raise UserError(f'--device {args.device}: search.py evaluates candidates on cpu or cuda and places its trials '
+                        'on GPUs itself (--gpus N spreads them)')
+    if args.gpus == 0:
+        if args.device == 'cuda':
+            raise UserError('--device cuda with --gpus 0: give one GPU or more, or --device cpu')
+        args.device = 'cpu'
     machines = args.machine_list or []
     remote_gpus = [len(m.get('gpus') or []) for m in machines]
     cuda = any(remote_gpus) if machines else torch.cuda.is_available()
@@ -355,24 +364,35 @@ def main(argv: list[str] | None = None) -> dict:
     supernet, space_kwargs, meta = load_supernet_file(args.weights, space_arg(args))
     split_classes = data.num_classes(args.dataset, args.datapath)
     data.check_classes(args.dataset, split_classes, space_kwargs, 'supernet')
+    resumed = resumed_experiment(args.output) if args.resume else None
     if args.engine == 'ts':
         check_port_free(args.port)
-        if args.resume:
-            stop_orphan_manager(args.resume)
+        if resumed:
+            stop_orphan_manager(resumed)
         if args.web_ui_host == 'loopback':
             os.environ['NODE_OPTIONS'] = nni_patches.loopback_node_options(os.environ.get('NODE_OPTIONS', ''))
 
     # The experiment id names the output folder: the config (which names the worker spec in it), the
     # evaluator and the strategy come after.
     experiment = SearchExperiment(AutoformerSpace(**space_kwargs), FunctionalEvaluator(lambda *a, **k: None),
-                                  Random(), NasExperimentConfig('sequential', 'raw'), id=args.resume)
+                                  Random(), NasExperimentConfig('sequential', 'raw'), id=resumed)
     output = Path(args.output or f'outputs/search-{experiment.id}').resolve()
-    if args.resume and not SearchFolder(output).experiment.is_file():  # before a folder is made for nothing
-        raise UserError(f'{output} does not hold experiment {args.resume} (no search): pass the --output of '
-                        'that search')
     check_writable(output)
     with lock_output(output, 'a search'):
         return run_search(args, argv, experiment, output, supernet, space_kwargs, meta)
+
+
+def resumed_experiment(output: str) -> str:
+    """The id of the search in ``output`` that ``--resume`` continues, read before a folder is made for nothing."""
+    folder = SearchFolder(Path(output).resolve())
+    if not folder.experiment.is_file():
+        raise UserError(f'--resume: {folder.root} holds no search to continue (no {folder.experiment.name}): pass '
+                        'the --output of that search')
+    experiment_id = read_json(folder.experiment).get('experiment_id')
+    if not isinstance(experiment_id, str) or not experiment_id:
+        raise UserError(f'{folder.experiment} is damaged (no experiment_id); delete the folder, or use another '
+                        '--output')
+    return experiment_id
 
 
 def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'SearchExperiment', output: Path,
@@ -453,10 +473,6 @@ def check_output(folder: SearchFolder, args: argparse.Namespace, fingerprint: di
     split cache and latencies of the same search only."""
     output = folder.root
     previous = read_json(folder.experiment) if folder.experiment.is_file() else {}
-    if args.resume and previous.get('experiment_id') != args.resume:
-        raise UserError(f'{output} does not hold experiment {args.resume} '
-                        f'({"it holds " + previous["experiment_id"] if previous else "no search"}): pass the '
-                        '--output of that search')
     held = [path for path in (folder.best, *folder.records()) if path.exists()]
     check_output_folder(output, args.resume, f'search {previous.get("experiment_id", "?")}', held,
                         previous.get('fingerprint'), fingerprint)
@@ -507,7 +523,7 @@ def write_interrupted_results(experiment: NasExperiment, output: Path, supernet:
                        space_kwargs: Mapping[str, Any], args: argparse.Namespace, signal_name: str) -> dict:
     """best.json from the finished candidates, marked as interrupted, and the command that continues."""
     records = write_results(output)
-    command = ' '.join(shlex.quote(a) for a in resume_argv(args, experiment.id, output))
+    command = ' '.join(shlex.quote(a) for a in resume_argv(output))
     best: dict = {'interrupted': signal_name}
     if records:
         best = write_best(records, output, supernet, space_kwargs, args, experiment.id,
@@ -518,17 +534,18 @@ def write_interrupted_results(experiment: NasExperiment, output: Path, supernet:
     return best
 
 
-def resume_argv(args: argparse.Namespace, experiment_id: str, output: Path) -> list[str]:
+def resume_argv(output: Path) -> list[str]:
+    """The command that continues the search in ``output``: its own flags, ``--output`` and ``--resume``."""
     argv = read_json(SearchFolder(output).experiment)['argv']
     kept, skip = [], False
     for arg in argv:
         if skip:
             skip = False
-        elif arg in ('--resume', '--output'):
+        elif arg == '--output':
             skip = True
-        elif not arg.startswith(('--resume=', '--output=')):
+        elif arg != '--resume' and not arg.startswith('--output='):
             kept.append(arg)
-    return ['python', 'search.py', *kept, '--output', str(output), '--resume', experiment_id]
+    return ['python', 'search.py', *kept, '--output', str(output), '--resume']
 
 
 def nni_top_model(experiment: NasExperiment, best_top1: float, records: list[dict],

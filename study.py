@@ -35,7 +35,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from cli import add_data_args, add_name_arg, add_precision_args, parse_checked, run_main, space_arg
+from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_precision_args, parse_checked, run_main,
+                 space_arg)
 import data
 from checkpoints import load_supernet_file, read_weights
 from candidates import SearchFolder
@@ -74,8 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--population', type=int, default=10, help='autoformer: population per generation')
     parser.add_argument('--generations', type=int, default=4,
                         help='autoformer: generations (random search gets population x generations candidates)')
-    parser.add_argument('--gpus', type=int, default=0, help='GPUs for the fine-tunes and retrainings (as scratch.py)')
-    parser.add_argument('--device', default=None, help='device of the evaluations (default: CUDA when present)')
+    add_gpus_arg(parser, 'GPUs for the fine-tunes and retrainings (as scratch.py)')
+    add_device_arg(parser, 'device of the evaluations')
     add_precision_args(parser)
     parser.add_argument('--quick', action='store_true',
                         help='a few minutes on a CPU: ' + ', '.join(f'--{key.replace("_", "-")} {value}'
@@ -84,8 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--control-draws', type=int, default=5,
                         help='permutations of the negative control (seeds --seed, --seed + 1, ...; default 5)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the random subnets and the first permutation')
-    parser.add_argument('--output', default=None, help='folder of the parts and report.md '
-                                                       '(default: outputs/study-<dataset>)')
+    parser.add_argument('--output', default=None, metavar='FOLDER',
+                        help='folder of the parts and report.md (default: outputs/study-<dataset>)')
     if '--quick' in (sys.argv[1:] if argv is None else argv):
         parser.set_defaults(**QUICK)
     args = parse_checked(parser, argv)
@@ -281,7 +282,8 @@ def train_subnet(script: str, arch: Mapping[str, Any], args: argparse.Namespace,
     kind = 'finetune' if script == 'finetune.py' else 'retrain'
     output = args.output / kind / f'{arch_key(arch)}-epochs-{epochs or "default"}'
     command = ['python', script, '--arch', json.dumps(arch), *data_flags(args), '--output', str(output),
-               '--gpus', str(args.gpus), '--seed', str(args.seed)]
+               '--seed', str(args.seed)]
+    command += ['--gpus', str(args.gpus)] if args.gpus is not None else []
     command += ['--weights', str(args.weights)] if script == 'finetune.py' else retrain_space_flags(args)
     command += ['--epochs', str(epochs)] if epochs else []
     done = (output / 'subnet.pth').is_file()
@@ -348,7 +350,7 @@ def run_search(strategy: str, seed: int, budget: float, args: argparse.Namespace
         command += ['--trials', str(args.population * args.generations)]
     finished = (output / 'best.json').is_file() and 'interrupted' not in read_json(output / 'best.json')
     if (output / 'experiment.json').is_file() and not finished:
-        command += ['--resume', read_json(output / 'experiment.json')['experiment_id']]
+        command += ['--resume']
     run_script(command, log, done=finished)
     return output
 

@@ -33,7 +33,7 @@ def add_timing_args(parser: argparse.ArgumentParser, unit: str) -> None:
     """Preset, batch, device, precision, how much to time and whether to pair ours with the official formulation."""
     parser.add_argument('--name', choices=list(PRESETS), default='tiny', help='preset')
     parser.add_argument('--batch-size', type=int, default=8, help=f'images per {unit[:-1]}')
-    parser.add_argument('--device', default='cpu', help='cpu or cuda')
+    parser.add_argument('--device', default='cpu', metavar='DEVICE', help='cpu, cuda or cuda:N')
     parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='autocast dtype')
     parser.add_argument('--steps', type=positive_int, default=10, help=f'timed {unit} of each variant')
     parser.add_argument('--warmup', type=int, default=2, help=f'untimed {unit} of each variant first')

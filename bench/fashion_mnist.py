@@ -28,7 +28,8 @@ BASELINES = [('MLP 256-128-100', 88.33), ('2 conv + pooling, < 100K params', 92.
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--output', default='outputs/bench-fashion-mnist', help="scratch.py's --output")
+    parser.add_argument('--output', default='outputs/bench-fashion-mnist', metavar='FOLDER',
+                        help="scratch.py's --output")
     parser.add_argument('--report', default=None, help='also write the figures as Markdown to this file')
     parser.add_argument('--datapath', default=None, help='Fashion-MNIST folder (default: Debian\'s)')
     parser.add_argument('extra', nargs=argparse.REMAINDER, help='more scratch.py flags, after --')

@@ -29,10 +29,9 @@ def demo_supernet(tmp_path_factory, golden):
 
 
 def test_evaluate_digits_with_supernet_and_arch(demo_supernet, tmp_path):
-    out = tmp_path / 'results.json'
-    results = evaluate.main(['--weights', str(demo_supernet), '--arch', json.dumps(ARCH), '--output', str(out),
+    results = evaluate.main(['--weights', str(demo_supernet), '--arch', json.dumps(ARCH), '--output', str(tmp_path),
                              '--num-workers', '0'])
-    assert json.loads(out.read_text()) == results
+    assert json.loads((tmp_path / 'results.json').read_text()) == results
     assert results['images'] == 360 and 0 <= results['top1'] <= results['top5'] <= 100
     assert results['params'] == sum(p.numel() for p in load_model(demo_supernet, arch=ARCH)[0].parameters())
 

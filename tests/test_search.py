@@ -205,9 +205,9 @@ def test_ts_search_interrupted_then_resumed_gives_the_uninterrupted_records(supe
         best = json.loads((output / 'best.json').read_text())
         assert best['interrupted'] == sig.name and best['candidates'] >= 3
         command = out.strip().splitlines()[-1].split('Continue with: ')[1]
-        assert command.endswith(f'--output {output} --resume {experiment_id}')
+        assert command.endswith(f'--output {output} --resume')
     before = {p.name: p.read_text() for p in (output / 'candidates').glob('*.json')}
-    resumed = search.main(args + ['--port', str(free_port()), '--resume', experiment_id])
+    resumed = search.main(args + ['--port', str(free_port()), '--resume'])
     assert 'interrupted' not in resumed
     assert comparable(json.loads((output / 'candidates.json').read_text())) == uninterrupted
     assert {p.name: p.read_text() for p in (output / 'candidates').glob('*.json') if p.name in before} == before
@@ -272,8 +272,7 @@ def test_search_killed_and_resumed_completes_the_planned_trials(supernet, tmp_pa
     kill(args, output)
     before = {p.name: p.read_text() for p in (output / 'candidates').glob('*.json')}
     assert len(before) < reference['candidates'], 'the search finished before it could be killed'
-    experiment_id = json.loads((output / 'experiment.json').read_text())['experiment_id']
-    resumed = search.main(args[1:] + ['--output', str(output), '--resume', experiment_id])
+    resumed = search.main(args[1:] + ['--output', str(output), '--resume'])
     assert resumed['candidates'] == reference['candidates']
     assert {p.name: p.read_text() for p in (output / 'candidates').glob('*.json') if p.name in before} == before
     assert resumed['arch'] == reference['arch']
@@ -310,9 +309,9 @@ def test_an_output_holding_another_search_is_refused_and_a_resume_must_match_it(
     with pytest.raises(UserError, match=f"already holds search {first['experiment_id']}"):
         search.main(args + ['--max-params', '0.2'])
     with pytest.raises(UserError, match=rf'holds search .* with another max_params \({BUDGET}, now 0\.2\)'):
-        search.main(args + ['--max-params', '0.2', '--resume', first['experiment_id']])
-    with pytest.raises(UserError, match='does not hold experiment abcdefgh'):
-        search.main(args + ['--max-params', str(BUDGET), '--resume', 'abcdefgh'])
+        search.main(args + ['--max-params', '0.2', '--resume'])
+    with pytest.raises(UserError, match='holds no search to continue'):
+        search.main(args[:-1] + [str(tmp_path / 'elsewhere'), '--max-params', str(BUDGET), '--resume'])
     assert sorted(p.name for p in (tmp_path / 'candidates').glob('*.json')) == before
 
 

@@ -39,7 +39,7 @@ def test_scratch_writes_a_supernet_with_its_space(one_epoch_supernet):
 
 def test_evaluate_slices_a_subnet(one_epoch_supernet, tmp_path):
     results = evaluate.main(['--weights', str(one_epoch_supernet), '--arch', json.dumps(ARCH), *DIGITS,
-                             '--output', str(tmp_path / 'results.json')])
+                             '--output', str(tmp_path)])
     written = json.loads((tmp_path / 'results.json').read_text())
     assert written['top1'] == results['top1'] and 0 <= results['top1'] <= 100
     assert written['params'] == count_params(ARCH, **read_weights(one_epoch_supernet)[1]['space'])

@@ -256,10 +256,11 @@ def test_scratch_arch_retrains_one_subnet_and_resumes_it(tmp_path):
     scratch.main([*args, '--epochs', '2', '--resume'])
     assert json.loads((tmp_path / 'metrics.json').read_text())['epochs'] == 2
     results = evaluate.main(['--weights', str(tmp_path / 'subnet.pth'), '--dataset', 'digits', '--num-workers', '0',
-                             '--export', str(tmp_path / 'export')])
+                             '--output', str(tmp_path / 'evaluated'), '--export'])
     assert results['arch'] == json.loads(arch) and results['top1'] > 20  # chance is 10%
-    scripted = torch.jit.load(tmp_path / 'export' / 'subnet.torchscript.pt')
-    assert scripted(torch.zeros(1, 3, 32, 32)).shape == (1, 10) and (tmp_path / 'export' / 'subnet.onnx').is_file()
+    export = tmp_path / 'evaluated' / 'export'
+    scripted = torch.jit.load(export / 'subnet.torchscript.pt')
+    assert scripted(torch.zeros(1, 3, 32, 32)).shape == (1, 10) and (export / 'subnet.onnx').is_file()
     with pytest.raises(UserError, match='holds a training run with another arch'):
         scratch.main([*FAST, '--arch', json.dumps(make_arch(96, [3.0, 3.5], [1, 1])), '--warmup', '0', '--epochs', '3',
                       '--output', str(tmp_path), '--resume'])

@@ -1,0 +1,82 @@
+"""One meaning per flag name: every script's parser against the README's flag table (the spec)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.fast  # make test-fast
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ('evaluate', 'search', 'scratch', 'finetune', 'convert', 'demo', 'study')
+# One parser builder (cli.add_training_args): the recipe flags of these two agree by construction.
+TRAINING_PAIR = {'scratch', 'finetune'}
+
+
+class Captured(Exception):
+    """Carries a script's parser out of its ``parse_args`` before it parses anything."""
+
+
+def value_kind(action: argparse.Action) -> str:
+    """The README table's value column for one argparse action."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return 'switch'
+    if action.choices:
+        return 'choice'
+    if action.type in (int, float):
+        return action.type.__name__
+    return action.metavar or 'text'
+
+
+@pytest.fixture(scope='module')
+def script_flags() -> dict[str, dict[str, str]]:
+    """{flag (its first spelling): {script: value kind}} of every script."""
+    def capture(parser, *args, **kwargs):
+        raise Captured(parser)
+
+    flags: dict[str, dict[str, str]] = defaultdict(dict)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, 'parse_args', capture)
+        for script in SCRIPTS:
+            with pytest.raises(Captured) as captured:
+                importlib.import_module(script).parse_args(['--dataset', 'digits'])
+            for action in captured.value.args[0]._actions:
+                if action.option_strings and action.option_strings[0] != '-h':
+                    flags[action.option_strings[0]][script] = value_kind(action)
+    return flags
+
+
+def readme_table() -> dict[str, tuple[str, dict[str, str]]]:
+    """{flag: (value kind, {script: kind} exceptions)} from the README's flag table."""
+    section = (ROOT / 'README.md').read_text(encoding='utf-8').split('### Flags', 1)[1].split('\n#', 1)[0]
+    table = {}
+    for row in re.findall(r'^\| (`--.*?) \| (.*?) \|', section, re.M):
+        kind, exceptions = re.fullmatch(r'(\S+)(?: \((.*)\))?', row[1]).groups()
+        excepted = dict(re.findall(r'(\w+)\.py: (\S+)', exceptions or ''))
+        for flag in re.findall(r'`(--[\w-]+)`', row[0]):
+            table[flag] = (kind, excepted)
+    return table
+
+
+def test_every_flag_name_has_one_kind_of_value_in_every_script(script_flags):
+    table = readme_table()
+    for flag, kinds in script_flags.items():
+        expected, excepted = table.get(flag, (None, {}))
+        usual = {kind for script, kind in kinds.items() if script not in excepted}
+        assert len(usual) == 1, f'{flag} takes {kinds}: one kind of value per flag name'
+        for script, kind in excepted.items():
+            assert kinds.get(script) == kind, f'{flag} in {script}.py: the README says {kind}, the parser {kinds}'
+        if expected is not None:
+            assert usual == {expected}, f'{flag}: the README says {expected}, the parsers {kinds}'
+
+
+def test_the_readme_table_lists_every_flag_of_several_scripts_and_no_other(script_flags):
+    table = readme_table()
+    shared = {flag for flag, kinds in script_flags.items() if len(kinds) > 1 and not set(kinds) <= TRAINING_PAIR}
+    assert shared <= set(table), f'flags of several scripts missing from the README table: {shared - set(table)}'
+    unknown = set(table) - set(script_flags)
+    assert not unknown, f'the README table names flags no script takes: {unknown}'
