@@ -32,18 +32,20 @@ _logger = logging.getLogger(__name__)
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'cpu', progress: bool = True,
              desc: str = 'eval', on_batch: Callable[[int, float], None] | None = None, report_every: int = 1,
-             precision: str | None = None) -> dict[str, float]:
-    """Top-1 / top-5 (in %) of ``model`` over ``loader``, images/s (wall time from the first batch on), the
-    number of images evaluated and of undecodable images left out (``skipped``).
+             precision: str | None = None, per_image: bool = False) -> dict[str, Any]:
+    """What ``model`` does on ``loader`` (see :func:`summarize` for the figures), with images/s (wall time
+    from the first batch on), the images evaluated and the undecodable images left out (``skipped``).
 
     ``on_batch(batch_index, running_top1)`` is called every ``report_every`` batches and after the last
     (NNI intermediate results); only those calls wait for the GPU, so batches otherwise overlap.
     ``precision``: ``32-true``, ``bf16-mixed`` or ``16-mixed`` (autocast); default: mixed on CUDA, fp32 else.
+    ``per_image``: also ``hits``, whether each image's top-1 is right (a bool tensor in the loader's order),
+    what paired comparisons of two models on one test set need.
     """
     device = torch.device(device)
     dtype = AUTOCAST[precision or default_precision(device.type == 'cuda')]
     model.eval().to(device)
-    correct = torch.zeros(2, dtype=torch.long, device=device)
+    confusion, top5, hits = None, torch.zeros((), dtype=torch.long, device=device), []
     seen, start, reported, index = 0, None, -1, -1
     for index, batch in enumerate(tqdm(loader, desc=desc, disable=not progress, leave=False)):
         if batch is None:  # no image of this batch could be decoded
@@ -53,10 +55,18 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = model(images)
-        correct += correct_counts(logits, targets)
+        classes = logits.shape[1]
+        if confusion is None:
+            confusion = torch.zeros(classes * classes, dtype=torch.long, device=device)
+        ranked = logits.topk(min(5, classes), dim=1).indices.eq(targets[:, None])  # as timm's accuracy
+        confusion += torch.bincount(targets * classes + logits.topk(1, dim=1).indices[:, 0],
+                                    minlength=classes * classes)
+        top5 += ranked.any(dim=1).sum()
+        if per_image:
+            hits.append(ranked[:, 0].cpu())
         seen += len(targets)
         if on_batch is not None and (index + 1) % report_every == 0:
-            on_batch(index, 100 * correct[0].item() / seen)
+            on_batch(index, 100 * confusion.view(classes, classes).trace().item() / seen)
             reported = index
     if device.type == 'cuda':
         torch.cuda.synchronize()
@@ -65,34 +75,27 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
     if seen == 0:
         raise UserError('no image of the evaluation data could be decoded' if skipped else
                         'the evaluation data is empty')
-    top1, top5 = (100 * count / seen for count in correct.tolist())
+    metrics = summarize(confusion.view(classes, classes).cpu(), top5.item())
     if on_batch is not None and reported != index:
-        on_batch(index, top1)
-    return {'top1': top1, 'top5': top5, 'images': seen, 'skipped': skipped, 'images_per_s': seen / max(seconds, 1e-9)}
+        on_batch(index, metrics['top1'])
+    metrics.update(images=seen, skipped=skipped, images_per_s=seen / max(seconds, 1e-9))
+    if per_image:
+        metrics['hits'] = torch.cat(hits)
+    return metrics
 
 
-@torch.no_grad()
-def correct_per_image(model: nn.Module, batches: Iterable, device: torch.device | str = 'cpu',
-                      precision: str | None = None) -> torch.Tensor:
-    """Whether ``model``'s top-1 is right, image by image (a bool tensor in ``batches``' order): what paired
-    comparisons of two models on one test set need."""
-    device = torch.device(device)
-    dtype = AUTOCAST[precision or default_precision(device.type == 'cuda')]
-    model.eval().to(device)
-    hits = []
-    for images, targets in batches:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = model(images.to(device, non_blocking=True))
-        hits.append(logits.argmax(dim=1).eq(targets.to(device)).cpu())
-    if not hits:
-        raise UserError('the evaluation data is empty')
-    return torch.cat(hits)
-
-
-def correct_counts(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """How many of the batch are right in the top 1 and in the top 5 (top k for fewer classes), on the device."""
-    hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
-    return torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+def summarize(confusion: torch.Tensor, top5_hits: int | None = None) -> dict[str, Any]:
+    """Top-1 (in %), top-5 (only with more than 5 classes: with 5 or fewer it is 100 by construction),
+    balanced accuracy (the mean of the per-class accuracies, over the classes the data holds), per-class
+    accuracy (None for a class the data does not hold) and the confusion matrix (rows: true class,
+    columns: predicted) of a ``confusion`` count matrix."""
+    classes, total = confusion.shape[0], confusion.sum().item()
+    per_class_total = confusion.sum(dim=1).tolist()
+    per_class = [100 * confusion[c, c].item() / n if n else None for c, n in enumerate(per_class_total)]
+    present = [accuracy for accuracy in per_class if accuracy is not None]
+    return {'top1': 100 * confusion.trace().item() / total,
+            'top5': 100 * top5_hits / total if top5_hits is not None and classes > 5 else None,
+            'balanced': sum(present) / len(present), 'per_class': per_class, 'confusion': confusion.tolist()}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,9 @@ from space import count_flops, count_params
 from utils import UserError, atomic_write_json, pick_device, set_up_precision
 
 
+MAX_PRINTED_CLASSES = 20  # more (ImageNet's 1000) only in results.json
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_name_arg(parser, 'preset; default: the space stored with --weights, else tiny')
@@ -60,10 +63,9 @@ def main(argv: list[str] | None = None) -> dict:
         model = torch.compile(model)
     metrics = evaluate(model, loader, device, precision=precision)
     results = {'weights': args.weights, 'dataset': args.dataset, 'split': args.split, 'arch': arch,
-               'params': count_params(arch, **space_kwargs), 'flops': count_flops(arch, **space_kwargs), **metrics}
-    print(f"top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  params {results['params'] / 1e6:.2f}M  "
-          f"FLOPs {results['flops'] / 1e9:.3f}G  {results['images']} images  {results['images_per_s']:.1f} images/s"
-          + (f"  ({results['skipped']} undecodable images left out)" if results['skipped'] else ''))
+               'params': count_params(arch, **space_kwargs), 'flops': count_flops(arch, **space_kwargs),
+               'classes': list(dataset.classes), **metrics}
+    print(describe(results))
     if args.output:
         atomic_write_json(results, Path(args.output) / 'results.json')
     if args.export:
@@ -71,6 +73,18 @@ def main(argv: list[str] | None = None) -> dict:
                                   Path(args.output) / 'export')
         print(f"exported {files['torchscript']} and {files['onnx']}")
     return results
+
+
+def describe(results: dict) -> str:
+    """The printed summary: top-1, balanced accuracy, top-5 where it means something, cost, per-class accuracy."""
+    top5 = f"  top-5 {results['top5']:.2f}" if results['top5'] is not None else ''
+    per_class = ', '.join(f'{name} {accuracy:.1f}' for name, accuracy in zip(results['classes'], results['per_class'])
+                          if accuracy is not None) if len(results['classes']) <= MAX_PRINTED_CLASSES else 'in --output'
+    return (f"top-1 {results['top1']:.2f}  balanced {results['balanced']:.2f}{top5}  params "
+            f"{results['params'] / 1e6:.2f}M  FLOPs {results['flops'] / 1e9:.3f}G  {results['images']} images  "
+            f"{results['images_per_s']:.1f} images/s"
+            + (f"  ({results['skipped']} undecodable images left out)" if results['skipped'] else '')
+            + f'\nper-class top-1: {per_class}')
 
 
 if __name__ == '__main__':

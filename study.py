@@ -40,7 +40,7 @@ from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_
 import data
 from checkpoints import load_supernet_file, read_weights
 from candidates import SearchFolder
-from engine import correct_per_image
+from engine import evaluate
 from space import (AutoformerSpace, arch_choices, arch_key, count_params, extreme_arch, make_arch, preset_name,
                    sample_arch, sub_state_dict)
 from utils import UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, pick_device, \
@@ -178,8 +178,9 @@ class Evaluator:
         from the supernet, or a subnet's own weights."""
         model = AutoformerSpace(**self.space_kwargs).freeze(arch)
         model.load_state_dict(sub_state_dict(self.supernet, arch) if subnet_weights is None else subnet_weights)
-        hits = [correct_per_image(model, self.splits[split].batches(self.args.batch_size), self.device,
-                                  self.precision) for split in ((splits,) if isinstance(splits, str) else splits)]
+        hits = [evaluate(model, self.splits[split].batches(self.args.batch_size), self.device, progress=False,
+                         precision=self.precision, per_image=True)['hits']
+                for split in ((splits,) if isinstance(splits, str) else splits)]
         return hits[0] if isinstance(splits, str) else hits
 
     def record(self, arch: Mapping[str, Any], label: str) -> dict[str, Any]:
