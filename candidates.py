@@ -66,6 +66,16 @@ class SearchFolder:
         return self.root / 'experiment.json'
 
     @property
+    def best_subnet(self) -> Path:
+        """The best candidate's inherited weights, a subnet file."""
+        return self.root / 'best-subnet.pth'
+
+    @property
+    def export(self) -> Path:
+        """``--export``'s standalone files of the best candidate."""
+        return self.root / 'export'
+
+    @property
     def pareto(self) -> Path:
         return self.root / 'pareto.png'
 

@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 
 from cli import parse_checked, run_main
+from candidates import SearchFolder
 from checkpoints import read_weights
+from engine import RunFolder
 from space import extreme_arch, canonical_arch
 from utils import UserError, atomic_write_text, read_json
 
@@ -59,7 +61,7 @@ def evaluate_by_script(output: Path, weights: Path, arch: dict | None, name: str
     args = ['evaluate.py', '--weights', str(weights), '--dataset', 'digits', '--split', 'test', '--num-workers', '0',
             '--output', str(results)]
     run_stage(f'evaluate {name}', args + (['--arch', json.dumps(arch)] if arch else []), times)
-    return json.loads((results / 'results.json').read_text())
+    return read_json(results / 'results.json')
 
 
 def plot_training(log_folder: Path, path: Path) -> None:
@@ -92,39 +94,40 @@ def main(argv: list[str] | None = None) -> Path:
                             'another --output')
         shutil.rmtree(output)
     times: dict[str, float] = {}
-    supernet = output / 'scratch' / 'supernet.pth'
+    training = RunFolder(output / 'scratch')
+    supernet = training.weights('supernet')
     if supernet.is_file():
         print(f'reusing the supernet {supernet} (pass --fresh to train again)')
     else:
-        interrupted = (output / 'scratch' / 'checkpoints' / 'last.ckpt').is_file()  # an earlier demo was stopped
-        run_stage('train', ['scratch.py', '--dataset', 'digits', '--output', str(output / 'scratch')]
+        interrupted = training.last_checkpoint.is_file()  # an earlier demo was stopped
+        run_stage('train', ['scratch.py', '--dataset', 'digits', '--output', str(training.root)]
                   + (['--resume'] if interrupted else []), times)
-    search = output / 'search'
-    if (search / 'best.json').is_file():
-        budget = read_json(search / 'experiment.json').get('fingerprint', {}).get('max_params')
+    search = SearchFolder(output / 'search')
+    if search.best.is_file():
+        budget = read_json(search.experiment).get('fingerprint', {}).get('max_params')
         if budget != args.max_params:  # the report would quote a budget the search never had
             raise UserError(f'{search} holds a search under --max-params {budget}, not {args.max_params}: pass '
                             '--fresh to run the demo again')
         print(f'reusing the search in {search} (pass --fresh to search again)')
     else:
-        shutil.rmtree(search, ignore_errors=True)  # an unfinished search starts over
+        shutil.rmtree(search.root, ignore_errors=True)  # an unfinished search starts over
         run_stage('search', ['search.py', '--dataset', 'digits', '--weights', str(supernet), '--strategy',
                              'autoformer', '--max-params', str(args.max_params), '--generations', '3',
                              '--population', '6', '--select', '3', '--mutation-num', '3', '--crossover-num', '3',
                              '--engine', args.engine, '--port', str(args.port),
-                             '--num-workers', '0', '--output', str(search)], times)
-    finetuned = finetune_searched(output, supernet, search / 'best.json', times)
-    best = json.loads((search / 'best.json').read_text())
-    candidates = json.loads((search / 'candidates.json').read_text())
-    scratch_metrics = json.loads((output / 'scratch' / 'metrics.json').read_text())
-    searched = evaluate_by_script(output, search / 'best-subnet.pth', None, 'searched', times)
-    tuned = {**evaluate_by_script(output, finetuned, None, 'finetuned', times),
-             'epochs': read_json(finetuned.parent / 'metrics.json')['epochs']}
+                             '--num-workers', '0', '--output', str(search.root)], times)
+    finetuned = finetune_searched(output, supernet, search.best, times)
+    best = read_json(search.best)
+    candidates = read_json(search.results_json, list)
+    scratch_metrics = read_json(training.metrics)
+    searched = evaluate_by_script(output, search.best_subnet, None, 'searched', times)
+    tuned = {**evaluate_by_script(output, finetuned.weights('subnet'), None, 'finetuned', times),
+             'epochs': read_json(finetuned.metrics)['epochs']}
     space = read_weights(supernet)[1]['space']
     smallest = evaluate_by_script(output, supernet, extreme_arch(space, min), 'smallest', times)
     largest = evaluate_by_script(output, supernet, extreme_arch(space, max), 'largest', times)
-    plot_training(output / 'scratch' / 'logs', output / 'training.png')
-    shutil.copyfile(search / 'pareto.png', output / 'pareto.png')
+    plot_training(training.logs, output / 'training.png')
+    shutil.copyfile(search.pareto, output / 'pareto.png')
     report = output / 'report.md'
     atomic_write_text(render_report(best, searched, tuned, smallest, largest, scratch_metrics, len(candidates),
                                     times, args.max_params), report)
@@ -135,23 +138,22 @@ def main(argv: list[str] | None = None) -> Path:
     return report
 
 
-def finetune_searched(output: Path, supernet: Path, best: Path, times: dict[str, float]) -> Path:
+def finetune_searched(output: Path, supernet: Path, best: Path, times: dict[str, float]) -> RunFolder:
     """The searched subnet fine-tuned briefly from its inherited weights (finetune.py's digits recipe)."""
-    folder = output / 'finetune'
-    subnet = folder / 'subnet.pth'
+    folder = RunFolder(output / 'finetune')
+    subnet = folder.weights('subnet')
     searched = canonical_arch(read_json(best)['arch'])
     if subnet.is_file() and read_weights(subnet)[1].get('arch') == searched:
         print(f'reusing the fine-tuned subnet {subnet} (pass --fresh to fine-tune again)')
-        return subnet
-    record = folder / 'run.json'
-    interrupted = (folder / 'checkpoints' / 'last.ckpt').is_file() and not subnet.is_file() and \
-        record.is_file() and read_json(record).get('arch') == searched
+        return folder
+    interrupted = folder.interrupted('subnet') and folder.record.is_file() and \
+        read_json(folder.record).get('arch') == searched
     if not interrupted:
-        shutil.rmtree(folder, ignore_errors=True)  # a run stopped before its first checkpoint starts over
+        shutil.rmtree(folder.root, ignore_errors=True)  # a run stopped before its first checkpoint starts over
     run_stage('fine-tune', ['finetune.py', '--dataset', 'digits', '--weights', str(supernet), '--arch', str(best),
-                            '--num-workers', '0', '--output', str(folder)] + (['--resume'] if interrupted else []),
+                            '--num-workers', '0', '--output', str(folder.root)] + (['--resume'] if interrupted else []),
               times)
-    return subnet
+    return folder
 
 
 def render_report(best: dict, searched: dict, tuned: dict, smallest: dict, largest: dict, scratch_metrics: dict,

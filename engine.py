@@ -99,6 +99,47 @@ def summarize(confusion: torch.Tensor, top5_hits: int | None = None) -> dict[str
 
 
 @dataclass(frozen=True)
+class RunFolder:
+    """The files of one training run's ``--output`` folder (scratch.py, finetune.py)."""
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        """Lightning's ``last.ckpt`` (what ``--resume`` continues) and ``best.ckpt``."""
+        return self.root / 'checkpoints'
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / 'last.ckpt'
+
+    def weights(self, kind: str) -> Path:
+        """The trained weights: ``supernet.pth``, or ``subnet.pth`` for one arch (``kind``)."""
+        return self.root / f'{kind}.pth'
+
+    def ema_weights(self, kind: str) -> Path:
+        return self.root / f'{kind}-ema.pth'
+
+    @property
+    def record(self) -> Path:
+        """What a resumed run must match (:func:`run_fingerprint`)."""
+        return self.root / 'run.json'
+
+    @property
+    def metrics(self) -> Path:
+        """The last epoch's metrics, written with the weights."""
+        return self.root / 'metrics.json'
+
+    @property
+    def logs(self) -> Path:
+        """Lightning's CSV logs, a ``version_N`` per (resumed) run."""
+        return self.root / 'logs'
+
+    def interrupted(self, kind: str) -> bool:
+        """A run that wrote a checkpoint but not its weights: ``--resume`` continues it."""
+        return self.last_checkpoint.is_file() and not self.weights(kind).is_file()
+
+
+@dataclass(frozen=True)
 class TrainingRun:
     """What scratch.py and finetune.py ask of one training run: their flags of the same names (see their --help).
     ``learning_rate`` None: 5e-4 x global batch / 512, as the official run. ``img_size`` is recorded only (the
@@ -191,16 +232,16 @@ def is_first_process() -> bool:
                for name in ('RANK', 'LOCAL_RANK', 'NODE_RANK', 'GROUP_RANK', 'SLURM_PROCID'))
 
 
-def check_run_output(output: Path, resume: bool, fingerprint: Mapping[str, Any]) -> None:
+def check_run_output(folder: RunFolder, resume: bool, fingerprint: Mapping[str, Any]) -> None:
     """An output folder holds one training run: see :func:`utils.check_output_folder`."""
-    last = output / 'checkpoints' / 'last.ckpt'
-    if resume and not last.is_file():
-        raise UserError(f'--resume: no checkpoint {last} to continue from')
-    held = [path for path in (last, output / 'supernet.pth', output / 'subnet.pth') if path.exists()]  # not run.json
-    recorded = read_json(output / 'run.json') if (output / 'run.json').is_file() else None
-    check_output_folder(output, resume, 'a training run', held, recorded, fingerprint)
+    if resume and not folder.last_checkpoint.is_file():
+        raise UserError(f'--resume: no checkpoint {folder.last_checkpoint} to continue from')
+    held = [path for path in (folder.last_checkpoint, folder.weights('supernet'), folder.weights('subnet'))
+            if path.exists()]  # not run.json: a run refused before its first checkpoint left nothing to keep
+    recorded = read_json(folder.record) if folder.record.is_file() else None
+    check_output_folder(folder.root, resume, 'a training run', held, recorded, fingerprint)
     if resume:
-        remove_unfinished_writes(last.parent)
+        remove_unfinished_writes(folder.checkpoints)
 
 
 # What a resumed run must keep: another batch size or schedule would make one supernet of two recipes.
@@ -247,7 +288,7 @@ def train_supernet(run: TrainingRun, space_kwargs: Mapping[str, Any],
         return _train(run, space_kwargs, pretrained, arch)
     with lock_output(output, 'a training run'):
         fingerprint = {**run_fingerprint(run, space_kwargs), 'arch': arch and canonical_arch(arch)}
-        check_run_output(output, run.resume, fingerprint)
+        check_run_output(RunFolder(output), run.resume, fingerprint)
         return _train(run, space_kwargs, pretrained, arch, fingerprint)
 
 
@@ -257,8 +298,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
 
     from lightning import AtomicCheckpointIO, SupernetModule, build_evaluator
 
-    output = Path(run.output)
-    last = output / 'checkpoints' / 'last.ckpt'
+    folder = RunFolder(Path(run.output))
     pl.seed_everything(run.seed, workers=True, verbose=False)
     trainer_kwargs, processes = trainer_settings(run)
     train_set = data.build_dataset(run.dataset, run.datapath, 'train', space_kwargs['img_size'], training=True)
@@ -273,7 +313,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
     repeats = data.REPEATS if run.repeated_aug and processes > 1 else 1  # as the official run: under DDP only
     steps_per_epoch = check_batches(len(train_set), run.batch_size, processes, repeats)
     if fingerprint is not None:
-        atomic_write_json(fingerprint, output / 'run.json')
+        atomic_write_json(fingerprint, folder.record)
     if repeats > 1 and is_first_process():
         print(f'repeated augmentation: {data.images_per_rank(len(train_set), processes, repeats) * processes} '
               f'images an epoch across {processes} processes, each {repeats} times (--no-repeated-aug turns it off)')
@@ -289,13 +329,14 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
         steps_per_epoch=steps_per_epoch, smoothing=run.smoothing, mixup=run.mixup,
         cutmix=run.cutmix, ema_decay=run.ema_decay or 0.0, rel_pos_decay=run.rel_pos_decay, seed=run.seed,
         pretrained=pretrained, arch=arch)
-    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=output / 'checkpoints', filename='best',
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=folder.checkpoints, filename='best',
                                                monitor='val_acc_subnet' if arch else 'val_acc_max', mode='max',
                                                save_last=True)
     # The CSV logger starts a new version per (resumed) run: no log is overwritten.
     trainer_kwargs.update(callbacks=[checkpoints], plugins=[AtomicCheckpointIO()],
-                          logger=pl.loggers.CSVLogger(output, name='logs'))
-    evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs, str(last) if run.resume else None)
+                          logger=pl.loggers.CSVLogger(folder.root, name=folder.logs.name))
+    evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs,
+                                str(folder.last_checkpoint) if run.resume else None)
     training_space = {**space_kwargs, 'drop_path_rate': run.drop_path}
     supernet = AutoformerSpace(**training_space).freeze(arch) if arch else build_supernet(training_space)
     if arch and pretrained is None:  # retrained from scratch: the official init, as the supernet's
@@ -311,19 +352,19 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
     trainer = evaluator.trainer
     if trainer.global_step == 0:
         raise UserError(f'no training step was taken: every loss was non-finite (see the errors above) or no batch '
-                        f'was trained; {output / f"{kind}.pth"} not written')
+                        f'was trained; {folder.weights(kind)} not written')
     if processes > 1:
         check_ranks_agree(trainer, supernet)
     substituted = int(trainer.strategy.reduce(torch.tensor(data.undecodable_count(train_set)), reduce_op='sum'))
-    weights = output / f'{kind}.pth'
+    weights = folder.weights(kind)
     if trainer.is_global_zero:
         check_finite(supernet.state_dict(), f'the trained {kind} (not written to {weights})')
         save_weights(weights, supernet.state_dict(), space_kwargs, arch=stored_arch)
         if module.ema is not None:
-            save_weights(output / f'{kind}-ema.pth', module.ema.module.state_dict(), space_kwargs, arch=stored_arch)
+            save_weights(folder.ema_weights(kind), module.ema.module.state_dict(), space_kwargs, arch=stored_arch)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         atomic_write_json({'epochs': trainer.current_epoch, **metrics, 'undecodable_images': substituted,
-                           'undecodable_val_images': data.undecodable_count(val_set)}, output / 'metrics.json')
+                           'undecodable_val_images': data.undecodable_count(val_set)}, folder.metrics)
         if substituted:
             print(f'{substituted} undecodable training images were replaced by the next image (see the warning '
                   'above for the first)', file=sys.stderr)

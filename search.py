@@ -576,9 +576,10 @@ def write_best(records: list[dict], output: Path, supernet: Mapping[str, torch.T
                extra: dict) -> dict:
     best = {**best_record(records), 'experiment_id': experiment_id, 'strategy': args.strategy,
             'candidates': len(records), **extra}
-    atomic_write_json(best, SearchFolder(output).best)
-    save_weights(output / 'best-subnet.pth', sub_state_dict(supernet, best['arch']), space_kwargs, arch=best['arch'])
-    plot_pareto(records, SearchFolder(output).pareto, f'{args.strategy} search, {len(records)} candidates')
+    folder = SearchFolder(output)
+    atomic_write_json(best, folder.best)
+    save_weights(folder.best_subnet, sub_state_dict(supernet, best['arch']), space_kwargs, arch=best['arch'])
+    plot_pareto(records, folder.pareto, f'{args.strategy} search, {len(records)} candidates')
     return best
 
 
@@ -601,7 +602,7 @@ def write_final_results(experiment: NasExperiment, output: Path, supernet: Mappi
     if args.export:
         model = AutoformerSpace(**space_kwargs).freeze(best['arch'])
         model.load_state_dict(sub_state_dict(supernet, best['arch']))
-        export_standalone(model, best, space_kwargs, output / 'export')
+        export_standalone(model, best, space_kwargs, SearchFolder(output).export)
     return best
 
 

@@ -40,7 +40,7 @@ from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_
 import data
 from checkpoints import load_supernet_file, read_weights
 from candidates import SearchFolder
-from engine import evaluate
+from engine import RunFolder, evaluate
 from space import (AutoformerSpace, arch_choices, arch_key, count_params, extreme_arch, make_arch, preset_name,
                    sample_arch, sub_state_dict)
 from utils import UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, pick_device, \
@@ -287,10 +287,11 @@ def train_subnet(script: str, arch: Mapping[str, Any], args: argparse.Namespace,
     command += ['--gpus', str(args.gpus)] if args.gpus is not None else []
     command += ['--weights', str(args.weights)] if script == 'finetune.py' else retrain_space_flags(args)
     command += ['--epochs', str(epochs)] if epochs else []
-    done = (output / 'subnet.pth').is_file()
-    command += ['--resume'] if (output / 'checkpoints' / 'last.ckpt').is_file() and not done else []
+    folder = RunFolder(output)
+    done = folder.weights('subnet').is_file()
+    command += ['--resume'] if folder.interrupted('subnet') else []
     run_script(command, log, done)
-    return output / 'subnet.pth'
+    return folder.weights('subnet')
 
 
 def retrain_space_flags(args: argparse.Namespace) -> list[str]:
@@ -349,8 +350,9 @@ def run_search(strategy: str, seed: int, budget: float, args: argparse.Namespace
                     '--crossover-num', str(half)]
     else:
         command += ['--trials', str(args.population * args.generations)]
-    finished = (output / 'best.json').is_file() and 'interrupted' not in read_json(output / 'best.json')
-    if (output / 'experiment.json').is_file() and not finished:
+    folder = SearchFolder(output)
+    finished = folder.best.is_file() and 'interrupted' not in read_json(folder.best)
+    if folder.experiment.is_file() and not finished:
         command += ['--resume']
     run_script(command, log, done=finished)
     return output
@@ -369,7 +371,7 @@ def evolution(evaluator: Evaluator, args: argparse.Namespace, budget: float) -> 
         for strategy in ('autoformer', 'random'):
             output = run_search(strategy, seed, budget, args, commands)
             candidates = search_candidates(output)
-            best = read_json(output / 'best.json')
+            best = read_json(SearchFolder(output).best)
             curve = [max(r['top1'] for r in candidates[:i + 1]) for i in range(len(candidates))]
             runs.append({'strategy': strategy, 'seed': seed, 'curve': curve, 'best_arch': best['arch'],
                          'best_search_top1': best['top1'], 'best_params': best['params'],

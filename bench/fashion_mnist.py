@@ -38,9 +38,11 @@ def parse_args() -> argparse.Namespace:
 
 def train(args: argparse.Namespace) -> float:
     """Wall seconds of the training run (measured now, or recorded by the run that trained it)."""
+    from engine import RunFolder
+
     output = Path(args.output)
     record = output / 'bench-seconds.json'
-    if (output / 'supernet.pth').is_file() and record.is_file():
+    if RunFolder(output).weights('supernet').is_file() and record.is_file():
         return json.loads(record.read_text())['seconds']
     command = [sys.executable, 'scratch.py', '--dataset', 'fashion-mnist', '--output', str(output),
                *(['--datapath', args.datapath] if args.datapath else []), *[a for a in args.extra if a != '--']]
@@ -55,11 +57,12 @@ def main() -> None:
     args = parse_args()
     seconds = train(args)
     import data
-    from engine import evaluate
+    from engine import RunFolder, evaluate
     from checkpoints import load_model, read_weights
     from space import complete_space_kwargs, count_params, extreme_arch
 
-    weights = str(Path(args.output) / 'supernet.pth')
+    folder = RunFolder(Path(args.output))
+    weights = str(folder.weights('supernet'))
     test = data.build_loader(data.build_dataset('fashion-mnist', args.datapath, 'test', 28), 500, 0)
     rows = []
     space_kwargs = complete_space_kwargs(**read_weights(weights)[1]['space'])
@@ -67,7 +70,7 @@ def main() -> None:
         model, arch, _ = load_model(weights, None, extreme_arch(space_kwargs, pick))
         top1 = evaluate(model, test, 'cpu', progress=False)['top1']
         rows.append((label, count_params(arch, **space_kwargs) / 1e6, top1))
-    metrics = json.loads((Path(args.output) / 'metrics.json').read_text())
+    metrics = json.loads(folder.metrics.read_text())
     lines = ['# Fashion-MNIST recipe: `scratch.py --dataset fashion-mnist`', '',
              f'Trained in {seconds / 60:.1f} min wall time ({metrics["epochs"]} epochs) on {os.cpu_count()} CPU cores '
              f'({platform.processor() or platform.machine()}), measured by `python bench/fashion_mnist.py`.', '',
