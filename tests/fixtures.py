@@ -26,6 +26,38 @@ def write_image_folder(root: str | Path, classes: list[str] | tuple[str, ...], p
     return root
 
 
+# A researcher's own data set in miniature: four classes of grayscale PNGs, the largest 54% of the images.
+IMBALANCED_SHARES = {'horizontal': 0.54, 'vertical': 0.25, 'disc': 0.13, 'diagonal': 0.08}
+
+
+def pattern_image(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One noisy grayscale image of a class's pattern: stripes of a random period and phase, or a disc."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    period, phase = rng.uniform(size / 6, size / 3), rng.uniform(0, 2 * np.pi)
+    if kind == 'disc':
+        cy, cx = rng.uniform(size / 3, 2 * size / 3, 2)
+        signal = (np.hypot(y - cy, x - cx) < rng.uniform(size / 6, size / 3)).astype(np.float32) * 2 - 1
+    else:
+        axis = {'horizontal': y, 'vertical': x, 'diagonal': (x + y) / np.sqrt(2)}[kind]
+        signal = np.sin(2 * np.pi * axis / period + phase)
+    pixels = 128 + rng.uniform(40, 90) * signal + rng.normal(0, 30, (size, size))
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def write_imbalanced_folder(root: str | Path, images: int = 800, size: int = 48, seed: int = 0,
+                            splits: dict[str, float] | None = None) -> Path:
+    """``root/{train,val}/<class>/<i>.png``: grayscale (mode L) pattern images of ``size`` px, split
+    ``splits`` (default 80% train, 20% val) and classes in :data:`IMBALANCED_SHARES`; return root."""
+    root, rng = Path(root), np.random.default_rng(seed)
+    for split, share in (splits or {'train': 0.8, 'val': 0.2}).items():
+        for kind, class_share in IMBALANCED_SHARES.items():
+            folder = root / split / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(max(round(images * share * class_share), 2)):
+                Image.fromarray(pattern_image(kind, size, rng), mode='L').save(folder / f'{i}.png')
+    return root
+
+
 def write_cifar10(root: str | Path, n_train_per_batch: int, n_test: int) -> Path:
     """Write ``root/cifar-10-batches-py`` in torchvision's format with random images; return that folder."""
     folder = Path(root) / 'cifar-10-batches-py'
