@@ -63,9 +63,11 @@ def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], space
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The state dict of a weights file and what is stored beside it (``space``, ``arch``; empty for foreign files)."""
+    """The state dict of a weights file and what is stored beside it (``space``, ``arch``, ``data``: the classes
+    and preprocessing it was trained with; empty for foreign files)."""
     checkpoint = torch_load(path, 'weights')
-    meta = {k: v for k, v in checkpoint.items() if k in ('space', 'arch')} if isinstance(checkpoint, Mapping) else {}
+    meta = {k: v for k, v in checkpoint.items() if k in ('space', 'arch', 'data')} \
+        if isinstance(checkpoint, Mapping) else {}
     state_dict = unwrap_state_dict(checkpoint, path)
     check_weight_tensors(state_dict, path)
     return state_dict, meta
@@ -98,8 +100,9 @@ def resolve_space(name: str | Mapping[str, Any] | None, stored: Mapping[str, Any
 
 
 def load_model(weights: str | Path | None, name: str | Mapping[str, Any] | None = None,
-               arch: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
-    """A frozen subnet with its weights: ``(model, arch, space_kwargs)``.
+               arch: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any], dict | None]:
+    """A frozen subnet with its weights: ``(model, arch, space_kwargs, data)``, ``data`` the classes and
+    preprocessing stored with the weights (None when the file has none).
 
     ``weights``: None (random init), ``'nni'`` (NNI's AutoFormer-T/S/B download), a subnet file
     (this project's or NNI hub's layout) or a supernet file in any layout, sliced to ``arch``.
@@ -107,6 +110,8 @@ def load_model(weights: str | Path | None, name: str | Mapping[str, Any] | None 
     """
     raw, meta = read_weights(weights) if weights not in (None, 'nni') else ({}, {})
     space_kwargs = resolve_space(name, meta.get('space'), weights)
+    if isinstance(arch, str):  # smallest or largest
+        arch = complete_arch(arch, space_kwargs)
     size = name if isinstance(name, str) else preset_name(space_kwargs)
     if raw and is_subnet(raw):
         file_arch = meta.get('arch') or _searched_arch_of(size, weights)
@@ -126,7 +131,7 @@ def load_model(weights: str | Path | None, name: str | Mapping[str, Any] | None 
     model = AutoformerSpace(**space_kwargs).freeze(arch)
     if state_dict is not None:
         load_checked(model, state_dict, str(weights))
-    return model, dict(arch), space_kwargs
+    return model, dict(arch), space_kwargs, meta.get('data')
 
 
 def _searched_arch_of(size: str | None, weights: Any) -> dict[str, Any]:
@@ -318,8 +323,9 @@ def nni_download(name: str) -> str:
 
 
 def export_standalone(model: nn.Module, info: Mapping[str, Any], space_kwargs: Mapping[str, Any],
-                      folder: str | Path) -> dict[str, Path]:
-    """The subnet as TorchScript and ONNX files that run without NNI or this project, with a JSON beside them."""
+                      folder: str | Path, data: Mapping[str, Any] | None) -> dict[str, Path]:
+    """The subnet as TorchScript and ONNX files that run without NNI or this project, with a JSON beside them
+    that says how to feed it: ``data`` (``data.description``), its classes and preprocessing in numbers."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
@@ -334,7 +340,8 @@ def export_standalone(model: nn.Module, info: Mapping[str, Any], space_kwargs: M
         with atomic_path(files['onnx']) as tmp:
             torch.onnx.export(model, (example,), str(tmp), input_names=['images'], output_names=['logits'],
                               dynamic_axes={'images': {0: 'batch'}, 'logits': {0: 'batch'}}, dynamo=False)
-    summary = {**info, 'img_size': size, 'mean_std': 'normalize inputs as in training',
+    summary = {**info, 'img_size': size, 'classes': data and data.get('classes'),
+               'preprocessing': data and data.get('preprocessing'),
                'files': {k: v.name for k, v in files.items() if k != 'info'}}
     atomic_write_json(summary, files['info'])
     return files

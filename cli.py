@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, TypeVar
 import nni_patches  # first: its warning filters must be in place before NNI is imported
 import torch
 
-from space import PRESETS, SEARCHED, AutoformerSpace, SpaceError, complete_space_kwargs, is_number, make_arch
+from space import EXTREMES, PRESETS, SEARCHED, AutoformerSpace, SpaceError, complete_space_kwargs, is_number, make_arch
 from utils import AUTOCAST, UserError
 
 T = TypeVar('T')
@@ -166,7 +166,8 @@ def add_arch_arg(parser: argparse.ArgumentParser, doing: str, note: str = '') ->
     """``--arch`` of the training scripts: ``doing`` (train that one subnet), writing ``<output>/subnet.pth``."""
     parser.add_argument('--arch', default=None,
                         help=f'{doing} and write <output>/subnet.pth: an arch JSON (text or file), '
-                             f"a search's best.json, an official RETRAIN: YAML, or autoformer-tiny|small|base{note}")
+                             f"a search's best.json, an official RETRAIN: YAML, autoformer-tiny|small|base, or the "
+                             f"space's smallest|largest{note}")
 
 
 # The official YAML keys and the constructor keywords they give.
@@ -354,10 +355,12 @@ def load_json_arg(value: str, what: str = '--arch') -> Any:
 
 def load_arch_arg(value: str) -> Any:
     """``--arch``: an arch as JSON text or a file, a record holding one under ``arch`` (a search's
-    ``best.json``, an entry of its ``candidates.json``), an official ``RETRAIN:`` YAML, or the name of
-    a released model (``autoformer-tiny|small|base``)."""
+    ``best.json``, an entry of its ``candidates.json``), an official ``RETRAIN:`` YAML, the name of
+    a released model (``autoformer-tiny|small|base``), or ``smallest|largest`` (of the space)."""
     if value in (f'autoformer-{size}' for size in SEARCHED):
         return AutoformerSpace.searched_arch(value)
+    if value in EXTREMES:  # resolved against the space once it is known (space.complete_arch)
+        return value
     if value.lower().endswith(('.yaml', '.yml')):
         return read_retrain_arch(value)
     arch = load_json_arg(value, '--arch')

@@ -144,13 +144,39 @@ def build_dataset(dataset: str, datapath: str | os.PathLike | None, split: str, 
     return _image_folder(folder, _image_transform(img_size, training), training)
 
 
+def split_read(dataset: str, datapath: str | os.PathLike | None, split: str) -> str:
+    """The split that ``build_dataset(..., split)`` reads: ``split`` itself, or what stands in for it (a
+    folder without ``test/`` is tested on ``val/``; CIFAR-10 and ImageNet validate on their test batch or
+    ``val/``)."""
+    if dataset in ('digits', 'fashion-mnist'):
+        return split
+    if dataset == 'cifar10':
+        return 'train' if split == 'train' else 'test'
+    root = _datapath(dataset, datapath)
+    folder = _imagenet_split(root, split) if dataset == 'imagenet' else _folder_split(root, split)
+    return folder.name if folder != root else f'all of {root} (no split folders)'
+
+
 def num_classes(dataset: str, datapath: str | os.PathLike | None) -> int:
     """The number of classes, without scanning the images (cheap even for ImageNet)."""
     _check_dataset(dataset)
     if dataset in ('digits', 'cifar10', 'fashion-mnist'):
         return 10
+    return len(class_names(dataset, datapath))
+
+
+def class_names(dataset: str, datapath: str | os.PathLike | None) -> list[str]:
+    """The class names in label order, without scanning the images."""
+    _check_dataset(dataset)
+    if dataset == 'digits':
+        return [str(digit) for digit in range(10)]
+    if dataset == 'fashion-mnist':
+        return list(FASHION_CLASSES)
     root = _datapath(dataset, datapath)
-    return len(_class_names(next((root / s for s in SPLITS if (root / s).is_dir()), root)))
+    if dataset == 'cifar10':
+        (names,) = _read_cifar_file(_cifar_folder(root) / 'batches.meta', 'label_names')
+        return [name.decode() if isinstance(name, bytes) else name for name in names]
+    return _class_names(next((root / s for s in SPLITS if (root / s).is_dir()), root))
 
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, drop_last: bool = False,
@@ -638,6 +664,31 @@ def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     if dataset in ('digits', 'fashion-mnist'):
         return (0.5,) * 3, (0.5,) * 3
     return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+
+
+def description(dataset: str, datapath: str | os.PathLike | None, img_size: int,
+                classes: list[str] | None = None) -> dict[str, Any]:
+    """What weights files store about their data: the dataset, the class names in label order and the
+    evaluation preprocessing, so an exported subnet can be fed and its outputs named without the data."""
+    return {'dataset': dataset, 'classes': list(classes) if classes is not None else class_names(dataset, datapath),
+            'preprocessing': preprocessing(dataset, img_size)}
+
+
+def preprocessing(dataset: str, img_size: int) -> dict[str, Any]:
+    """How an image becomes the model's input at evaluation, in numbers a deployment can repeat: the
+    resize (shorter side to ``resize``, or the whole image to ``resize`` x ``resize`` when ``crop`` is
+    None), the centre crop, pixel values scaled to [0, 1], then per-channel ``(x - mean) / std``."""
+    mean, std = normalization(dataset)
+    steps: dict[str, Any] = {'input_size': img_size, 'channels': 'RGB; grayscale images repeated on 3 channels'}
+    if dataset in ('digits', 'fashion-mnist'):
+        native = 8 if dataset == 'digits' else 28
+        steps.update(resize=img_size, crop=None, interpolation='bilinear (antialiased)',
+                     source=f'{native}x{native} grayscale')
+    elif img_size <= SMALL_IMAGE or dataset == 'cifar10':
+        steps.update(resize=img_size, crop=None, interpolation='bicubic')
+    else:  # DeiT's: the shorter side to img_size / 0.875, then the centre crop
+        steps.update(resize=int(img_size / 0.875), crop=img_size, interpolation='bicubic')
+    return {**steps, 'mean': list(mean), 'std': list(std)}
 
 
 SEARCH_IMAGES_PER_CLASS = 100  # the paper's subImageNet: 100 training images of each ImageNet class

@@ -359,9 +359,11 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
     weights = folder.weights(kind)
     if trainer.is_global_zero:
         check_finite(supernet.state_dict(), f'the trained {kind} (not written to {weights})')
-        save_weights(weights, supernet.state_dict(), space_kwargs, arch=stored_arch)
+        described = data.description(run.dataset, run.datapath, space_kwargs['img_size'], train_set.classes)
+        save_weights(weights, supernet.state_dict(), space_kwargs, arch=stored_arch, data=described)
         if module.ema is not None:
-            save_weights(folder.ema_weights(kind), module.ema.module.state_dict(), space_kwargs, arch=stored_arch)
+            save_weights(folder.ema_weights(kind), module.ema.module.state_dict(), space_kwargs, arch=stored_arch,
+                         data=described)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         atomic_write_json({'epochs': trainer.current_epoch, **metrics, 'undecodable_images': substituted,
                            'undecodable_val_images': data.undecodable_count(val_set)}, folder.metrics)

@@ -15,6 +15,7 @@ from cli import (add_data_args, add_device_arg, add_name_arg, add_precision_args
 import data
 from engine import evaluate
 from checkpoints import export_standalone, load_model
+from plots import plot_confusion
 from space import count_flops, count_params
 from utils import UserError, atomic_write_json, pick_device, set_up_precision
 
@@ -29,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="subnet weights, or a supernet weights file (with --arch); 'nni' downloads "
                              "NNI's AutoFormer-T/S/B (default); 'none' evaluates random weights")
     parser.add_argument('--arch', default=None,
-                        help="arch to slice from a supernet: JSON text or a JSON file, also a search's best.json")
+                        help="arch to slice from a supernet: JSON text or a JSON file, also a search's best.json, "
+                             "or the space's smallest|largest")
     add_data_args(parser)
     parser.add_argument('--split', choices=data.SPLITS, default='test',
                         help="split to evaluate (ImageNet's test is its val folder)")
@@ -39,9 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='torch.compile the subnet before evaluating (compiled once: worth it for a large '
                              'evaluation on a GPU; training and search change the arch and stay eager)')
     parser.add_argument('--output', default=None, metavar='FOLDER',
-                        help='also write the results to FOLDER/results.json')
+                        help='also write the results to FOLDER/results.json and the confusion matrix to '
+                             'FOLDER/confusion.png')
     parser.add_argument('--export', action='store_true',
-                        help='also export the subnet into --output/export (TorchScript, ONNX and its JSON)')
+                        help='also export the subnet into --output/export (TorchScript, ONNX and a JSON of its '
+                             'classes and preprocessing); without --dataset or --datapath it only exports')
     args = parse_checked(parser, argv)
     if args.export and not args.output:
         raise UserError('--export writes into --output/export: give --output FOLDER')
@@ -52,7 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     arch = load_arch_arg(args.arch) if args.arch else None
     weights = None if args.weights == 'none' else args.weights
-    model, arch, space_kwargs = load_model(weights, space_arg(args), arch)
+    model, arch, space_kwargs, described = load_model(weights, space_arg(args), arch)
+    if args.export and args.dataset is None and args.datapath is None:
+        return export_only(model, arch, space_kwargs, described, args)
     args.dataset = data.dataset_name(args.dataset, args.datapath)
     dataset = data.build_dataset(args.dataset, args.datapath, args.split, space_kwargs['img_size'])
     data.check_classes(args.dataset, len(dataset.classes), space_kwargs)
@@ -62,17 +68,40 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compile:
         model = torch.compile(model)
     metrics = evaluate(model, loader, device, precision=precision)
-    results = {'weights': args.weights, 'dataset': args.dataset, 'split': args.split, 'arch': arch,
+    read = data.split_read(args.dataset, args.datapath, args.split)
+    if read != args.split:
+        print(f'--split {args.split}: {args.dataset} has no {args.split} split of its own here; evaluating on {read}')
+    results = {'weights': args.weights, 'dataset': args.dataset, 'split': read, 'arch': arch,
                'params': count_params(arch, **space_kwargs), 'flops': count_flops(arch, **space_kwargs),
                'classes': list(dataset.classes), **metrics}
     print(describe(results))
     if args.output:
         atomic_write_json(results, Path(args.output) / 'results.json')
+        plot_confusion(results['confusion'], results['classes'], Path(args.output) / 'confusion.png',
+                       f"{args.dataset} {read}: top-1 {results['top1']:.2f}, balanced {results['balanced']:.2f}")
     if args.export:
-        files = export_standalone(model._orig_mod if args.compile else model, results, space_kwargs,
-                                  Path(args.output) / 'export')
-        print(f"exported {files['torchscript']} and {files['onnx']}")
+        described = described or data.description(args.dataset, args.datapath, space_kwargs['img_size'],
+                                                  dataset.classes)
+        export(model._orig_mod if args.compile else model, results, space_kwargs, described, args.output)
     return results
+
+
+def export_only(model: torch.nn.Module, arch: dict, space_kwargs: dict, described: dict | None,
+                args: argparse.Namespace) -> dict:
+    """``--export`` without data: the subnet's files, its classes and preprocessing from the weights file."""
+    if described is None:
+        raise UserError(f'{args.weights} does not say which classes and preprocessing it was trained with (a file '
+                        'from elsewhere): give --dataset / --datapath, and the export records those of the data')
+    info = {'weights': args.weights, 'arch': arch, 'params': count_params(arch, **space_kwargs),
+            'flops': count_flops(arch, **space_kwargs)}
+    print('--export without --dataset or --datapath: exporting only (no evaluation)')
+    export(model, info, space_kwargs, described, args.output)
+    return info
+
+
+def export(model: torch.nn.Module, info: dict, space_kwargs: dict, described: dict, output: str) -> None:
+    files = export_standalone(model, info, space_kwargs, Path(output) / 'export', described)
+    print(f"exported {files['torchscript']} and {files['onnx']}, described in {files['info']}")
 
 
 def describe(results: dict) -> str:

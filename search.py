@@ -578,7 +578,8 @@ def write_best(records: list[dict], output: Path, supernet: Mapping[str, torch.T
             'candidates': len(records), **extra}
     folder = SearchFolder(output)
     atomic_write_json(best, folder.best)
-    save_weights(folder.best_subnet, sub_state_dict(supernet, best['arch']), space_kwargs, arch=best['arch'])
+    save_weights(folder.best_subnet, sub_state_dict(supernet, best['arch']), space_kwargs, arch=best['arch'],
+                 data=data.description(args.dataset, args.datapath, space_kwargs['img_size']))
     plot_pareto(records, folder.pareto, f'{args.strategy} search, {len(records)} candidates')
     return best
 
@@ -602,7 +603,8 @@ def write_final_results(experiment: NasExperiment, output: Path, supernet: Mappi
     if args.export:
         model = AutoformerSpace(**space_kwargs).freeze(best['arch'])
         model.load_state_dict(sub_state_dict(supernet, best['arch']))
-        export_standalone(model, best, space_kwargs, SearchFolder(output).export)
+        export_standalone(model, best, space_kwargs, SearchFolder(output).export,
+                          data.description(args.dataset, args.datapath, space_kwargs['img_size']))
     return best
 
 

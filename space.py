@@ -699,8 +699,15 @@ def _check_label(arch: Mapping[str, Any], label: str, allowed: list) -> None:
         raise SpaceError(f'arch value {label}={value!r} is outside the space (allowed values: {allowed})')
 
 
-def complete_arch(arch: Mapping[str, Any], space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Check ``arch`` and fill the labels of unused layers, which NNI still wants to see."""
+# Names an arch may be given by: the space's smallest and largest subnet.
+EXTREMES: dict[str, Callable] = {'smallest': min, 'largest': max}
+
+
+def complete_arch(arch: Mapping[str, Any] | str, space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``arch`` and fill the labels of unused layers, which NNI still wants to see; ``smallest`` or
+    ``largest`` names the space's extreme subnet."""
+    if isinstance(arch, str) and arch in EXTREMES:
+        return extreme_arch(space_kwargs, EXTREMES[arch])
     check_arch(arch, space_kwargs)
     full = {label: values[0] for label, values in arch_choices(space_kwargs).items()}
     full.update({label: arch[label] for label in full if label in arch})

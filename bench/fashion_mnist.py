@@ -67,7 +67,7 @@ def main() -> None:
     rows = []
     space_kwargs = complete_space_kwargs(**read_weights(weights)[1]['space'])
     for label, pick in (('smallest', min), ('largest', max)):
-        model, arch, _ = load_model(weights, None, extreme_arch(space_kwargs, pick))
+        model, arch = load_model(weights, None, extreme_arch(space_kwargs, pick))[:2]
         top1 = evaluate(model, test, 'cpu', progress=False)['top1']
         rows.append((label, count_params(arch, **space_kwargs) / 1e6, top1))
     metrics = json.loads(folder.metrics.read_text())
