@@ -250,21 +250,46 @@ def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None
                         default=min(8, os.cpu_count() or 1), help='data loading processes')
 
 
-def recipe_parser(argv: list[str] | None, recipes: Mapping[str, dict[str, Any]], fallback: str, script: str,
-                  description: str | None) -> tuple[argparse.ArgumentParser, str, dict[str, Any]]:
-    """A training script's parser, the dataset its command line names and that dataset's recipe (the flags'
-    defaults, with ``output`` = ``outputs/<script>-<dataset>``): ``--dataset`` / ``--datapath`` are read first."""
+def recipe_parser(argv: list[str] | None, recipes: Mapping[str, dict[str, Any]], script: str,
+                  description: str | None) -> tuple[argparse.ArgumentParser, str, str, dict[str, Any]]:
+    """A training script's parser, the dataset its command line names, the recipe's name and the recipe (the
+    flags' defaults, with ``output`` = ``outputs/<script>-<dataset>``). ``--dataset`` / ``--datapath`` /
+    ``--recipe`` are read first; without ``--recipe`` the recipe is chosen from the data (and printed)."""
     import data  # here: convert.py and evaluate's --help need no timm
+    from recipes import choose_recipe, describe_recipes
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument('--dataset', default=None)
     pre.add_argument('--datapath', default=None)
+    pre.add_argument('--recipe', default=None)
     known = pre.parse_known_args(argv)[0]
     dataset = data.dataset_name(known.dataset, known.datapath)
-    recipe = {**recipes.get(dataset, recipes[fallback]), 'output': f'outputs/{script}-{dataset}'}
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    if known.recipe in recipes:
+        name, why = known.recipe, 'asked for with --recipe'
+    else:  # an unknown name is refused by the full parser's choices
+        name, why = choose_recipe(dataset, known.datapath)
+    recipe = {**recipes[name], 'output': f'outputs/{script}-{dataset}'}
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=describe_recipes(recipes, name, why))
     add_data_args(parser, batch_size=recipe['batch_size'])
-    return parser, dataset, recipe
+    parser.add_argument('--recipe', choices=list(recipes), default=name,
+                        help='the training recipe: the defaults of the flags below (chosen from the data when not '
+                             'given; each listed at the end)')
+    parser.set_defaults(base_lr=recipe['base_lr'], recipe_reason=why)
+    return parser, dataset, name, recipe
+
+
+def check_recipe(args: argparse.Namespace) -> None:
+    """Refuse a schedule that never leaves its warmup, and say which recipe and learning rate the run gets."""
+    if args.warmup >= args.epochs:
+        raise UserError(f'--warmup {args.warmup} is as long as the run or longer (--epochs {args.epochs}): the '
+                        'learning rate would never leave the warmup; lower --warmup')
+    rate = (f'--learning-rate {args.learning_rate:g}' if args.learning_rate is not None else
+            f'learning rate {args.base_lr:g} x global batch / 512 ({args.base_lr * args.batch_size / 512:g} at batch '
+            f'{args.batch_size} on one process)')
+    if os.environ.get('LOCAL_RANK', '0') == '0' and os.environ.get('RANK', '0') == '0':  # once, not per DDP rank
+        print(f'recipe {args.recipe} ({args.recipe_reason}): {args.epochs} epochs, warmup {args.warmup}, {rate}',
+              flush=True)
 
 
 def add_device_arg(parser: argparse.ArgumentParser, text: str) -> None:
@@ -298,7 +323,8 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
     flag('--epochs', type=int, help='training epochs')
     flag('--warmup', '--warmup-epochs', type=int, help='linear warmup epochs')
     flag('--learning-rate', '--lr', type=float,
-         help='peak learning rate (default: 5e-4 x global batch / 512)')
+         help=f"peak learning rate, as given (default: the recipe's base_lr {recipe['base_lr']:g} x global batch / "
+              '512, the official rule)')
     flag('--min-lr', type=float, help='final learning rate of the cosine schedule')
     flag('--warmup-lr', type=float, help='learning rate at the start of the warmup')
     flag('--weight-decay', type=float, help='AdamW weight decay (none on norms, biases, class token, '

@@ -37,6 +37,7 @@ import numbers
 import os
 import pickle
 import sys
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -141,7 +142,41 @@ def build_dataset(dataset: str, datapath: str | os.PathLike | None, split: str, 
     if dataset == 'cifar10':
         return Cifar10(_cifar_folder(root), split, _cifar_transform(img_size, training))
     folder = _imagenet_split(root, split) if dataset == 'imagenet' else _folder_split(root, split)
-    return _image_folder(folder, _image_transform(img_size, training), training)
+    grayscale = training and img_size > SMALL_IMAGE and profile_folder(dataset, datapath).grayscale
+    return _image_folder(folder, _image_transform(img_size, training, grayscale), training)
+
+
+@dataclass(frozen=True)
+class FolderProfile:
+    """What the recipe and the space are chosen by: the training images, a typical side in pixels (the
+    median of up to :data:`PROFILE_SAMPLES` images' shorter sides) and whether those are all grayscale."""
+    train_images: int
+    side: int
+    grayscale: bool
+
+
+PROFILE_SAMPLES = 32  # images opened to profile a folder: spread over the classes, read in milliseconds
+_GRAYSCALE_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
+
+
+@lru_cache(maxsize=4)
+def profile_folder(dataset: str, datapath: str | os.PathLike | None) -> FolderProfile:
+    """The :class:`FolderProfile` of an ImageFolder's training split (the file list, not the pixels)."""
+    folder = _imagenet_split(_datapath(dataset, datapath), 'train') if dataset == 'imagenet' else \
+        _folder_split(_datapath(dataset, datapath), 'train')
+    files = [os.path.join(folder, name, entry) for name in _class_names(folder)
+             for entry in sorted(os.listdir(folder / name)) if entry.lower().endswith(IMG_EXTENSIONS)]
+    sides, modes = [], set()
+    for path in files[::max(len(files) // PROFILE_SAMPLES, 1)][:PROFILE_SAMPLES]:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+                modes.add(image.mode)
+        except _DECODE_ERRORS:
+            continue  # counted and reported when the images are read
+    if not sides:
+        return FolderProfile(len(files), 0, False)
+    return FolderProfile(len(files), int(np.median(sides)), modes <= set(_GRAYSCALE_MODES))
 
 
 def split_read(dataset: str, datapath: str | os.PathLike | None, split: str) -> str:
@@ -425,9 +460,13 @@ def collate_decodable(samples: list[tuple[torch.Tensor, int] | None]) -> tuple[t
     return default_collate(samples) if samples else None
 
 
-def _train_transform(img_size: int) -> Callable:
-    # The official run's augmentation: RandAugment, random erasing of a quarter of the images with
-    # per-pixel random values ('pixel', not timm's default 'const'), bicubic resizing.
+def _train_transform(img_size: int, grayscale: bool = False) -> Callable:
+    """The official run's augmentation: RandAugment, random erasing of a quarter of the images with per-pixel
+    random values ('pixel', not timm's default 'const'), bicubic resizing. Grayscale images get neither
+    RandAugment's colour operations nor colour noise: crops, flips and erasing with grey only."""
+    if grayscale:
+        return create_transform(img_size, is_training=True, auto_augment=None, color_jitter=None, re_prob=0.25,
+                                re_mode='const', re_count=1, interpolation='bicubic')
     return create_transform(img_size, is_training=True, auto_augment=_AUTO_AUGMENT, re_prob=0.25, re_mode='pixel',
                             re_count=1, interpolation='bicubic')
 
@@ -437,11 +476,11 @@ def _train_transform(img_size: int) -> Callable:
 SMALL_IMAGE = 32
 
 
-def _image_transform(img_size: int, training: bool) -> Callable:
+def _image_transform(img_size: int, training: bool, grayscale: bool = False) -> Callable:
     if img_size <= SMALL_IMAGE:
         return _small_image_transform(img_size, training)
     if training:
-        return _train_transform(img_size)
+        return _train_transform(img_size, grayscale)
     # DeiT's eval transform: bicubic resize to int(img_size / 0.875), center crop, normalize.
     return create_transform(img_size, is_training=False, interpolation='bicubic', crop_pct=0.875)
 

@@ -142,8 +142,8 @@ class RunFolder:
 @dataclass(frozen=True)
 class TrainingRun:
     """What scratch.py and finetune.py ask of one training run: their flags of the same names (see their --help).
-    ``learning_rate`` None: 5e-4 x global batch / 512, as the official run. ``img_size`` is recorded only (the
-    space given beside the run holds the size trained at)."""
+    ``learning_rate`` None: ``base_lr`` x global batch / 512, as the official run. ``img_size`` is recorded only
+    (the space given beside the run holds the size trained at)."""
     output: Path
     dataset: str
     datapath: str | None
@@ -151,6 +151,7 @@ class TrainingRun:
     warmup: int
     batch_size: int
     learning_rate: float | None
+    base_lr: float
     min_lr: float
     warmup_lr: float
     weight_decay: float
@@ -250,10 +251,58 @@ RECIPE_FLAGS = ('batch_size', 'learning_rate', 'min_lr', 'warmup_lr', 'warmup', 
                 'cutmix', 'drop_path', 'clip_grad', 'ema_decay', 'img_size', 'rel_pos_decay')
 
 
+def validate_inherited(space_kwargs: Mapping[str, Any], pretrained: Mapping[str, torch.Tensor],
+                       arch: Mapping[str, Any] | None, archs: Mapping[str, Mapping[str, Any]],
+                       val_loader: DataLoader) -> dict[str, float]:
+    """Validation of the inherited weights before the first epoch: the baseline a fine-tune improves on
+    (a new classifier head starts at chance)."""
+    from checkpoints import load_checked
+    from space import set_active_arch
+
+    model = AutoformerSpace(**space_kwargs).freeze(arch) if arch else build_supernet(space_kwargs)
+    load_checked(model, pretrained, 'the pretrained weights', optional=('head.',))
+    before = {}
+    for name, val_arch in archs.items():
+        if arch is None:
+            set_active_arch(model, val_arch)
+        metrics = evaluate(model, val_loader, progress=False, desc=f'validating {name} before training')
+        before[f'val_acc_{name}'], before[f'val_balanced_{name}'] = metrics['top1'], metrics['balanced']
+    head = '' if any(key.startswith('head.') for key in pretrained) else ' (a new head: chance level)'
+    print('before training, inherited weights' + head + ': '
+          + ', '.join(f'{key} {value:.2f}' for key, value in before.items()), flush=True)
+    return before
+
+
+def write_best_weights(checkpoints: Any, folder: RunFolder, kind: str, space_kwargs: Mapping[str, Any],
+                       arch: Mapping[str, Any] | None, described: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``<kind>-best.pth``: the weights of the epoch with the best validation (``best.ckpt``, by balanced
+    accuracy; the EMA weights when they were validated) beside the last epoch's ``<kind>.pth``."""
+    path = Path(checkpoints.best_model_path or '')
+    if not path.is_file():
+        return None
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    state = checkpoint['state_dict']
+    prefix = 'ema.module.' if any(key.startswith('ema.module.') for key in state) else '_model.'
+    weights = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    target = folder.weights(f'{kind}-best')
+    save_weights(target, weights, space_kwargs, arch=arch, data=described)
+    best = {'epoch': checkpoint['epoch'], checkpoints.monitor: float(checkpoints.best_model_score),
+            'weights': target.name}
+    print(f'wrote {target}: the best epoch by {checkpoints.monitor} (epoch {best["epoch"]}, '
+          f'{best[checkpoints.monitor]:.2f}); {folder.weights(kind).name} holds the last epoch')
+    return best
+
+
+def peak_learning_rate(run: TrainingRun, processes: int) -> float:
+    """``--learning-rate`` as given, else the recipe's ``base_lr`` x global batch / 512 (the official rule)."""
+    return run.base_lr * run.batch_size * processes / 512 if run.learning_rate is None else run.learning_rate
+
+
 def run_fingerprint(run: TrainingRun, space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """What a resumed run must share with the run it continues."""
-    recipe = {name: getattr(run, name) for name in RECIPE_FLAGS}
     use_gpu, devices = training_devices(run)
+    recipe = {name: getattr(run, name) for name in RECIPE_FLAGS}
+    recipe['learning_rate'] = peak_learning_rate(run, devices * run.num_nodes)
     return {'dataset': run.dataset, 'datapath': str(Path(run.datapath).resolve()) if run.datapath else None,
             'space': json_form(dict(space_kwargs)), 'seed': run.seed, **recipe,
             'repeated_aug': run.repeated_aug and devices * run.num_nodes > 1,  # what is run, not the flag
@@ -296,7 +345,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
            arch: Mapping[str, Any] | None, fingerprint: Mapping[str, Any] | None = None) -> Path:
     import pytorch_lightning as pl  # here: the search's warm workers import this module and never train
 
-    from lightning import AtomicCheckpointIO, SupernetModule, build_evaluator
+    from lightning import AtomicCheckpointIO, SupernetModule, build_evaluator, validation_archs
 
     folder = RunFolder(Path(run.output))
     pl.seed_everything(run.seed, workers=True, verbose=False)
@@ -321,22 +370,24 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
                                      sampler=data.RankSampler(train_set, shuffle=True, repeats=repeats, seed=run.seed))
     val_loader = data.build_loader(val_set, run.batch_size, run.num_workers,
                                    sampler=data.RankSampler(val_set, shuffle=False))
-    global_batch = run.batch_size * processes
     module = SupernetModule(
-        space_kwargs, learning_rate=5e-4 * global_batch / 512 if run.learning_rate is None else run.learning_rate,
+        space_kwargs, learning_rate=peak_learning_rate(run, processes),
         min_lr=run.min_lr,
         warmup_lr=run.warmup_lr, weight_decay=run.weight_decay, epochs=run.epochs, warmup_epochs=run.warmup,
         steps_per_epoch=steps_per_epoch, smoothing=run.smoothing, mixup=run.mixup,
         cutmix=run.cutmix, ema_decay=run.ema_decay or 0.0, rel_pos_decay=run.rel_pos_decay, seed=run.seed,
         pretrained=pretrained, arch=arch)
-    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=folder.checkpoints, filename='best',
-                                               monitor='val_acc_subnet' if arch else 'val_acc_max', mode='max',
-                                               save_last=True)
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=folder.checkpoints, filename='best', mode='max', save_last=True,
+                                               monitor='val_balanced_subnet' if arch else 'val_balanced_max')
     # The CSV logger starts a new version per (resumed) run: no log is overwritten.
     trainer_kwargs.update(callbacks=[checkpoints], plugins=[AtomicCheckpointIO()],
                           logger=pl.loggers.CSVLogger(folder.root, name=folder.logs.name))
     evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs,
                                 str(folder.last_checkpoint) if run.resume else None)
+    before = None
+    if pretrained is not None and not run.resume and is_first_process():
+        archs = {'subnet': arch} if arch else validation_archs(space_kwargs)
+        before = validate_inherited(space_kwargs, pretrained, arch, archs, val_loader)
     training_space = {**space_kwargs, 'drop_path_rate': run.drop_path}
     supernet = AutoformerSpace(**training_space).freeze(arch) if arch else build_supernet(training_space)
     if arch and pretrained is None:  # retrained from scratch: the official init, as the supernet's
@@ -365,10 +416,13 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
             save_weights(folder.ema_weights(kind), module.ema.module.state_dict(), space_kwargs, arch=stored_arch,
                          data=described)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        best = write_best_weights(checkpoints, folder, kind, space_kwargs, stored_arch, described)
         atomic_write_json({'epochs': trainer.current_epoch, **metrics, 'undecodable_images': substituted,
-                           'undecodable_val_images': data.undecodable_count(val_set)}, folder.metrics)
+                           'undecodable_val_images': data.undecodable_count(val_set),
+                           **({'best': best} if best else {}), **({'before_training': before} if before else {})},
+                          folder.metrics)
         if substituted:
             print(f'{substituted} undecodable training images were replaced by the next image (see the warning '
                   'above for the first)', file=sys.stderr)
-        print(f'wrote {weights}; ' + ', '.join(f'{k} {v:.2f}' for k, v in metrics.items() if k.startswith('val_acc')))
+        print(f'wrote {weights}; ' + ', '.join(f'{k} {v:.2f}' for k, v in metrics.items() if k.startswith('val_')))
     return weights

@@ -21,25 +21,18 @@ from pathlib import Path
 import torch
 from timm.layers import resample_abs_pos_embed
 
-from cli import (add_arch_arg, add_name_arg, add_training_args, from_flags, load_arch_arg, parse_checked, recipe_parser,
-                 run_main, space_arg)
+from cli import (add_arch_arg, add_name_arg, add_training_args, check_recipe, from_flags, load_arch_arg, parse_checked,
+                 recipe_parser, run_main, space_arg)
 import data
+import recipes
 from engine import TrainingRun, train_supernet
 from checkpoints import load_supernet_file
 from space import complete_arch, complete_space_kwargs, sub_state_dict
 
-RECIPES = {
-    'default': dict(epochs=100, warmup=5, learning_rate=5e-4, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                    smoothing=0.1, mixup=0.8, cutmix=1.0, drop_path=0.1, batch_size=128),
-    'digits': dict(epochs=5, warmup=1, learning_rate=5e-4, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                   smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=64),
-    'fashion-mnist': dict(epochs=1, warmup=0, learning_rate=2e-4, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                          smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=64),
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser, dataset, recipe = recipe_parser(argv, RECIPES, 'default', 'finetune', __doc__)
+    parser, dataset, _, recipe = recipe_parser(argv, recipes.FINETUNE, 'finetune', __doc__)
     add_name_arg(parser, 'preset of --weights (default: the space stored with them, else tiny)')
     parser.add_argument('--weights', default='weights/supernet-tiny.pth',
                         help='pretrained supernet weights (any supported layout)')
@@ -47,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_training_args(parser, recipe)
     args = parse_checked(parser, argv)
     args.dataset = dataset
+    check_recipe(args)
     return args
 
 

@@ -116,16 +116,37 @@ class SupernetModule(LightningModule):
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
 
+    def on_validation_epoch_start(self) -> None:
+        classes = self.space_kwargs['num_labels']
+        self.confusions = {name: torch.zeros(classes * classes, dtype=torch.long, device=self.device)
+                           for name in self.val_archs}
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor] | None, batch_idx: int) -> None:
         if batch is None:  # no image of this batch could be decoded
             return
         images, targets = batch
         model = self.ema.module if self.ema is not None else self.model
+        classes = self.space_kwargs['num_labels']
         for name, arch in self.val_archs.items():
             if self.arch is None:
                 set_active_arch(model, arch)
-            top1 = accuracy(model(images), targets, topk=(1,))[0]
+            logits = model(images)
+            top1 = accuracy(logits, targets, topk=(1,))[0]
             self.log(f'val_acc_{name}', top1, prog_bar=name != 'searched', sync_dist=True, batch_size=len(targets))
+            self.confusions[name] += torch.bincount(targets * classes + logits.argmax(dim=1),
+                                                    minlength=classes * classes)
+
+    def on_validation_epoch_end(self) -> None:
+        """Balanced accuracy (the mean of the per-class accuracies) beside top-1: on imbalanced data a model
+        that predicts the largest classes only scores a high top-1 and a low balanced accuracy."""
+        classes = self.space_kwargs['num_labels']
+        for name, confusion in self.confusions.items():
+            confusion = self.trainer.strategy.reduce(confusion, reduce_op='sum').view(classes, classes)
+            per_class_total = confusion.sum(dim=1)
+            present = per_class_total > 0
+            if present.any():
+                balanced = 100 * (confusion.diagonal()[present].double() / per_class_total[present]).mean()
+                self.log(f'val_balanced_{name}', balanced.float(), sync_dist=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []

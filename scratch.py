@@ -11,38 +11,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cli import (add_arch_arg, add_name_arg, add_training_args, from_flags, load_arch_arg, parse_checked, recipe_parser,
-                 run_main, space_arg, space_kwargs_of)
+from cli import (add_arch_arg, add_name_arg, add_training_args, check_recipe, from_flags, load_arch_arg, parse_checked,
+                 recipe_parser, run_main, space_arg, space_kwargs_of)
 import data
+import recipes
 from engine import TrainingRun, train_supernet
 from space import SEARCHED, complete_arch, complete_space_kwargs
 
-# The paper's recipe (DeiT's) for ImageNet; the demo recipe is sized for a laptop CPU.
-RECIPES = {
-    'imagenet': dict(epochs=500, warmup=20, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05, smoothing=0.1,
-                     mixup=0.8, cutmix=1.0, drop_path=0.1, batch_size=128),
-    'cifar10': dict(epochs=300, warmup=20, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05, smoothing=0.1,
-                    mixup=0.8, cutmix=1.0, drop_path=0.1, batch_size=128),
-    'digits': dict(epochs=40, warmup=2, learning_rate=2e-3, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                   smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=32),
-    # Small images: no Mixup/CutMix or RandAugment (they slow a short run down), flips only (data.py);
-    # batch 128 trains 1.4x the images per second of batch 64 on a 2-core CPU; 26 epochs take 18 minutes.
-    'fashion-mnist': dict(epochs=26, warmup=2, learning_rate=1.5e-3, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                          smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=128),
-}
-RECIPES['folder'] = RECIPES['imagenet']
-DEFAULT_PRESETS = {'digits': 'demo', 'fashion-mnist': 'fashion'}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser, dataset, recipe = recipe_parser(argv, RECIPES, 'imagenet', 'scratch', __doc__)
-    add_name_arg(parser, 'search space preset (default: demo for digits, fashion for fashion-mnist, tiny otherwise)')
+    parser, dataset, _, recipe = recipe_parser(argv, recipes.SCRATCH, 'scratch', __doc__)
+    add_name_arg(parser, 'search space preset (default: demo for digits and the small recipe, fashion for '
+                         'fashion-mnist, tiny otherwise)')
     add_arch_arg(parser, 'retrain this one subnet from scratch', ' (whose preset is then the default --name)')
     add_training_args(parser, recipe)
     args = parse_checked(parser, argv)
     args.dataset = dataset
+    check_recipe(args)
     released = (args.arch or '').removeprefix('autoformer-')
-    args.name = args.name or (released if released in SEARCHED else DEFAULT_PRESETS.get(dataset, 'tiny'))
+    if args.name is None:
+        args.name = released if released in SEARCHED else recipes.DEFAULT_PRESETS.get(args.recipe, 'tiny')
+        if args.space_file is None:
+            print(f'space: the {args.name} preset (--name chooses another)', flush=True)
     return args
 
 

@@ -38,6 +38,7 @@ from typing import Any, Callable, Mapping
 from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_precision_args, parse_checked, run_main,
                  space_arg)
 import data
+import recipes
 from checkpoints import load_supernet_file, read_weights
 from candidates import SearchFolder
 from engine import RunFolder, evaluate
@@ -286,7 +287,10 @@ def train_subnet(script: str, arch: Mapping[str, Any], args: argparse.Namespace,
                '--seed', str(args.seed)]
     command += ['--gpus', str(args.gpus)] if args.gpus is not None else []
     command += ['--weights', str(args.weights)] if script == 'finetune.py' else retrain_space_flags(args)
-    command += ['--epochs', str(epochs)] if epochs else []
+    if epochs:  # the recipe's warmup, shortened to leave the run at least one epoch after it
+        recipe = (recipes.FINETUNE if script == 'finetune.py' else recipes.SCRATCH)[
+            recipes.choose_recipe(args.dataset, args.datapath and str(args.datapath))[0]]
+        command += ['--epochs', str(epochs), '--warmup', str(min(recipe['warmup'], epochs - 1))]
     folder = RunFolder(output)
     done = folder.weights('subnet').is_file()
     command += ['--resume'] if folder.interrupted('subnet') else []

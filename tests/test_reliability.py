@@ -88,9 +88,10 @@ def as_read_only(folder: Path, command: list[str]) -> list[str]:
 
 def test_read_only_output_is_refused_up_front_and_earlier_results_kept(tmp_path):
     run = tmp_path / 'run'
-    scratch.main(['--dataset', 'digits', '--epochs', '1', '--output', str(run)])
+    scratch.main(['--dataset', 'digits', '--epochs', '1', '--warmup', '0', '--output', str(run)])
     before = snapshot(run)
-    for script in (['scratch.py', '--dataset', 'digits', '--epochs', '2', '--resume', '--output', str(run)],
+    for script in (['scratch.py', '--dataset', 'digits', '--epochs', '2', '--warmup', '0', '--resume', '--output',
+                    str(run)],
                    ['search.py', '--weights', str(run / 'supernet.pth'), '--engine', 'sequential',
                     '--output', str(run / 'search')]):
         result = subprocess.run(as_read_only(run, [sys.executable, *script]), cwd=ROOT, capture_output=True,
@@ -106,14 +107,14 @@ def test_read_only_output_is_refused_up_front_and_earlier_results_kept(tmp_path)
 
 def test_full_disk_during_training_stops_with_one_message_and_keeps_the_last_checkpoint(tmp_path):
     run = tmp_path / 'run'
-    scratch.main(['--dataset', 'digits', '--epochs', '1', '--output', str(run)])
+    scratch.main(['--dataset', 'digits', '--epochs', '1', '--warmup', '0', '--output', str(run)])
     before = snapshot(run / 'checkpoints')
 
     def small_disk():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (500_000, 500_000))  # logs fit, a checkpoint does not
-    result = subprocess.run([sys.executable, 'scratch.py', '--dataset', 'digits', '--epochs', '2', '--resume',
-                             '--output', str(run)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    result = subprocess.run([sys.executable, 'scratch.py', '--dataset', 'digits', '--epochs', '2', '--warmup', '0',
+                             '--resume', '--output', str(run)], cwd=ROOT, capture_output=True, text=True, timeout=300,
                             preexec_fn=small_disk)
     assert result.returncode == 2, result.stderr[-3000:]
     assert 'Traceback' not in result.stderr
@@ -186,7 +187,8 @@ def test_non_finite_loss_skips_the_step_naming_step_and_arch(golden, caplog):
 
 def test_same_seed_gives_the_same_supernet_weights(tmp_path):
     for run in ('a', 'b'):
-        scratch.main(['--dataset', 'digits', '--epochs', '1', '--seed', '3', '--output', str(tmp_path / run)])
+        scratch.main(['--dataset', 'digits', '--epochs', '1', '--warmup', '0', '--seed', '3', '--output',
+                      str(tmp_path / run)])
     first, second = (torch.load(tmp_path / run / 'supernet.pth', weights_only=True)['state_dict'] for run in 'ab')
     assert all(torch.equal(first[k], second[k]) for k in first)
 

@@ -27,7 +27,7 @@ DIGITS = ['--dataset', 'digits', '--num-workers', '0']
 @pytest.fixture(scope='module')
 def one_epoch_supernet(tmp_path_factory):
     output = tmp_path_factory.mktemp('smoke-supernet')
-    scratch.main([*DIGITS, '--epochs', '1', '--output', str(output)])
+    scratch.main([*DIGITS, '--epochs', '1', '--warmup', '0', '--output', str(output)])
     return output / 'supernet.pth'
 
 
@@ -50,7 +50,7 @@ def test_search_then_finetune_its_pick(one_epoch_supernet, tmp_path):
                         'random', '--trials', '3', '--output', str(tmp_path / 'search')])
     assert len(json.loads((tmp_path / 'search' / 'candidates.json').read_text())) <= 3
     finetune.main(['--weights', str(one_epoch_supernet), '--arch', str(tmp_path / 'search' / 'best.json'), *DIGITS,
-                   '--epochs', '1', '--output', str(tmp_path / 'finetune')])
+                   '--epochs', '1', '--warmup', '0', '--output', str(tmp_path / 'finetune')])
     _, meta = read_weights(tmp_path / 'finetune' / 'subnet.pth')
     assert meta['arch'] == canonical_arch(best['arch'])
 

@@ -22,7 +22,8 @@ installed = pytest.mark.skipif(not data.FASHION_SYSTEM_PATH.is_dir(),
 @pytest.fixture(scope='module')
 def fashion_supernet(tmp_path_factory):
     output = tmp_path_factory.mktemp('fashion-supernet')
-    scratch.main(['--dataset', 'fashion-mnist', '--epochs', '1', '--num-workers', '0', '--output', str(output)])
+    scratch.main(['--dataset', 'fashion-mnist', '--epochs', '1', '--warmup', '0', '--num-workers', '0', '--output',
+                  str(output)])
     return output / 'supernet.pth'
 
 

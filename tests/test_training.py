@@ -21,7 +21,7 @@ from space import AutoformerSpace
 from utils import UserError, lock_output
 
 ROOT = Path(__file__).parent.parent
-FAST = ['--dataset', 'digits', '--num-workers', '0']
+FAST = ['--dataset', 'digits', '--num-workers', '0', '--warmup', '0']
 
 
 def run_script(*args, **kwargs):
@@ -117,7 +117,7 @@ def test_finetune_loads_all_but_the_head_and_trains_on_cifar10(tmp_path, pretrai
     output = tmp_path / 'run'
     # With a zero learning rate, everything loaded comes out unchanged: what differs was not loaded.
     finetune.main(['--weights', str(pretrained), '--datapath', str(tmp_path / 'cifar'), '--epochs', '1',
-                   '--learning-rate', '0', '--warmup-lr', '0', '--min-lr', '0', '--batch-size', '16',
+                   '--warmup', '0', '--learning-rate', '0', '--warmup-lr', '0', '--min-lr', '0', '--batch-size', '16',
                    '--num-workers', '0', '--output', str(output)])
     before, _ = read_weights(pretrained)
     after, meta = read_weights(output / 'supernet.pth')
@@ -130,7 +130,8 @@ def test_finetune_at_another_input_size_resamples_the_position_embedding(tmp_pat
     write_cifar10(tmp_path / 'cifar', n_train_per_batch=13, n_test=20)
     output = tmp_path / 'run'
     finetune.main(['--weights', str(pretrained), '--datapath', str(tmp_path / 'cifar'), '--epochs', '1',
-                   '--img-size', '16', '--batch-size', '16', '--num-workers', '0', '--output', str(output)])
+                   '--warmup', '0', '--img-size', '16', '--batch-size', '16', '--num-workers', '0', '--output',
+                   str(output)])
     after, meta = read_weights(output / 'supernet.pth')
     assert meta['space']['img_size'] == 16 and meta['space']['rpe_length'] == 8
     assert after['pos_embed.pos_embed'].shape == (1, 17, 128)
@@ -168,7 +169,7 @@ def test_training_replaces_undecodable_images_and_counts_them(tmp_path):
     root = write_image_folder(tmp_path / 'data', ['a', 'b'], 6, size=32)
     for name in ('a', 'b'):
         (root / name / 'garbage.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a jpeg')
-    scratch.main(['--dataset', 'folder', '--datapath', str(root), '--name', 'demo', '--epochs', '1',
+    scratch.main(['--dataset', 'folder', '--datapath', str(root), '--name', 'demo', '--epochs', '1', '--warmup', '0',
                   '--batch-size', '4', '--num-workers', '0', '--output', str(tmp_path / 'run')])
     metrics = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
     assert metrics['undecodable_images'] == 2 and metrics['undecodable_val_images'] == 2
@@ -180,7 +181,7 @@ def test_validation_classes_that_differ_from_training_are_refused(tmp_path):
     write_image_folder(tmp_path / 'data' / 'val', ['a', 'c'], 2, size=32)
     with pytest.raises(UserError, match='validation classes of folder differ from its training classes'):
         scratch.main(['--dataset', 'folder', '--datapath', str(tmp_path / 'data'), '--name', 'demo', '--epochs', '1',
-                      '--batch-size', '4', '--num-workers', '0', '--output', str(tmp_path / 'run')])
+                      '--warmup', '0', '--batch-size', '4', '--num-workers', '0', '--output', str(tmp_path / 'run')])
     assert not (tmp_path / 'run' / 'supernet.pth').exists()
 
 
