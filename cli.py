@@ -339,6 +339,9 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
     parser.add_argument('--no-repeated-aug', dest='repeated_aug', action='store_false',
                         help='under DDP, read each training image once an epoch instead of 3 times across the '
                              "processes (the official run's repeated augmentation)")
+    parser.add_argument('--balanced-sampling', action='store_true',
+                        help='draw each class equally often (with replacement) for imbalanced data; validation '
+                             'reports balanced accuracy (val_balanced_*) either way')
     parser.add_argument('--no-rel-pos-decay', dest='rel_pos_decay', action='store_false',
                         help='exempt the relative-position tables from weight decay (the official run decays '
                              "them: its exempt list's 'rel_pos_embed' matched no parameter name)")

@@ -233,10 +233,14 @@ class RankSampler(Sampler[int]):
     One process: every image once, shuffled from ``(seed, epoch)`` when ``shuffle``. Several: torch's
     ``DistributedSampler``, or with ``repeats`` > 1 timm's ``RepeatAugSampler`` (the official RASampler:
     each chosen image ``repeats`` times across the ranks, so each rank sees its own augmentations of it).
+    ``balanced``: an epoch of as many draws as images, each class equally likely (images drawn with
+    replacement, by ``(seed, epoch)``), split between the ranks; it replaces the repeats.
     """
 
-    def __init__(self, dataset: Dataset, shuffle: bool, repeats: int = 1, seed: int = 0) -> None:
+    def __init__(self, dataset: Dataset, shuffle: bool, repeats: int = 1, seed: int = 0,
+                 balanced: bool = False) -> None:
         self.dataset, self.shuffle, self.repeats, self.seed, self.epoch = dataset, shuffle, repeats, seed, 0
+        self.balanced = balanced
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -261,7 +265,17 @@ class RankSampler(Sampler[int]):
         sampler.set_epoch(self._epoch_seed() if self.shuffle else self.epoch)
         return sampler
 
+    def _balanced_draws(self) -> list[int]:
+        labels = torch.as_tensor(labels_of(self.dataset))
+        weights = 1.0 / torch.bincount(labels).clamp(min=1).double()[labels]
+        generator = torch.Generator().manual_seed(self._epoch_seed())
+        draws = torch.multinomial(weights, len(labels), replacement=True, generator=generator).tolist()
+        world, rank = self._ranks()
+        return draws[rank:len(draws) // world * world:world]
+
     def __iter__(self) -> Iterator[int]:
+        if self.balanced:
+            return iter(self._balanced_draws())
         shard = self._shard()
         if shard is not None:
             return iter(shard)
@@ -271,8 +285,28 @@ class RankSampler(Sampler[int]):
         return iter(torch.randperm(len(self.dataset), generator=generator).tolist())
 
     def __len__(self) -> int:
+        if self.balanced:
+            world = self._ranks()[0]
+            return len(self.dataset) // world
         shard = self._shard()
         return len(shard) if shard is not None else len(self.dataset)
+
+
+def labels_of(dataset: Dataset) -> list[int]:
+    """Every image's label, without reading an image (the label lists the datasets keep)."""
+    if isinstance(dataset, TensorDataset):
+        return dataset.labels.tolist()
+    if isinstance(dataset, torch.utils.data.Subset):
+        labels = labels_of(dataset.dataset)
+        return [labels[i] for i in dataset.indices]
+    return list(dataset.targets)
+
+
+def imbalance(dataset: Dataset) -> tuple[float, float]:
+    """The shares (in %) of the largest and the smallest class."""
+    counts = torch.bincount(torch.as_tensor(labels_of(dataset)))
+    counts = counts[counts > 0].double()
+    return 100 * counts.max().item() / counts.sum().item(), 100 * counts.min().item() / counts.sum().item()
 
 
 def images_per_rank(train_size: int, processes: int, repeats: int) -> int:

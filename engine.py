@@ -152,6 +152,7 @@ class TrainingRun:
     batch_size: int
     learning_rate: float | None
     base_lr: float
+    balanced_sampling: bool
     min_lr: float
     warmup_lr: float
     weight_decay: float
@@ -248,7 +249,7 @@ def check_run_output(folder: RunFolder, resume: bool, fingerprint: Mapping[str, 
 # What a resumed run must keep: another batch size or schedule would make one supernet of two recipes.
 # (--epochs may change: a resumed run may be extended.)
 RECIPE_FLAGS = ('batch_size', 'learning_rate', 'min_lr', 'warmup_lr', 'warmup', 'weight_decay', 'smoothing', 'mixup',
-                'cutmix', 'drop_path', 'clip_grad', 'ema_decay', 'img_size', 'rel_pos_decay')
+                'cutmix', 'drop_path', 'clip_grad', 'ema_decay', 'img_size', 'rel_pos_decay', 'balanced_sampling')
 
 
 def validate_inherited(space_kwargs: Mapping[str, Any], pretrained: Mapping[str, torch.Tensor],
@@ -309,6 +310,22 @@ def run_fingerprint(run: TrainingRun, space_kwargs: Mapping[str, Any]) -> dict[s
             'precision': run.precision or default_precision(use_gpu)}
 
 
+# Classes this uneven (the largest over the smallest) get a hint to sample them evenly.
+IMBALANCE_HINT = 3.0
+
+
+def say_imbalance(train_set: Any, balanced: bool) -> None:
+    """One line on imbalanced training classes: what a top-1 then hides, and the flag that evens them out."""
+    largest, smallest = data.imbalance(train_set)
+    if balanced:
+        print(f'balanced sampling: each class drawn equally often (the classes hold {smallest:.1f}% to '
+              f'{largest:.1f}% of the training images)', flush=True)
+    elif largest >= IMBALANCE_HINT * smallest:
+        print(f'the training classes are imbalanced ({smallest:.1f}% to {largest:.1f}% of the images): watch the '
+              'balanced accuracy (val_balanced_*), not top-1 alone; --balanced-sampling draws each class equally '
+              'often', flush=True)
+
+
 def check_batches(train_size: int, batch_size: int, processes: int, repeats: int = 1) -> int:
     """Optimizer steps per epoch; refuses a training split smaller than one global batch (no step at all)."""
     per_rank = data.images_per_rank(train_size, processes, repeats)
@@ -359,15 +376,20 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
                         f'({len(val_set.classes)} against {len(train_set.classes)}, first difference: '
                         f'{next(iter(set(val_set.classes) ^ set(train_set.classes)), "their order")}): give val/ the '
                         'same class folders as train/')
-    repeats = data.REPEATS if run.repeated_aug and processes > 1 else 1  # as the official run: under DDP only
-    steps_per_epoch = check_batches(len(train_set), run.batch_size, processes, repeats)
+    # The official repeated augmentation runs under DDP only; balanced sampling draws its own epoch instead.
+    repeats = data.REPEATS if run.repeated_aug and processes > 1 and not run.balanced_sampling else 1
+    drawn = len(train_set) // processes * processes if run.balanced_sampling else len(train_set)
+    steps_per_epoch = check_batches(drawn, run.batch_size, processes, repeats)
+    if is_first_process():
+        say_imbalance(train_set, run.balanced_sampling)
     if fingerprint is not None:
         atomic_write_json(fingerprint, folder.record)
     if repeats > 1 and is_first_process():
         print(f'repeated augmentation: {data.images_per_rank(len(train_set), processes, repeats) * processes} '
               f'images an epoch across {processes} processes, each {repeats} times (--no-repeated-aug turns it off)')
     train_loader = data.build_loader(train_set, run.batch_size, run.num_workers, drop_last=True,
-                                     sampler=data.RankSampler(train_set, shuffle=True, repeats=repeats, seed=run.seed))
+                                     sampler=data.RankSampler(train_set, shuffle=True, repeats=repeats, seed=run.seed,
+                                                              balanced=run.balanced_sampling))
     val_loader = data.build_loader(val_set, run.batch_size, run.num_workers,
                                    sampler=data.RankSampler(val_set, shuffle=False))
     module = SupernetModule(
