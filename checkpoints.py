@@ -323,7 +323,7 @@ def nni_download(name: str) -> str:
 
 
 def export_standalone(model: nn.Module, info: Mapping[str, Any], space_kwargs: Mapping[str, Any],
-                      folder: str | Path, data: Mapping[str, Any] | None) -> dict[str, Path]:
+                      folder: str | Path, data: Mapping[str, Any] | None = None) -> dict[str, Path]:
     """The subnet as TorchScript and ONNX files that run without NNI or this project, with a JSON beside them
     that says how to feed it: ``data`` (``data.description``), its classes and preprocessing in numbers."""
     folder = Path(folder)
