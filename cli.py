@@ -21,7 +21,7 @@ import nni_patches  # first: its warning filters must be in place before NNI is 
 import torch
 
 from space import PRESETS, SEARCHED, AutoformerSpace, SpaceError, complete_space_kwargs, is_number, make_arch
-from utils import AUTOCAST, UserError
+from utils import AUTOCAST, SCHEDULES, UserError
 
 T = TypeVar('T')
 
@@ -282,8 +282,13 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
         spellings = [name, *aliases, '--' + dest]
         parser.add_argument(*dict.fromkeys(spellings), dest=dest, default=recipe.get(dest), **kwargs)
 
-    flag('--epochs', type=int, help='training epochs')
-    flag('--warmup', '--warmup-epochs', type=int, help='linear warmup epochs')
+    flag('--epochs', type=int, help='training epochs (default: %(default)s)')
+    flag('--warmup', '--warmup-epochs', type=int, help='linear warmup epochs (default: %(default)s)')
+    flag('--schedule', choices=SCHEDULES,
+         help="learning-rate schedule (default: %(default)s). epoch: the official one, timm's cosine stepped once an "
+              'epoch with the warmup counted in --epochs (epoch e trains at its value for e-1, as the official '
+              'loop steps it after each epoch); step: warmup then cosine over the epochs after it, '
+              "updated every step (the small datasets' recipes: their runs last a few epochs)")
     flag('--learning-rate', '--lr', type=float,
          help='peak learning rate (default: 5e-4 x global batch / 512)')
     flag('--min-lr', type=float, help='final learning rate of the cosine schedule')
@@ -300,6 +305,10 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
     parser.add_argument('--no-repeated-aug', dest='repeated_aug', action='store_false',
                         help='under DDP, read each training image once an epoch instead of 3 times across the '
                              "processes (the official run's repeated augmentation)")
+    parser.add_argument('--skip-unsampled', action='store_true',
+                        help="AdamW skips the layers a step's arch does not use (their gradients are None). By "
+                             'default, as in the official run, a layer used once keeps a zero gradient, so every '
+                             'step decays it and moves it by momentum, sampled or not')
     parser.add_argument('--no-rel-pos-decay', dest='rel_pos_decay', action='store_false',
                         help='exempt the relative-position tables from weight decay (the official run decays '
                              "them: its exempt list's 'rel_pos_embed' matched no parameter name)")

@@ -118,6 +118,8 @@ class TrainingRun:
     clip_grad: float | None
     ema_decay: float | None
     rel_pos_decay: bool
+    skip_unsampled: bool
+    schedule: str
     repeated_aug: bool
     seed: int
     gpus: int
@@ -201,8 +203,8 @@ def check_run_output(output: Path, resume: bool, fingerprint: Mapping[str, Any])
 
 # What a resumed run must keep: another batch size or schedule would make one supernet of two recipes.
 # (--epochs may change: a resumed run may be extended.)
-RECIPE_FLAGS = ('batch_size', 'learning_rate', 'min_lr', 'warmup_lr', 'warmup', 'weight_decay', 'smoothing', 'mixup',
-                'cutmix', 'drop_path', 'clip_grad', 'ema_decay', 'img_size', 'rel_pos_decay')
+RECIPE_FLAGS = ('batch_size', 'learning_rate', 'min_lr', 'warmup_lr', 'warmup', 'schedule', 'weight_decay', 'smoothing',
+                'mixup', 'cutmix', 'drop_path', 'clip_grad', 'ema_decay', 'img_size', 'rel_pos_decay', 'skip_unsampled')
 
 
 def run_fingerprint(run: TrainingRun, space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -273,7 +275,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
     if repeats > 1 and is_first_process():
         print(f'repeated augmentation: {data.images_per_rank(len(train_set), processes, repeats) * processes} '
               f'images an epoch across {processes} processes, each {repeats} times (--no-repeated-aug turns it off)')
-    train_loader = data.build_loader(train_set, run.batch_size, run.num_workers, drop_last=True,
+    train_loader = data.build_loader(train_set, run.batch_size, run.num_workers, drop_last=True, persistent=False,
                                      sampler=data.RankSampler(train_set, shuffle=True, repeats=repeats, seed=run.seed))
     val_loader = data.build_loader(val_set, run.batch_size, run.num_workers,
                                    sampler=data.RankSampler(val_set, shuffle=False))
@@ -284,7 +286,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
         warmup_lr=run.warmup_lr, weight_decay=run.weight_decay, epochs=run.epochs, warmup_epochs=run.warmup,
         steps_per_epoch=steps_per_epoch, smoothing=run.smoothing, mixup=run.mixup,
         cutmix=run.cutmix, ema_decay=run.ema_decay or 0.0, rel_pos_decay=run.rel_pos_decay, seed=run.seed,
-        pretrained=pretrained, arch=arch)
+        schedule=run.schedule, skip_unsampled=run.skip_unsampled, pretrained=pretrained, arch=arch)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=output / 'checkpoints', filename='best',
                                                monitor='val_acc_subnet' if arch else 'val_acc_max', mode='max',
                                                save_last=True)

@@ -30,11 +30,11 @@ from space import complete_arch, complete_space_kwargs, sub_state_dict
 
 RECIPES = {
     'default': dict(epochs=100, warmup=5, learning_rate=5e-4, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                    smoothing=0.1, mixup=0.8, cutmix=1.0, drop_path=0.1, batch_size=128),
+                    smoothing=0.1, mixup=0.8, cutmix=1.0, drop_path=0.1, batch_size=128, schedule='epoch'),
     'digits': dict(epochs=5, warmup=1, learning_rate=5e-4, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                   smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=64),
+                   smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=64, schedule='step'),
     'fashion-mnist': dict(epochs=1, warmup=0, learning_rate=2e-4, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                          smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=64),
+                          smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=64, schedule='step'),
 }
 
 
