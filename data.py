@@ -154,17 +154,15 @@ def num_classes(dataset: str, datapath: str | os.PathLike | None) -> int:
 
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, drop_last: bool = False,
-                 sampler: Sampler | None = None, persistent: bool = True) -> DataLoader:
+                 sampler: Sampler | None = None, generator: torch.Generator | None = None) -> DataLoader:
     """Batches of ``dataset`` in ``sampler``'s order (default: as stored); undecodable images left out.
-    ``persistent``: keep the worker processes from one epoch to the next. Training starts them anew every epoch,
-    as the official run: each epoch's workers are then seeded from the generators the epoch starts with
-    (lightning.seed_rank_epoch), so a resumed run augments as an uninterrupted one."""
+    ``generator`` draws the seed of the worker processes (default: torch's global generator)."""
     if isinstance(dataset, (TensorDataset, CachedSplit)):
         num_workers = 0  # tensors already in memory: worker processes only add start-up and contention
     workers = num_workers > 0
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
-                      collate_fn=collate_decodable, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=workers and persistent,
+                      generator=generator,
+                      collate_fn=collate_decodable, pin_memory=torch.cuda.is_available(), persistent_workers=workers,
                       # RandAugment on large images is CPU-heavy: keep more batches queued for the GPU.
                       prefetch_factor=4 if workers else None)
 

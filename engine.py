@@ -275,8 +275,12 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
     if repeats > 1 and is_first_process():
         print(f'repeated augmentation: {data.images_per_rank(len(train_set), processes, repeats) * processes} '
               f'images an epoch across {processes} processes, each {repeats} times (--no-repeated-aug turns it off)')
-    train_loader = data.build_loader(train_set, run.batch_size, run.num_workers, drop_last=True, persistent=False,
-                                     sampler=data.RankSampler(train_set, shuffle=True, repeats=repeats, seed=run.seed))
+    # Its own generator: a DataLoader draws a seed from it whenever it starts an epoch's iterator, which Lightning
+    # does before the epoch reseeds the generators (lightning.seed_rank_epoch) when a run starts or resumes, and
+    # after it otherwise; drawn from torch's global generator, it would shift a resumed run's draws by one.
+    train_loader = data.build_loader(train_set, run.batch_size, run.num_workers, drop_last=True,
+                                     sampler=data.RankSampler(train_set, shuffle=True, repeats=repeats, seed=run.seed),
+                                     generator=torch.Generator().manual_seed(run.seed))
     val_loader = data.build_loader(val_set, run.batch_size, run.num_workers,
                                    sampler=data.RankSampler(val_set, shuffle=False))
     global_batch = run.batch_size * processes

@@ -73,6 +73,15 @@ def seed_rank_epoch(seed: int, rank: int, epoch: int) -> None:
     torch.manual_seed(value)
 
 
+def restore_zero_grads(optimizer: torch.optim.Optimizer) -> None:
+    """A zero gradient for every parameter without one that ``optimizer`` has stepped before: what torch 1.7's
+    in-place ``zero_grad`` left on them in the official run (see ``SupernetModule.optimizer_zero_grad``)."""
+    for group in optimizer.param_groups:
+        for param in group['params']:
+            if param.grad is None and optimizer.state.get(param):
+                param.grad = torch.zeros_like(param)
+
+
 def validation_archs(space_kwargs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The subnets validation reports: ``min``, ``max`` and, for a preset, ``searched``."""
     archs = {'min': extreme_arch(space_kwargs, min), 'max': extreme_arch(space_kwargs, max)}
@@ -166,6 +175,12 @@ class SupernetModule(LightningModule):
         # so AdamW decays it and moves it by momentum in every later step, sampled or not. Lightning's
         # default (None) makes AdamW skip it instead: what --skip-unsampled asks for.
         optimizer.zero_grad(set_to_none=self.hparams.skip_unsampled)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # DDP sets the gradients of the layers no rank used to None, and a checkpoint holds no gradients:
+        # both would make AdamW skip those layers, so they get their zero gradient back before the step.
+        if not self.hparams.skip_unsampled:
+            restore_zero_grads(optimizer)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
