@@ -8,9 +8,10 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -189,6 +190,25 @@ def is_first_process() -> bool:
                for name in ('RANK', 'LOCAL_RANK', 'NODE_RANK', 'GROUP_RANK', 'SLURM_PROCID'))
 
 
+# What gloo (and a lost rendezvous store) raise in the survivors when a process or machine of the run dies.
+LOST_PEER = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'NCCL communicator was aborted')
+
+
+@contextmanager
+def lost_peers_reported(processes: int) -> Iterator[None]:
+    """Turn the error a DDP rank gets when another rank's process or machine dies (at its next collective, within
+    seconds) into one line, instead of a traceback from every surviving process."""
+    try:
+        yield
+    except RuntimeError as err:
+        cause = next((phrase for phrase in LOST_PEER if phrase in str(err)), None)
+        if processes == 1 or (cause is None and not isinstance(err, torch.distributed.DistNetworkError)):
+            raise
+        raise UserError(f'lost contact with another training process ({cause or str(err).splitlines()[0]}): a '
+                        'machine or process of this run stopped; start the run again on every machine with --resume '
+                        'to continue from its last checkpoint') from None
+
+
 def check_run_output(output: Path, resume: bool, fingerprint: Mapping[str, Any]) -> None:
     """An output folder holds one training run: see :func:`utils.check_output_folder`."""
     last = output / 'checkpoints' / 'last.ckpt'
@@ -304,18 +324,19 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
         init_weights(supernet)
     if run.compile:
         supernet.compile()  # in place: the state dict keeps its keys, so checkpoints and weights files stay the same
-    try:
-        evaluator.evaluate(supernet)
-    except SystemExit:  # Lightning's graceful shutdown after Ctrl-C; its checkpoints stay
-        if evaluator.trainer.interrupted:
-            raise KeyboardInterrupt from None
-        raise
-    trainer = evaluator.trainer
-    if trainer.global_step == 0:
-        raise UserError(f'no training step was taken: every loss was non-finite (see the errors above) or no batch '
-                        f'was trained; {output / f"{kind}.pth"} not written')
-    if processes > 1:
-        check_ranks_agree(trainer, supernet)
+    with lost_peers_reported(processes):
+        try:
+            evaluator.evaluate(supernet)
+        except SystemExit:  # Lightning's graceful shutdown after Ctrl-C; its checkpoints stay
+            if evaluator.trainer.interrupted:
+                raise KeyboardInterrupt from None
+            raise
+        trainer = evaluator.trainer
+        if trainer.global_step == 0:
+            raise UserError(f'no training step was taken: every loss was non-finite (see the errors above) or no '
+                            f'batch was trained; {output / f"{kind}.pth"} not written')
+        if processes > 1:
+            check_ranks_agree(trainer, supernet)
     substituted = int(trainer.strategy.reduce(torch.tensor(data.undecodable_count(train_set)), reduce_op='sum'))
     weights = output / f'{kind}.pth'
     if trainer.is_global_zero:

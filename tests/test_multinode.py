@@ -3,6 +3,7 @@ each, gloo on the CPU, rendezvous on 127.0.0.1) train the digits supernet with `
 command README.md's "Several GPUs and several machines" gives, with 127.0.0.1 for the first machine's address."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,11 +23,15 @@ TRAIN = ['--dataset', 'digits', '--num-workers', '0', '--batch-size', '128', '--
 pytestmark = pytest.mark.skipif(not TORCHRUN.is_file(), reason='needs torchrun beside the Python running the tests')
 
 
+def node_command(rank: int, host: str, port: str, output: str, *args: str) -> list[str]:
+    """One machine's command line: ``torchrun --nnodes 2 --nproc-per-node 1 --node-rank RANK ... scratch.py``."""
+    return ['torchrun', '--nnodes', '2', '--nproc-per-node', '1', '--node-rank', str(rank), '--master-addr', host,
+            '--master-port', port, 'scratch.py', *TRAIN, '--output', output, *args]
+
+
 def start_node(rank: int, port: int, output: Path, *args: str) -> subprocess.Popen:
-    """One machine's launcher: ``torchrun --nnodes 2 --nproc-per-node 1 --node-rank RANK ... scratch.py``."""
-    command = [str(TORCHRUN), '--nnodes', '2', '--nproc-per-node', '1', '--node-rank', str(rank),
-               '--master-addr', '127.0.0.1', '--master-port', str(port),
-               'scratch.py', *TRAIN, '--output', str(output), *args]
+    """One machine's launcher, both on this machine (127.0.0.1)."""
+    command = [str(TORCHRUN), *node_command(rank, '127.0.0.1', str(port), str(output), *args)[1:]]
     env = {**os.environ, 'AUTOFORMER_TRACE': '1'}
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -94,3 +99,12 @@ def test_losing_one_node_ends_the_other_with_one_line(tmp_path):
     assert nodes[0].returncode != 0 and time.time() - lost < 60
     errors = [line for line in output.splitlines() if line.startswith('error: ')]
     assert len(errors) == 1 and 'lost contact with another training process' in errors[0], output[-3000:]
+
+
+@pytest.mark.fast
+def test_the_readme_gives_the_command_these_tests_run():
+    """README.md's two-machine example is exactly what the tests start (HOST, PORT and OUT for the values)."""
+    readme = (ROOT / 'README.md').read_text()
+    commands = [' '.join(command.replace('\\\n', ' ').split())
+                for command in re.findall(r'^torchrun (?:.*\\\n)*.*$', readme, flags=re.M)]
+    assert commands == [' '.join(node_command(rank, 'HOST', 'PORT', 'OUT', '--epochs', '1')) for rank in (0, 1)]

@@ -370,6 +370,7 @@ def test_the_epoch_schedule_is_the_official_runs_timm_cosine(epochs, warmup):
     ours = []
     for _ in range(epochs * steps_per_epoch):  # as Lightning steps it: after every optimizer step
         ours.append(configured['optimizer'].param_groups[0]['lr'])
+        configured['optimizer'].step()  # no gradients: nothing moves
         configured['lr_scheduler']['scheduler'].step()
     assert configured['lr_scheduler']['interval'] == 'step'
     assert ours == pytest.approx(expected, rel=1e-12, abs=0)
