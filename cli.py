@@ -21,7 +21,7 @@ import nni_patches  # first: its warning filters must be in place before NNI is 
 import torch
 
 from space import EXTREMES, PRESETS, SEARCHED, AutoformerSpace, SpaceError, complete_space_kwargs, is_number, make_arch
-from utils import AUTOCAST, UserError
+from utils import AUTOCAST, SCHEDULES, UserError
 
 T = TypeVar('T')
 
@@ -320,8 +320,13 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
         spellings = [name, *aliases, '--' + dest]
         parser.add_argument(*dict.fromkeys(spellings), dest=dest, default=recipe.get(dest), **kwargs)
 
-    flag('--epochs', type=int, help='training epochs')
-    flag('--warmup', '--warmup-epochs', type=int, help='linear warmup epochs')
+    flag('--epochs', type=int, help='training epochs (default: %(default)s)')
+    flag('--warmup', '--warmup-epochs', type=int, help='linear warmup epochs (default: %(default)s)')
+    flag('--schedule', choices=SCHEDULES,
+         help="learning-rate schedule (default: %(default)s). epoch: the official one, timm's cosine stepped once an "
+              'epoch with the warmup counted in --epochs (epoch e trains at its value for e-1, as the official '
+              'loop steps it after each epoch); step: warmup then cosine over the epochs after it, '
+              "updated every step (the small datasets' recipes: their runs last a few epochs)")
     flag('--learning-rate', '--lr', type=float,
          help=f"peak learning rate, as given (default: the recipe's base_lr {recipe['base_lr']:g} x global batch / "
               '512, the official rule)')
@@ -342,6 +347,10 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
     parser.add_argument('--balanced-sampling', action='store_true',
                         help='draw each class equally often (with replacement) for imbalanced data; validation '
                              'reports balanced accuracy (val_balanced_*) either way')
+    parser.add_argument('--skip-unsampled', action='store_true',
+                        help="AdamW skips the layers a step's arch does not use (their gradients are None). By "
+                             'default, as in the official run, a layer used once keeps a zero gradient, so every '
+                             'step decays it and moves it by momentum, sampled or not')
     parser.add_argument('--no-rel-pos-decay', dest='rel_pos_decay', action='store_false',
                         help='exempt the relative-position tables from weight decay (the official run decays '
                              "them: its exempt list's 'rel_pos_embed' matched no parameter name)")

@@ -215,12 +215,14 @@ def class_names(dataset: str, datapath: str | os.PathLike | None) -> list[str]:
 
 
 def build_loader(dataset: Dataset, batch_size: int, num_workers: int, drop_last: bool = False,
-                 sampler: Sampler | None = None) -> DataLoader:
-    """Batches of ``dataset`` in ``sampler``'s order (default: as stored); undecodable images left out."""
+                 sampler: Sampler | None = None, generator: torch.Generator | None = None) -> DataLoader:
+    """Batches of ``dataset`` in ``sampler``'s order (default: as stored); undecodable images left out.
+    ``generator`` draws the seed of the worker processes (default: torch's global generator)."""
     if isinstance(dataset, (TensorDataset, CachedSplit)):
         num_workers = 0  # tensors already in memory: worker processes only add start-up and contention
     workers = num_workers > 0
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, drop_last=drop_last,
+                      generator=generator,
                       collate_fn=collate_decodable, pin_memory=torch.cuda.is_available(), persistent_workers=workers,
                       # RandAugment on large images is CPU-heavy: keep more batches queued for the GPU.
                       prefetch_factor=4 if workers else None)

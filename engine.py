@@ -8,9 +8,10 @@ import logging
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -164,6 +165,8 @@ class TrainingRun:
     clip_grad: float | None
     ema_decay: float | None
     rel_pos_decay: bool
+    skip_unsampled: bool
+    schedule: str
     repeated_aug: bool
     seed: int
     gpus: int | None  # None: one GPU when CUDA is present, else the CPU
@@ -234,6 +237,25 @@ def is_first_process() -> bool:
                for name in ('RANK', 'LOCAL_RANK', 'NODE_RANK', 'GROUP_RANK', 'SLURM_PROCID'))
 
 
+# What gloo (and a lost rendezvous store) raise in the survivors when a process or machine of the run dies.
+LOST_PEER = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'NCCL communicator was aborted')
+
+
+@contextmanager
+def lost_peers_reported(processes: int) -> Iterator[None]:
+    """Turn the error a DDP rank gets when another rank's process or machine dies (at its next collective, within
+    seconds) into one line, instead of a traceback from every surviving process."""
+    try:
+        yield
+    except RuntimeError as err:
+        cause = next((phrase for phrase in LOST_PEER if phrase in str(err)), None)
+        if processes == 1 or (cause is None and not isinstance(err, torch.distributed.DistNetworkError)):
+            raise
+        raise UserError(f'lost contact with another training process ({cause or str(err).splitlines()[0]}): a '
+                        'machine or process of this run stopped; start the run again on every machine with --resume '
+                        'to continue from its last checkpoint') from None
+
+
 def check_run_output(folder: RunFolder, resume: bool, fingerprint: Mapping[str, Any]) -> None:
     """An output folder holds one training run: see :func:`utils.check_output_folder`."""
     if resume and not folder.last_checkpoint.is_file():
@@ -248,8 +270,9 @@ def check_run_output(folder: RunFolder, resume: bool, fingerprint: Mapping[str, 
 
 # What a resumed run must keep: another batch size or schedule would make one supernet of two recipes.
 # (--epochs may change: a resumed run may be extended.)
-RECIPE_FLAGS = ('batch_size', 'learning_rate', 'min_lr', 'warmup_lr', 'warmup', 'weight_decay', 'smoothing', 'mixup',
-                'cutmix', 'drop_path', 'clip_grad', 'ema_decay', 'img_size', 'rel_pos_decay', 'balanced_sampling')
+RECIPE_FLAGS = ('batch_size', 'learning_rate', 'min_lr', 'warmup_lr', 'warmup', 'schedule', 'weight_decay', 'smoothing',
+                'mixup', 'cutmix', 'drop_path', 'clip_grad', 'ema_decay', 'img_size', 'rel_pos_decay', 'skip_unsampled',
+                'balanced_sampling')
 
 
 def validate_inherited(space_kwargs: Mapping[str, Any], pretrained: Mapping[str, torch.Tensor],
@@ -387,9 +410,13 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
     if repeats > 1 and is_first_process():
         print(f'repeated augmentation: {data.images_per_rank(len(train_set), processes, repeats) * processes} '
               f'images an epoch across {processes} processes, each {repeats} times (--no-repeated-aug turns it off)')
+    # Its own generator: a DataLoader draws a seed from it whenever it starts an epoch's iterator, which Lightning
+    # does before the epoch reseeds the generators (lightning.seed_rank_epoch) when a run starts or resumes, and
+    # after it otherwise; drawn from torch's global generator, it would shift a resumed run's draws by one.
     train_loader = data.build_loader(train_set, run.batch_size, run.num_workers, drop_last=True,
                                      sampler=data.RankSampler(train_set, shuffle=True, repeats=repeats, seed=run.seed,
-                                                              balanced=run.balanced_sampling))
+                                                              balanced=run.balanced_sampling),
+                                     generator=torch.Generator().manual_seed(run.seed))
     val_loader = data.build_loader(val_set, run.batch_size, run.num_workers,
                                    sampler=data.RankSampler(val_set, shuffle=False))
     module = SupernetModule(
@@ -398,7 +425,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
         warmup_lr=run.warmup_lr, weight_decay=run.weight_decay, epochs=run.epochs, warmup_epochs=run.warmup,
         steps_per_epoch=steps_per_epoch, smoothing=run.smoothing, mixup=run.mixup,
         cutmix=run.cutmix, ema_decay=run.ema_decay or 0.0, rel_pos_decay=run.rel_pos_decay, seed=run.seed,
-        pretrained=pretrained, arch=arch)
+        schedule=run.schedule, skip_unsampled=run.skip_unsampled, pretrained=pretrained, arch=arch)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=folder.checkpoints, filename='best', mode='max', save_last=True,
                                                monitor='val_balanced_subnet' if arch else 'val_balanced_max')
     # The CSV logger starts a new version per (resumed) run: no log is overwritten.
@@ -416,18 +443,19 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
         init_weights(supernet)
     if run.compile:
         supernet.compile()  # in place: the state dict keeps its keys, so checkpoints and weights files stay the same
-    try:
-        evaluator.evaluate(supernet)
-    except SystemExit:  # Lightning's graceful shutdown after Ctrl-C; its checkpoints stay
-        if evaluator.trainer.interrupted:
-            raise KeyboardInterrupt from None
-        raise
-    trainer = evaluator.trainer
-    if trainer.global_step == 0:
-        raise UserError(f'no training step was taken: every loss was non-finite (see the errors above) or no batch '
-                        f'was trained; {folder.weights(kind)} not written')
-    if processes > 1:
-        check_ranks_agree(trainer, supernet)
+    with lost_peers_reported(processes):
+        try:
+            evaluator.evaluate(supernet)
+        except SystemExit:  # Lightning's graceful shutdown after Ctrl-C; its checkpoints stay
+            if evaluator.trainer.interrupted:
+                raise KeyboardInterrupt from None
+            raise
+        trainer = evaluator.trainer
+        if trainer.global_step == 0:
+            raise UserError(f'no training step was taken: every loss was non-finite (see the errors above) or no '
+                            f'batch was trained; {folder.weights(kind)} not written')
+        if processes > 1:
+            check_ranks_agree(trainer, supernet)
     substituted = int(trainer.strategy.reduce(torch.tensor(data.undecodable_count(train_set)), reduce_op='sum'))
     weights = folder.weights(kind)
     if trainer.is_global_zero:

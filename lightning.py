@@ -4,13 +4,21 @@ DeiT's recipe; the driver that runs it for scratch.py and finetune.py is ``engin
 Every training step samples one architecture uniformly and updates the slices it uses. The
 supernet is NNI's ``RandomOneShot`` mutation of :class:`space.AutoformerSpace`; the sampling is
 done here, from ``(seed, step)``, so that every DDP rank trains the same subnet in a step and a
-resumed run samples exactly what an uninterrupted one would. Validation reports top-1 of fixed
-subnets: the smallest, the largest and, for a preset, the pre-searched one.
+resumed run samples exactly what an uninterrupted one would. The rest of a step's randomness (data
+augmentation, Mixup/CutMix, drop path) is drawn per rank, as the official run seeds each process with
+``seed + rank``. Validation reports top-1 of fixed subnets: the smallest, the largest and, for a preset,
+the pre-searched one.
+
+Setting the environment variable ``AUTOFORMER_TRACE`` (to anything but empty or 0) makes every rank append
+one JSON line per training step to ``<output>/trace/rank-<global rank>.jsonl``: the step, epoch, arch,
+Mixup/CutMix lambda and learning rate (what the DDP and multi-node tests compare across ranks and resumes).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,7 +35,7 @@ from timm.utils import ModelEmaV3, accuracy
 import nni_patches  # noqa: F401  its warning filters (NNI's evaluator on Lightning)
 from checkpoints import check_finite, load_checked
 from space import SEARCHED, AutoformerSpace, extreme_arch, preset_name, sample_arch, set_active_arch
-from utils import atomic_torch_save, seed_for
+from utils import SCHEDULES, atomic_torch_save, seed_for
 
 _logger = logging.getLogger(__name__)
 
@@ -45,6 +53,35 @@ def decays(name: str, param: torch.Tensor, rel_pos_decay: bool = True) -> bool:
     return rel_pos_decay or 'rel_pos_embed' not in name
 
 
+class RecordingMixup(Mixup):
+    """timm's Mixup/CutMix (per batch, as the official run), keeping the last batch's lambda for the trace."""
+
+    lam: float | None = None
+
+    def _mix_batch(self, x: torch.Tensor) -> float:
+        self.lam = super()._mix_batch(x)
+        return self.lam
+
+
+def seed_rank_epoch(seed: int, rank: int, epoch: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (every device) for one rank's epoch: ``seed + rank`` as the
+    official run seeds each process, so ranks draw their own augmentations, Mixup/CutMix and drop-path masks;
+    and the epoch, so that a run resumed at an epoch draws what an uninterrupted one would."""
+    value = seed_for(seed + rank, epoch)
+    random.seed(value)
+    np.random.seed(value % 2 ** 32)
+    torch.manual_seed(value)
+
+
+def restore_zero_grads(optimizer: torch.optim.Optimizer) -> None:
+    """A zero gradient for every parameter without one that ``optimizer`` has stepped before: what torch 1.7's
+    in-place ``zero_grad`` left on them in the official run (see ``SupernetModule.optimizer_zero_grad``)."""
+    for group in optimizer.param_groups:
+        for param in group['params']:
+            if param.grad is None and optimizer.state.get(param):
+                param.grad = torch.zeros_like(param)
+
+
 def validation_archs(space_kwargs: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The subnets validation reports: ``min``, ``max`` and, for a preset, ``searched``."""
     archs = {'min': extreme_arch(space_kwargs, min), 'max': extreme_arch(space_kwargs, max)}
@@ -58,14 +95,18 @@ class SupernetModule(LightningModule):
     """Trains the supernet set by :meth:`set_model` (NNI's evaluator protocol).
 
     ``pretrained``: supernet weights (this project's layout) loaded in ``on_fit_start``; without
-    ``head.*`` tensors the classifier keeps its fresh initialisation (fine-tuning).
+    ``head.*`` tensors the classifier keeps its fresh initialisation (fine-tuning). ``schedule``: ``epoch``, the
+    official per-epoch cosine (:func:`official_epoch_lr`), or ``step``, a per-step warmup and cosine
+    (:func:`warmup_cosine`). ``skip_unsampled``: AdamW leaves the layers a step's arch did not use alone
+    (their gradients are None) instead of decaying them and moving them by momentum as the official run did.
     """
 
     def __init__(self, space_kwargs: Mapping[str, Any], learning_rate: float = 5e-4, min_lr: float = 1e-5,
                  warmup_lr: float = 1e-6, weight_decay: float = 0.05, epochs: int = 500, warmup_epochs: int = 5,
                  steps_per_epoch: int = 1, smoothing: float = 0.1, mixup: float = 0.8, cutmix: float = 1.0,
-                 ema_decay: float = 0.0, rel_pos_decay: bool = True, seed: int = 0,
-                 pretrained: Mapping[str, torch.Tensor] | None = None, arch: Mapping[str, Any] | None = None) -> None:
+                 ema_decay: float = 0.0, rel_pos_decay: bool = True, seed: int = 0, schedule: str = 'epoch',
+                 skip_unsampled: bool = False, pretrained: Mapping[str, torch.Tensor] | None = None,
+                 arch: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=['pretrained'])
         self.space_kwargs = dict(space_kwargs)
@@ -73,8 +114,10 @@ class SupernetModule(LightningModule):
         self.val_archs = {'subnet': self.arch} if arch else validation_archs(space_kwargs)
         self.pretrained = pretrained
         num_classes = space_kwargs['num_labels']
-        self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing,
-                           num_classes=num_classes) if mixup > 0 or cutmix > 0 else None
+        if schedule not in SCHEDULES:
+            raise ValueError(f'schedule {schedule!r}: use one of {", ".join(SCHEDULES)}')
+        self.mixup = RecordingMixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing,
+                                    num_classes=num_classes) if mixup > 0 or cutmix > 0 else None
         self.criterion = SoftTargetCrossEntropy() if self.mixup else \
             LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss()
         self.ema: ModelEmaV3 | None = None
@@ -92,6 +135,9 @@ class SupernetModule(LightningModule):
                 self.ema.module.load_state_dict(self.model.state_dict())
             self.pretrained = None
 
+    def on_train_epoch_start(self) -> None:
+        seed_rank_epoch(self.hparams.seed, self.global_rank, self.current_epoch)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
@@ -108,9 +154,33 @@ class SupernetModule(LightningModule):
             _logger.error('non-finite loss %s at step %d for arch %s: step skipped', loss.item(), self.global_step,
                           arch)
             return None
+        lr = self.optimizers().param_groups[0]['lr']
         self.log('train_loss', loss, prog_bar=True)
-        self.log('lr', self.optimizers().param_groups[0]['lr'], prog_bar=True)
+        self.log('lr', lr, prog_bar=True)
+        if os.environ.get('AUTOFORMER_TRACE', '0') not in ('', '0'):
+            self._trace(arch, lr, loss)
         return loss
+
+    def _trace(self, arch: Mapping[str, Any], lr: float, loss: torch.Tensor) -> None:
+        """One line of this rank's step trace (see the module docstring)."""
+        folder = Path(self.trainer.default_root_dir) / 'trace'
+        folder.mkdir(parents=True, exist_ok=True)
+        record = {'step': self.global_step, 'epoch': self.current_epoch, 'rank': self.global_rank, 'arch': arch,
+                  'lam': self.mixup.lam if self.mixup is not None else None, 'lr': lr, 'loss': loss.item()}
+        with open(folder / f'rank-{self.global_rank}.jsonl', 'a', encoding='utf-8') as f:
+            f.write(json.dumps(record) + '\n')
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        # The official run (torch 1.7) zeroed gradients in place: a layer used once keeps a zero gradient,
+        # so AdamW decays it and moves it by momentum in every later step, sampled or not. Lightning's
+        # default (None) makes AdamW skip it instead: what --skip-unsampled asks for.
+        optimizer.zero_grad(set_to_none=self.hparams.skip_unsampled)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # DDP sets the gradients of the layers no rank used to None, and a checkpoint holds no gradients:
+        # both would make AdamW skip those layers, so they get their zero gradient back before the step.
+        if not self.hparams.skip_unsampled:
+            restore_zero_grads(optimizer)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
@@ -157,24 +227,38 @@ class SupernetModule(LightningModule):
         # Base lr 1: the schedule gives absolute values (also when the peak lr is 0).
         optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': hp.weight_decay},
                                        {'params': no_decay, 'weight_decay': 0.0}], lr=1.0, fused=True)
-        warmup, total = hp.warmup_epochs * hp.steps_per_epoch, max(hp.epochs * hp.steps_per_epoch, 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: warmup_cosine(
-            step, warmup, total, hp.learning_rate, hp.warmup_lr, hp.min_lr))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.learning_rate_at(step))
+        # Stepped per optimizer step in both schedules: Lightning restores the step count, so a resume
+        # continues the schedule exactly (the per-epoch one holds one value through each epoch).
         return {'optimizer': optimizer, 'lr_scheduler': {'scheduler': schedule, 'interval': 'step'}}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        kind, keys, position, has_gauss, cached = np.random.get_state()
-        # Plain tensors and tuples only: Lightning restores checkpoints with torch.load(weights_only=True).
-        checkpoint['rng'] = {'python': random.getstate(), 'torch': torch.get_rng_state(),
-                             'numpy': (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached)}
+    def learning_rate_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (counted from 0 over the whole run)."""
+        hp = self.hparams
+        if hp.schedule == 'epoch':
+            return official_epoch_lr(step // max(hp.steps_per_epoch, 1), hp.epochs, hp.warmup_epochs,
+                                     hp.learning_rate, hp.warmup_lr, hp.min_lr)
+        warmup, total = hp.warmup_epochs * hp.steps_per_epoch, max(hp.epochs * hp.steps_per_epoch, 1)
+        return warmup_cosine(step, warmup, total, hp.learning_rate, hp.warmup_lr, hp.min_lr)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if 'rng' in checkpoint:
-            random.setstate(checkpoint['rng']['python'])
-            kind, keys, position, has_gauss, cached = checkpoint['rng']['numpy']
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
-            torch.set_rng_state(checkpoint['rng']['torch'])
+        # No generator state is restored: every epoch reseeds them (on_train_epoch_start).
         self.pretrained = None  # a resumed run continues from its own weights
+
+
+def official_epoch_lr(epoch: int, epochs: int, warmup_epochs: int, lr: float, warmup_lr: float,
+                      min_lr: float) -> float:
+    """The learning rate of epoch ``epoch`` (from 0) in the official run: timm's ``CosineLRScheduler`` with
+    ``t_initial=epochs`` (the warmup counted in it), ``warmup_t=warmup_epochs``, ``warmup_lr_init=warmup_lr``,
+    ``lr_min=min_lr``, one cycle. The official loop (DeiT's) calls ``step(epoch)`` after each epoch, so epoch
+    ``e`` trains at the schedule's value for ``e - 1``: epochs 0 and 1 both at ``warmup_lr`` (with a warmup),
+    and the last epoch one value above the end of the cosine."""
+    t = max(epoch - 1, 0)
+    if t < warmup_epochs:
+        return warmup_lr + (lr - warmup_lr) * t / warmup_epochs
+    if t >= epochs:
+        return min_lr
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * t / epochs))
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, lr: float, warmup_lr: float,

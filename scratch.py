@@ -1,5 +1,6 @@
 """Train an AutoFormer supernet from scratch (weight entanglement: one random subnet per step), or with
-``--arch`` retrain one subnet from scratch (the official ``--mode retrain``), with the same recipe.
+``--arch`` retrain one subnet from scratch (the official ``--mode retrain``), with the same recipe but the
+official retrain defaults of 300 epochs and 5 of warmup.
 
     python scratch.py --dataset digits                       # the bundled demo, a few minutes on a CPU
     python scratch.py --gpus 4 --datapath path/to/imagenet --batch-size 256 --warmup 20 --epochs 500 \\
@@ -19,12 +20,16 @@ from engine import TrainingRun, train_supernet
 from space import SEARCHED, complete_arch, complete_space_kwargs
 
 
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser, dataset, _, recipe = recipe_parser(argv, recipes.SCRATCH, 'scratch', __doc__)
+    parser, dataset, recipe_name, recipe = recipe_parser(argv, recipes.SCRATCH, 'scratch', __doc__)
+    if retraining(argv):
+        recipe = {**recipe, **recipes.RETRAIN.get(recipe_name, {})}
     add_name_arg(parser, 'search space preset (default: demo for digits and the small recipe, fashion for '
                          'fashion-mnist, tiny otherwise)')
-    add_arch_arg(parser, 'retrain this one subnet from scratch', ' (whose preset is then the default --name)')
+    add_arch_arg(parser, 'retrain this one subnet from scratch',
+                 ' (whose preset is then the default --name); the defaults are then the official retrain recipe, '
+                 f"{recipes.RETRAIN['imagenet']['epochs']} epochs with {recipes.RETRAIN['imagenet']['warmup']} of "
+                 'warmup, with the imagenet and cifar10 recipes')
     add_training_args(parser, recipe)
     args = parse_checked(parser, argv)
     args.dataset = dataset
@@ -35,6 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.space_file is None:
             print(f'space: the {args.name} preset (--name chooses another)', flush=True)
     return args
+
+
+def retraining(argv: list[str] | None) -> bool:
+    """Whether the command line names one subnet to retrain (``--arch``), read before the parser is built."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--arch', default=None)
+    return pre.parse_known_args(argv)[0].arch is not None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -183,6 +183,9 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 AUTOCAST = {'32-true': None, 'bf16-mixed': torch.bfloat16, '16-mixed': torch.float16}
 
+# The learning-rate schedules of training (lightning.SupernetModule): the official per-epoch cosine, or per step.
+SCHEDULES = ('epoch', 'step')
+
 
 def default_precision(cuda: bool) -> str:
     """Mixed precision on CUDA, as the official AMP: ``bf16-mixed`` where the GPU has bf16, else ``16-mixed``;

@@ -1,6 +1,7 @@
 import csv
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -55,6 +56,39 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, repeated):
     checkpoint = torch.load(tmp_path / 'checkpoints' / 'last.ckpt', weights_only=True)
     assert checkpoint['global_step'] == (512 if repeated else 629) // 32
     assert (tmp_path / 'supernet.pth').is_file()
+
+
+def read_trace(output: Path) -> dict[tuple[int, int], dict]:
+    """The AUTOFORMER_TRACE records of a run's ranks by (rank, step); a step traced again by a resumed run keeps
+    its last record."""
+    records = {}
+    for path in sorted((output / 'trace').glob('rank-*.jsonl')):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            records[record['rank'], record['step']] = record
+    return records
+
+
+def test_ddp_ranks_share_each_steps_arch_draw_their_own_mixup_and_resume_exactly(tmp_path):
+    """Issue 24.1: every rank trains the step's arch, with its own Mixup/CutMix draws (seed + rank, as the
+    official run); a run extended by --resume draws and trains exactly what an uninterrupted one does (a constant
+    learning rate, so that the first epoch does not depend on --epochs)."""
+    args = ['scratch.py', *FAST, '--cpu-processes', '2', '--batch-size', '128', '--mixup', '0.8', '--cutmix', '1.0',
+            '--drop-path', '0.1', '--learning-rate', '1e-3', '--min-lr', '1e-3', '--warmup', '0']
+    env = {**os.environ, 'AUTOFORMER_TRACE': '1'}
+    for output, epochs in ((tmp_path / 'whole', ['--epochs', '2']), (tmp_path / 'resumed', ['--epochs', '1']),
+                           (tmp_path / 'resumed', ['--epochs', '2', '--resume'])):
+        result = run_script(*args, *epochs, '--output', str(output), timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+    whole, resumed = read_trace(tmp_path / 'whole'), read_trace(tmp_path / 'resumed')
+    steps = sorted(step for rank, step in whole if rank == 0)
+    assert steps == list(range(8)) and len(whole) == 16  # 2 epochs of 512 images a rank, batch 128
+    assert all(whole[0, step]['arch'] == whole[1, step]['arch'] for step in steps)
+    assert sum(whole[0, step]['lam'] != whole[1, step]['lam'] for step in steps) >= 6  # rarely equal (both 1.0)
+    assert len({json.dumps(whole[0, step]['arch']) for step in steps}) > 1  # the arch changes from step to step
+    assert resumed == whole  # arch, lambda, learning rate and loss of every step on both ranks
+    weights, reference = (read_weights(tmp_path / run / 'supernet.pth')[0] for run in ('resumed', 'whole'))
+    assert all(torch.equal(weights[key], reference[key]) for key in reference)
 
 
 def test_resume_after_kill_mid_epoch_finishes_the_planned_epochs(tmp_path):
@@ -279,3 +313,82 @@ def test_compile_of_a_fixed_arch_keeps_outputs_and_state_dict_keys():
         model.compile()
         compiled = model(images)
     assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-5) and list(model.state_dict()) == keys
+
+
+def train_one_step(module, optimizer, arch, images, targets):
+    """One optimizer step as Lightning's automatic optimization takes it, with the module's hooks."""
+    from space import set_active_arch
+    set_active_arch(module.model, arch)
+    torch.nn.functional.cross_entropy(module.model(images), targets).backward()
+    module.on_before_optimizer_step(optimizer)
+    optimizer.step()
+    module.optimizer_zero_grad(0, 0, optimizer)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('skip', [False, True])
+def test_unsampled_layers_are_decayed_and_moved_as_in_the_official_run_unless_skipped(skip):
+    """Issue 24.2: a layer used in one step and not in the next keeps a zero gradient (torch 1.7's zero_grad, the
+    official run's), so AdamW decays it and moves it by momentum; --skip-unsampled leaves it alone."""
+    from lightning import SupernetModule
+    from space import build_supernet, complete_space_kwargs, extreme_arch
+    space_kwargs = complete_space_kwargs(**AutoformerSpace.preset('demo'))
+    module = SupernetModule(space_kwargs, learning_rate=1e-3, warmup_epochs=0, epochs=1, mixup=0, cutmix=0,
+                            skip_unsampled=skip)
+    torch.manual_seed(0)
+    module.set_model(build_supernet(space_kwargs))
+    optimizer = module.configure_optimizers()['optimizer']
+    images, targets = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    deepest = module.model.blocks.blocks[-1].fc1.weight
+    train_one_step(module, optimizer, extreme_arch(space_kwargs, max), images, targets)  # uses the deepest block
+    before = deepest.detach().clone()
+    train_one_step(module, optimizer, extreme_arch(space_kwargs, min), images, targets)  # does not
+    assert torch.equal(deepest, before) == skip
+    assert (deepest.grad is None) == skip
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize('epochs, warmup', [(300, 5), (12, 3), (4, 0)])
+def test_the_epoch_schedule_is_the_official_runs_timm_cosine(epochs, warmup):
+    """Issue 24.3: --schedule epoch gives every step of an epoch the learning rate the official run trains that
+    epoch at: timm's CosineLRScheduler as timm 0.3.2's create_scheduler builds it for --sched cosine, stepped with
+    step(epoch) after each epoch as supernet_train.py does."""
+    from timm.scheduler import CosineLRScheduler
+    from lightning import SupernetModule
+    from space import build_supernet, complete_space_kwargs
+    lr, warmup_lr, min_lr, steps_per_epoch = 1e-3, 1e-6, 1e-5, 3
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    official = CosineLRScheduler(optimizer, t_initial=epochs, lr_min=min_lr, cycle_mul=1.0, cycle_decay=0.1,
+                                 warmup_lr_init=warmup_lr, warmup_t=warmup, cycle_limit=1, t_in_epochs=True)
+    expected = []
+    for epoch in range(epochs):
+        expected += [optimizer.param_groups[0]['lr']] * steps_per_epoch
+        official.step(epoch)
+    space_kwargs = complete_space_kwargs(**AutoformerSpace.preset('demo'))
+    module = SupernetModule(space_kwargs, learning_rate=lr, min_lr=min_lr, warmup_lr=warmup_lr, epochs=epochs,
+                            warmup_epochs=warmup, steps_per_epoch=steps_per_epoch, mixup=0, cutmix=0)
+    module.set_model(build_supernet(space_kwargs))
+    configured = module.configure_optimizers()
+    ours = []
+    for _ in range(epochs * steps_per_epoch):  # as Lightning steps it: after every optimizer step
+        ours.append(configured['optimizer'].param_groups[0]['lr'])
+        configured['optimizer'].step()  # no gradients: nothing moves
+        configured['lr_scheduler']['scheduler'].step()
+    assert configured['lr_scheduler']['interval'] == 'step'
+    assert ours == pytest.approx(expected, rel=1e-12, abs=0)
+
+
+@pytest.mark.fast
+def test_scratch_arch_defaults_to_the_official_retrain_recipe(capsys):
+    """Issue 24.3: retraining one subnet defaults to 300 epochs with 5 of warmup (the official --mode retrain),
+    the supernet to the paper's 500 and 20; the small datasets keep their own recipe; --help says which."""
+    imagenet = ['--dataset', 'imagenet', '--datapath', 'unread']
+    supernet, retrain = scratch.parse_args(imagenet), scratch.parse_args([*imagenet, '--arch', 'autoformer-tiny'])
+    assert (supernet.epochs, supernet.warmup, retrain.epochs, retrain.warmup) == (500, 20, 300, 5)
+    assert retrain.schedule == supernet.schedule == 'epoch'
+    digits = scratch.parse_args(['--dataset', 'digits', '--arch', 'autoformer-tiny'])
+    assert (digits.epochs, digits.warmup, digits.schedule) == (40, 2, 'step')
+    assert scratch.parse_args([*imagenet, '--arch', 'autoformer-tiny', '--epochs', '7']).epochs == 7
+    with pytest.raises(SystemExit):
+        scratch.parse_args([*imagenet, '--arch', 'autoformer-tiny', '--help'])
+    assert 'training epochs (default: 300)' in ' '.join(capsys.readouterr().out.split())
