@@ -32,12 +32,13 @@ _logger = logging.getLogger(__name__)
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'cpu', progress: bool = True,
              desc: str = 'eval', on_batch: Callable[[int, float], None] | None = None, report_every: int = 1,
-             precision: str | None = None, per_image: bool = False) -> dict[str, Any]:
+             precision: str | None = None, per_image: bool = False, running: str = 'top1') -> dict[str, Any]:
     """What ``model`` does on ``loader`` (see :func:`summarize` for the figures), with images/s (wall time
     from the first batch on), the images evaluated and the undecodable images left out (``skipped``).
 
-    ``on_batch(batch_index, running_top1)`` is called every ``report_every`` batches and after the last
-    (NNI intermediate results); only those calls wait for the GPU, so batches otherwise overlap.
+    ``on_batch(batch_index, value)`` is called every ``report_every`` batches and after the last (NNI
+    intermediate results) with the ``running`` figure of :func:`summarize` (``top1`` or ``balanced``) over the
+    batches so far; only those calls wait for the GPU, so batches otherwise overlap.
     ``precision``: ``32-true``, ``bf16-mixed`` or ``16-mixed`` (autocast); default: mixed on CUDA, fp32 else.
     ``per_image``: also ``hits``, whether each image's top-1 is right (a bool tensor in the loader's order),
     what paired comparisons of two models on one test set need.
@@ -66,7 +67,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
             hits.append(ranked[:, 0].cpu())
         seen += len(targets)
         if on_batch is not None and (index + 1) % report_every == 0:
-            on_batch(index, 100 * confusion.view(classes, classes).trace().item() / seen)
+            on_batch(index, running_value(confusion.view(classes, classes), running))
             reported = index
     if device.type == 'cuda':
         torch.cuda.synchronize()
@@ -77,11 +78,21 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
                         'the evaluation data is empty')
     metrics = summarize(confusion.view(classes, classes).cpu(), top5.item())
     if on_batch is not None and reported != index:
-        on_batch(index, metrics['top1'])
+        on_batch(index, metrics[running])
     metrics.update(images=seen, skipped=skipped, images_per_s=seen / max(seconds, 1e-9))
     if per_image:
         metrics['hits'] = torch.cat(hits)
     return metrics
+
+
+def running_value(confusion: torch.Tensor, metric: str) -> float:
+    """Top-1 or balanced accuracy (%) of a confusion count matrix, on its device (no thousand-class list per
+    report, as :func:`summarize` makes)."""
+    if metric == 'top1':
+        return 100 * confusion.trace().item() / confusion.sum().item()
+    totals = confusion.sum(dim=1)
+    present = totals > 0
+    return 100 * (confusion.diagonal()[present] / totals[present]).mean().item()
 
 
 def summarize(confusion: torch.Tensor, top5_hits: int | None = None) -> dict[str, Any]:
