@@ -726,11 +726,12 @@ def _permuted(images: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return images
 
 
-def search_split_description(dataset: str, datapath: str | os.PathLike | None, labels: torch.Tensor) -> str:
+def search_split_description(dataset: str, datapath: str | os.PathLike | None, labels: torch.Tensor,
+                             max_images: int | None = None) -> str:
     """One line saying what the search split holds and how it relates to training and validation (what a
-    search's top-1 is measured on), from the labels of its cache."""
-    counts = torch.bincount(labels).tolist()
-    counts = [n for n in counts if n]
+    search's top-1 is measured on), from the labels of its cache (``max_images``: as for :func:`search_split`)."""
+    counts = [n for n in torch.bincount(labels).tolist() if n]
+    cap_per_class = max((max_images or SEARCH_IMAGES_PER_CLASS * len(counts)) // len(counts), 1)  # as search_split
     per_class = f'{counts[0]}' if min(counts) == max(counts) else f'{min(counts)} to {max(counts)}'
     held = f'{len(labels)} images, {per_class} per class'
     if dataset in ('digits', 'fashion-mnist'):
@@ -739,8 +740,8 @@ def search_split_description(dataset: str, datapath: str | os.PathLike | None, l
     if dataset in ('imagenet', 'folder') and not (_datapath(dataset, datapath) / 'train').is_dir():
         return (f'the search split: the --datapath folder itself ({held}), the images the search also selects '
                 'on (optimistic)')
-    return (f'the search split: class-balanced training images ({held}), which the supernet trained on; not the '
-            'validation split')
+    return (f'the search split: training images, up to {cap_per_class} per class ({held}), which the supernet '
+            'trained on; not the validation split')
 
 
 def top1_standard_error(images: int) -> float:

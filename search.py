@@ -498,7 +498,7 @@ def describe_search_split(cache: Path, args: argparse.Namespace) -> str:
     """What the search split holds (each record's ``measured_on``), printed with a warning when it is so small
     that a top-1 on it is uncertain by more than a point."""
     labels = data.CachedSplit(cache).labels
-    measured_on = data.search_split_description(args.dataset, args.datapath, labels)
+    measured_on = data.search_split_description(args.dataset, args.datapath, labels, args.search_images)
     print(f'candidates are ranked by {METRICS[args.metric]} on {measured_on}', flush=True)
     error = data.top1_standard_error(len(labels))
     if error > 1:
