@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -576,7 +577,8 @@ def run_experiment(experiment: SearchExperiment, ledger: SearchLedger, args: arg
     try:
         try:
             start = experiment.resume if args.resume else experiment.run
-            start(port=args.port, wait_completion=False)  # NNI stops the experiment itself on KeyboardInterrupt
+            with nni_patches.loopback_portal_urls() if args.web_ui_host == 'loopback' else nullcontext():
+                start(port=args.port, wait_completion=False)  # NNI stops the experiment itself on KeyboardInterrupt
             if not caught:
                 ledger.wait_pending(lambda: manager_running(experiment))
         except KeyboardInterrupt:
