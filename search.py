@@ -7,9 +7,9 @@
                      --strategy autoformer --max-params 0.25 --engine sequential
 
 Every candidate inherits its weights from the supernet (no retraining) and is ranked by top-1 (or, with
---metric balanced, balanced accuracy) on the search split, decoded once into a cache: a class-balanced
-set of training images, not the validation split, so its figures differ from evaluate.py's. Ties go to
-fewer parameters. Candidates outside the budget are never evaluated.
+--metric balanced, balanced accuracy) on the search split, decoded once into a cache: up to 100
+training images per class, not the validation split, so its figures differ from evaluate.py's. Ties go
+to fewer parameters. Candidates outside the budget are never evaluated.
 Results go to --output as they finish: candidates.csv / .json, best.json, the best subnet's
 weights, and a plot of the metric against parameters with the Pareto front. With the web UI (``--engine
 ts``), each NNI trial asks a warm worker of trial.py, so a candidate costs its evaluation, not a
@@ -63,8 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--weights', default='weights/supernet-tiny.pth', help='trained supernet weights')
     add_data_args(parser, batch_size=256)
     parser.add_argument('--search-images', type=int, default=None,
-                        help='class-balanced training images to search on (default: 100 per class, the '
-                             "paper's subImageNet; digits and fashion-mnist: their validation split)")
+                        help='training images to search on, the same number from every class that has them '
+                             "(default: 100 per class, the paper's subImageNet; digits and fashion-mnist: their "
+                             'validation split)')
     parser.add_argument('--strategy', choices=['random', 'evolution', 'autoformer'], default='random',
                         help="NNI's Random, NNI's RegularizedEvolution, or the paper's evolution (each refuses the "
                              "flags of the others)")
