@@ -275,6 +275,7 @@ def build_strategy(settings: StrategySettings, space_kwargs: Mapping[str, Any], 
 
 
 REPEATS_IN_A_ROW = 1000  # proposals in a row that repeat earlier candidates before the search stops (no trial each)
+REPEAT_LINES = 20  # repeats shown in the terminal (an evolution that keeps re-proposing its parents would flood it)
 
 
 class SearchLedger(StrategyMiddleware):
@@ -349,8 +350,10 @@ class SearchLedger(StrategyMiddleware):
         else:
             self._replay(model, read_record(self.output, model.sample))
             answer = 'answered from its record'
-        print(f'a proposal repeats candidate {number} (the same subnet; labels of layers past its depth aside): '
-              f'{answer}, not counted', flush=True)
+        if self.repeats <= REPEAT_LINES:
+            more = f' (further repeats are not shown; {REPEAT_LINES} so far)' if self.repeats == REPEAT_LINES else ''
+            print(f'a proposal repeats candidate {number} (the same subnet; labels of layers past its depth aside): '
+                  f'{answer}, not counted{more}', flush=True)
         if self.repeats_in_a_row == REPEATS_IN_A_ROW:
             print(f'stopping: {REPEATS_IN_A_ROW} proposals in a row repeated earlier candidates (the budget leaves '
                   f'few distinct subnets; {self.submitted} so far)', flush=True)
