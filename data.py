@@ -801,11 +801,13 @@ def balanced_indices(targets: list[int], max_images: int, seed: int) -> list[int
 
 
 def write_cache(split: Dataset, dataset: str, path: str | os.PathLike, batch_size: int = 256,
-                num_workers: int = 0, desc: str = 'caching the search split') -> None:
+                num_workers: int = 0, desc: str = 'caching the search split', shuffle_seed: int | None = None) -> None:
     """Decode and transform ``split`` once into uint8 tensors at the final resolution (atomically).
 
     The images go straight into one preallocated tensor: subImageNet at 224 px is 15 GB, which
-    must not be held twice.
+    must not be held twice. ``shuffle_seed``: the images are stored in an order fixed by it rather than the
+    split's (class by class for a folder), so that the top-1 over the first batches, the running figure a
+    search reports mid-candidate, is a fair estimate of the whole split's.
     """
     mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in normalization(dataset))
     images = labels = None
@@ -824,8 +826,54 @@ def write_cache(split: Dataset, dataset: str, path: str | os.PathLike, batch_siz
         raise UserError('no image of the search split could be decoded: check --dataset / --datapath')
     if filled < len(split):
         print(f'{len(split) - filled} undecodable images left out of the search split', file=sys.stderr)
-    atomic_torch_save({'images': images[:filled], 'labels': labels[:filled], 'mean': normalization(dataset)[0],
+    images, labels = images[:filled], labels[:filled]
+    if shuffle_seed is not None:  # in place, one image at a time: a second copy of the split may not fit
+        order = torch.randperm(filled, generator=torch.Generator().manual_seed(shuffle_seed))
+        images, labels = _permuted(images, order), labels[order]
+    atomic_torch_save({'images': images, 'labels': labels, 'mean': normalization(dataset)[0],
                        'std': normalization(dataset)[1]}, path)
+
+
+def _permuted(images: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``images[order]`` computed in place by following the permutation's cycles (one spare image)."""
+    done = torch.zeros(len(order), dtype=torch.bool)
+    for start in range(len(order)):
+        if done[start]:
+            continue
+        spare, position = images[start].clone(), start
+        while True:  # position takes the image order names for it
+            done[position] = True
+            source = int(order[position])
+            if source == start:
+                images[position] = spare
+                break
+            images[position] = images[source]
+            position = source
+    return images
+
+
+def search_split_description(dataset: str, datapath: str | os.PathLike | None, labels: torch.Tensor,
+                             max_images: int | None = None) -> str:
+    """One line saying what the search split holds and how it relates to training and validation (what a
+    search's top-1 is measured on), from the labels of its cache (``max_images``: as for :func:`search_split`)."""
+    counts = [n for n in torch.bincount(labels).tolist() if n]
+    cap_per_class = max((max_images or SEARCH_IMAGES_PER_CLASS * len(counts)) // len(counts), 1)  # as search_split
+    per_class = f'{counts[0]}' if min(counts) == max(counts) else f'{min(counts)} to {max(counts)}'
+    held = f'{len(labels)} images, {per_class} per class'
+    if dataset in ('digits', 'fashion-mnist'):
+        return (f'the search split: the {dataset} validation split ({held}), held out of training; not the '
+                'test split')
+    if dataset in ('imagenet', 'folder') and not (_datapath(dataset, datapath) / 'train').is_dir():
+        return (f'the search split: the --datapath folder itself ({held}), the images the search also selects '
+                'on (optimistic)')
+    return (f'the search split: training images, up to {cap_per_class} per class ({held}), which the supernet '
+            'trained on; not the validation split')
+
+
+def top1_standard_error(images: int) -> float:
+    """The standard error (points) of a top-1 measured on ``images`` images, at its worst (p = 0.5):
+    sqrt(p(1 - p) / n)."""
+    return 100 * (0.25 / images) ** 0.5
 
 
 class CachedSplit(Dataset):

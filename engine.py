@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 import data
 from checkpoints import check_finite, save_weights
+from metrics import running_value, summarize
 from space import AutoformerSpace, build_supernet, canonical_arch, init_weights
 from utils import (AUTOCAST, UserError, atomic_write_json, check_output_folder, check_writable, default_precision,
                    json_form, lock_output, read_json, remove_unfinished_writes, set_up_precision)
@@ -33,12 +34,13 @@ _logger = logging.getLogger(__name__)
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'cpu', progress: bool = True,
              desc: str = 'eval', on_batch: Callable[[int, float], None] | None = None, report_every: int = 1,
-             precision: str | None = None, per_image: bool = False) -> dict[str, Any]:
+             precision: str | None = None, per_image: bool = False, running: str = 'top1') -> dict[str, Any]:
     """What ``model`` does on ``loader`` (see :func:`summarize` for the figures), with images/s (wall time
     from the first batch on), the images evaluated and the undecodable images left out (``skipped``).
 
-    ``on_batch(batch_index, running_top1)`` is called every ``report_every`` batches and after the last
-    (NNI intermediate results); only those calls wait for the GPU, so batches otherwise overlap.
+    ``on_batch(batch_index, value)`` is called every ``report_every`` batches and after the last (NNI
+    intermediate results) with the ``running`` figure of :func:`summarize` (``top1`` or ``balanced``) over the
+    batches so far; only those calls wait for the GPU, so batches otherwise overlap.
     ``precision``: ``32-true``, ``bf16-mixed`` or ``16-mixed`` (autocast); default: mixed on CUDA, fp32 else.
     ``per_image``: also ``hits``, whether each image's top-1 is right (a bool tensor in the loader's order),
     what paired comparisons of two models on one test set need.
@@ -67,7 +69,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
             hits.append(ranked[:, 0].cpu())
         seen += len(targets)
         if on_batch is not None and (index + 1) % report_every == 0:
-            on_batch(index, 100 * confusion.view(classes, classes).trace().item() / seen)
+            on_batch(index, running_value(confusion.view(classes, classes), running))
             reported = index
     if device.type == 'cuda':
         torch.cuda.synchronize()
@@ -78,25 +80,11 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
                         'the evaluation data is empty')
     metrics = summarize(confusion.view(classes, classes).cpu(), top5.item())
     if on_batch is not None and reported != index:
-        on_batch(index, metrics['top1'])
+        on_batch(index, metrics[running])
     metrics.update(images=seen, skipped=skipped, images_per_s=seen / max(seconds, 1e-9))
     if per_image:
         metrics['hits'] = torch.cat(hits)
     return metrics
-
-
-def summarize(confusion: torch.Tensor, top5_hits: int | None = None) -> dict[str, Any]:
-    """Top-1 (in %), top-5 (only with more than 5 classes: with 5 or fewer it is 100 by construction),
-    balanced accuracy (the mean of the per-class accuracies, over the classes the data holds), per-class
-    accuracy (None for a class the data does not hold) and the confusion matrix (rows: true class,
-    columns: predicted) of a ``confusion`` count matrix."""
-    classes, total = confusion.shape[0], confusion.sum().item()
-    per_class_total = confusion.sum(dim=1).tolist()
-    per_class = [100 * confusion[c, c].item() / n if n else None for c, n in enumerate(per_class_total)]
-    present = [accuracy for accuracy in per_class if accuracy is not None]
-    return {'top1': 100 * confusion.trace().item() / total,
-            'top5': 100 * top5_hits / total if top5_hits is not None and classes > 5 else None,
-            'balanced': sum(present) / len(present), 'per_class': per_class, 'confusion': confusion.tolist()}
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from timm.utils import ModelEmaV3, accuracy
 
 import nni_patches  # noqa: F401  its warning filters (NNI's evaluator on Lightning)
 from checkpoints import check_finite, load_checked
+from metrics import running_value
 from space import SEARCHED, AutoformerSpace, extreme_arch, preset_name, sample_arch, set_active_arch
 from utils import SCHEDULES, atomic_torch_save, seed_for
 
@@ -212,11 +213,8 @@ class SupernetModule(LightningModule):
         classes = self.space_kwargs['num_labels']
         for name, confusion in self.confusions.items():
             confusion = self.trainer.strategy.reduce(confusion, reduce_op='sum').view(classes, classes)
-            per_class_total = confusion.sum(dim=1)
-            present = per_class_total > 0
-            if present.any():
-                balanced = 100 * (confusion.diagonal()[present].double() / per_class_total[present]).mean()
-                self.log(f'val_balanced_{name}', balanced.float(), sync_dist=False)
+            if confusion.sum() > 0:
+                self.log(f'val_balanced_{name}', running_value(confusion.double(), 'balanced'), sync_dist=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []

@@ -19,6 +19,9 @@ Patches, each undone when it has served unless said:
 * ``net.Server.prototype.listen`` in NNI's Node.js manager (``loopback.js``, preloaded through
   ``NODE_OPTIONS=--require``; :func:`loopback_node_options`): the web UI and REST server have no
   authentication and listen on every interface; this keeps them on 127.0.0.1 (``--web-ui-host loopback``).
+* NNI's "Web portal URLs" log line (logger ``nni.experiment``, a logging filter while a search runs with
+  ``--web-ui-host loopback``; :func:`loopback_portal_urls`): NNI lists an address of every interface, which
+  ``loopback.js`` keeps from serving; the line keeps the loopback URL only.
 * ``search.SearchExperiment`` overrides ``NasExperiment.load_checkpoint`` (resumed from the candidate records,
   not NNI's pickled strategy state, which torch >= 2.6 refuses to unpickle) and
   ``_send_space_to_nni_manager`` (NNI 3.0's ``nnictl view`` refuses a NAS experiment whose stored config
@@ -32,7 +35,9 @@ Warnings: the filters below drop three harmless ones NNI 3.0 prints on torch 2.1
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
+import re
 import signal
 import subprocess
 import warnings
@@ -137,3 +142,29 @@ def set_trial_command(config: Any, envs: str, python: str) -> None:
 def loopback_node_options(node_options: str) -> str:
     """``NODE_OPTIONS`` that keep NNI's Node.js servers on 127.0.0.1."""
     return f'{node_options} --require {LOOPBACK_JS}'.strip()
+
+
+PORTAL_LOGGER = 'nni.experiment'  # where NNI 3.0 logs "Web portal URLs: ..." (Experiment._start_impl)
+
+
+class _LoopbackPortalUrls(logging.Filter):
+    """Keeps the 127.0.0.1 URL of NNI's "Web portal URLs" line: the others, one per interface, do not answer
+    while ``loopback.js`` keeps the server on 127.0.0.1."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith('Web portal URLs:'):
+            port = re.search(r'http://[^\s:]+:(\d+)', record.msg)
+            if port:
+                record.msg = f'Web portal URL (this machine only): ${{CYAN}}http://127.0.0.1:{port.group(1)}'
+        return True
+
+
+@contextmanager
+def loopback_portal_urls() -> Iterator[None]:
+    """While it lasts, NNI's web-portal line names only the URL that serves (``--web-ui-host loopback``)."""
+    logger, log_filter = logging.getLogger(PORTAL_LOGGER), _LoopbackPortalUrls()
+    logger.addFilter(log_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(log_filter)

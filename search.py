@@ -6,10 +6,12 @@
     python search.py --dataset digits --weights outputs/scratch-digits/supernet.pth \\
                      --strategy autoformer --max-params 0.25 --engine sequential
 
-Every candidate inherits its weights from the supernet (no retraining) and is ranked by top-1 on
-the search split, decoded once into a cache. Candidates outside the budget are never evaluated.
+Every candidate inherits its weights from the supernet (no retraining) and is ranked by top-1 (or, with
+--metric balanced, balanced accuracy) on the search split, decoded once into a cache: up to 100
+training images per class, not the validation split, so its figures differ from evaluate.py's. Ties go
+to fewer parameters. Candidates outside the budget are never evaluated.
 Results go to --output as they finish: candidates.csv / .json, best.json, the best subnet's
-weights, and a plot of top-1 against parameters with the Pareto front. With the web UI (``--engine
+weights, and a plot of the metric against parameters with the Pareto front. With the web UI (``--engine
 ts``), each NNI trial asks a warm worker of trial.py, so a candidate costs its evaluation, not a
 process start-up; Ctrl-C stops cleanly and ``--resume --output FOLDER`` continues.
 """
@@ -25,6 +27,7 @@ import signal
 import socket
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -36,7 +39,8 @@ from nni.nas.strategy import Random
 
 import data
 import trial
-from candidates import SearchFolder, evaluate_candidate, plot_pareto, write_results
+from candidates import (METRICS, SEARCH_SPLIT, TIE_BREAK, SearchFolder, evaluate_candidate, plot_pareto, ranked,
+                        write_results)
 from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_precision_args, from_flags,
                  parse_checked, run_main, space_arg)
 from checkpoints import export_standalone, load_supernet_file, save_weights
@@ -59,25 +63,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--weights', default='weights/supernet-tiny.pth', help='trained supernet weights')
     add_data_args(parser, batch_size=256)
     parser.add_argument('--search-images', type=int, default=None,
-                        help='class-balanced training images to search on (default: 100 per class, the '
-                             "paper's subImageNet; digits and fashion-mnist: their validation split)")
+                        help='training images to search on, the same number from every class that has them '
+                             "(default: 100 per class, the paper's subImageNet; digits and fashion-mnist: their "
+                             'validation split)')
     parser.add_argument('--strategy', choices=['random', 'evolution', 'autoformer'], default='random',
-                        help="NNI's Random, NNI's RegularizedEvolution, or the paper's evolution")
+                        help="NNI's Random, NNI's RegularizedEvolution, or the paper's evolution (each refuses the "
+                             "flags of the others)")
     parser.add_argument('--evolution', action='store_true', help='same as --strategy evolution (seed CLI)')
-    parser.add_argument('--trials', '--evolution-cycles', dest='trials', type=int, default=100,
-                        help='candidates to evaluate (random and evolution)')
-    parser.add_argument('--evolution-population-size', type=int, default=50, help='regularized evolution')
-    parser.add_argument('--evolution-sample-size', type=int, default=25,
-                        help='tournament size (capped at the population size)')
-    parser.add_argument('--evolution-mutation-prob', type=float, default=0.05, help='per-label mutation probability')
-    parser.add_argument('--generations', type=int, default=20, help='autoformer: generations')
-    parser.add_argument('--population', type=int, default=50, help='autoformer: population per generation')
-    parser.add_argument('--select', type=int, default=10, help='autoformer: parents kept (top-k)')
-    parser.add_argument('--mutation-num', type=int, default=25, help='autoformer: mutants per generation')
-    parser.add_argument('--crossover-num', type=int, default=25, help='autoformer: crossovers per generation')
-    parser.add_argument('--mutation-prob', type=float, default=0.2, help='autoformer: per-layer mutation probability')
-    parser.add_argument('--param-mutation-prob', type=float, default=0.4,
-                        help='autoformer: depth / embed dim mutation probability')
+    parser.add_argument('--metric', choices=list(METRICS), default='top1',
+                        help='what candidates are ranked by on the search split: top1 or balanced (the mean of the '
+                             'per-class accuracies, for imbalanced data); default top1')
+    parser.add_argument('--trials', '--evolution-cycles', dest='trials', type=int, default=None,
+                        help='random and evolution: distinct candidates to evaluate (default 100); refused with '
+                             'autoformer, which evaluates --population x --generations')
+    parser.add_argument('--evolution-population-size', type=int, default=None,
+                        help='evolution: population (default 50)')
+    parser.add_argument('--evolution-sample-size', type=int, default=None,
+                        help='evolution: tournament size (default 25, capped at the population size)')
+    parser.add_argument('--evolution-mutation-prob', type=float, default=None,
+                        help='evolution: per-label mutation probability (default 0.05)')
+    parser.add_argument('--generations', type=int, default=None, help='autoformer: generations (default 20)')
+    parser.add_argument('--population', type=int, default=None,
+                        help='autoformer: population per generation (default 50)')
+    parser.add_argument('--select', type=int, default=None, help='autoformer: parents kept, top-k (default 10)')
+    parser.add_argument('--mutation-num', type=int, default=None,
+                        help='autoformer: mutants per generation (default 25)')
+    parser.add_argument('--crossover-num', type=int, default=None,
+                        help='autoformer: crossovers per generation (default 25)')
+    parser.add_argument('--mutation-prob', type=float, default=None,
+                        help='autoformer: per-layer mutation probability (default 0.2)')
+    parser.add_argument('--param-mutation-prob', type=float, default=None,
+                        help='autoformer: depth / embed dim mutation probability (default 0.4)')
     parser.add_argument('--min-params', type=float, default=None, help='budget: at least this many M params')
     parser.add_argument('--max-params', type=float, default=None, help='budget: at most this many M params')
     parser.add_argument('--max-flops', type=float, default=None, help='budget: at most this many GFLOPs (MACs)')
@@ -114,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError('--resume continues the search in --output: give the folder of the search to continue')
     if args.evolution:
         args.strategy = 'evolution'
+    strategy_settings(args)
     args.dataset = data.dataset_name(args.dataset, args.datapath)
     if args.evolution_sample_size > args.evolution_population_size:
         _logger.warning('--evolution-sample-size %d > --evolution-population-size %d: using %d',
@@ -121,6 +138,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.evolution_sample_size = args.evolution_population_size
     args.machine_list = read_machines(args) if args.machines is not None else None  # refused before anything loads
     return args
+
+
+# Each strategy's own flags and their defaults: a flag of another strategy is refused, not ignored.
+STRATEGY_FLAGS: dict[str, dict[str, Any]] = {
+    'random': {'trials': 100},
+    'evolution': {'trials': 100, 'evolution_population_size': 50, 'evolution_sample_size': 25,
+                  'evolution_mutation_prob': 0.05},
+    'autoformer': {'generations': 20, 'population': 50, 'select': 10, 'mutation_num': 25, 'crossover_num': 25,
+                   'mutation_prob': 0.2, 'param_mutation_prob': 0.4},
+}
+
+
+def strategy_settings(args: argparse.Namespace) -> None:
+    """Refuse a flag given for another strategy than ``--strategy``, then fill in the defaults (given as None
+    by the parser, so that a flag set explicitly can be told from its default)."""
+    own = STRATEGY_FLAGS[args.strategy]
+    for strategy, flags in STRATEGY_FLAGS.items():
+        for name in flags:
+            if name in own or getattr(args, name) is None:
+                continue
+            flag = '--' + name.replace('_', '-')
+            if name == 'trials':
+                planned = f"{args.population or own['population']} x {args.generations or own['generations']}"
+                raise UserError(f'--trials (--evolution-cycles) counts the candidates of --strategy random and '
+                                'evolution; --strategy autoformer evaluates --population x --generations '
+                                f'({planned}): set those instead')
+            raise UserError(f'{flag} is a setting of --strategy {strategy}, not of --strategy {args.strategy}: '
+                            'leave it out, or choose that strategy')
+    for flags in STRATEGY_FLAGS.values():
+        for name, default in flags.items():
+            if getattr(args, name) is None:
+                setattr(args, name, default)
 
 
 class SearchExperiment(NasExperiment):
@@ -334,7 +383,7 @@ def resolve_devices(args: argparse.Namespace) -> None:
         args.precision = set_up_precision(args.precision, args.tf32, args.device == 'cuda', 'evaluating candidates')
 
 
-def write_worker_spec(output: Path, weights: Path, cache: Path, args: argparse.Namespace) -> Path:
+def write_worker_spec(output: Path, weights: Path, cache: Path, args: argparse.Namespace, measured_on: str) -> Path:
     """What every warm worker loads (read by trial.py), with a token only this user can read."""
     spec = SearchFolder(output).worker_spec
     with atomic_path(spec) as tmp:
@@ -343,6 +392,7 @@ def write_worker_spec(output: Path, weights: Path, cache: Path, args: argparse.N
             'server': 'candidates.candidate_server',
             'weights': str(weights), 'cache': str(cache), 'output': str(output), 'batch_size': args.batch_size,
             'device': args.device, 'precision': args.precision, 'workers': args.concurrency, 'gpus': args.gpus,
+            'metric': args.metric, 'measured_on': measured_on,
             'owner_pid': os.getpid(),
             'host': trial.machine_name(), 'token': secrets.token_hex(16), 'idle_seconds': 3600}, indent=2))
     return spec
@@ -415,23 +465,23 @@ def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'Se
     if not cache.is_file():
         split = data.search_split(args.dataset, args.datapath, space_kwargs['img_size'], args.search_images,
                                   args.seed)
-        data.write_cache(split, args.dataset, cache, num_workers=args.num_workers)
-    spec = write_worker_spec(output, weights, cache, args) if args.engine == 'ts' else None
+        data.write_cache(split, args.dataset, cache, num_workers=args.num_workers, shuffle_seed=args.seed)
+    measured_on = describe_search_split(cache, args)
+    spec = write_worker_spec(output, weights, cache, args, measured_on) if args.engine == 'ts' else None
     experiment.config = experiment_config(args, spec)
     experiment.evaluator = FunctionalEvaluator(evaluate_candidate, weights=str(weights), cache=str(cache),
                                                output=str(output), batch_size=args.batch_size, device=args.device,
-                                               precision=args.precision)
-    ledger = SearchLedger(output, planned_candidates(args))
+                                               precision=args.precision, metric=args.metric, measured_on=measured_on)
+    ledger = SearchLedger(output, planned_candidates(args), args.metric)
     experiment.planned = ledger.planned
     experiment.strategy = build_strategy(from_flags(StrategySettings, args), space_kwargs, budget, ledger)
-    print(f'experiment {experiment.id}: {args.strategy} search of {ledger.planned} candidates on {args.device}, '
-          f'budget {budget.describe()}, results in {output}')
+    print(f'experiment {experiment.id}: {args.strategy} search of {ledger.planned} distinct candidates on '
+          f'{args.device}, ranked by {METRICS[args.metric]}, budget {budget.describe()}, results in {output}')
     recorded = len(folder.records())
     if recorded:
         print(f'{recorded} candidates already evaluated: answered from their records')
     if args.engine == 'ts':
-        print(f'web UI: http://127.0.0.1:{args.port}  (after the run: nnictl view {experiment.id} --port {args.port}; '
-              f'listening on {"this machine only" if args.web_ui_host == "loopback" else "every interface"})')
+        print(web_ui_hint(experiment.id, args))
         if not args.machine_list:  # each machine's first trial starts the workers there
             start_workers(spec, args)
     try:
@@ -444,6 +494,33 @@ def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'Se
     best = write_final_results(experiment, output, supernet, space_kwargs, args)
     experiment.stop()
     return best
+
+
+def describe_search_split(cache: Path, args: argparse.Namespace) -> str:
+    """What the search split holds (each record's ``measured_on``), printed with a warning when it is so small
+    that a top-1 on it is uncertain by more than a point."""
+    labels = data.CachedSplit(cache).labels
+    measured_on = data.search_split_description(args.dataset, args.datapath, labels, args.search_images)
+    print(f'candidates are ranked by {METRICS[args.metric]} on {measured_on}', flush=True)
+    error = data.top1_standard_error(len(labels))
+    if error > 1:
+        print(f'warning: the search split holds {len(labels)} images: a top-1 on it has a standard error of up to '
+              f'{error:.1f} points (sqrt(p(1-p)/n) at p = 0.5): candidates closer than that are not told apart',
+              flush=True)
+    return measured_on
+
+
+def web_ui_hint(experiment_id: str, args: argparse.Namespace) -> str:
+    """Where the web UI is, and the command that serves it after the run: ``nnictl view`` listens on every
+    interface, so with ``--web-ui-host loopback`` the command carries the NODE_OPTIONS that keep it local."""
+    view = f'nnictl view {experiment_id} --port {args.port}'
+    if args.experiment_dir:
+        view += f' --experiment_dir {shlex.quote(str(Path(args.experiment_dir).resolve()))}'
+    if args.web_ui_host == 'loopback':
+        node_options = shlex.quote(nni_patches.loopback_node_options(''))
+        return (f'web UI: http://127.0.0.1:{args.port} (this machine only); after the run, serve it on this machine '
+                f'only with: NODE_OPTIONS={node_options} {view}')
+    return f'web UI: http://<this machine>:{args.port} (every interface); after the run: {view}'
 
 
 def stop_all_workers(spec: Path | None) -> None:
@@ -465,7 +542,7 @@ def search_fingerprint(args: argparse.Namespace, space_kwargs: Mapping[str, Any]
             'search_images': args.search_images, 'seed': args.seed, 'min_params': args.min_params,
             'max_params': args.max_params, 'max_flops': args.max_flops, 'max_latency': args.max_latency,
             'latency_device': args.latency_device, 'latency_batch_size': args.latency_batch_size,
-            'precision': args.precision, 'space': json_form(dict(space_kwargs))}
+            'precision': args.precision, 'metric': args.metric, 'space': json_form(dict(space_kwargs))}
 
 
 def check_output(folder: SearchFolder, args: argparse.Namespace, fingerprint: dict[str, Any]) -> None:
@@ -479,6 +556,11 @@ def check_output(folder: SearchFolder, args: argparse.Namespace, fingerprint: di
     if args.resume:
         for path in (output, folder.candidates):
             remove_unfinished_writes(path)
+        lacking = [path for path in folder.records() if args.metric not in read_json(path)]
+        if lacking:  # a search from before --metric (its fingerprint has no metric): refused, not ranked as 0
+            raise UserError(f'--resume: {len(lacking)} candidate records in {folder.candidates} have no '
+                            f'{args.metric} (written before --metric existed, e.g. {lacking[0].name}): resume with '
+                            '--metric top1, or choose another --output')
     elif previous.get('fingerprint') != fingerprint:  # another search's split or latencies
         for stale in (folder.search_data, folder.latency):
             stale.unlink(missing_ok=True)
@@ -496,7 +578,8 @@ def run_experiment(experiment: SearchExperiment, ledger: SearchLedger, args: arg
     try:
         try:
             start = experiment.resume if args.resume else experiment.run
-            start(port=args.port, wait_completion=False)  # NNI stops the experiment itself on KeyboardInterrupt
+            with nni_patches.loopback_portal_urls() if args.web_ui_host == 'loopback' else nullcontext():
+                start(port=args.port, wait_completion=False)  # NNI stops the experiment itself on KeyboardInterrupt
             if not caught:
                 ledger.wait_pending(lambda: manager_running(experiment))
         except KeyboardInterrupt:
@@ -522,7 +605,7 @@ def manager_running(experiment: NasExperiment) -> bool:
 def write_interrupted_results(experiment: NasExperiment, output: Path, supernet: Mapping[str, torch.Tensor],
                        space_kwargs: Mapping[str, Any], args: argparse.Namespace, signal_name: str) -> dict:
     """best.json from the finished candidates, marked as interrupted, and the command that continues."""
-    records = write_results(output)
+    records = write_results(output, args.metric)
     command = ' '.join(shlex.quote(a) for a in resume_argv(output))
     best: dict = {'interrupted': signal_name}
     if records:
@@ -548,39 +631,45 @@ def resume_argv(output: Path) -> list[str]:
     return ['python', 'search.py', *kept, '--output', str(output), '--resume']
 
 
-def nni_top_model(experiment: NasExperiment, best_top1: float, records: list[dict],
+def nni_top_model(experiment: NasExperiment, best: Mapping[str, Any], records: list[dict], metric: str,
                   patience: float = 10.0) -> dict | None:
-    """NNI's ``export_top_models`` answer, once it agrees with the records (the training service reports a
-    trial's final metric a moment after the trial ends; with concurrent trials NNI 3.0 was also seen to pair
-    metrics with the wrong models, so best.json follows the records and this answer is only reported)."""
-    top1_of = {arch_key(r['arch']): r['top1'] for r in records}
+    """NNI's ``export_top_models`` answer, as best.json states it. NNI ranks by the same metric (its 'default')
+    but breaks ties its own way: a top model with the best's value is a tie, given as best.json's own arch (picked
+    by :data:`candidates.TIE_BREAK`), so the two never disagree. A top model of another value is given as NNI's
+    arch with a warning: the training service reports a trial's final metric a moment after the trial ends, and
+    with concurrent trials NNI 3.0 was also seen to pair metrics with the wrong models; best.json follows the
+    records."""
+    value_of = {arch_key(r['arch']): r[metric] for r in records}
     deadline = time.monotonic() + patience
     while True:
         top = experiment.export_top_models(top_k=1, formatter='dict')
-        if top and top1_of.get(arch_key(top[0])) == best_top1:
-            return canonical_arch(top[0])
+        if top and value_of.get(arch_key(top[0])) == best[metric]:
+            return canonical_arch(best['arch'])
         if time.monotonic() > deadline:
-            _logger.warning('NNI\'s export_top_models gives %s, not a candidate with the best top-1 %.2f',
-                            top, best_top1)
+            _logger.warning("NNI's export_top_models gives %s, not a candidate with the best %s %.2f", top,
+                            METRICS[metric], best[metric])
             return canonical_arch(top[0]) if top else None
         time.sleep(0.5)
 
 
-def best_record(records: list[dict]) -> dict:
-    """The highest top-1, the fewer parameters on a tie."""
-    return max(records, key=lambda r: (r['top1'], -r['params']))
+def best_record(records: list[dict], metric: str) -> dict:
+    """The highest ``metric``; on a tie, fewer parameters, then the arch key (:data:`candidates.TIE_BREAK`)."""
+    return ranked(records, metric)[0]
 
 
 def write_best(records: list[dict], output: Path, supernet: Mapping[str, torch.Tensor],
                space_kwargs: Mapping[str, Any], args: argparse.Namespace, experiment_id: str,
                extra: dict) -> dict:
-    best = {**best_record(records), 'experiment_id': experiment_id, 'strategy': args.strategy,
-            'candidates': len(records), **extra}
+    """best.json (the best record, what it was ranked by and how ties were broken), its weights and the plot."""
+    best = best_record(records, args.metric)
+    ties = sum(r[args.metric] == best[args.metric] for r in records) - 1
+    best = {'split': SEARCH_SPLIT, **best, 'ranked_by': args.metric, 'tie_break': TIE_BREAK, 'ties': ties,
+            'experiment_id': experiment_id, 'strategy': args.strategy, 'candidates': len(records), **extra}
     folder = SearchFolder(output)
     atomic_write_json(best, folder.best)
     save_weights(folder.best_subnet, sub_state_dict(supernet, best['arch']), space_kwargs, arch=best['arch'],
                  data=data.description(args.dataset, args.datapath, space_kwargs['img_size']))
-    plot_pareto(records, folder.pareto, f'{args.strategy} search, {len(records)} candidates')
+    plot_pareto(records, folder.pareto, f'{args.strategy} search, {len(records)} candidates', args.metric)
     return best
 
 
@@ -588,7 +677,7 @@ def write_final_results(experiment: NasExperiment, output: Path, supernet: Mappi
            space_kwargs: Mapping[str, Any], args: argparse.Namespace) -> dict:
     """best.json (from the records, with NNI's top model beside it), its weights, the plot and, with
     --export, standalone files."""
-    records = write_results(output)
+    records = write_results(output, args.metric)
     if not records:
         experiment.stop()
         failure = trial.first_failure(output)
@@ -596,10 +685,15 @@ def write_final_results(experiment: NasExperiment, output: Path, supernet: Mappi
             raise UserError(f'every candidate failed; the first error: {failure} '
                             f'(all errors in {output / "failures"})')
         raise UserError('no candidate was evaluated: widen the budget or raise --trials')
+    best = best_record(records, args.metric)
     best = write_best(records, output, supernet, space_kwargs, args, experiment.id,
-                      {'nni_top_model': nni_top_model(experiment, best_record(records)['top1'], records)})
-    print(f"best: top-1 {best['top1']:.2f} on the search split, {best['params']:.3f}M params, "
-          f"{best['flops']:.4f}G FLOPs; {SearchFolder(output).best}")
+                      {'nni_top_model': nni_top_model(experiment, best, records, args.metric)})
+    ties = f" (tied with {best['ties']} other{'s' if best['ties'] > 1 else ''}: fewer params first)" \
+        if best['ties'] else ''
+    top1 = f", top-1 {best['top1']:.2f}" if args.metric != 'top1' else ''
+    print(f"best: {METRICS[args.metric]} {best[args.metric]:.2f} on the search split{ties}{top1}, "
+          f"{best['params']:.3f}M params, {best['flops']:.4f}G FLOPs, of {len(records)} candidates; "
+          f"{SearchFolder(output).best}")
     if args.export:
         model = AutoformerSpace(**space_kwargs).freeze(best['arch'])
         model.load_state_dict(sub_state_dict(supernet, best['arch']))

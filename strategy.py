@@ -21,7 +21,7 @@ from nni.nas.strategy import Random, RegularizedEvolution
 from nni.nas.strategy.base import Strategy
 from nni.nas.strategy.middleware import Chain, Filter, StrategyMiddleware
 
-from candidates import SearchFolder, final_metrics
+from candidates import METRICS, final_metrics, rank_key, read_record
 from space import AutoformerSpace, arch_choices, arch_key, count_flops, count_params, extreme_arch, sample_arch
 from trial import first_failure
 from utils import UserError, atomic_write_json, read_json
@@ -158,7 +158,7 @@ class AutoformerEvolution(Strategy):
             evaluated = self._evaluate(candidates)
             if evaluated is None:
                 return
-            self.top = sorted(self.top + evaluated, key=lambda item: -item[0])[:self.select]
+            self.top = sorted(self.top + evaluated, key=self._rank)[:self.select]
             if not self.top or generation == self.generations - 1:
                 return
             parents = [arch for _, arch in self.top]
@@ -166,6 +166,11 @@ class AutoformerEvolution(Strategy):
                                   self.mutation_num * OFFSPRING_ATTEMPTS)
             children += self._make(self.crossover_num, self._crossover, self.crossover_num * OFFSPRING_ATTEMPTS)
             candidates = self._fill(children)
+
+    def _rank(self, item: tuple[float, dict]) -> tuple:
+        """The search's ranking (candidates.TIE_BREAK): the higher metric, then fewer params, then the arch key."""
+        metric, arch = item
+        return -metric, count_params(arch, **self.space_kwargs), arch_key(arch)
 
     def _evaluate(self, samples: list[dict]) -> list[tuple[float, dict]] | None:
         models = []
@@ -269,19 +274,28 @@ def build_strategy(settings: StrategySettings, space_kwargs: Mapping[str, Any], 
     return Chain(strategy, Filter(lambda model: budget.fits(model.sample), patience=100_000), ledger)
 
 
-class SearchLedger(StrategyMiddleware):
-    """Between the strategy and NNI's engine: answers a candidate already recorded in ``output`` (a resumed
-    search, or an arch equal to an earlier one but for the labels of unused layers) from its record without
-    a trial, stops at the planned number of candidates, waits for its own trials (no fixed patience), and
-    prints progress and the first failure's error."""
+REPEATS_IN_A_ROW = 1000  # proposals in a row that repeat earlier candidates before the search stops (no trial each)
+REPEAT_LINES = 20  # repeats shown in the terminal (an evolution that keeps re-proposing its parents would flood it)
 
-    def __init__(self, output: Path, planned: int) -> None:
+
+class SearchLedger(StrategyMiddleware):
+    """Between the strategy and NNI's engine: counts distinct candidates (archs by :func:`space.arch_key`) and
+    stops at the planned number of them; answers a candidate recorded in ``output`` by a stopped run of this
+    search from its record without a trial, and a proposal that repeats a candidate of this run (an arch equal
+    to an earlier one but for the labels of unused layers) from that candidate's result, not counted; waits for
+    its own trials (no fixed patience); prints progress and the first failure's error. ``metric`` is what the
+    best and NNI's default metric are (see :data:`candidates.METRICS`)."""
+
+    def __init__(self, output: Path, planned: int, metric: str = 'top1') -> None:
         super().__init__()
-        self.output, self.planned = output, planned
-        self.submitted = self.done = self.failed = 0
+        self.output, self.planned, self.metric = output, planned, metric
+        self.submitted = self.done = self.failed = self.recorded = self.repeats = 0
+        self.repeats_in_a_row = 0
+        self.numbers: dict[str, int] = {}  # arch key -> its candidate number in this run
         self.pending: dict[int, ExecutableModelSpace] = {}  # NNI's engine keeps only weak references to them
+        self.waiting: dict[str, list[ExecutableModelSpace]] = {}  # repeats of a candidate still evaluating
         self.replays: list[ExecutableModelSpace] = []
-        self.best: dict[str, float] | None = None
+        self.best: dict | None = None
         self.started = self.first_done = time.monotonic()
         self.first_failure: str | None = None
 
@@ -303,20 +317,55 @@ class SearchLedger(StrategyMiddleware):
         pass
 
     def budget_available(self) -> bool:
+        if self.repeats_in_a_row >= REPEATS_IN_A_ROW:
+            return False
         return self.submitted < self.planned and self.engine.budget_available()
 
     def submit_models(self, *models: ExecutableModelSpace) -> None:
         for model in models:
+            key = arch_key(model.sample)
+            if key in self.numbers:
+                self._repeat(model, key)
+                continue
+            self.repeats_in_a_row = 0
             self.submitted += 1
-            record = self._record(model)
+            self.numbers[key] = self.submitted
+            record = read_record(self.output, model.sample)
             if record is None:
                 self.pending[id(model)] = model
                 self.engine.submit_models(model)
                 continue
-            self.replays.append(model)
-            self.dispatch_model_event(ModelEventType.FinalMetric, metric=final_metrics(record), model=model)
-            self.dispatch_model_event(ModelEventType.TrainingEnd, status=ModelStatus.Trained, model=model)
-            self._count(record)
+            self._replay(model, record)
+            self.recorded += 1
+            self._count(record, answered=True)
+
+    def _repeat(self, model: ExecutableModelSpace, key: str) -> None:
+        """A proposal of an arch already a candidate of this run: its result, once there, without a trial."""
+        self.repeats += 1
+        self.repeats_in_a_row += 1
+        number = self.numbers[key]
+        if any(arch_key(m.sample) == key for m in self.pending.values()):
+            self.waiting.setdefault(key, []).append(model)
+            answer = 'answered when it finishes'
+        else:
+            self._replay(model, read_record(self.output, model.sample))
+            answer = 'answered from its record'
+        if self.repeats <= REPEAT_LINES:
+            more = f' (further repeats are not shown; {REPEAT_LINES} so far)' if self.repeats == REPEAT_LINES else ''
+            print(f'a proposal repeats candidate {number} (the same subnet; labels of layers past its depth aside): '
+                  f'{answer}, not counted{more}', flush=True)
+        if self.repeats_in_a_row == REPEATS_IN_A_ROW:
+            print(f'stopping: {REPEATS_IN_A_ROW} proposals in a row repeated earlier candidates (the budget leaves '
+                  f'few distinct subnets; {self.submitted} so far)', flush=True)
+
+    def _replay(self, model: ExecutableModelSpace, record: dict | None) -> None:
+        """Tell the strategy ``model``'s result from ``record`` (None: it failed) as if it had been trained."""
+        self.replays.append(model)
+        if record is None:
+            self.dispatch_model_event(ModelEventType.TrainingEnd, status=ModelStatus.Failed, model=model)
+            return
+        self.dispatch_model_event(ModelEventType.FinalMetric, metric=final_metrics(record, self.metric), model=model)
+        self.dispatch_model_event(ModelEventType.TrainingEnd, status=ModelStatus.Trained, model=model)
 
     def list_models(self, status: ModelStatus | None = None) -> Iterator[ExecutableModelSpace]:
         yield from self.engine.list_models(status)
@@ -335,16 +384,17 @@ class SearchLedger(StrategyMiddleware):
                                     "its log is in the experiment folder's log/nnimanager.log (continue with "
                                     "--resume)")
 
-    def _record(self, model: ExecutableModelSpace) -> dict | None:
-        path = SearchFolder(self.output).record(model.sample)
-        return read_json(path) if path.is_file() else None
-
     def _on_end(self, event: TrainingEndEvent) -> None:
-        if self.pending.pop(id(event.model), None) is not None:
-            self._count(self._record(event.model) if event.status == ModelStatus.Trained else None)
+        if self.pending.pop(id(event.model), None) is None:
+            return
+        record = read_record(self.output, event.model.sample) if event.status == ModelStatus.Trained else None
+        self._count(record)
+        for repeat in self.waiting.pop(arch_key(event.model.sample), []):
+            self._replay(repeat, record)
 
-    def _count(self, record: dict | None) -> None:
-        """One more candidate done: ``record`` is its record, None when it failed."""
+    def _count(self, record: dict | None, answered: bool = False) -> None:
+        """One more distinct candidate done: ``record`` is its record, None when it failed; ``answered`` when it
+        was answered from the record of a stopped run of this search."""
         self.done += 1
         if record is None:
             self.failed += 1
@@ -352,18 +402,19 @@ class SearchLedger(StrategyMiddleware):
                 self.first_failure = first_failure(self.output) or \
                     "no error recorded (see the trial's stderr in the web UI)"
                 print(f'a candidate failed: {self.first_failure}', flush=True)
-        elif self.best is None or (record['top1'], -record['params']) > (self.best['top1'], -self.best['params']):
-            self.best = {'top1': record['top1'], 'params': record['params']}
-        if self.done - len(self.replays) == 1:
+        elif self.best is None or rank_key(record, self.metric) < rank_key(self.best, self.metric):
+            self.best = record
+        if not answered and self.done - self.recorded == 1:
             self.first_done = time.monotonic()
-        print(self.progress(), flush=True)
+        print(self.progress(answered), flush=True)
 
-    def progress(self) -> str:
-        """``candidate 12/100 | best top-1 85.30 (0.231M) | 1.4 s each | ETA 2m 3s``."""
-        evaluated = self.done - len(self.replays)
-        parts = [f'candidate {self.done}/{self.planned}']
+    def progress(self, answered: bool = False) -> str:
+        """``candidate 12/100 | best top-1 85.30 (0.231M) | 1.4 s each | ETA 2m 3s``; ``answered``: the
+        candidate came from its record (``candidate 3/100 (from its record) | ...``)."""
+        evaluated = self.done - self.recorded
+        parts = [f'candidate {self.done}/{self.planned}' + (' (from its record)' if answered else '')]
         if self.best is not None:
-            parts.append(f"best top-1 {self.best['top1']:.2f} ({self.best['params']:.3f}M)")
+            parts.append(f"best {METRICS[self.metric]} {self.best[self.metric]:.2f} ({self.best['params']:.3f}M)")
         if self.failed:
             parts.append(f'{self.failed} failed')
         if evaluated:

@@ -54,3 +54,24 @@ def test_patches_are_undone_after_their_block():
         assert launcher.Popen is nni_patches.popen_dying_with_parent
         raise RuntimeError
     assert launcher.Popen is subprocess.Popen
+
+
+def test_the_web_portal_line_keeps_only_the_loopback_url(caplog):
+    """NNI lists every interface's address; with loopback.js only 127.0.0.1 answers."""
+    import inspect
+    import logging
+
+    import nni.experiment.experiment as nni_experiment
+
+    # The line and the logger the filter relies on are NNI 3.0's.
+    assert nni_experiment._logger.name == nni_patches.PORTAL_LOGGER
+    assert "'Web portal URLs: ${CYAN}' + ' '.join(ips)" in inspect.getsource(nni_experiment)
+
+    line = 'Web portal URLs: ${CYAN}http://127.0.0.1:8123 http://10.1.2.3:8123 http://172.17.0.1:8123'
+    logger = logging.getLogger(nni_patches.PORTAL_LOGGER)
+    with caplog.at_level(logging.INFO, logger=nni_patches.PORTAL_LOGGER):
+        with nni_patches.loopback_portal_urls():
+            logger.info(line)
+        logger.info(line)  # the filter is gone after its block
+    assert [r.getMessage() for r in caplog.records] == [
+        'Web portal URL (this machine only): ${CYAN}http://127.0.0.1:8123', line]

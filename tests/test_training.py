@@ -292,7 +292,8 @@ def test_scratch_arch_retrains_one_subnet_and_resumes_it(tmp_path):
     assert json.loads((tmp_path / 'metrics.json').read_text())['epochs'] == 2
     results = evaluate.main(['--weights', str(tmp_path / 'subnet.pth'), '--dataset', 'digits', '--num-workers', '0',
                              '--output', str(tmp_path / 'evaluated'), '--export'])
-    assert results['arch'] == json.loads(arch) and results['top1'] > 20  # chance is 10%
+    # Chance is 10%: two epochs from scratch must clear it by three binomial standard errors of the test set.
+    assert results['arch'] == json.loads(arch) and results['top1'] > 10 + 3 * 100 * math.sqrt(0.09 / results['images'])
     export = tmp_path / 'evaluated' / 'export'
     scripted = torch.jit.load(export / 'subnet.torchscript.pt')
     assert scripted(torch.zeros(1, 3, 32, 32)).shape == (1, 10) and (export / 'subnet.onnx').is_file()
