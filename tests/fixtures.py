@@ -1,10 +1,12 @@
 """Helpers of the tests: small on-disk datasets (an ImageFolder tree, a CIFAR-10 folder), an official-layout
-checkpoint, a time limit, and the two error measures (the golden contract's, and a whole-tensor one for gradients)."""
+checkpoint, a time limit, the two error measures (the golden contract's, and a whole-tensor one for gradients),
+an imbalanced folder of grayscale images, and what NNI's web UI shows of an experiment."""
 from __future__ import annotations
 
 import pickle
 import signal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,3 +150,33 @@ def official_tiny_checkpoint(generator):
                 block[f'attn.rel_pos_embed_{table}.embeddings_table_{axis}'] = rand(30, 64)
         model.update({f'blocks.{i}.{k}': v for k, v in block.items()})
     return {'model': model, 'epoch': 499}
+
+
+def web_ui_trials(experiment_id: str, experiments: Path) -> list[tuple[dict, list[float]]]:
+    """What NNI's web UI shows of a finished experiment, read through ``nnictl view`` on a free port and its
+    REST API: each trial's final metrics and its intermediate results, in order."""
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from conftest import free_port
+
+    port, nnictl = free_port(), str(Path(sys.executable).parent / 'nnictl')
+
+    def rest(path: str) -> Any:
+        with urllib.request.urlopen(f'http://127.0.0.1:{port}/api/v1/nni/{path}', timeout=30) as reply:
+            return json.loads(reply.read())
+
+    subprocess.run([nnictl, 'view', experiment_id, '--port', str(port), '--experiment_dir', str(experiments)],
+                   check=True, capture_output=True, timeout=120)
+    try:
+        trials = []
+        for trial in rest('trial-jobs'):
+            final = json.loads(json.loads(trial['finalMetricData'][0]['data']))
+            intermediate = [float(json.loads(json.loads(m['data'])))
+                            for m in rest(f"metric-data/{trial['trialJobId']}") if m['type'] == 'PERIODICAL']
+            trials.append((final, intermediate))
+        return trials
+    finally:
+        subprocess.run([nnictl, 'stop', '--port', str(port)], capture_output=True, timeout=120)

@@ -7,7 +7,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import onnxruntime
@@ -22,6 +21,7 @@ from engine import evaluate as accuracy
 from space import arch_key, count_flops, count_params, extreme_arch, sample_arch
 from strategy import Budget
 from conftest import free_port
+from fixtures import web_ui_trials
 from utils import UserError, lock_output
 
 ROOT = Path(__file__).parent.parent
@@ -123,28 +123,13 @@ def test_ts_engine_search_and_nnictl_view(supernet, random_archs, tmp_path):
     # wrong models (top model 77.8% by the records, 85.6% best): best.json follows the records there.
     check_search_result(output, supernet, random_archs, nni_agrees=False)
     assert not processes_of(output, best['experiment_id'])
-    view_port = free_port()
-    nnictl = str(Path(sys.executable).parent / 'nnictl')
-    subprocess.run([nnictl, 'view', best['experiment_id'], '--port', str(view_port), '--experiment_dir',
-                    str(experiments)], check=True, capture_output=True, timeout=120)
-    try:
-        trials = rest(view_port, 'trial-jobs')
-        assert len(trials) == best['candidates']  # one trial per distinct candidate (a repeat is answered)
-        records = {round(r['top1'], 6) for r in json.loads((output / 'candidates.json').read_text())}
-        for trial in trials:
-            final = json.loads(json.loads(trial['finalMetricData'][0]['data']))
-            assert {'default', 'params', 'flops'} <= set(final) and round(final['default'], 6) in records
-            intermediate = [m for m in rest(view_port, f"metric-data/{trial['trialJobId']}")
-                            if m['type'] == 'PERIODICAL']
-            assert intermediate, f"trial {trial['trialJobId']} shows no intermediate result"
-            assert float(json.loads(json.loads(intermediate[-1]['data']))) == pytest.approx(final['default'])
-    finally:
-        subprocess.run([nnictl, 'stop', '--port', str(view_port)], capture_output=True, timeout=120)
-
-
-def rest(port, path):
-    with urllib.request.urlopen(f'http://127.0.0.1:{port}/api/v1/nni/{path}', timeout=30) as reply:
-        return json.loads(reply.read())
+    trials = web_ui_trials(best['experiment_id'], experiments)
+    assert len(trials) == best['candidates']  # one trial per distinct candidate (a repeat is answered)
+    records = {round(r['top1'], 6) for r in json.loads((output / 'candidates.json').read_text())}
+    for final, intermediate in trials:
+        assert {'default', 'params', 'flops'} <= set(final) and round(final['default'], 6) in records
+        assert intermediate, 'a trial shows no intermediate result'
+        assert intermediate[-1] == pytest.approx(final['default'])
 
 
 def processes_of(output, experiment_id):

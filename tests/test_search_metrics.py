@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,11 +17,10 @@ import search
 from candidates import TIE_BREAK, metric_label, ranked
 from checkpoints import save_weights
 from conftest import free_port
-from fixtures import IMBALANCED_SHARES, write_imbalanced_folder
+from fixtures import IMBALANCED_SHARES, web_ui_trials, write_imbalanced_folder
 from space import (AutoformerSpace, arch_key, build_supernet, canonical_arch, complete_space_kwargs, count_params,
                    extreme_arch)
 from strategy import AutoformerEvolution
-from test_search import rest
 from utils import UserError
 
 SEQUENTIAL = ['--engine', 'sequential', '--num-workers', '0']
@@ -208,20 +205,10 @@ def test_web_ui_search_reports_the_chosen_metric_as_default(digits_weights, tmp_
     records = {arch_key(r['arch']): r for r in json.loads((output / 'candidates.json').read_text())}
     assert best['ranked_by'] == 'balanced' and best['candidates'] == len(records) == 3
     assert all(r['measured_on'].startswith('the search split: the digits validation split') for r in records.values())
-    view_port = free_port()
-    nnictl = str(Path(sys.executable).parent / 'nnictl')
-    subprocess.run([nnictl, 'view', best['experiment_id'], '--port', str(view_port), '--experiment_dir',
-                    str(experiments)], check=True, capture_output=True, timeout=120)
-    try:
-        trials = rest(view_port, 'trial-jobs')
-        assert len(trials) == 3  # one trial per distinct candidate
-        balanced = {round(r['balanced'], 6) for r in records.values()}
-        for trial in trials:
-            final = json.loads(json.loads(trial['finalMetricData'][0]['data']))
-            assert final['default'] == final['balanced'] and round(final['default'], 6) in balanced
-            assert {'top1', 'params', 'flops'} <= set(final)
-            intermediate = [m for m in rest(view_port, f"metric-data/{trial['trialJobId']}")
-                            if m['type'] == 'PERIODICAL']
-            assert float(json.loads(json.loads(intermediate[-1]['data']))) == pytest.approx(final['default'])
-    finally:
-        subprocess.run([nnictl, 'stop', '--port', str(view_port)], capture_output=True, timeout=120)
+    trials = web_ui_trials(best['experiment_id'], experiments)
+    assert len(trials) == 3  # one trial per distinct candidate
+    balanced = {round(r['balanced'], 6) for r in records.values()}
+    for final, intermediate in trials:
+        assert final['default'] == final['balanced'] and round(final['default'], 6) in balanced
+        assert {'top1', 'params', 'flops'} <= set(final)
+        assert intermediate[-1] == pytest.approx(final['default'])
