@@ -17,8 +17,9 @@ from conftest import free_port
 
 ROOT = Path(__file__).parent.parent
 TORCHRUN = Path(sys.executable).parent / 'torchrun'
-# Small batches of a short epoch: 4 steps a node (512 of the 1257 digits each, batch 128).
-TRAIN = ['--dataset', 'digits', '--num-workers', '0', '--batch-size', '128', '--num-nodes', '2']
+# Small batches of a short epoch: 4 steps a node (512 of the 1257 digits each, batch 128), no warmup (a run of
+# one epoch).
+TRAIN = ['--dataset', 'digits', '--num-workers', '0', '--batch-size', '128', '--warmup', '0', '--num-nodes', '2']
 
 pytestmark = pytest.mark.skipif(not TORCHRUN.is_file(), reason='needs torchrun beside the Python running the tests')
 
@@ -71,7 +72,8 @@ def test_two_nodes_train_the_same_archs_write_once_and_resume(tmp_path):
     assert 'DDP: all 2 ranks hold identical supernet weights' in first[0]
     assert f'wrote {tmp_path / "supernet.pth"}' in first[0] and 'wrote ' not in first[1]  # global rank 0 only
     assert sorted(path.name for path in (tmp_path / 'checkpoints').iterdir()) == ['best.ckpt', 'last.ckpt']
-    assert sorted(path.name for path in tmp_path.glob('*.pth')) == ['supernet.pth']
+    # the last epoch's weights and the best epoch's
+    assert sorted(path.name for path in tmp_path.glob('*.pth')) == ['supernet-best.pth', 'supernet.pth']
 
     run_two_nodes(tmp_path, '--epochs', '2', '--resume')
     ranks = archs_by_rank(tmp_path)
