@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-fast demo clean
+.PHONY: test test-all test-fast demo clean
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,6 +12,10 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 test: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not multinode" tests
+
+# Everything, the two-node run to the end included (see the multinode marker in pytest.ini).
+test-all: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 # Everyday work: every script once on tiny inputs and each module's core (tests marked fast).

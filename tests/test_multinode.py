@@ -65,6 +65,7 @@ def kill_node(node: subprocess.Popen) -> None:
     node.wait()
 
 
+@pytest.mark.multinode
 def test_two_nodes_train_the_same_archs_write_once_and_resume(tmp_path):
     first = run_two_nodes(tmp_path, '--epochs', '1')
     ranks = archs_by_rank(tmp_path)
