@@ -455,7 +455,14 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
                          data=described)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         best = write_best_weights(checkpoints, folder, kind, space_kwargs, stored_arch, described)
-        atomic_write_json({'epochs': trainer.current_epoch, **metrics, 'undecodable_images': substituted,
+        per_class = {name: summarize(confusion)['per_class']
+                     for name, confusion in getattr(module, 'val_confusions', {}).items() if confusion.sum() > 0}
+        if per_class:
+            print('per-class validation top-1 of the last epoch: ' + '; '.join(
+                f'{name}: ' + ', '.join(f'{cls} {acc:.1f}' for cls, acc in zip(train_set.classes, accs)
+                                        if acc is not None) for name, accs in per_class.items()))
+        atomic_write_json({'epochs': trainer.current_epoch, **metrics, 'per_class': per_class,
+                           'classes': list(train_set.classes), 'undecodable_images': substituted,
                            'undecodable_val_images': data.undecodable_count(val_set),
                            **({'best': best} if best else {}), **({'before_training': before} if before else {})},
                           folder.metrics)

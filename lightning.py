@@ -211,8 +211,10 @@ class SupernetModule(LightningModule):
         """Balanced accuracy (the mean of the per-class accuracies) beside top-1: on imbalanced data a model
         that predicts the largest classes only scores a high top-1 and a low balanced accuracy."""
         classes = self.space_kwargs['num_labels']
+        self.val_confusions = {}  # the last validation's, for the per-class figures in metrics.json
         for name, confusion in self.confusions.items():
             confusion = self.trainer.strategy.reduce(confusion, reduce_op='sum').view(classes, classes)
+            self.val_confusions[name] = confusion.cpu()
             if confusion.sum() > 0:
                 self.log(f'val_balanced_{name}', running_value(confusion.double(), 'balanced'), sync_dist=False)
 

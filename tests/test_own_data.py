@@ -113,3 +113,5 @@ def test_finetune_validates_before_its_first_epoch_and_keeps_the_best_epoch(trai
     assert metrics['before_training']['val_balanced_subnet'] > 25  # the supernet's smallest subnet, inherited
     assert (tmp_path / 'subnet-best.pth').is_file() and (tmp_path / 'subnet.pth').is_file()
     assert 'holds the last epoch' in printed and metrics['best']['weights'] == 'subnet-best.pth'
+    assert len(metrics['per_class']['subnet']) == 4 and 'per-class validation top-1 of the last epoch: subnet: ' \
+        'diagonal' in printed and metrics['classes'] == sorted(IMBALANCED_SHARES)
