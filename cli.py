@@ -287,7 +287,9 @@ def check_recipe(args: argparse.Namespace) -> None:
     rate = (f'--learning-rate {args.learning_rate:g}' if args.learning_rate is not None else
             f'learning rate {args.base_lr:g} x global batch / 512 ({args.base_lr * args.batch_size / 512:g} at batch '
             f'{args.batch_size} on one process)')
-    if os.environ.get('LOCAL_RANK', '0') == '0' and os.environ.get('RANK', '0') == '0':  # once, not per DDP rank
+    from engine import is_first_process  # here: convert.py and evaluate's --help need no timm
+
+    if is_first_process():  # once, not per DDP rank
         print(f'recipe {args.recipe} ({args.recipe_reason}): {args.epochs} epochs, warmup {args.warmup}, {rate}',
               flush=True)
 

@@ -209,8 +209,7 @@ def class_names(dataset: str, datapath: str | os.PathLike | None) -> list[str]:
         return list(FASHION_CLASSES)
     root = _datapath(dataset, datapath)
     if dataset == 'cifar10':
-        (names,) = _read_cifar_file(_cifar_folder(root) / 'batches.meta', 'label_names')
-        return [name.decode() if isinstance(name, bytes) else name for name in names]
+        return _cifar_class_names(_cifar_folder(root))
     return _class_names(next((root / s for s in SPLITS if (root / s).is_dir()), root))
 
 
@@ -560,6 +559,12 @@ def _read_cifar_file(path: Path, *keys: str) -> list[Any]:
                         'extract cifar-10-python.tar.gz again') from None
 
 
+def _cifar_class_names(folder: Path) -> list[str]:
+    """The class names of ``batches.meta`` (bytes in the Python 2 pickles the archive ships)."""
+    (names,) = _read_cifar_file(folder / 'batches.meta', 'label_names')
+    return [name.decode() if isinstance(name, bytes) else name for name in names]
+
+
 class Cifar10(Dataset):
     """CIFAR-10 in torchvision's on-disk format, read without torchvision's download/MD5 logic."""
 
@@ -573,8 +578,7 @@ class Cifar10(Dataset):
         batches = [_read_cifar_file(folder / name, 'data', 'labels') for name in files]
         pixels = np.concatenate([np.asarray(rows, dtype=np.uint8) for rows, _ in batches])
         self.targets = [label for _, labels in batches for label in labels]
-        (names,) = _read_cifar_file(folder / 'batches.meta', 'label_names')
-        self.classes = [name.decode() if isinstance(name, bytes) else name for name in names]
+        self.classes = _cifar_class_names(folder)
         if pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32 or len(pixels) != len(self.targets) or not all(
                 isinstance(label, numbers.Integral) and 0 <= label < len(self.classes) for label in self.targets):
             raise UserError(f'{folder} is not CIFAR-10 data: its batches need rows of 3072 bytes, one label per row, '
