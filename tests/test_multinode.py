@@ -31,20 +31,36 @@ def node_command(rank: int, host: str, port: str, output: str, *args: str) -> li
 
 
 def start_node(rank: int, port: int, output: Path, *args: str) -> subprocess.Popen:
-    """One machine's launcher, both on this machine (127.0.0.1)."""
+    """One machine's launcher, both on this machine (127.0.0.1); its output goes to ``<output>.node-<rank>.log``
+    (a file, not a pipe: a pipe nobody reads while the test waits on the other node could stall the run)."""
     command = [str(TORCHRUN), *node_command(rank, '127.0.0.1', str(port), str(output), *args)[1:]]
     env = {**os.environ, 'AUTOFORMER_TRACE': '1'}
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    with open(node_log(output, rank), 'w') as log:
+        return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
 
 
-def run_two_nodes(output: Path, *args: str, timeout: float = 300) -> list[str]:
-    """Both machines to the end; their outputs (node 0's first)."""
+def node_log(output: Path, rank: int) -> Path:
+    return output.parent / f'{output.name}.node-{rank}.log'
+
+
+def run_two_nodes(output: Path, *args: str, timeout: float = 400) -> list[str]:
+    """Both machines to the end; their outputs (node 0's first). A node that fails ends the wait at once with
+    both outputs (torchrun would keep the other waiting for it at its exit barrier for five minutes)."""
     port = free_port()
     nodes = [start_node(rank, port, output, *args) for rank in (0, 1)]
-    outputs = [node.communicate(timeout=timeout)[0] for node in nodes]
-    for node, text in zip(nodes, outputs):
-        assert node.returncode == 0, text[-3000:]
+    deadline = time.time() + timeout
+    while any(node.poll() is None for node in nodes) and time.time() < deadline:
+        if any(node.returncode not in (None, 0) for node in nodes):
+            break
+        time.sleep(0.5)
+    codes = [node.poll() for node in nodes]
+    for node in nodes:
+        if node.poll() is None:
+            kill_node(node)
+    outputs = [node_log(output, rank).read_text() for rank in (0, 1)]
+    assert codes == [0, 0], (f'exit codes {codes} (None: still running after {timeout:.0f} s)\n'
+                             + '\n'.join(f'--- node {rank}:\n{text[-3000:]}' for rank, text in enumerate(outputs)))
     return outputs
 
 
@@ -67,26 +83,28 @@ def kill_node(node: subprocess.Popen) -> None:
 
 @pytest.mark.multinode
 def test_two_nodes_train_the_same_archs_write_once_and_resume(tmp_path):
-    first = run_two_nodes(tmp_path, '--epochs', '1')
-    ranks = archs_by_rank(tmp_path)
+    run = tmp_path / 'run'
+    first = run_two_nodes(run, '--epochs', '1')
+    ranks = archs_by_rank(run)
     assert sorted(ranks) == [0, 1] and sorted(ranks[0]) == list(range(4)) and ranks[0] == ranks[1]
     assert 'DDP: all 2 ranks hold identical supernet weights' in first[0]
-    assert f'wrote {tmp_path / "supernet.pth"}' in first[0] and 'wrote ' not in first[1]  # global rank 0 only
-    assert sorted(path.name for path in (tmp_path / 'checkpoints').iterdir()) == ['best.ckpt', 'last.ckpt']
+    assert f'wrote {run / "supernet.pth"}' in first[0] and 'wrote ' not in first[1]  # global rank 0 only
+    assert sorted(path.name for path in (run / 'checkpoints').iterdir()) == ['best.ckpt', 'last.ckpt']
     # the last epoch's weights and the best epoch's
-    assert sorted(path.name for path in tmp_path.glob('*.pth')) == ['supernet-best.pth', 'supernet.pth']
+    assert sorted(path.name for path in run.glob('*.pth')) == ['supernet-best.pth', 'supernet.pth']
 
-    run_two_nodes(tmp_path, '--epochs', '2', '--resume')
-    ranks = archs_by_rank(tmp_path)
+    run_two_nodes(run, '--epochs', '2', '--resume')
+    ranks = archs_by_rank(run)
     assert sorted(ranks[0]) == list(range(8)) and ranks[0] == ranks[1]
-    assert json.loads((tmp_path / 'metrics.json').read_text())['epochs'] == 2
-    assert sorted(path.name for path in (tmp_path / 'checkpoints').iterdir()) == ['best.ckpt', 'last.ckpt']
+    assert json.loads((run / 'metrics.json').read_text())['epochs'] == 2
+    assert sorted(path.name for path in (run / 'checkpoints').iterdir()) == ['best.ckpt', 'last.ckpt']
 
 
 def test_losing_one_node_ends_the_other_with_one_line(tmp_path):
+    run = tmp_path / 'run'
     port = free_port()
-    nodes = [start_node(rank, port, tmp_path, '--epochs', '50') for rank in (0, 1)]
-    trace = tmp_path / 'trace' / 'rank-0.jsonl'
+    nodes = [start_node(rank, port, run, '--epochs', '50') for rank in (0, 1)]
+    trace = run / 'trace' / 'rank-0.jsonl'
     deadline = time.time() + 240
     while not (trace.is_file() and trace.read_text().count('\n') >= 2) and time.time() < deadline:
         assert all(node.poll() is None for node in nodes), 'a node ended before training'
@@ -95,10 +113,11 @@ def test_losing_one_node_ends_the_other_with_one_line(tmp_path):
     kill_node(nodes[1])
     lost = time.time()
     try:
-        output = nodes[0].communicate(timeout=60)[0]
+        nodes[0].wait(timeout=60)
     except subprocess.TimeoutExpired:
         kill_node(nodes[0])
         pytest.fail('the remaining node hung after the other was killed')
+    output = node_log(run, 0).read_text()
     assert nodes[0].returncode != 0 and time.time() - lost < 60
     errors = [line for line in output.splitlines() if line.startswith('error: ')]
     assert len(errors) == 1 and 'lost contact with another training process' in errors[0], output[-3000:]
