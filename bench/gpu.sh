@@ -26,9 +26,11 @@ esac
 mkdir -p bench/results
 SLUG=$(echo "$CARD" | tr -c 'A-Za-z0-9\n' '-' | tr -s '-' | sed 's/-$//')
 REPORT=bench/results/gpu-$SLUG-$(date +%Y-%m-%d).md
-run() {  # a command and its output, into the report
+run() {  # a command, its output and its seconds, into the report
+  local start=$SECONDS
   echo "\$ $*" | tee -a "$REPORT.tmp"
   "$@" 2>&1 | grep -v -i warn | tee -a "$REPORT.tmp"
+  echo "($((SECONDS - start)) s)" | tee -a "$REPORT.tmp"
 }
 {
   echo "# bench/gpu.sh on $CARD, $(date -u '+%Y-%m-%d %H:%M UTC')"
