@@ -12,9 +12,9 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not multinode" tests
+	$(PY) -m pytest -q -m "not full" tests
 
-# Everything, the two-node run to the end included (see the multinode marker in pytest.ini).
+# Everything: make test and the variants marked full (pytest.ini).
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 

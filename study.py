@@ -139,8 +139,14 @@ def paired_difference(first: torch.Tensor, second: torch.Tensor) -> tuple[float,
     return 100 * diff.mean().item(), 100 * diff.std().item() / math.sqrt(len(diff))
 
 
-def mean_se(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0)
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """The mean and its standard error; None for one value (no spread is measured, not a spread of 0)."""
+    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
+
+
+def plus_minus(mean: float, se: float | None, digits: int = 2) -> str:
+    """``mean ± se``, or ``mean (one run: no standard error)``."""
+    return f'{mean:.{digits}f} ± {se:.{digits}f}' if se is not None else f'{mean:.{digits}f} (one run: no standard error)'
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,7 +460,7 @@ def control_tau(part: Mapping[str, Any]) -> str:
     if not draws or draws['mean'] is None:
         return format_tau(part['tau_search_trained_test'])
     each = ', '.join('undefined' if tau is None else f'{tau:.2f}' for tau in draws['taus'])
-    return (f'{draws["mean"]:.3f} ± {draws["se"]:.3f} (mean ± standard error over {len(draws["taus"])} '
+    return (f'{plus_minus(draws["mean"], draws["se"], 3)} (mean ± standard error over {len(draws["taus"])} '
             f'permutations: {each})')
 
 
@@ -515,7 +521,7 @@ def report(output: Path) -> str:
                   'seeds |', '|---|---|---|---|']
         for strategy, row in part['summary'].items():
             (search, search_se), (test, test_se) = row['search_top1_at_equal'], row['test_top1_of_pick']
-            lines.append(f'| {strategy} | {search:.2f} ± {search_se:.2f} | {test:.2f} ± {test_se:.2f} | '
+            lines.append(f'| {strategy} | {plus_minus(search, search_se)} | {plus_minus(test, test_se)} | '
                          f'{row["test_top1_range"][0]:.2f} to {row["test_top1_range"][1]:.2f} |')
         lines += ['', '± is the standard error over seeds.', '', '![best so far](evolution.png)', '']
     if 'pick' in parts:
@@ -646,7 +652,7 @@ def summary_line(name: str, result: Mapping[str, Any]) -> str:
         return f'finetune: tau(inherited, fine-tuned) {format_tau(result["tau_inherited_finetuned"])}'
     if name == 'evolution':
         return 'evolution: pick test top-1 ' + ', '.join(
-            f'{strategy} {row["test_top1_of_pick"][0]:.2f} ± {row["test_top1_of_pick"][1]:.2f}'
+            f'{strategy} {plus_minus(*row["test_top1_of_pick"])}'
             for strategy, row in result['summary'].items())
     return 'pick: searched minus ' + ', '.join(f'{other} {kinds["inherited"][0]:+.2f} ± {kinds["inherited"][1]:.2f}'
                                               for other, kinds in result['searched_minus'].items())

@@ -81,7 +81,6 @@ def kill_node(node: subprocess.Popen) -> None:
     node.wait()
 
 
-@pytest.mark.multinode
 def test_two_nodes_train_the_same_archs_write_once_and_resume(tmp_path):
     run = tmp_path / 'run'
     first = run_two_nodes(run, '--epochs', '1')

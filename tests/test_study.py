@@ -31,7 +31,7 @@ def fashion_supernet(tmp_path_factory):
 def quick_study(fashion_supernet, tmp_path_factory):
     output = tmp_path_factory.mktemp('study')
     study.main(['--weights', str(fashion_supernet), '--dataset', 'fashion-mnist', '--quick', '--num-workers', '0',
-                '--parts', 'spread,control,evolution', '--output', str(output)])
+                '--parts', 'spread,control,evolution', '--seeds', '1', '--output', str(output)])
     return output
 
 
@@ -60,14 +60,14 @@ def test_negative_control_ranks_nothing(quick_study):
 @installed
 def test_evolution_against_random_at_equal_candidates(quick_study):
     part = read(quick_study, 'evolution')
-    assert sorted((run['strategy'], run['seed']) for run in part['runs']) == [
-        ('autoformer', 0), ('autoformer', 1), ('random', 0), ('random', 1)]
+    assert sorted((run['strategy'], run['seed']) for run in part['runs']) == [('autoformer', 0), ('random', 0)]
     assert part['candidates'] == 8
     for run in part['runs']:
         assert run['curve'] == sorted(run['curve']) and run['best_params'] <= part['budget'] + 1e-9
         assert run['best_search_top1'] == run['curve'][-1]
     report = (quick_study / 'report.md').read_text()
     assert '## Evolution against random search' in report and 'Negative control' in report
+    assert '(one run: no standard error)' in report and '± 0.00 |' not in report  # one seed: no spread measured
     assert (quick_study / 'spread.png').is_file() and (quick_study / 'evolution.png').is_file()
 
 
