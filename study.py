@@ -146,7 +146,8 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
 
 def plus_minus(mean: float, se: float | None, digits: int = 2) -> str:
     """``mean ± se``, or ``mean (one run: no standard error)``."""
-    return f'{mean:.{digits}f} ± {se:.{digits}f}' if se is not None else f'{mean:.{digits}f} (one run: no standard error)'
+    spread = f' ± {se:.{digits}f}' if se is not None else ' (one run: no standard error)'
+    return f'{mean:.{digits}f}{spread}'
 
 
 # --------------------------------------------------------------------------------------------
