@@ -50,11 +50,10 @@ def run_two_nodes(output: Path, *args: str, timeout: float = 400) -> list[str]:
     port = free_port()
     nodes = [start_node(rank, port, output, *args) for rank in (0, 1)]
     deadline = time.time() + timeout
-    while any(node.poll() is None for node in nodes) and time.time() < deadline:
-        if any(node.returncode not in (None, 0) for node in nodes):
-            break
+    codes = [node.poll() for node in nodes]  # every node polled (any() would stop at the first still running)
+    while None in codes and not set(codes) - {None, 0} and time.time() < deadline:
         time.sleep(0.5)
-    codes = [node.poll() for node in nodes]
+        codes = [node.poll() for node in nodes]
     for node in nodes:
         if node.poll() is None:
             kill_node(node)
