@@ -461,8 +461,8 @@ def control_tau(part: Mapping[str, Any]) -> str:
     if not draws or draws['mean'] is None:
         return format_tau(part['tau_search_trained_test'])
     each = ', '.join('undefined' if tau is None else f'{tau:.2f}' for tau in draws['taus'])
-    return (f'{plus_minus(draws["mean"], draws["se"], 3)} (mean ± standard error over {len(draws["taus"])} '
-            f'permutations: {each})')
+    measure = 'mean ± standard error' if draws['se'] is not None else 'mean'
+    return f'{plus_minus(draws["mean"], draws["se"], 3)} ({measure} over {len(draws["taus"])} permutations: {each})'
 
 
 def spread_lines(part: Mapping[str, Any], title: str) -> list[str]:
