@@ -10,9 +10,13 @@ Patches, each undone when it has served unless said:
   ``ValueError`` on the commands its manager sends a resumed experiment (ImportData, AddCustomizedTrialJob);
   the error kills the engine's listener thread and the resumed search waits forever.
 * ``nni.experiment.launcher.Popen`` -> :func:`popen_dying_with_parent` while NNI starts its manager
-  (``search.SearchExperiment._start_nni_manager``): the manager gets its own process group (as NNI does) and
-  ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` (Linux, through ctypes), so a search killed even by SIGKILL leaves no
-  web server behind.
+  (``search.SearchExperiment._start_nni_manager``, :func:`manager_start`): the manager gets its own process
+  group (as NNI does) and ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` (Linux, through ctypes), so a search killed even
+  by SIGKILL leaves no web server behind.
+* ``nni.experiment.launcher._check_rest_server`` -> a patient check, in the same block: NNI 3.0 gives its
+  manager three seconds, and a manager still starting answers ``INITIALIZING`` (not JSON), so on a loaded
+  machine a search failed with "Expecting value: line 1 column 1 (char 0)". The check now waits while the
+  manager process lives, up to ``MANAGER_START_SECONDS``.
 * ``NasExperimentConfig._trial_command_params`` (private, per config; :func:`set_trial_command`): NNI fixes a
   trial's command to ``{envs} {python} -m nni.nas.execution.training_service trial``; ``python`` becomes
   ``trial.py``, which asks a warm worker instead of importing torch in every trial.
@@ -40,6 +44,7 @@ import os
 import re
 import signal
 import subprocess
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,11 +132,41 @@ def popen_dying_with_parent(*args: Any, **kwargs: Any) -> subprocess.Popen:
     return subprocess.Popen(*args, **{**kwargs, 'preexec_fn': _die_with_parent})
 
 
-def manager_dies_with_search() -> Any:
-    """The block in which NNI starts its manager process with :func:`popen_dying_with_parent`."""
+MANAGER_START_SECONDS = 120.0
+
+
+def patient_check(started: list[subprocess.Popen], seconds: float = MANAGER_START_SECONDS) -> Callable[..., None]:
+    """NNI's ``_check_rest_server(port, retry, url_prefix)``, waiting while the last process in ``started`` lives
+    (up to ``seconds``) rather than three seconds; its last error once the manager has died or the time is up."""
+    from nni.experiment import rest
+
+    def check(port: int, retry: int = 3, url_prefix: str | None = None) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                rest.get(port, '/check-status', url_prefix)
+                return
+            except Exception:
+                if time.monotonic() > deadline or (started and started[-1].poll() is not None):
+                    raise
+                time.sleep(0.25)
+    return check
+
+
+@contextmanager
+def manager_start() -> Iterator[None]:
+    """The block in which NNI starts its manager: with :func:`popen_dying_with_parent`, and checked by
+    :func:`patient_check`."""
     from nni.experiment import launcher
 
-    return replaced(launcher, 'Popen', popen_dying_with_parent)
+    started: list[subprocess.Popen] = []
+
+    def popen(*args: Any, **kwargs: Any) -> subprocess.Popen:
+        started.append(popen_dying_with_parent(*args, **kwargs))
+        return started[-1]
+
+    with replaced(launcher, 'Popen', popen), replaced(launcher, '_check_rest_server', patient_check(started)):
+        yield
 
 
 def set_trial_command(config: Any, envs: str, python: str) -> None:

@@ -188,7 +188,7 @@ class SearchExperiment(NasExperiment):
             return super().execution_engine_factory(config)
 
     def _start_nni_manager(self, *args, **kwargs) -> None:
-        with nni_patches.manager_dies_with_search():
+        with nni_patches.manager_start():
             super()._start_nni_manager(*args, **kwargs)
 
     def load_checkpoint(self) -> None:

@@ -274,7 +274,8 @@ def run_script(command: list[str], log: list[str], done: bool = False) -> None:
     if done:
         return
     print(f'$ {printable}', flush=True)
-    if subprocess.run([sys.executable, *command[1:]], cwd=ROOT).returncode != 0:
+    # from the user's folder, where the relative paths of the study's own flags point
+    if subprocess.run([sys.executable, str(ROOT / command[1]), *command[2:]]).returncode != 0:
         raise UserError(f'{printable} failed (its error is above); rerun the study to continue: parts and '
                         'runs already finished are kept')
 

@@ -168,8 +168,12 @@ def web_ui_trials(experiment_id: str, experiments: Path) -> list[tuple[dict, lis
         with urllib.request.urlopen(f'http://127.0.0.1:{port}/api/v1/nni/{path}', timeout=30) as reply:
             return json.loads(reply.read())
 
-    subprocess.run([nnictl, 'view', experiment_id, '--port', str(port), '--experiment_dir', str(experiments)],
-                   check=True, capture_output=True, timeout=120)
+    view = [nnictl, 'view', experiment_id, '--port', str(port), '--experiment_dir', str(experiments)]
+    if subprocess.run(view, capture_output=True, timeout=120).returncode != 0:
+        # NNI 3.0's nnictl gives its manager three seconds to start (nni_patches.patient_check): once more on a
+        # loaded machine
+        subprocess.run([nnictl, 'stop', '--port', str(port)], capture_output=True, timeout=120)
+        subprocess.run(view, check=True, capture_output=True, timeout=120)
     try:
         trials = []
         for trial in rest('trial-jobs'):

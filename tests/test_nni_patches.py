@@ -2,7 +2,11 @@
 its block, and another NNI version is refused in one line."""
 from __future__ import annotations
 
+import http.server
+import inspect
 import subprocess
+import threading
+import time
 
 import nni
 import pytest
@@ -34,6 +38,7 @@ def test_every_patched_or_overridden_attribute_exists():
     assert training_service.TunerCommandChannel is TunerCommandChannel and hasattr(TunerCommandChannel, '_receive')
     assert CommandType.ImportData and CommandType.AddCustomizedTrialJob
     assert launcher.Popen is subprocess.Popen
+    assert list(inspect.signature(launcher._check_rest_server).parameters) == ['port', 'retry', 'url_prefix']
     for method in ('execution_engine_factory', '_start_nni_manager', 'load_checkpoint', '_send_space_to_nni_manager'):
         assert callable(getattr(NasExperiment, method)), method
     config = NasExperimentConfig('ts', 'simplified', 'local')
@@ -50,15 +55,59 @@ def test_patches_are_undone_after_their_block():
         assert training_service.TunerCommandChannel.__name__ == 'TolerantTunerChannel'
         assert issubclass(training_service.TunerCommandChannel, TunerCommandChannel)
     assert training_service.TunerCommandChannel is TunerCommandChannel
-    with pytest.raises(RuntimeError), nni_patches.manager_dies_with_search():
-        assert launcher.Popen is nni_patches.popen_dying_with_parent
+    check = launcher._check_rest_server
+    with pytest.raises(RuntimeError), nni_patches.manager_start():
+        assert launcher.Popen is not subprocess.Popen and launcher._check_rest_server is not check
         raise RuntimeError
-    assert launcher.Popen is subprocess.Popen
+    assert launcher.Popen is subprocess.Popen and launcher._check_rest_server is check
+
+
+class Manager(http.server.BaseHTTPRequestHandler):
+    """NNI's manager as it starts: 'INITIALIZING' (not JSON) to /check-status until ``ready``, then JSON."""
+    ready = 0.0
+
+    def do_GET(self):
+        body = b'INITIALIZING' if time.monotonic() < self.ready else b'{"status": "RUNNING"}'
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def starting_manager():
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Manager)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+def test_a_manager_slower_than_three_seconds_to_start_is_waited_for(starting_manager):
+    """NNI 3.0's own check gives up after three seconds with a JSON error; the patient one waits for a live
+    manager, and gives up at once when the manager process has died."""
+    port = starting_manager.server_address[1]
+    Manager.ready = time.monotonic() + 4.5
+    with pytest.raises(ValueError, match='Expecting value'):  # NNI's own: the bug
+        launcher._check_rest_server(port)
+    alive = subprocess.Popen(['sleep', '30'])
+    try:
+        Manager.ready = time.monotonic() + 4.5
+        nni_patches.patient_check([alive])(port)
+        assert time.monotonic() >= Manager.ready
+    finally:
+        alive.kill()
+        alive.wait()
+    Manager.ready = time.monotonic() + 60
+    start = time.monotonic()
+    with pytest.raises(ValueError, match='Expecting value'):
+        nni_patches.patient_check([alive])(port)  # the manager is dead: no use waiting
+    assert time.monotonic() - start < 2
 
 
 def test_the_web_portal_line_keeps_only_the_loopback_url(caplog):
     """NNI lists every interface's address; with loopback.js only 127.0.0.1 answers."""
-    import inspect
     import logging
 
     import nni.experiment.experiment as nni_experiment

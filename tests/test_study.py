@@ -4,6 +4,7 @@ search.py at equal candidates."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -29,9 +30,13 @@ def fashion_supernet(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def quick_study(fashion_supernet, tmp_path_factory):
+    """Run from the supernet's folder with relative paths, as a user types them: the searches it starts must
+    find the weights and write into the study's folder."""
     output = tmp_path_factory.mktemp('study')
-    study.main(['--weights', str(fashion_supernet), '--dataset', 'fashion-mnist', '--quick', '--num-workers', '0',
-                '--parts', 'spread,control,evolution', '--seeds', '1', '--output', str(output)])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(fashion_supernet.parent)
+        study.main(['--weights', fashion_supernet.name, '--dataset', 'fashion-mnist', '--quick', '--num-workers', '0',
+                    '--parts', 'spread,control,evolution', '--seeds', '1', '--output', os.path.relpath(output)])
     return output
 
 
