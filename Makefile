@@ -11,12 +11,15 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+# One worker a core (at most four), each module on one worker, the longest first (tests/conftest.py).
+PARALLEL := -n logical --maxprocesses 4 --dist loadfile --no-loadscope-reorder
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not full" tests
+	$(PY) -m pytest -q $(PARALLEL) -m "not full" tests
 
 # Everything: make test and the variants marked full (pytest.ini).
 test-all: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PARALLEL) tests
 
 # Everyday work: every script once on tiny inputs and each module's core (tests marked fast).
 test-fast: $(VENV)/.installed

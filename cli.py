@@ -107,6 +107,7 @@ RULES: dict[str, Rule] = {
     # study
     'subnets': between(2, 100_000), 'finetune_subnets': between(2, 100_000), 'seeds': between(1, 1000),
     'finetune_epochs': at_least(1), 'retrain_epochs': at_least(1), 'control_draws': between(1, 1000),
+    'test_images': at_least(10),
 }
 
 

@@ -48,11 +48,12 @@ from utils import UserError, atomic_write_json, atomic_write_text, check_writabl
     read_json, set_up_precision
 
 import torch
+from torch.utils.data import Dataset, Subset
 
 PARTS = ('spread', 'control', 'finetune', 'evolution', 'pick')
 CHECK = ('spread', 'control')
-QUICK = dict(subnets=12, control_draws=3, finetune_subnets=4, seeds=2, population=4, generations=2, finetune_epochs=1,
-             retrain_epochs=1)
+QUICK = dict(subnets=12, test_images=2000, control_draws=3, finetune_subnets=4, seeds=2, population=4, generations=2,
+             finetune_epochs=1, retrain_epochs=1)
 ROOT = Path(__file__).resolve().parent
 
 
@@ -65,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f'comma-separated parts to run, or all: {", ".join(PARTS)} (default: the check, '
                              f'{",".join(CHECK)})')
     parser.add_argument('--subnets', type=int, default=50, help='random subnets of the spread (default 50)')
+    parser.add_argument('--test-images', type=int, default=None,
+                        help='test top-1 on a fixed class-balanced subset of this many test images (default: all)')
     parser.add_argument('--finetune-subnets', type=int, default=8, help='subnets fine-tuned for the second tau')
     parser.add_argument('--finetune-epochs', type=int, default=None,
                         help="epochs of each fine-tune (default: finetune.py's recipe)")
@@ -154,6 +157,14 @@ def plus_minus(mean: float, se: float | None, digits: int = 2) -> str:
 # Evaluating subnets with inherited weights
 # --------------------------------------------------------------------------------------------
 
+def test_split(dataset: str, datapath: str | None, img_size: int, images: int | None) -> Dataset:
+    """The test split, or a fixed class-balanced subset of ``images`` of it."""
+    test = data.build_dataset(dataset, datapath, 'test', img_size)
+    if images is None or images >= len(test):
+        return test
+    return Subset(test, data.balanced_indices(list(test.targets), images, seed=0))
+
+
 class Evaluator:
     """Inherited top-1 of subnets of one supernet on the search and test splits, each split decoded once into a
     cache in the output folder; per-image results kept for paired comparisons."""
@@ -174,7 +185,7 @@ class Evaluator:
                 raise UserError(f'--datapath {args.datapath} has no train/ folder: the study ranks on training images '
                                 'held apart from the test (val/) images; give the dataset root holding train/ and val/')
             split = data.search_split(args.dataset, args.datapath, img_size) if name == 'search' else \
-                data.build_dataset(args.dataset, args.datapath, 'test', img_size)
+                test_split(args.dataset, args.datapath, img_size, args.test_images)
             classes = len(getattr(split, 'dataset', split).classes)
             data.check_classes(args.dataset, classes, self.space_kwargs, 'supernet')
             data.write_cache(split, args.dataset, path, num_workers=args.num_workers, desc=f'caching the {name} split')
@@ -601,7 +612,8 @@ def main(argv: list[str] | None = None) -> Path:
     fingerprint = {'weights': str(weights), 'weights_bytes': weights.stat().st_size,
                    'weights_mtime': weights.stat().st_mtime, 'dataset': args.dataset,
                    'datapath': str(Path(args.datapath).resolve()) if args.datapath else None,
-                   'img_size': space_kwargs['img_size'], 'seed': args.seed, 'subnets': args.subnets}
+                   'img_size': space_kwargs['img_size'], 'seed': args.seed, 'subnets': args.subnets,
+                   'test_images': args.test_images}
     check_writable(args.output)
     with lock_output(args.output, 'a study'):
         check_study_folder(args.output, fingerprint)

@@ -17,7 +17,7 @@ import torch
 
 import cli  # noqa: F401  (quiets NNI 3.0's known warnings, as in the scripts)
 import space
-from space import PRESETS
+from space import PRESETS, AutoformerSpace, complete_space_kwargs
 
 OURS, OFFICIAL = 'ours', 'official formulation'
 
@@ -32,6 +32,7 @@ def positive_int(text: str) -> int:
 def add_timing_args(parser: argparse.ArgumentParser, unit: str) -> None:
     """Preset, batch, device, precision, how much to time and whether to pair ours with the official formulation."""
     parser.add_argument('--name', choices=list(PRESETS), default='tiny', help='preset')
+    parser.add_argument('--img-size', type=positive_int, default=None, help="input size (default: the preset's)")
     parser.add_argument('--batch-size', type=int, default=8, help=f'images per {unit[:-1]}')
     parser.add_argument('--device', default='cpu', metavar='DEVICE', help='cpu, cuda or cuda:N')
     parser.add_argument('--precision', choices=['fp32', 'bf16'], default='fp32', help='autocast dtype')
@@ -136,3 +137,9 @@ def interleaved_summary(times: dict[str, list[float]], images_per_step: int, flo
                          f'(per step: median {statistics.median(ratios):.2f}x, '
                          f'quartiles {quartiles[0]:.2f}-{quartiles[2]:.2f}x)')
     return '; '.join(parts)
+
+
+def preset_space(args: argparse.Namespace) -> dict:
+    """The complete space keywords of ``--name`` at ``--img-size``."""
+    preset = AutoformerSpace.preset(args.name)
+    return complete_space_kwargs(**{**preset, 'img_size': args.img_size or preset['img_size']})

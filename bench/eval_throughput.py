@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from common import (OFFICIAL, OTHER_ATTENTION, OURS, add_timing_args, autocast, interleaved_seconds,  # noqa: E402
-                    interleaved_summary, peak_memory, set_up, with_other_attention)
+                    interleaved_summary, peak_memory, preset_space, set_up, with_other_attention)
 from reference import in_official_formulation  # noqa: E402
-from space import AutoformerSpace, build_supernet, complete_space_kwargs, count_flops, set_active_arch  # noqa: E402
+from space import AutoformerSpace, build_supernet, count_flops, set_active_arch  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -43,7 +43,7 @@ def inference(model: torch.nn.Module, images: torch.Tensor, precision: str) -> C
 def main() -> None:
     args = parse_args()
     device = set_up(args)
-    space_kwargs = complete_space_kwargs(**AutoformerSpace.preset(args.name))
+    space_kwargs = preset_space(args)
     arch = AutoformerSpace.searched_arch(args.name)
     subnet = AutoformerSpace(**space_kwargs).freeze(arch).eval().to(device)
     supernet = build_supernet(space_kwargs).eval().to(device)

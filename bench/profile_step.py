@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from common import add_timing_args, set_up  # noqa: E402
-from space import AutoformerSpace, build_supernet, sample_arch, complete_space_kwargs  # noqa: E402
+from common import add_timing_args, preset_space, set_up  # noqa: E402
+from space import build_supernet, sample_arch  # noqa: E402
 from reference import official_formulation  # noqa: E402
 from train_step import random_batch, training_step  # noqa: E402
 
@@ -41,7 +41,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     device = set_up(args)
-    space_kwargs = complete_space_kwargs(**AutoformerSpace.preset(args.name))
+    space_kwargs = preset_space(args)
     images, targets = random_batch(space_kwargs, args.batch_size, device)
     step = training_step(build_supernet(space_kwargs).to(device).train(), images, targets, args.precision)
     rng = random.Random(args.seed)

@@ -23,15 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from common import (OFFICIAL, OTHER_ATTENTION, OURS, add_timing_args, autocast, interleaved_seconds,  # noqa: E402
-                    interleaved_summary, peak_memory, set_up, with_other_attention)
+                    interleaved_summary, peak_memory, preset_space, set_up, with_other_attention)
 from reference import in_official_formulation  # noqa: E402
-from space import (AutoformerSpace, build_supernet, complete_space_kwargs, count_flops, sample_arch,  # noqa: E402
-                   set_active_arch)
+from space import build_supernet, count_flops, sample_arch, set_active_arch  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--img-size', type=int, default=None, help="input size (default: the preset's)")
     add_timing_args(parser, 'steps')
     parser.add_argument('--ceiling', action='store_true',
                         help='also time the same steps on a supernet without relative positions')
@@ -61,10 +59,7 @@ def training_step(supernet, images, targets, precision: str) -> Callable[[dict],
 def main() -> None:
     args = parse_args()
     device = set_up(args)
-    preset = AutoformerSpace.preset(args.name)
-    if args.img_size:
-        preset['img_size'] = args.img_size
-    space_kwargs = complete_space_kwargs(**preset)
+    space_kwargs = preset_space(args)
     images, targets = random_batch(space_kwargs, args.batch_size, device)
     step = training_step(build_supernet(space_kwargs).to(device).train(), images, targets, args.precision)
     if args.ceiling:

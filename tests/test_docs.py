@@ -24,6 +24,7 @@ def documented_outputs(blocks: list[str]) -> list[str]:
     return outputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('document', ['tutorials.md', 'README.md'])
 def test_python_blocks_run(document, tmp_path):
     blocks = python_blocks(ROOT / document)

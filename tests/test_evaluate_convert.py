@@ -36,6 +36,7 @@ def test_evaluate_digits_with_supernet_and_arch(demo_supernet, tmp_path):
     assert results['params'] == sum(p.numel() for p in load_model(demo_supernet, arch=ARCH)[0].parameters())
 
 
+@pytest.mark.slow
 def test_evaluate_compiled_gives_the_same_outputs_and_accuracy(demo_supernet, caplog):
     # All 360 test images in one batch: one graph to compile (a last, smaller batch would compile a second,
     # dynamic one), and the outputs below reuse it from inductor's cache (the same shapes): 50 s, not 120.

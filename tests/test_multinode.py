@@ -80,6 +80,7 @@ def kill_node(node: subprocess.Popen) -> None:
     node.wait()
 
 
+@pytest.mark.slow
 def test_two_nodes_train_the_same_archs_write_once_and_resume(tmp_path):
     run = tmp_path / 'run'
     first = run_two_nodes(run, '--epochs', '1')
@@ -98,6 +99,7 @@ def test_two_nodes_train_the_same_archs_write_once_and_resume(tmp_path):
     assert sorted(path.name for path in (run / 'checkpoints').iterdir()) == ['best.ckpt', 'last.ckpt']
 
 
+@pytest.mark.slow
 def test_losing_one_node_ends_the_other_with_one_line(tmp_path):
     run = tmp_path / 'run'
     port = free_port()

@@ -86,6 +86,7 @@ def as_read_only(folder: Path, command: list[str]) -> list[str]:
     pytest.skip('root without mount namespaces: no way to make a folder read-only here')
 
 
+@pytest.mark.slow
 def test_read_only_output_is_refused_up_front_and_earlier_results_kept(tmp_path):
     run = tmp_path / 'run'
     scratch.main(['--dataset', 'digits', '--epochs', '1', '--warmup', '0', '--output', str(run)])

@@ -113,6 +113,7 @@ def check_standalone_export(folder, subnet):
     assert {'arch', 'params', 'flops', 'top1'} <= set(info)
 
 
+@pytest.mark.slow
 def test_ts_engine_search_and_nnictl_view(supernet, random_archs, tmp_path):
     port, experiments = free_port(), tmp_path / 'nni-experiments'
     output = tmp_path / 'search'
@@ -173,6 +174,7 @@ def uninterrupted(supernet, tmp_path_factory):
 
 
 # SIGTERM takes SIGINT's path (one handler): make test-all runs it, make test the other two.
+@pytest.mark.slow
 @pytest.mark.parametrize('sig', [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.full),
                                  signal.SIGKILL])
 def test_ts_search_interrupted_then_resumed_gives_the_uninterrupted_records(supernet, uninterrupted, tmp_path, sig):
@@ -201,6 +203,7 @@ def test_ts_search_interrupted_then_resumed_gives_the_uninterrupted_records(supe
     assert not processes_of(output, experiment_id)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_does_not_stop_the_search(supernet, uninterrupted, tmp_path):
     output = tmp_path / 'search'
     process = subprocess.Popen([sys.executable, 'search.py', '--weights', str(supernet), *TS_ARGS, '--engine', 'ts',
@@ -218,6 +221,7 @@ def test_a_killed_worker_does_not_stop_the_search(supernet, uninterrupted, tmp_p
     assert (output / 'workers' / pid_file.parent.name / 'worker0.log').read_text().count('ready') >= 2
 
 
+@pytest.mark.slow
 def test_a_search_whose_trials_all_fail_reports_their_error(supernet, tmp_path):
     output = tmp_path / 'search'
     output.mkdir()

@@ -193,6 +193,7 @@ def test_the_web_ui_hint_is_the_loopback_command_to_copy():
     assert 'NODE_OPTIONS' not in everywhere and 'every interface' in everywhere
 
 
+@pytest.mark.slow
 def test_web_ui_search_reports_the_chosen_metric_as_default(digits_weights, tmp_path, capsys):
     """NNI's default metric (what the web UI charts and ranks) is --metric, its intermediate results the running
     value of it; both accuracies are in the final dict under their own names."""

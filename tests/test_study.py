@@ -44,12 +44,14 @@ def read(output, part):
     return json.loads((output / f'{part}.json').read_text())
 
 
+@pytest.mark.slow
 @installed
 def test_search_split_ranks_a_trained_supernet_like_the_test_set(quick_study):
     tau = read(quick_study, 'spread')['tau_search_test']
     assert tau['n'] == 14 and tau['tau'] > 0 and tau['p'] < 0.01
 
 
+@pytest.mark.slow
 @installed
 def test_negative_control_ranks_nothing(quick_study):
     """The permuted supernet: the same measure must not find a ranking (else the study could never fail)."""
@@ -62,6 +64,7 @@ def test_negative_control_ranks_nothing(quick_study):
     assert abs(part['draws']['mean']) < 0.5 and part['draws']['mean'] < trained - 0.4
 
 
+@pytest.mark.slow
 @installed
 def test_evolution_against_random_at_equal_candidates(quick_study):
     part = read(quick_study, 'evolution')
@@ -76,6 +79,7 @@ def test_evolution_against_random_at_equal_candidates(quick_study):
     assert (quick_study / 'spread.png').is_file() and (quick_study / 'evolution.png').is_file()
 
 
+@pytest.mark.slow
 @installed
 def test_another_supernet_in_the_same_output_is_refused(quick_study, fashion_supernet, tmp_path):
     other = tmp_path / 'supernet.pth'

@@ -44,6 +44,7 @@ def test_scratch_digits_learns_and_writes_checkpoints_and_weights(tmp_path):
         scratch.main([*FAST, '--epochs', '4', '--output', str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_ddp_without_repeated_augmentation_splits_the_images_and_ends_with_identical_weights(tmp_path):
     """Under DDP with --no-repeated-aug each rank reads 629 of the 1257 digits an epoch (with it, 512: see the
     next test)."""
@@ -68,6 +69,7 @@ def read_trace(output: Path) -> dict[tuple[int, int], dict]:
     return records
 
 
+@pytest.mark.slow
 def test_ddp_ranks_share_each_steps_arch_draw_their_own_mixup_and_resume_exactly(tmp_path):
     """Issue 24.1: every rank trains the step's arch, with its own Mixup/CutMix draws (seed + rank, as the
     official run); a run extended by --resume draws and trains exactly what an uninterrupted one does (a constant
@@ -93,6 +95,7 @@ def test_ddp_ranks_share_each_steps_arch_draw_their_own_mixup_and_resume_exactly
     assert all(torch.equal(weights[key], reference[key]) for key in reference)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_mid_epoch_finishes_the_planned_epochs(tmp_path):
     args = ['scratch.py', *FAST, '--epochs', '3', '--output', str(tmp_path)]
     process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -119,6 +122,7 @@ def test_resume_after_kill_mid_epoch_finishes_the_planned_epochs(tmp_path):
     assert epochs == {'0', '1', '2'}
 
 
+@pytest.mark.slow
 def test_kill_mid_checkpoint_write_keeps_the_previous_checkpoint_and_resume_finishes(tmp_path):
     args = ['scratch.py', *FAST, '--epochs', '3', '--output', str(tmp_path)]
     checkpoints = tmp_path / 'checkpoints'
@@ -304,6 +308,7 @@ def test_scratch_arch_retrains_one_subnet_and_resumes_it(tmp_path):
                       '--output', str(tmp_path), '--resume'])
 
 
+@pytest.mark.slow
 def test_compile_of_a_fixed_arch_keeps_outputs_and_state_dict_keys():
     """``--compile`` compiles the subnet in place (``nn.Module.compile``): same outputs, same weights file keys."""
     from space import make_arch
