@@ -414,10 +414,14 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
         steps_per_epoch=steps_per_epoch, smoothing=run.smoothing, mixup=run.mixup,
         cutmix=run.cutmix, ema_decay=run.ema_decay or 0.0, rel_pos_decay=run.rel_pos_decay, seed=run.seed,
         schedule=run.schedule, skip_unsampled=run.skip_unsampled, pretrained=pretrained, arch=arch)
-    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=folder.checkpoints, filename='best', mode='max', save_last=True,
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=folder.checkpoints, filename='best', mode='max',
                                                monitor='val_balanced_subnet' if arch else 'val_balanced_max')
+    # last.ckpt after every epoch: Lightning 2.6's save_last writes it only when the best improved, so a run
+    # stopped after epochs without a new best resumed from the last one that had one.
+    last = pl.callbacks.ModelCheckpoint(dirpath=folder.checkpoints, filename=folder.last_checkpoint.stem,
+                                        enable_version_counter=False)
     # The CSV logger starts a new version per (resumed) run: no log is overwritten.
-    trainer_kwargs.update(callbacks=[checkpoints], plugins=[AtomicCheckpointIO()],
+    trainer_kwargs.update(callbacks=[checkpoints, last], plugins=[AtomicCheckpointIO()],
                           logger=pl.loggers.CSVLogger(folder.root, name=folder.logs.name))
     evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs,
                                 str(folder.last_checkpoint) if run.resume else None)

@@ -96,46 +96,52 @@ def test_ddp_ranks_share_each_steps_arch_draw_their_own_mixup_and_resume_exactly
 
 
 @pytest.mark.slow
-def test_resume_after_kill_mid_epoch_finishes_the_planned_epochs(tmp_path):
+def test_killed_mid_checkpoint_write_then_mid_epoch_resumes_to_the_planned_epochs(tmp_path):
+    """Killed halfway through writing epoch 1's checkpoint, the run keeps epoch 0's; resumed and killed again
+    in the middle of epoch 2, it keeps epoch 1's; resumed again, it finishes the planned epochs, every epoch
+    validated in one of the runs' logs."""
     args = ['scratch.py', *FAST, '--epochs', '3', '--output', str(tmp_path)]
-    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    last = tmp_path / 'checkpoints' / 'last.ckpt'
+    checkpoints = tmp_path / 'checkpoints'
+    last = checkpoints / 'last.ckpt'
+    killed = run_script('tests/die_mid_write.py', r'last\.ckpt', '2', *args, timeout=600)  # half of epoch 1's
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert list(checkpoints.glob('.last.ckpt.*.tmp')), 'the kill did not land in the write'
+    assert torch.load(last, map_location='cpu', weights_only=False)['epoch'] == 0
+
+    trace = tmp_path / 'trace' / 'rank-0.jsonl'  # a line a training step, with its epoch
+    process = subprocess.Popen([sys.executable, *args, '--resume'], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, 'AUTOFORMER_TRACE': '1'})
     deadline = time.time() + 300
-    while not last.exists() and time.time() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    time.sleep(2)  # into the second epoch
+    while not (trace.is_file() and '"epoch": 2' in trace.read_text()) and time.time() < deadline \
+            and process.poll() is None:
+        time.sleep(0.05)
     assert process.poll() is None, 'the run ended before it could be killed'
     process.send_signal(signal.SIGKILL)
     process.wait()
-    saved = torch.load(last, map_location='cpu', weights_only=False)  # whole, not half-written
-    assert saved['epoch'] == 0
+    assert torch.load(last, map_location='cpu', weights_only=False)['epoch'] == 1  # whole, not half-written
     assert not (tmp_path / 'supernet.pth').exists()
 
     result = run_script(*args, '--resume', timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / 'metrics.json').read_text())['epochs'] == 3
+    assert torch.load(last, map_location='cpu', weights_only=False)['epoch'] == 2
+    assert not list(checkpoints.glob('.*.tmp'))  # the killed write's leftover is cleared on resume
     epochs = set()
-    for log in sorted((tmp_path / 'logs').glob('version_*/metrics.csv')):  # the killed run's log is kept
+    for log in sorted((tmp_path / 'logs').glob('version_*/metrics.csv')):  # the killed runs' logs are kept
         with open(log) as f:
             epochs.update(row['epoch'] for row in csv.DictReader(f) if row.get('val_acc_max'))
     assert epochs == {'0', '1', '2'}
 
 
-@pytest.mark.slow
-def test_kill_mid_checkpoint_write_keeps_the_previous_checkpoint_and_resume_finishes(tmp_path):
-    args = ['scratch.py', *FAST, '--epochs', '3', '--output', str(tmp_path)]
-    checkpoints = tmp_path / 'checkpoints'
-    killed = run_script('tests/die_mid_write.py', r'last\.ckpt', '2', *args, timeout=600)  # half of epoch 1's
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert list(checkpoints.glob('.last.ckpt.*.tmp')), 'the kill did not land in the write'
-    assert torch.load(checkpoints / 'last.ckpt', map_location='cpu', weights_only=False)['epoch'] == 0
+def test_last_checkpoint_is_every_epochs_and_best_only_a_better_ones(tmp_path):
+    """last.ckpt, what --resume continues, follows every epoch, also one whose validation is no better (Lightning
+    2.6's save_last skips those); with a zero learning rate no epoch is better than the first."""
+    scratch.main([*FAST, '--epochs', '2', '--learning-rate', '0', '--warmup-lr', '0', '--min-lr', '0', '--output',
+                  str(tmp_path)])
 
-    result = run_script(*args, '--resume', timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((tmp_path / 'metrics.json').read_text())['epochs'] == 3
-    assert torch.load(checkpoints / 'last.ckpt', map_location='cpu', weights_only=False)['epoch'] == 2
-    assert not list(checkpoints.glob('.*.tmp'))  # the killed write's leftover is cleared on resume
+    def epoch(name):
+        return torch.load(tmp_path / 'checkpoints' / name, map_location='cpu', weights_only=False)['epoch']
+    assert epoch('last.ckpt') == 1 and epoch('best.ckpt') == 0
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path):
