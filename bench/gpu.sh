@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU check, under 8 minutes on one GPU; writes bench/results/gpu-<card>-<date>.md.
 #   bash bench/gpu.sh              # on a CUDA machine
-#   bash bench/gpu.sh --dry-run    # every command on the CPU, tiny sizes, 64 px (checks the script itself)
+#   bash bench/gpu.sh --dry-run    # every command on the CPU, tiny sizes, 64 px, bf16 only (checks the script)
 # It runs: the cuda tests (pytest -m cuda); the training step and evaluation of the tiny preset at
 # 224 px, batch 128, bf16 and fp32, each beside the official formulation (--reference) and the other
 # attention path (--attention), with peak memory and the share of the card's peak FLOP/s; the data
@@ -11,8 +11,9 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 if [ "${1:-}" = "--dry-run" ]; then
   DEVICE=cpu BATCH=2 STEPS=1 WARMUP=0 CARD="cpu (dry run)" IMAGES=32 SEARCH="--small 1 --large 2" SIZE=64
+  PRECISIONS=bf16  # fp32 runs the same commands with another --precision
 else
-  DEVICE=cuda BATCH=128 STEPS=20 WARMUP=3 IMAGES=512 SEARCH="" SIZE=224
+  DEVICE=cuda BATCH=128 STEPS=20 WARMUP=3 IMAGES=512 SEARCH="" SIZE=224 PRECISIONS="bf16 fp32"
   CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 fi
 # Dense peak TFLOP/s (bf16, fp32 without TF32) of the cards this is likely to meet; unknown: no share printed.
@@ -40,8 +41,8 @@ run() {  # a command, its output and its seconds, into the report
   echo
   echo '```'
 } > "$REPORT.tmp"
-run "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider
-for precision in bf16 fp32; do
+run "$PY" -m pytest -q -ra -m cuda tests/test_cuda.py -p no:cacheprovider
+for precision in $PRECISIONS; do
   peak=$([ "$precision" = bf16 ] && echo "$PEAK_BF16" || echo "$PEAK_FP32")
   run "$PY" bench/train_step.py --name tiny --img-size "$SIZE" --batch-size "$BATCH" --device "$DEVICE" \
     --precision "$precision" --steps "$STEPS" --warmup "$WARMUP" --reference --attention ${peak:+--peak-tflops "$peak"}

@@ -20,9 +20,9 @@ def test_gpu_script_dry_run_writes_a_report_of_every_command():
     try:
         text = report.read_text()
         assert 'skipped' in text and 'needs a CUDA GPU' in text  # pytest -m cuda without a GPU: visible reasons
-        for line in ('train_step tiny 64px batch 2 cpu bf16', 'train_step tiny 64px batch 2 cpu fp32',
-                     'eval autoformer-tiny frozen subnet 64px batch 2 cpu bf16', 'per worker', 'search_overhead'):
+        for line in ('train_step tiny 64px batch 2 cpu bf16', 'per worker', 'search_overhead',
+                     'eval autoformer-tiny frozen subnet 64px batch 2 cpu bf16'):
             assert line in text, line
-        assert text.count('/ official') >= 4 and 'ours, other attention path' in text
+        assert text.count('/ official') >= 2 and 'ours, other attention path' in text
     finally:
         report.unlink()

@@ -44,7 +44,7 @@ def test_scratch_digits_learns_and_writes_checkpoints_and_weights(tmp_path):
         scratch.main([*FAST, '--epochs', '4', '--output', str(tmp_path)])
 
 
-@pytest.mark.slow
+@pytest.mark.full  # the DDP path of the next test; test_data.py checks the sampler without repeated augmentation
 def test_ddp_without_repeated_augmentation_splits_the_images_and_ends_with_identical_weights(tmp_path):
     """Under DDP with --no-repeated-aug each rank reads 629 of the 1257 digits an epoch (with it, 512: see the
     next test)."""
