@@ -787,9 +787,12 @@ def search_split(dataset: str, datapath: str | os.PathLike | None, img_size: int
               'a subset of its training images instead', file=sys.stderr)
         return build_dataset(dataset, datapath, 'val', img_size)
     train = build_dataset(dataset, datapath, 'train', img_size)
-    targets = list(train.targets)
-    images = max_images or SEARCH_IMAGES_PER_CLASS * len(set(targets))
-    return torch.utils.data.Subset(train, balanced_indices(targets, images, seed))
+    return balanced_subset(train, max_images or SEARCH_IMAGES_PER_CLASS * len(set(train.targets)), seed)
+
+
+def balanced_subset(dataset: Dataset, max_images: int, seed: int) -> Dataset:
+    """A fixed class-balanced subset of ``dataset`` (it has ``targets``): :func:`balanced_indices`."""
+    return torch.utils.data.Subset(dataset, balanced_indices(list(dataset.targets), max_images, seed))
 
 
 def balanced_indices(targets: list[int], max_images: int, seed: int) -> list[int]:

@@ -48,7 +48,7 @@ from utils import UserError, atomic_write_json, atomic_write_text, check_writabl
     read_json, set_up_precision
 
 import torch
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 PARTS = ('spread', 'control', 'finetune', 'evolution', 'pick')
 CHECK = ('spread', 'control')
@@ -162,7 +162,7 @@ def test_split(dataset: str, datapath: str | None, img_size: int, images: int | 
     test = data.build_dataset(dataset, datapath, 'test', img_size)
     if images is None or images >= len(test):
         return test
-    return Subset(test, data.balanced_indices(list(test.targets), images, seed=0))
+    return data.balanced_subset(test, images, seed=0)
 
 
 class Evaluator:
