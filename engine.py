@@ -194,10 +194,18 @@ def trainer_settings(run: TrainingRun) -> tuple[dict[str, Any], int]:
     precision = set_up_precision(run.precision, run.tf32, use_gpu, 'training')
     processes = devices * run.num_nodes
     return dict(accelerator='gpu' if use_gpu else 'cpu', devices=devices, num_nodes=run.num_nodes,
-                strategy='ddp_find_unused_parameters_true' if processes > 1 else 'auto', precision=precision,
+                strategy=ddp_strategy() if processes > 1 else 'auto', precision=precision,
                 max_epochs=run.epochs, gradient_clip_val=run.clip_grad, deterministic=not use_gpu,
                 use_distributed_sampler=False,  # data.RankSampler shards (and repeats) itself
                 default_root_dir=run.output, log_every_n_steps=10), processes
+
+
+def ddp_strategy(backend: str | None = None) -> 'pl.strategies.DDPStrategy':
+    """DDP as every training uses it: a step trains one subnet, so the layers past its depth take no part in the
+    loss and DDP must look for them (else it stops with "parameters that were not used in producing the loss").
+    ``backend``: the process group's (default: NCCL on GPUs, gloo on CPUs)."""
+    from pytorch_lightning.strategies import DDPStrategy  # here: the search's warm workers never train
+    return DDPStrategy(find_unused_parameters=True, process_group_backend=backend)
 
 
 def training_devices(run: TrainingRun) -> tuple[bool, int]:

@@ -198,25 +198,30 @@ class RelativePosition2D(nn.Module):
         is the row of the stacked ``[table_v; table_h]`` that query i uses for a bucket. Empty
         buckets pad head_dim + buckets to a multiple of 8, which BLAS runs faster (``bench/kernels.py``).
         """
+        if torch.compiler.is_compiling():  # in the graph: a cache would make dynamo guard on it and compile twice
+            return self._make_buckets(num_tokens, device)
         key = (num_tokens, device)
         if key not in self._bucket_cache:
-            side = math.isqrt(num_tokens - 1)
-            if side * side != num_tokens - 1:
-                raise ValueError(f'relative position encoding needs a square patch grid, got {num_tokens - 1} patches')
-            patch = torch.arange(num_tokens - 1, device=device)
-            grid = torch.arange(side, device=device)
-            one_hot = torch.eye(side, device=device)
-            members = torch.zeros(num_tokens, 2 + 2 * side, device=device)
-            members[0, 0] = members[0, 1 + side] = 1
-            members[1:, 1:1 + side] = one_hot[patch // side]
-            members[1:, 2 + side:] = one_hot[patch % side]
-            table_rows = self.embeddings_table_v.shape[0]
-            zero = torch.zeros(num_tokens, 1, dtype=torch.long, device=device)
-            rows = torch.cat([zero, self._clipped(grid, patch // side), zero + table_rows,
-                              self._clipped(grid, patch % side) + table_rows], dim=1)
-            padding = -(self.embeddings_table_v.shape[1] + members.shape[1]) % 8
-            self._bucket_cache[key] = F.pad(members, (0, padding)), F.pad(rows, (0, padding))
+            self._bucket_cache[key] = self._make_buckets(num_tokens, device)
         return self._bucket_cache[key]
+
+    def _make_buckets(self, num_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        side = math.isqrt(num_tokens - 1)
+        if side * side != num_tokens - 1:
+            raise ValueError(f'relative position encoding needs a square patch grid, got {num_tokens - 1} patches')
+        patch = torch.arange(num_tokens - 1, device=device)
+        grid = torch.arange(side, device=device)
+        one_hot = torch.eye(side, device=device)
+        members = torch.zeros(num_tokens, 2 + 2 * side, device=device)
+        members[0, 0] = members[0, 1 + side] = 1
+        members[1:, 1:1 + side] = one_hot[patch // side]
+        members[1:, 2 + side:] = one_hot[patch % side]
+        table_rows = self.embeddings_table_v.shape[0]
+        zero = torch.zeros(num_tokens, 1, dtype=torch.long, device=device)
+        rows = torch.cat([zero, self._clipped(grid, patch // side), zero + table_rows,
+                          self._clipped(grid, patch % side) + table_rows], dim=1)
+        padding = -(self.embeddings_table_v.shape[1] + members.shape[1]) % 8
+        return F.pad(members, (0, padding)), F.pad(rows, (0, padding))
 
     def _clipped(self, grid: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
         index = (grid[None, :] - query[:, None]).clamp(-self.length, self.length) + self.length + 1
