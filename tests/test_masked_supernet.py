@@ -1,0 +1,98 @@
+"""The supernet with the arch as data (masked_supernet.py): the sliced supernet's logits and gradients for every
+kind of arch, the official golden logits, and one compiled graph for archs of every depth, width and head count."""
+import random
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounter
+
+from conftest import GOLDEN
+from fixtures import max_relative_error
+from masked_supernet import MaskedSupernet
+from space import (AutoformerSpace, SpaceError, build_supernet, complete_space_kwargs, extreme_arch, sample_arch,
+                   set_active_arch)
+
+pytestmark = pytest.mark.fast  # make test-fast
+
+DEMO = complete_space_kwargs(**AutoformerSpace.preset('demo'))
+# Every switch of the space the other way: post-norm, class-token pooling, no absolute or relative positions,
+# no qkv bias.
+DEMO_OTHER = complete_space_kwargs(**{**AutoformerSpace.preset('demo'), 'pre_norm': False, 'global_pooling': False,
+                                      'absolute_position': False, 'rpe': False, 'qkv_bias': False})
+
+
+def six_archs(space_kwargs: dict) -> list[dict]:
+    """The smallest, the largest, and four drawn archs, which between them differ in depth, width and heads."""
+    archs = [extreme_arch(space_kwargs, min), extreme_arch(space_kwargs, max)]
+    archs += [sample_arch(space_kwargs, random.Random(seed)) for seed in range(4)]
+    for label in ('depth', 'embed_dim', 'num_head_0', 'mlp_ratio_0'):
+        assert len({arch[label] for arch in archs}) > 1, label
+    return archs
+
+
+def logits_and_gradients(model, run_arch, arch, images, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training forward and backward of ``arch``; a parameter without a gradient counts as a zero gradient."""
+    run_arch(arch)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same drop-path draws in both: layers run in order, the unused ones last
+    logits = model(images)
+    logits.square().sum().backward()
+    params = model.supernet if isinstance(model, MaskedSupernet) else model
+    return logits.detach(), {name: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                             for name, p in params.named_parameters()}
+
+
+@pytest.mark.parametrize('space_kwargs', [DEMO, DEMO_OTHER], ids=['demo', 'every-switch-flipped'])
+def test_logits_and_gradients_equal_the_sliced_supernet_in_float64(space_kwargs):
+    torch.manual_seed(0)
+    supernet = build_supernet({**space_kwargs, 'drop_path_rate': 0.2}).double().train()
+    masked = MaskedSupernet(supernet)
+    images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    for seed, arch in enumerate(six_archs(space_kwargs)):
+        sliced, sliced_grads = logits_and_gradients(supernet, lambda a: set_active_arch(supernet, a), arch, images, seed)
+        logits, grads = logits_and_gradients(masked, masked.set_arch, arch, images, seed)
+        assert max_relative_error(logits, sliced) < 1e-6, arch
+        for name, grad in sliced_grads.items():
+            if grad.abs().max() == 0:  # a weight the arch does not use: exactly zero, not merely small
+                assert grads[name].abs().max() == 0, (name, arch)
+            else:
+                assert max_relative_error(grads[name], grad) < 1e-6, (name, arch)
+
+
+@pytest.mark.parametrize('checkpoint', ['small-official.pth', 'small-nnihub.pth'])
+def test_the_official_golden_logits_hold(golden, checkpoint):
+    space_kwargs, inputs, cases = golden
+    supernet = build_supernet(space_kwargs).eval()
+    supernet.load_state_dict(AutoformerSpace.load_supernet_weights(space_kwargs, GOLDEN / checkpoint))
+    masked = MaskedSupernet(supernet)
+    for case in cases:
+        masked.set_arch(case['arch'])
+        with torch.no_grad():
+            assert max_relative_error(masked(inputs), torch.tensor(case['logits'])) < 1e-4, case['arch']
+
+
+def test_dynamo_compiles_one_graph_for_every_arch():
+    """Training steps (forward and backward) through six archs of different depths, widths and heads: one frame
+    compiled, no graph break (``fullgraph``), and no recompile after the first."""
+    torch._dynamo.reset()
+    masked = MaskedSupernet(build_supernet(DEMO).train())
+    counter = CompileCounter()
+    compiled = torch.compile(masked, backend=counter, fullgraph=True)
+    images = torch.randn(2, 3, 32, 32)
+    buffers = {name: buffer.data_ptr() for name, buffer in masked.named_buffers()}
+    for arch in six_archs(DEMO):
+        masked.set_arch(arch)
+        compiled(images).square().sum().backward()
+    assert counter.frame_count == 1
+    # the arch is written in place: a captured CUDA graph reads the same memory
+    assert {name: buffer.data_ptr() for name, buffer in masked.named_buffers()} == buffers
+
+
+def test_an_arch_outside_the_space_is_refused_and_the_parameters_are_shared():
+    supernet = build_supernet(DEMO)
+    masked = MaskedSupernet(supernet)
+    with pytest.raises(SpaceError, match='embed_dim=100 is outside the space'):
+        masked.set_arch({**extreme_arch(DEMO, max), 'embed_dim': 100})
+    assert {id(p) for p in masked.parameters()} == {id(p) for p in supernet.parameters()}
+    with pytest.raises(SpaceError, match='needs a classifier head'):
+        MaskedSupernet(build_supernet({**DEMO, 'num_labels': 0}))
