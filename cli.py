@@ -364,8 +364,9 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
                         help='machines (launched with torchrun or SLURM)')
     add_precision_args(parser)
     parser.add_argument('--compile', action='store_true',
-                        help='torch.compile the one subnet of --arch (the supernet changes arch every step and stays '
-                             'eager); worth it for long runs on a GPU')
+                        help='torch.compile the training: the subnet of --arch, or the supernet as one graph for '
+                             'every arch (masked_supernet.py: the same results at the largest arch\'s arithmetic); '
+                             'for GPUs, where a step waits on Python and kernel launches, not on a CPU')
     parser.add_argument('--resume', action='store_true', help='continue the run in --output from its last checkpoint')
     parser.add_argument('--seed', type=int, default=0, help='random seed (data order, architectures, init)')
     parser.add_argument('--output', default=recipe.get('output'), metavar='FOLDER',

@@ -366,9 +366,6 @@ def train_supernet(run: TrainingRun, space_kwargs: Mapping[str, Any],
     then holds its own weights); return the final weights file, ``supernet.pth`` or ``subnet.pth``."""
     output = Path(run.output)
     check_writable(output)
-    if run.compile and arch is None:
-        raise UserError('--compile needs --arch: the supernet runs another arch every step, so there is no one graph '
-                        'to compile')
     if not is_first_process():
         return _train(run, space_kwargs, pretrained, arch)
     with lock_output(output, 'a training run'):
@@ -421,7 +418,8 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
         warmup_lr=run.warmup_lr, weight_decay=run.weight_decay, epochs=run.epochs, warmup_epochs=run.warmup,
         steps_per_epoch=steps_per_epoch, smoothing=run.smoothing, mixup=run.mixup,
         cutmix=run.cutmix, ema_decay=run.ema_decay or 0.0, rel_pos_decay=run.rel_pos_decay, seed=run.seed,
-        schedule=run.schedule, skip_unsampled=run.skip_unsampled, pretrained=pretrained, arch=arch)
+        schedule=run.schedule, skip_unsampled=run.skip_unsampled, pretrained=pretrained, arch=arch,
+        compile=run.compile)
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=folder.checkpoints, filename='best', mode='max',
                                                monitor='val_balanced_subnet' if arch else 'val_balanced_max')
     # last.ckpt after every epoch: Lightning 2.6's save_last writes it only when the best improved, so a run
@@ -441,7 +439,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
     supernet = AutoformerSpace(**training_space).freeze(arch) if arch else build_supernet(training_space)
     if arch and pretrained is None:  # retrained from scratch: the official init, as the supernet's
         init_weights(supernet)
-    if run.compile:
+    if run.compile and arch:  # the supernet compiles its one graph for every arch itself (SupernetModule)
         supernet.compile()  # in place: the state dict keeps its keys, so checkpoints and weights files stay the same
     with lost_peers_reported(processes):
         try:

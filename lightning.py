@@ -34,6 +34,7 @@ from timm.utils import ModelEmaV3, accuracy
 
 import nni_patches  # noqa: F401  its warning filters (NNI's evaluator on Lightning)
 from checkpoints import check_finite, load_checked
+from masked_supernet import MaskedSupernet
 from metrics import running_value
 from space import SEARCHED, AutoformerSpace, extreme_arch, preset_name, sample_arch, set_active_arch
 from utils import SCHEDULES, atomic_torch_save, seed_for
@@ -100,6 +101,8 @@ class SupernetModule(LightningModule):
     official per-epoch cosine (:func:`official_epoch_lr`), or ``step``, a per-step warmup and cosine
     (:func:`warmup_cosine`). ``skip_unsampled``: AdamW leaves the layers a step's arch did not use alone
     (their gradients are None) instead of decaying them and moving them by momentum as the official run did.
+    ``compile``: the supernet's steps run one compiled graph for every arch (:class:`masked_supernet.MaskedSupernet`,
+    the same weights and the same results, the largest arch's arithmetic); a fixed subnet is compiled by the driver.
     """
 
     def __init__(self, space_kwargs: Mapping[str, Any], learning_rate: float = 5e-4, min_lr: float = 1e-5,
@@ -107,7 +110,7 @@ class SupernetModule(LightningModule):
                  steps_per_epoch: int = 1, smoothing: float = 0.1, mixup: float = 0.8, cutmix: float = 1.0,
                  ema_decay: float = 0.0, rel_pos_decay: bool = True, seed: int = 0, schedule: str = 'epoch',
                  skip_unsampled: bool = False, pretrained: Mapping[str, torch.Tensor] | None = None,
-                 arch: Mapping[str, Any] | None = None) -> None:
+                 arch: Mapping[str, Any] | None = None, compile: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=['pretrained'])
         self.space_kwargs = dict(space_kwargs)
@@ -122,6 +125,10 @@ class SupernetModule(LightningModule):
         self.criterion = SoftTargetCrossEntropy() if self.mixup else \
             LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss()
         self.ema: ModelEmaV3 | None = None
+        # compile: the supernet with the arch as data, and its compiled graph; set in on_fit_start, outside the
+        # module's children (their parameters are the supernet's, saved once under their own names)
+        self.graph: MaskedSupernet | None = None
+        self.compiled: nn.Module | None = None
 
     def set_model(self, model: nn.Module) -> None:
         super().set_model(model)  # registered as the child ``_model``: Lightning moves, saves and restores it
@@ -135,6 +142,17 @@ class SupernetModule(LightningModule):
             if self.ema is not None:
                 self.ema.module.load_state_dict(self.model.state_dict())
             self.pretrained = None
+        if self.hparams.compile and self.arch is None and self.graph is None:
+            self.__dict__['graph'] = MaskedSupernet(self.model).to(self.device)
+            self.__dict__['compiled'] = torch.compile(self.graph)
+
+    def run_arch(self, arch: Mapping[str, Any], images: torch.Tensor) -> torch.Tensor:
+        """The supernet's logits for ``arch``: through the one compiled graph, or the sliced supernet."""
+        if self.graph is not None:
+            self.graph.set_arch(arch)
+            return self.compiled(images)
+        set_active_arch(self.model, arch)
+        return self.model(images)
 
     def on_train_epoch_start(self) -> None:
         seed_rank_epoch(self.hparams.seed, self.global_rank, self.current_epoch)
@@ -145,12 +163,15 @@ class SupernetModule(LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         images, targets = batch
         arch = self.arch
-        if arch is None:  # the supernet: one arch a step, the same on every rank, the same after a resume
-            arch = sample_arch(self.space_kwargs, random.Random(seed_for(self.hparams.seed, self.global_step)))
-            set_active_arch(self.model, arch)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        loss = self.criterion(self.model(images), targets)
+        if arch is None:  # the supernet: one arch a step, the same on every rank, the same after a resume
+            arch = sample_arch(self.space_kwargs, random.Random(seed_for(self.hparams.seed, self.global_step)))
+            self.step_arch = arch
+            logits = self.run_arch(arch, images)
+        else:
+            logits = self.model(images)
+        loss = self.criterion(logits, targets)
         if not torch.isfinite(loss):
             _logger.error('non-finite loss %s at step %d for arch %s: step skipped', loss.item(), self.global_step,
                           arch)
@@ -177,6 +198,18 @@ class SupernetModule(LightningModule):
         # default (None) makes AdamW skip it instead: what --skip-unsampled asks for.
         optimizer.zero_grad(set_to_none=self.hparams.skip_unsampled)
 
+    def on_after_backward(self) -> None:
+        # The compiled graph gives the layers past the arch's depth a zero gradient where the sliced supernet gives
+        # none. AdamW must step them as it does there: never with --skip-unsampled, and by default only once they
+        # have been trained (have a state), as restore_zero_grads does; a layer not yet used is not decayed.
+        if self.graph is None or self.arch is not None:
+            return
+        state = self.optimizers().optimizer.state
+        for block in self.model.blocks.blocks[self.step_arch['depth']:]:
+            for param in block.parameters():
+                if self.hparams.skip_unsampled or not state.get(param):
+                    param.grad = None
+
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # DDP sets the gradients of the layers no rank used to None, and a checkpoint holds no gradients:
         # both would make AdamW skip those layers, so they get their zero gradient back before the step.
@@ -199,9 +232,13 @@ class SupernetModule(LightningModule):
         model = self.ema.module if self.ema is not None else self.model
         classes = self.space_kwargs['num_labels']
         for name, arch in self.val_archs.items():
-            if self.arch is None:
+            if self.arch is not None:
+                logits = model(images)
+            elif model is self.model:
+                logits = self.run_arch(arch, images)
+            else:  # the EMA copy: sliced
                 set_active_arch(model, arch)
-            logits = model(images)
+                logits = model(images)
             top1 = accuracy(logits, targets, topk=(1,))[0]
             self.log(f'val_acc_{name}', top1, prog_bar=name != 'searched', sync_dist=True, batch_size=len(targets))
             self.confusions[name] += torch.bincount(targets * classes + logits.argmax(dim=1),

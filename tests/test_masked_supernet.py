@@ -96,3 +96,39 @@ def test_an_arch_outside_the_space_is_refused_and_the_parameters_are_shared():
     assert {id(p) for p in masked.parameters()} == {id(p) for p in supernet.parameters()}
     with pytest.raises(SpaceError, match='needs a classifier head'):
         MaskedSupernet(build_supernet({**DEMO, 'num_labels': 0}))
+
+
+def train_one_epoch(tmp_path, compile: bool, skip_unsampled: bool = False):
+    import data
+    from lightning import SupernetModule, build_evaluator
+    torch.manual_seed(0)
+    train = data.build_dataset('digits', None, 'train', 32, training=True)
+    val = data.build_dataset('digits', None, 'val', 32)
+    module = SupernetModule(DEMO, epochs=1, warmup_epochs=0, steps_per_epoch=len(train) // 64, mixup=0, cutmix=0,
+                            compile=compile, skip_unsampled=skip_unsampled)
+    trainer_kwargs = dict(accelerator='cpu', devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, default_root_dir=tmp_path, use_distributed_sampler=False,
+                          deterministic=True, precision='64-true')
+    loaders = (data.build_loader(train, 64, 0, drop_last=True, sampler=data.RankSampler(train, shuffle=True)),
+               data.build_loader(val, len(val), 0, sampler=data.RankSampler(val, shuffle=False)))  # one size
+    supernet = build_supernet({**DEMO, 'drop_path_rate': 0.0})  # no drop path: both runs draw the same numbers
+    evaluator = build_evaluator(module, *loaders, trainer_kwargs)
+    evaluator.evaluate(supernet)
+    return supernet, evaluator.trainer
+
+
+@pytest.mark.parametrize('skip_unsampled', [False, True], ids=['official', 'skip-unsampled'])
+def test_compiled_supernet_training_trains_what_the_sliced_one_does(tmp_path, monkeypatch, skip_unsampled):
+    """``--compile`` on the supernet: two graphs (training, validation) for the epoch's many archs, the weights of
+    the sliced run (float64: AdamW turns float32's rounding into differences of about 1e-3), with or without
+    --skip-unsampled, and the same state dict keys."""
+    counter = CompileCounter()
+    compile = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda model: compile(model, backend=counter, fullgraph=True))
+    torch._dynamo.reset()
+    sliced, _ = train_one_epoch(tmp_path / 'sliced', False, skip_unsampled)
+    compiled, trainer = train_one_epoch(tmp_path / 'compiled', True, skip_unsampled)
+    assert counter.frame_count == 2 and trainer.global_step == 19  # 1,257 training images, batches of 64
+    assert list(compiled.state_dict()) == list(sliced.state_dict())
+    for name, value in sliced.state_dict().items():
+        assert max_relative_error(compiled.state_dict()[name], value) < 1e-6, name
