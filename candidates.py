@@ -19,7 +19,8 @@ import torch
 import data
 from checkpoints import read_weights
 from engine import evaluate
-from space import AutoformerSpace, arch_key, count_flops, count_params, sub_state_dict, typed_arch
+from masked_supernet import MaskedSupernet
+from space import AutoformerSpace, arch_key, build_supernet, count_flops, count_params, sub_state_dict, typed_arch
 from trial import record_failure
 from utils import UserError, atomic_write_json, atomic_write_text, pick_device, read_json
 
@@ -95,6 +96,17 @@ def _supernet(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
 
 @lru_cache(maxsize=2)
+def compiled_supernet(weights: str, device: str) -> tuple[MaskedSupernet, torch.nn.Module]:
+    """The supernet of ``weights`` as one compiled graph for every candidate (``--compile``), and its arch setter:
+    compiled once per process; each candidate then writes its arch and runs (masked_supernet.py)."""
+    state_dict, space_kwargs = _supernet(weights)
+    supernet = build_supernet(space_kwargs)
+    supernet.load_state_dict(state_dict)
+    masked = MaskedSupernet(supernet).to(device).eval()
+    return masked, torch.compile(masked)
+
+
+@lru_cache(maxsize=2)
 def _search_data(cache: str) -> data.CachedSplit:
     return data.CachedSplit(cache)
 
@@ -136,9 +148,12 @@ def read_record(output: Path, arch: Mapping[str, Any]) -> dict | None:
 def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
                   split: data.CachedSplit, output: Path, batch_size: int, device: torch.device,
                   report: Callable[[float], None], precision: str | None = None, metric: str = 'top1',
-                  measured_on: str | None = None) -> dict[str, Any]:
+                  measured_on: str | None = None,
+                  graph: tuple[MaskedSupernet, torch.nn.Module] | None = None) -> dict[str, Any]:
     """Top-1, balanced and per-class accuracy of one subnet (weights inherited from the supernet) on the
     search split; writes its record. ``report`` gets the running ``metric`` (NNI's intermediate results).
+    ``graph``: :func:`compiled_supernet`'s, which runs the subnet instead of a frozen copy (the same figures up to
+    float rounding).
 
     A candidate already recorded in ``output`` (a resumed search) is answered from its record.
     """
@@ -147,8 +162,12 @@ def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor],
     record = read_record(output, arch)
     if record is not None:
         return record
-    model = AutoformerSpace(**space_kwargs).freeze(arch)
-    model.load_state_dict(sub_state_dict(supernet, arch))
+    if graph is not None:
+        graph[0].set_arch(arch)
+        model = graph[1]
+    else:
+        model = AutoformerSpace(**space_kwargs).freeze(arch)
+        model.load_state_dict(sub_state_dict(supernet, arch))
     every = max(1, -(-len(split) // batch_size) // INTERMEDIATE_RESULTS)
     metrics = evaluate(model, split.batches(batch_size), device, progress=False,
                        on_batch=lambda index, value: report(value), report_every=every, precision=precision,
@@ -175,13 +194,15 @@ def final_metrics(record: Mapping[str, Any], metric: str = 'top1') -> dict[str, 
 
 def evaluate_candidate(model: torch.nn.Module, weights: str, cache: str, output: str, batch_size: int,
                        device: str, precision: str | None = None, metric: str = 'top1',
-                       measured_on: str | None = None) -> None:
+                       measured_on: str | None = None, compile: bool = False) -> None:
     """NNI trial run in the search's own process (``--engine sequential``): evaluates and reports."""
     supernet, space_kwargs = _supernet(weights)
     arch = typed_arch(nni.get_current_parameter().sample)
+    device = pick_device(device)
     try:
+        graph = compiled_supernet(weights, str(device)) if compile else None
         record = evaluate_arch(arch, supernet, space_kwargs, _search_data(cache), Path(output), batch_size,
-                               pick_device(device), nni.report_intermediate_result, precision, metric, measured_on)
+                               device, nni.report_intermediate_result, precision, metric, measured_on, graph)
     except Exception as err:
         record_failure({'output': output}, arch_key(arch), f'{type(err).__name__}: {err}')
         raise
@@ -195,12 +216,13 @@ def candidate_server(spec: Mapping[str, Any]) -> Callable[[str, Callable[[dict],
     device = pick_device(spec['device'])
     output = Path(spec['output'])
     metric = spec.get('metric', 'top1')
+    graph = compiled_supernet(spec['weights'], str(device)) if spec.get('compile') else None
 
     def evaluate_parameter(parameter: str, send: Callable[[dict], None]) -> None:
         arch = typed_arch(nni.load(parameter)['parameters'].sample)
         record = evaluate_arch(arch, supernet, space_kwargs, split, output, spec['batch_size'], device,
                                lambda value: send({'intermediate': value}), spec.get('precision'), metric,
-                               spec.get('measured_on'))
+                               spec.get('measured_on'), graph)
         send({'final': final_metrics(record, metric)})
 
     return evaluate_parameter

@@ -119,6 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_precision_args(parser)
     add_device_arg(parser, 'device candidates evaluate on, cpu or cuda (with --machines: CUDA when any listed '
                    'machine has a GPU); --gpus spreads the trials over GPUs')
+    parser.add_argument('--compile', action='store_true',
+                        help='evaluate every candidate through one torch.compile graph of the supernet (the arch as '
+                             'data, masked_supernet.py; compiled once per worker): for GPUs, not a CPU')
     parser.add_argument('--resume', action='store_true', help='continue the search in --output (its experiment)')
     parser.add_argument('--export', action='store_true',
                         help='also export the best subnet into --output (TorchScript, ONNX and its JSON)')
@@ -392,7 +395,7 @@ def write_worker_spec(output: Path, weights: Path, cache: Path, args: argparse.N
             'server': 'candidates.candidate_server',
             'weights': str(weights), 'cache': str(cache), 'output': str(output), 'batch_size': args.batch_size,
             'device': args.device, 'precision': args.precision, 'workers': args.concurrency, 'gpus': args.gpus,
-            'metric': args.metric, 'measured_on': measured_on,
+            'metric': args.metric, 'measured_on': measured_on, 'compile': args.compile,
             'owner_pid': os.getpid(),
             'host': trial.machine_name(), 'token': secrets.token_hex(16), 'idle_seconds': 3600}, indent=2))
     return spec
@@ -471,7 +474,8 @@ def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'Se
     experiment.config = experiment_config(args, spec)
     experiment.evaluator = FunctionalEvaluator(evaluate_candidate, weights=str(weights), cache=str(cache),
                                                output=str(output), batch_size=args.batch_size, device=args.device,
-                                               precision=args.precision, metric=args.metric, measured_on=measured_on)
+                                               precision=args.precision, metric=args.metric, measured_on=measured_on,
+                                               compile=args.compile)
     ledger = SearchLedger(output, planned_candidates(args), args.metric)
     experiment.planned = ledger.planned
     experiment.strategy = build_strategy(from_flags(StrategySettings, args), space_kwargs, budget, ledger)

@@ -352,3 +352,21 @@ def test_no_evaluated_candidate_is_outside_the_budget(supernet, tmp_path, budget
                  '--num-workers', '0', budget, str(limit), '--output', str(tmp_path)])
     values = [record[field] for record in json.loads((tmp_path / 'candidates.json').read_text())]
     assert values and all((value >= limit) if budget == '--min-params' else (value <= limit) for value in values)
+
+
+def test_compiled_search_gives_the_eager_records_from_one_graph(supernet, tmp_path, monkeypatch):
+    """--compile: every candidate through one compiled graph of the supernet (batches of the whole split: one size),
+    and each candidate's figures those of its frozen subnet."""
+    from torch._dynamo.testing import CompileCounter
+    counter, compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda model: compile(model, backend=counter, fullgraph=True))
+    torch._dynamo.reset()
+    common = ['--weights', str(supernet), '--strategy', 'random', '--trials', '6', '--engine', 'sequential',
+              '--num-workers', '0', '--batch-size', '1000', '--device', 'cpu']
+    search.main(common + ['--output', str(tmp_path / 'eager')])
+    search.main(common + ['--compile', '--output', str(tmp_path / 'compiled')])
+    eager, compiled = ({arch_key(r['arch']): r for r in json.loads((tmp_path / name / 'candidates.json').read_text())}
+                       for name in ('eager', 'compiled'))
+    assert counter.frame_count == 1 and len(compiled) == 6 and compiled.keys() == eager.keys()
+    for key, record in eager.items():
+        assert (compiled[key]['top1'], compiled[key]['per_class']) == (record['top1'], record['per_class'])
