@@ -169,7 +169,7 @@ def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor],
         model = AutoformerSpace(**space_kwargs).freeze(arch)
         model.load_state_dict(sub_state_dict(supernet, arch))
     every = max(1, -(-len(split) // batch_size) // INTERMEDIATE_RESULTS)
-    metrics = evaluate(model, split.batches(batch_size), device, progress=False,
+    metrics = evaluate(model, split.batches(batch_size, device), device, progress=False,
                        on_batch=lambda index, value: report(value), report_every=every, precision=precision,
                        running=metric)
     latency = read_json(folder.latency).get(arch_key(arch)) if folder.latency.is_file() else None

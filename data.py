@@ -891,6 +891,7 @@ class CachedSplit(Dataset):
         self.images, self.labels = cache['images'], cache['labels']
         self.mean = torch.tensor(cache['mean']).view(3, 1, 1) * 255
         self.std = torch.tensor(cache['std']).view(3, 1, 1) * 255
+        self._device_copy: tuple[torch.device, tuple[torch.Tensor, ...]] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -898,11 +899,20 @@ class CachedSplit(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return (self.images[index].float() - self.mean) / self.std, int(self.labels[index])
 
-    def batches(self, batch_size: int):
-        """Whole normalized batches without a DataLoader (no per-sample Python work)."""
-        for start in range(0, len(self.labels), batch_size):
-            images = self.images[start:start + batch_size].float()
-            yield (images - self.mean) / self.std, self.labels[start:start + batch_size]
+    def batches(self, batch_size: int, device: torch.device | str | None = None):
+        """Whole normalized batches without a DataLoader (no per-sample Python work). On a GPU ``device`` the uint8
+        images go there once, for every later candidate too, and are normalized there: the CPU converting a
+        224 px split to floats for each candidate would take longer than the GPU evaluating it."""
+        images, labels, mean, std = self.images, self.labels, self.mean, self.std
+        if device is not None and torch.device(device).type == 'cuda':
+            images, labels, mean, std = self._on_device(torch.device(device))
+        for start in range(0, len(labels), batch_size):
+            yield (images[start:start + batch_size].float() - mean) / std, labels[start:start + batch_size]
+
+    def _on_device(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        if self._device_copy is None or self._device_copy[0] != device:
+            self._device_copy = device, tuple(t.to(device) for t in (self.images, self.labels, self.mean, self.std))
+        return self._device_copy[1]
 
 
 def check_classes(dataset: str, classes: int, space_kwargs: Mapping[str, Any], what: str = 'model') -> None:

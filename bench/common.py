@@ -43,9 +43,23 @@ def add_timing_args(parser: argparse.ArgumentParser, unit: str) -> None:
                         help='time the official formulation (bench/reference.py) right after or before each of ours')
     parser.add_argument('--peak-tflops', type=float, default=None,
                         help="the device's peak dense TFLOP/s at --precision, to print our share of it")
+    parser.add_argument('--compiled', action='store_true',
+                        help='also time the supernet as one compiled graph for every arch (masked_supernet.py) and, '
+                             'as a ceiling, a static compiled ViT: the frozen largest subnet, the same arithmetic')
+    parser.add_argument('--compile-mode', default='default',
+                        choices=['default', 'reduce-overhead', 'max-autotune-no-cudagraphs'],
+                        help="torch.compile's mode for --compiled (reduce-overhead: CUDA graphs)")
     parser.add_argument('--attention', action='store_true',
                         help="also time ours with the other attention path than the device's default (SDPA against "
                              'explicit matmuls: space.SDPA_DEVICES)')
+
+
+COMPILED, STATIC = 'ours, one compiled graph', 'static compiled ViT (largest subnet)'
+
+
+def compiled(model: torch.nn.Module, args: argparse.Namespace) -> torch.nn.Module:
+    """``model`` under ``torch.compile`` with ``--compile-mode`` (``TORCH_COMPILE_DISABLE=1`` runs it eagerly)."""
+    return torch.compile(model, mode=args.compile_mode)
 
 
 def set_up(args: argparse.Namespace) -> torch.device:

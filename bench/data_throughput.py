@@ -42,6 +42,9 @@ def images_per_second(dataset: torch.utils.data.Dataset, workers: int, batch_siz
     start, seen = time.perf_counter(), 0
     for images, _ in batches:
         seen += len(images)
+    if seen == 0:  # a rate of 0 would read as a measurement
+        raise SystemExit(f'{len(dataset)} images are one batch of {batch_size}: nothing is left to time after the first '
+                         'batch; give --images more')
     return seen / (time.perf_counter() - start)
 
 

@@ -6,7 +6,8 @@
 The arch is the preset's pre-searched one (AutoFormer-T/S/B). Prints figures, asserts nothing.
 Each timed forward of the frozen subnet is followed (or preceded) by the same forward of the
 supernet running that arch and, with ``--reference``, of the subnet in the official formulation
-(``bench/reference.py``).
+(``bench/reference.py``). ``--compiled`` adds the frozen subnet compiled and the supernet as one compiled graph
+for every arch running it (``masked_supernet.py``, as ``search.py --compile`` evaluates candidates).
 """
 from __future__ import annotations
 
@@ -20,8 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from common import (OFFICIAL, OTHER_ATTENTION, OURS, add_timing_args, autocast, interleaved_seconds,  # noqa: E402
-                    interleaved_summary, peak_memory, preset_space, set_up, with_other_attention)
+from common import (COMPILED, OFFICIAL, OTHER_ATTENTION, OURS, add_timing_args, autocast, compiled,  # noqa: E402
+                    interleaved_seconds, interleaved_summary, peak_memory, preset_space, set_up, with_other_attention)
+from masked_supernet import MaskedSupernet  # noqa: E402
 from reference import in_official_formulation  # noqa: E402
 from space import AutoformerSpace, build_supernet, count_flops, set_active_arch  # noqa: E402
 
@@ -53,6 +55,11 @@ def main() -> None:
                 'supernet running the subnet': inference(supernet, images, args.precision)}
     if args.reference:
         forwards[OFFICIAL] = functools.partial(in_official_formulation, forwards[OURS])
+    if args.compiled:
+        masked = MaskedSupernet(supernet).eval()
+        masked.set_arch(arch)
+        forwards[COMPILED] = inference(compiled(masked, args), images, args.precision)
+        forwards['frozen subnet compiled'] = inference(compiled(subnet, args), images, args.precision)
     if args.attention:
         forwards[OTHER_ATTENTION] = with_other_attention(forwards[OURS], device)
     times = interleaved_seconds(lambda index: forwards, args)

@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, under 8 minutes on one GPU; writes bench/results/gpu-<card>-<date>.md.
-#   bash bench/gpu.sh              # on a CUDA machine
-#   bash bench/gpu.sh --dry-run    # every command on the CPU, tiny sizes, 64 px, bf16 only (checks the script)
-# It runs: the cuda tests (pytest -m cuda); the training step and evaluation of the tiny preset at
-# 224 px, batch 128, bf16 and fp32, each beside the official formulation (--reference) and the other
-# attention path (--attention), with peak memory and the share of the card's peak FLOP/s; the data
-# loader's images/s per worker; the search overhead.
-set -euo pipefail
+# The one prepared GPU check: every script end to end on one GPU, the CUDA tests and the speed figures, in about
+# 6 minutes; writes bench/results/gpu-<card>-<date>.md (and copies it, with every step's log, into $OUT when set).
+#   bash bench/gpu.sh              # on a CUDA machine (the device tool: export PYTHONPATH=$PWD/.gpu-site first)
+#   bash bench/gpu.sh --dry-run    # every command on the CPU, tiny sizes, 64 px, bf16 only, nothing compiled
+# Each step runs under `timeout -s KILL` with its output in a file (never a pipe: a child left behind holding a
+# pipe hangs the reader), so a hung or crashed step costs its limit and the report still comes out. Most
+# important first: the scripts and tests, then the bf16 figures (training step, evaluation, each beside the
+# official formulation, the one compiled graph and a static compiled ViT), the profiles, the search's seconds
+# per candidate, fp32, and the data loader's images/s per worker.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python
 if [ "${1:-}" = "--dry-run" ]; then
-  DEVICE=cpu BATCH=2 STEPS=1 WARMUP=0 CARD="cpu (dry run)" IMAGES=32 SEARCH="--small 1 --large 2" SIZE=64
-  PRECISIONS=bf16  # fp32 runs the same commands with another --precision
+  DEVICE=cpu BATCH=2 STEPS=1 WARMUP=0 CARD="cpu (dry run)" SIZE=64 PRECISIONS=bf16
+  DATA_IMAGES=96 SEARCH_IMAGES=64 CANDIDATES=1 EPOCHS=1 STUDY="--subnets 3 --control-draws 1"
+  export TORCH_COMPILE_DISABLE=1  # the compiled variants run eagerly: the commands are checked, not inductor
 else
-  DEVICE=cuda BATCH=128 STEPS=20 WARMUP=3 IMAGES=512 SEARCH="" SIZE=224 PRECISIONS="bf16 fp32"
+  DEVICE=cuda BATCH=128 STEPS=20 WARMUP=3 SIZE=224 PRECISIONS="bf16 fp32"
+  DATA_IMAGES=512 SEARCH_IMAGES=10000 CANDIDATES=20 EPOCHS=2 STUDY=
   CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 fi
 # Dense peak TFLOP/s (bf16, fp32 without TF32) of the cards this is likely to meet; unknown: no share printed.
@@ -27,30 +32,79 @@ esac
 mkdir -p bench/results
 SLUG=$(echo "$CARD" | tr -c 'A-Za-z0-9\n' '-' | tr -s '-' | sed 's/-$//')
 REPORT=bench/results/gpu-$SLUG-$(date +%Y-%m-%d).md
-run() {  # a command, its output and its seconds, into the report
-  local start=$SECONDS
-  echo "\$ $*" | tee -a "$REPORT.tmp"
-  "$@" 2>&1 | grep -v -i warn | tee -a "$REPORT.tmp"
-  echo "($((SECONDS - start)) s)" | tee -a "$REPORT.tmp"
+WORK=$(mktemp -d)
+LOGS=${OUT:-$WORK}/logs
+mkdir -p "$LOGS"
+trap 'rm -rf "$WORK"' EXIT
+FAILED=0
+step() {  # step NAME SECONDS COMMAND...: the command under a hard limit, its log, status and seconds in the report
+  local name=$1 limit=$2 start=$SECONDS status
+  shift 2
+  echo "\$ $*" >> "$REPORT.tmp"
+  timeout -s KILL "$limit" "$@" > "$LOGS/$name.log" 2>&1 < /dev/null
+  status=$?
+  # the last lines, without warnings and progress bars (the whole log is in $LOGS)
+  grep -v -i -e warn -e 'it/s' -e 's/it' -e $'\e' "$LOGS/$name.log" | tail -n 16 >> "$REPORT.tmp"
+  case $status in
+    0) echo "($((SECONDS - start)) s)" >> "$REPORT.tmp" ;;
+    137) echo "(KILLED at its limit of $limit s: see $name.log)" >> "$REPORT.tmp"; FAILED=$((FAILED + 1)) ;;
+    *) echo "(FAILED with exit status $status after $((SECONDS - start)) s: see $name.log)" >> "$REPORT.tmp"
+       FAILED=$((FAILED + 1)) ;;
+  esac
+  echo >> "$REPORT.tmp"
+  echo "$name: exit $status, $((SECONDS - start)) s"
 }
 {
   echo "# bench/gpu.sh on $CARD, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
-  echo "torch $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)')"
+  echo "torch $("$PY" -c 'import torch; print(torch.__version__, torch.version.cuda)' 2>&1)"
   [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   echo
   echo '```'
 } > "$REPORT.tmp"
-run "$PY" -m pytest -q -ra -m cuda tests/test_cuda.py -p no:cacheprovider
+
+# Every script once on the GPU, on the bundled digits (the demo space), as a user types it.
+RUN=$WORK/run
+GPUS=$([ "$DEVICE" = cuda ] && echo 1 || echo 0)
+step scratch 150 "$PY" scratch.py --dataset digits --epochs "$EPOCHS" --warmup 0 --num-workers 2 --gpus "$GPUS" \
+  --output "$RUN/scratch"
+step scratch-compiled 180 "$PY" scratch.py --dataset digits --epochs 1 --warmup 0 --num-workers 2 --gpus "$GPUS" \
+  --compile --output "$RUN/scratch-compiled"
+step search 120 "$PY" search.py --weights "$RUN/scratch/supernet.pth" --engine sequential --trials 4 \
+  --device "$DEVICE" --num-workers 2 --output "$RUN/search"
+step search-compiled 150 "$PY" search.py --weights "$RUN/scratch/supernet.pth" --engine sequential --trials 4 \
+  --device "$DEVICE" --num-workers 2 --compile --output "$RUN/search-compiled"
+step finetune 120 "$PY" finetune.py --weights "$RUN/scratch/supernet.pth" --arch "$RUN/search/best.json" \
+  --dataset digits --epochs 1 --warmup 0 --num-workers 2 --gpus "$GPUS" --output "$RUN/finetune"
+step evaluate 90 "$PY" evaluate.py --weights "$RUN/finetune/subnet.pth" --device "$DEVICE" --num-workers 2
+step study 240 "$PY" study.py --weights "$RUN/scratch/supernet.pth" --dataset digits --quick $STUDY \
+  --device "$DEVICE" --output "$RUN/study"
+step pytest-cuda 240 "$PY" -m pytest -q -ra -m cuda tests/test_cuda.py tests/test_ddp_one_process.py \
+  -p no:cacheprovider
+
+# The speed figures: the tiny space at 224 px, batch 128 (the official per-GPU batch).
 for precision in $PRECISIONS; do
   peak=$([ "$precision" = bf16 ] && echo "$PEAK_BF16" || echo "$PEAK_FP32")
-  run "$PY" bench/train_step.py --name tiny --img-size "$SIZE" --batch-size "$BATCH" --device "$DEVICE" \
-    --precision "$precision" --steps "$STEPS" --warmup "$WARMUP" --reference --attention ${peak:+--peak-tflops "$peak"}
-  run "$PY" bench/eval_throughput.py --name tiny --img-size "$SIZE" --batch-size "$BATCH" --device "$DEVICE" \
-    --precision "$precision" --steps "$STEPS" --warmup "$WARMUP" --reference --attention ${peak:+--peak-tflops "$peak"}
+  other=$([ "$precision" = bf16 ] && echo --attention || true)
+  step "train-step-$precision" 240 "$PY" bench/train_step.py --name tiny --img-size "$SIZE" --batch-size "$BATCH" \
+    --device "$DEVICE" --precision "$precision" --steps "$STEPS" --warmup "$WARMUP" --reference --compiled $other \
+    ${peak:+--peak-tflops "$peak"}
+  step "eval-$precision" 180 "$PY" bench/eval_throughput.py --name tiny --img-size "$SIZE" --batch-size "$BATCH" \
+    --device "$DEVICE" --precision "$precision" --steps "$STEPS" --warmup "$WARMUP" --reference --compiled $other \
+    ${peak:+--peak-tflops "$peak"}
+  if [ "$precision" = bf16 ]; then  # where the time goes, eager and compiled: the top kernels, the GPU's idle share
+    step profile-eager 120 "$PY" bench/profile_step.py --name tiny --img-size "$SIZE" --batch-size "$BATCH" \
+      --device "$DEVICE" --precision bf16 --steps 3 --warmup 1 --top 15
+    step profile-compiled 180 "$PY" bench/profile_step.py --name tiny --img-size "$SIZE" --batch-size "$BATCH" \
+      --device "$DEVICE" --precision bf16 --steps 3 --warmup 2 --top 15 --compiled
+    step search-speed 240 "$PY" bench/search_speed.py --name tiny --img-size "$SIZE" --images "$SEARCH_IMAGES" \
+      --candidates "$CANDIDATES" --device "$DEVICE"
+  fi
 done
-run "$PY" bench/data_throughput.py --images "$IMAGES" --workers 0 2
-run "$PY" bench/search_overhead.py --engine sequential $SEARCH
+step data-loader 120 "$PY" bench/data_throughput.py --images "$DATA_IMAGES" --img-size "$SIZE" --workers 0 2 4
 echo '```' >> "$REPORT.tmp"
+echo "$FAILED steps failed or were killed" >> "$REPORT.tmp"
 mv "$REPORT.tmp" "$REPORT"
-echo "report: $REPORT"
+[ -n "${OUT:-}" ] && cp "$REPORT" "$OUT/"
+echo "report: $REPORT ($FAILED steps failed)"
+exit $((FAILED > 0))

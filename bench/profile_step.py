@@ -2,9 +2,12 @@
 
     python bench/profile_step.py --name tiny --batch-size 8 --threads 2
     python bench/profile_step.py --name tiny --batch-size 8 --threads 2 --reference   # the official formulation
+    python bench/profile_step.py --name tiny --batch-size 128 --device cuda --precision bf16 --compiled
 
 Runs ``--steps`` steps (random archs, fixed batch) under ``torch.profiler`` after ``--warmup``
-untimed ones. Prints figures, asserts nothing.
+untimed ones; ``--compiled`` profiles the supernet as one compiled graph (masked_supernet.py). On a GPU it
+also prints how much of a step's wall time the GPU was busy: the rest is the CPU side (Python, launches) that the
+GPU waits for. Prints figures, asserts nothing.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import contextlib
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault('KINETO_LOG_LEVEL', '5')  # else the profiler logs a failed GPU query as an ERROR on CPU machines
@@ -21,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from common import add_timing_args, preset_space, set_up  # noqa: E402
+from common import add_timing_args, compiled, preset_space, set_up  # noqa: E402
+from masked_supernet import MaskedSupernet  # noqa: E402
 from space import build_supernet, sample_arch  # noqa: E402
 from reference import official_formulation  # noqa: E402
 from train_step import random_batch, training_step  # noqa: E402
@@ -43,23 +48,38 @@ def main() -> None:
     device = set_up(args)
     space_kwargs = preset_space(args)
     images, targets = random_batch(space_kwargs, args.batch_size, device)
-    step = training_step(build_supernet(space_kwargs).to(device).train(), images, targets, args.precision)
+    supernet = build_supernet(space_kwargs).to(device).train()
+    if args.compiled:
+        masked = MaskedSupernet(supernet)
+        step = training_step(compiled(masked, args), images, targets, args.precision, masked.set_arch)
+    else:
+        step = training_step(supernet, images, targets, args.precision)
     rng = random.Random(args.seed)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
     with official_formulation() if args.reference else contextlib.nullcontext():
         for _ in range(args.warmup):
             step(sample_arch(space_kwargs, rng))
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+        start = time.perf_counter()
         with profile(activities=activities) as profiler:
             for _ in range(args.steps):
                 step(sample_arch(space_kwargs, rng))
+            if device.type == 'cuda':
+                torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) / args.steps * 1e3
     events = profiler.key_averages()
     attr = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
     total = sum(getattr(event, attr) for event in events)
     matmuls = sum(getattr(event, attr) for event in events if event.key in MATMULS)
-    formulation = 'official formulation' if args.reference else 'ours'
+    formulation = 'official formulation' if args.reference else 'ours, one compiled graph' if args.compiled else 'ours'
+    busy = ''
+    if device.type == 'cuda':  # kernels' device time against the wall time: the GPU's idle share is the CPU side
+        busy = (f', GPU busy {total / args.steps / 1e3:.1f} of {wall_ms:.1f} ms wall per step '
+                f'({100 * total / args.steps / 1e3 / wall_ms:.0f}%)')
     print(f'profile_step {args.name} batch {args.batch_size} {args.device} {args.precision} '
-          f'threads {torch.get_num_threads()} {formulation}: {total / args.steps / 1e3:.0f} ms per step '
-          f'(profiled), matmuls {100 * matmuls / total:.0f}%')
+          f'threads {torch.get_num_threads()} {formulation}: {total / args.steps / 1e3:.1f} ms per step '
+          f'(profiled), matmuls {100 * matmuls / total:.0f}%{busy}')
     for event in sorted(events, key=lambda event: -getattr(event, attr))[:args.top]:
         print(f'  {event.key:40s} {getattr(event, attr) / args.steps / 1e3:8.1f} ms per step, '
               f'{event.count // args.steps} calls')

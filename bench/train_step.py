@@ -7,7 +7,9 @@ Prints figures, asserts nothing. ``--reference`` runs each step again (same arch
 in the official formulation (``bench/reference.py``: direct relative positions, weights sliced
 through autograd) right after or before ours, for a before / after ratio. ``--ceiling`` adds the
 same step on a supernet without relative positions: the most any relative-position code could
-gain, since everything else is the same in both formulations.
+gain, since everything else is the same in both formulations. ``--compiled`` adds the supernet as one
+compiled graph for every arch (``masked_supernet.py``: every step costs the largest arch) and, as its ceiling,
+the frozen largest subnet compiled: a static ViT doing the same arithmetic.
 """
 from __future__ import annotations
 
@@ -22,10 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from common import (OFFICIAL, OTHER_ATTENTION, OURS, add_timing_args, autocast, interleaved_seconds,  # noqa: E402
-                    interleaved_summary, peak_memory, preset_space, set_up, with_other_attention)
+from common import (COMPILED, OFFICIAL, OTHER_ATTENTION, OURS, STATIC, add_timing_args, autocast,  # noqa: E402
+                    compiled, interleaved_seconds, interleaved_summary, peak_memory, preset_space, set_up,
+                    with_other_attention)
+from masked_supernet import MaskedSupernet  # noqa: E402
 from reference import in_official_formulation  # noqa: E402
-from space import build_supernet, count_flops, sample_arch, set_active_arch  # noqa: E402
+from space import (AutoformerSpace, build_supernet, count_flops, extreme_arch, init_weights, sample_arch,  # noqa: E402
+                   set_active_arch)
 
 
 def parse_args() -> argparse.Namespace:
@@ -42,12 +47,15 @@ def random_batch(space_kwargs: dict, batch_size: int, device: torch.device) -> t
     return images, torch.randint(0, space_kwargs['num_labels'], (batch_size,), device=device)
 
 
-def training_step(supernet, images, targets, precision: str) -> Callable[[dict], None]:
-    """``step(arch)``: forward, backward and AdamW step of ``supernet`` running ``arch`` on a fixed batch."""
+def training_step(supernet, images, targets, precision: str,
+                  set_arch: Callable[[dict], None] | None = None) -> Callable[[dict], None]:
+    """``step(arch)``: forward, backward and AdamW step of ``supernet`` running ``arch`` on a fixed batch;
+    ``set_arch`` (default: ``space.set_active_arch``) makes it run the arch."""
     optimizer = torch.optim.AdamW(supernet.parameters(), lr=1e-4, fused=True)  # as lightning.py
+    set_arch = set_arch or (lambda arch: set_active_arch(supernet, arch))
 
     def step(arch: dict) -> None:
-        set_active_arch(supernet, arch)
+        set_arch(arch)
         with autocast(images.device, precision):
             loss = torch.nn.functional.cross_entropy(supernet(images), targets)
         optimizer.zero_grad(set_to_none=True)
@@ -65,6 +73,12 @@ def main() -> None:
     if args.ceiling:
         no_rpe = build_supernet({**space_kwargs, 'rpe': False}).to(device).train()
         step_without_rpe = training_step(no_rpe, images, targets, args.precision)
+    if args.compiled:
+        masked = MaskedSupernet(build_supernet(space_kwargs)).to(device).train()
+        step_compiled = training_step(compiled(masked, args), images, targets, args.precision, masked.set_arch)
+        static = init_weights(AutoformerSpace(**space_kwargs).freeze(extreme_arch(space_kwargs, max)))
+        step_static = training_step(compiled(static.to(device).train(), args), images, targets, args.precision,
+                                    lambda arch: None)
     rng = random.Random(args.seed)
     macs = []  # per image, of each step's arch
 
@@ -76,6 +90,9 @@ def main() -> None:
             steps[OFFICIAL] = functools.partial(in_official_formulation, step, arch)
         if args.ceiling:
             steps['no relative positions'] = functools.partial(step_without_rpe, arch)
+        if args.compiled:
+            steps[COMPILED] = functools.partial(step_compiled, arch)
+            steps[STATIC] = functools.partial(step_static, arch)
         if args.attention:
             steps[OTHER_ATTENTION] = with_other_attention(functools.partial(step, arch), device)
         return steps
