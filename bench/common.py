@@ -137,11 +137,14 @@ def share_of_peak(times: list[float], flops_per_step: float, peak_tflops: float 
 
 
 def interleaved_summary(times: dict[str, list[float]], images_per_step: int, flops_per_step: float = 0.0,
-                        peak_tflops: float | None = None) -> str:
+                        peak_tflops: float | None = None, variant_flops: dict[str, float] | None = None) -> str:
     """Images/s of each variant (with its share of the device's peak FLOP/s when given) and, against the
-    official formulation, how many times faster the others are."""
+    official formulation, how many times faster the others are. ``flops_per_step``: the arithmetic of the archs
+    run; ``variant_flops``: a variant that runs other arithmetic (a static largest subnet)."""
+    variant_flops = variant_flops or {}
     parts = [f'{name} {images_per_step * len(values) / sum(values):.2f} images/s'
-             + share_of_peak(values, flops_per_step, peak_tflops) for name, values in times.items()]
+             + share_of_peak(values, variant_flops.get(name, flops_per_step), peak_tflops)
+             for name, values in times.items()]
     official = times.get(OFFICIAL)
     for name, values in times.items():
         if official and name != OFFICIAL:
