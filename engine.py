@@ -22,8 +22,8 @@ import data
 from checkpoints import check_finite, save_weights
 from metrics import running_value, summarize
 from space import AutoformerSpace, build_supernet, canonical_arch, init_weights
-from utils import (AUTOCAST, UserError, atomic_write_json, check_output_folder, check_writable, default_precision,
-                   json_form, lock_output, read_json, remove_unfinished_writes, set_up_precision)
+from utils import (AUTOCAST, COMPILE_ON_CPU, UserError, atomic_write_json, check_output_folder, check_writable,
+                   default_precision, json_form, lock_output, read_json, remove_unfinished_writes, set_up_precision)
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -383,6 +383,8 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
     folder = RunFolder(Path(run.output))
     pl.seed_everything(run.seed, workers=True, verbose=False)
     trainer_kwargs, processes = trainer_settings(run)
+    if run.compile and arch is None and trainer_kwargs['accelerator'] == 'cpu' and is_first_process():
+        print(COMPILE_ON_CPU.format(what='step'))
     train_set = data.build_dataset(run.dataset, run.datapath, 'train', space_kwargs['img_size'], training=True)
     val_set = data.build_dataset(run.dataset, run.datapath, 'val', space_kwargs['img_size'])
     kind, stored_arch = ('subnet', canonical_arch(arch)) if arch else ('supernet', None)

@@ -46,8 +46,8 @@ from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_
 from checkpoints import export_standalone, load_supernet_file, save_weights
 from space import AutoformerSpace, arch_key, canonical_arch, sub_state_dict
 from strategy import Budget, SearchLedger, StrategySettings, build_strategy
-from utils import (UserError, atomic_path, atomic_write_json, check_output_folder, check_writable, json_form,
-                   lock_output, read_json, remove_unfinished_writes, set_up_precision)
+from utils import (COMPILE_ON_CPU, UserError, atomic_path, atomic_write_json, check_output_folder, check_writable,
+                   json_form, lock_output, read_json, remove_unfinished_writes, set_up_precision)
 
 _logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent
@@ -452,6 +452,8 @@ def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'Se
                supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any], meta: Mapping[str, Any]) -> dict:
     """The search into a locked ``output``: inputs checked and cached, the experiment run, the results."""
     fingerprint = search_fingerprint(args, space_kwargs)
+    if args.compile and args.device == 'cpu':
+        print(COMPILE_ON_CPU.format(what='candidate'), flush=True)
     folder = SearchFolder(output)
     check_output(folder, args, fingerprint)
     budget = Budget(space_kwargs, args.min_params, args.max_params, args.max_flops, args.max_latency,

@@ -22,6 +22,11 @@ class UserError(Exception):
     """A problem with the user's input: the message says what is wrong and what to do."""
 
 
+# --compile of the supernet without a GPU: allowed (the results are the same), but its cost is said.
+COMPILE_ON_CPU = ('--compile on the CPU: compiling takes a minute or more, and every {what} then costs the largest '
+                  "arch's arithmetic; it pays on GPUs, where Python and kernel launches bound a step")
+
+
 def torch_load(path: str | os.PathLike, what: str = 'checkpoint', mmap: bool = False) -> Any:
     """``torch.load`` with ``weights_only=True`` and a clear message for every way a file can be unusable.
 

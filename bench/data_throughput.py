@@ -2,13 +2,16 @@
 generated ImageNet-style folder of JPEGs (ImageNet's mean size, 400 x 350, quality 90).
 
     python bench/data_throughput.py --images 256 --workers 0 1 2
+    python bench/data_throughput.py --images 512 --workers 0 2 4 --feed 1850   # workers to feed 1850 images/s
 
 Prints figures, asserts nothing. ``--workers 0`` decodes in the main process: its images/s is one
-core's rate. A GPU training at R images/s needs about R / (images/s per worker) loader workers.
+core's rate. A GPU training at R images/s needs about R / (images/s per worker) loader workers, one core
+each: ``--feed R`` prints that count from the best per-worker rate of the training transform measured here.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import time
@@ -43,8 +46,8 @@ def images_per_second(dataset: torch.utils.data.Dataset, workers: int, batch_siz
     for images, _ in batches:
         seen += len(images)
     if seen == 0:  # a rate of 0 would read as a measurement
-        raise SystemExit(f'{len(dataset)} images are one batch of {batch_size}: nothing is left to time after the first '
-                         'batch; give --images more')
+        raise SystemExit(f'{len(dataset)} images are one batch of {batch_size}: nothing is left to time after the '
+                         'first batch; give --images more')
     return seen / (time.perf_counter() - start)
 
 
@@ -54,7 +57,10 @@ def main() -> None:
     parser.add_argument('--img-size', type=int, default=224, help='network input size')
     parser.add_argument('--batch-size', type=int, default=32, help='images per batch')
     parser.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2], help='loader worker counts to time')
+    parser.add_argument('--feed', type=float, nargs='*', default=[],
+                        help='training images/s (per GPU) to translate into the loader workers it takes')
     args = parser.parse_args()
+    training_per_worker = 0.0
     torch.set_num_threads(1)  # one core per loader process, as in training
     with tempfile.TemporaryDirectory() as root:
         write_folder(Path(root), args.images)
@@ -63,8 +69,16 @@ def main() -> None:
             for workers in args.workers:
                 rate = images_per_second(dataset, workers, args.batch_size)
                 per_worker = rate / max(workers, 1)
+                if training:
+                    training_per_worker = max(training_per_worker, per_worker)
                 print(f'{"training" if training else "evaluation"} transform, {args.img_size} px, {workers} workers: '
                       f'{rate:.0f} images/s ({per_worker:.0f} per worker)')
+
+
+    for rate in args.feed:
+        workers = math.ceil(rate / training_per_worker)
+        print(f'feeding {rate:.0f} training images/s per GPU takes {workers} loader workers (one core each, at '
+              f'{training_per_worker:.0f} images/s per worker): {8 * workers} cores for 8 GPUs')
 
 
 if __name__ == '__main__':

@@ -101,7 +101,11 @@ for precision in $PRECISIONS; do
       --candidates "$CANDIDATES" --device "$DEVICE"
   fi
 done
-step data-loader 120 "$PY" bench/data_throughput.py --images "$DATA_IMAGES" --img-size "$SIZE" --workers 0 2 4
+# The training rates measured above (bf16: eager, one compiled graph), in loader workers per GPU
+FEED=$(sed -n 's/.*: ours \([0-9.]*\) images\/s.*ours, one compiled graph \([0-9.]*\) images\/s.*/\1 \2/p' \
+  "$LOGS/train-step-bf16.log" | head -1)
+step data-loader 120 "$PY" bench/data_throughput.py --images "$DATA_IMAGES" --img-size "$SIZE" --workers 0 2 4 \
+  --feed $FEED
 echo '```' >> "$REPORT.tmp"
 echo "$FAILED steps failed or were killed" >> "$REPORT.tmp"
 mv "$REPORT.tmp" "$REPORT"

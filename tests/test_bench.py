@@ -22,7 +22,8 @@ def test_gpu_script_dry_run_writes_a_report_of_every_command():
         assert '0 steps failed' in text and 'FAILED' not in text and 'KILLED' not in text, text[-3000:]
         assert 'skipped' in text and 'needs a CUDA GPU' in text  # pytest -m cuda without a GPU: visible reasons
         for line in ('wrote', 'best: top-1', 'per-class top-1',  # scratch / finetune, search, evaluate
-                     'train_step tiny 64px batch 2 cpu bf16', 'eval autoformer-tiny frozen subnet 64px batch 2 cpu bf16',
+                     'train_step tiny 64px batch 2 cpu bf16',
+                     'eval autoformer-tiny frozen subnet 64px batch 2 cpu bf16',
                      'ours, one compiled graph', 'static compiled ViT', 'profile_step', 'search_speed', 'per worker'):
             assert line in text, line
         assert text.count('/ official') >= 2 and 'ours, other attention path' in text

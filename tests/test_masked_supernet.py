@@ -49,7 +49,8 @@ def test_logits_and_gradients_equal_the_sliced_supernet_in_float64(space_kwargs)
     masked = MaskedSupernet(supernet)
     images = torch.randn(3, 3, 32, 32, dtype=torch.float64)
     for seed, arch in enumerate(six_archs(space_kwargs)):
-        sliced, sliced_grads = logits_and_gradients(supernet, lambda a: set_active_arch(supernet, a), arch, images, seed)
+        sliced, sliced_grads = logits_and_gradients(supernet, lambda a: set_active_arch(supernet, a), arch, images,
+                                                    seed)
         logits, grads = logits_and_gradients(masked, masked.set_arch, arch, images, seed)
         assert max_relative_error(logits, sliced) < 1e-6, arch
         for name, grad in sliced_grads.items():
