@@ -211,8 +211,9 @@ class SupernetModule(LightningModule):
                     param.grad = None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        # DDP sets the gradients of the layers no rank used to None, and a checkpoint holds no gradients:
-        # both would make AdamW skip those layers, so they get their zero gradient back before the step.
+        # Lightning sets every gradient to None before each validation (on_validation_model_zero_grad), and a
+        # checkpoint holds no gradients: either would make AdamW skip a layer the steps since then have not used,
+        # so each layer AdamW has stepped before gets its zero gradient back (tests/test_training.py fails without).
         if not self.hparams.skip_unsampled:
             restore_zero_grads(optimizer)
 

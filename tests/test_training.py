@@ -361,6 +361,42 @@ def test_unsampled_layers_are_decayed_and_moved_as_in_the_official_run_unless_sk
     assert (deepest.grad is None) == skip
 
 
+@pytest.mark.parametrize('skip', [False, True], ids=['official', 'skip-unsampled'])
+def test_a_layer_unused_after_a_validation_is_still_decayed_and_moved_unless_skipped(tmp_path, monkeypatch, skip):
+    """Two epochs of Lightning with a validation between them: the first trains the largest arch, the second the
+    smallest, so the deepest layer is used only in the first. Lightning sets every gradient to None before a
+    validation (``on_validation_model_zero_grad``): without ``restore_zero_grads`` AdamW would skip that layer for
+    the whole second epoch. The official run decays it and moves it by momentum; --skip-unsampled leaves it."""
+    import pytorch_lightning as pl
+
+    import lightning
+    from space import build_supernet, complete_space_kwargs, extreme_arch
+    space_kwargs = complete_space_kwargs(**AutoformerSpace.preset('demo'))
+    trainer_ref = []
+    monkeypatch.setattr(lightning, 'sample_arch', lambda space, rng: extreme_arch(
+        space, max if trainer_ref[0].current_epoch == 0 else min))
+    train = data.build_dataset('digits', None, 'train', 32, training=True)
+    val = data.build_dataset('digits', None, 'val', 32)
+    module = lightning.SupernetModule(space_kwargs, learning_rate=1e-3, warmup_epochs=0, epochs=2, steps_per_epoch=3,
+                                      mixup=0, cutmix=0, skip_unsampled=skip, schedule='step')
+    deepest = {}
+
+    class Snapshot(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):  # after the first epoch's validation
+            if trainer.current_epoch == 1:
+                deepest['before'] = pl_module.model.blocks.blocks[-1].fc1.weight.detach().clone()
+
+    trainer = pl.Trainer(accelerator='cpu', devices=1, max_epochs=2, limit_train_batches=3, limit_val_batches=1,
+                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         callbacks=[Snapshot()], default_root_dir=tmp_path)
+    trainer_ref.append(trainer)
+    module.set_model(build_supernet(space_kwargs))
+    trainer.fit(module, data.build_loader(train, 32, 0, drop_last=True), data.build_loader(val, 32, 0))
+    after = module.model.blocks.blocks[-1].fc1.weight.detach()
+    assert trainer.global_step == 6 and 'before' in deepest
+    assert torch.equal(after, deepest['before']) == skip
+
+
 @pytest.mark.fast
 @pytest.mark.parametrize('epochs, warmup', [(300, 5), (12, 3), (4, 0)])
 def test_the_epoch_schedule_is_the_official_runs_timm_cosine(epochs, warmup):
