@@ -20,6 +20,7 @@ import data
 from checkpoints import read_weights
 from engine import evaluate
 from masked_supernet import MaskedSupernet
+from plots import save_figure
 from space import AutoformerSpace, arch_key, build_supernet, count_flops, count_params, sub_state_dict, typed_arch
 from trial import record_failure
 from utils import UserError, atomic_write_json, atomic_write_text, pick_device, read_json
@@ -300,8 +301,4 @@ def plot_pareto(records: list[dict], path: Path, title: str, metric: str = 'top1
     ax.plot([r['params'] for r in front], [r[metric] for r in front], 'r.-', label='Pareto front')
     ax.set(xlabel='parameters (M)', ylabel=metric_label(metric), title=title)
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix('.tmp.png')
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)

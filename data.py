@@ -877,12 +877,6 @@ def search_split_description(dataset: str, datapath: str | os.PathLike | None, l
             'trained on; not the validation split')
 
 
-def top1_standard_error(images: int) -> float:
-    """The standard error (points) of a top-1 measured on ``images`` images, at its worst (p = 0.5):
-    sqrt(p(1 - p) / n)."""
-    return 100 * (0.25 / images) ** 0.5
-
-
 class CachedSplit(Dataset):
     """A split written by :func:`write_cache`: uint8 images normalized on the fly."""
 

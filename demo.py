@@ -25,6 +25,7 @@ from cli import parse_checked, run_main
 from candidates import SearchFolder
 from checkpoints import read_weights
 from engine import RunFolder
+from plots import save_figure
 from space import extreme_arch, canonical_arch
 from utils import UserError, atomic_write_text, read_json
 
@@ -80,9 +81,7 @@ def plot_training(log_folder: Path, path: Path) -> None:
         acc_ax.plot(*zip(*points), marker='.', label=label)
     acc_ax.set(xlabel='epoch', ylabel='validation top-1 (%)')
     acc_ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import data
 from checkpoints import check_finite, save_weights
-from metrics import running_value, summarize
+from metrics import confusion_counts, running_value, summarize
 from space import AutoformerSpace, build_supernet, canonical_arch, init_weights
 from utils import (AUTOCAST, COMPILE_ON_CPU, UserError, atomic_write_json, check_output_folder, check_writable,
                    default_precision, json_form, lock_output, read_json, remove_unfinished_writes, set_up_precision)
@@ -62,8 +62,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
         if confusion is None:
             confusion = torch.zeros(classes * classes, dtype=torch.long, device=device)
         ranked = logits.topk(min(5, classes), dim=1).indices.eq(targets[:, None])  # as timm's accuracy
-        confusion += torch.bincount(targets * classes + logits.topk(1, dim=1).indices[:, 0],
-                                    minlength=classes * classes)
+        confusion += confusion_counts(targets, logits.topk(1, dim=1).indices[:, 0], classes)
         top5 += ranked.any(dim=1).sum()
         if per_image:
             hits.append(ranked[:, 0].cpu())

@@ -35,7 +35,7 @@ from timm.utils import ModelEmaV3, accuracy
 import nni_patches  # noqa: F401  its warning filters (NNI's evaluator on Lightning)
 from checkpoints import check_finite, load_checked
 from masked_supernet import MaskedSupernet
-from metrics import running_value
+from metrics import confusion_counts, running_value
 from space import SEARCHED, AutoformerSpace, extreme_arch, preset_name, sample_arch, set_active_arch
 from utils import SCHEDULES, atomic_torch_save, seed_for
 
@@ -242,8 +242,7 @@ class SupernetModule(LightningModule):
                 logits = model(images)
             top1 = accuracy(logits, targets, topk=(1,))[0]
             self.log(f'val_acc_{name}', top1, prog_bar=name != 'searched', sync_dist=True, batch_size=len(targets))
-            self.confusions[name] += torch.bincount(targets * classes + logits.argmax(dim=1),
-                                                    minlength=classes * classes)
+            self.confusions[name] += confusion_counts(targets, logits.argmax(dim=1), classes)
 
     def on_validation_epoch_end(self) -> None:
         """Balanced accuracy (the mean of the per-class accuracies) beside top-1: on imbalanced data a model

@@ -1,10 +1,24 @@
 """What a confusion matrix says: top-1, balanced accuracy (the mean of the per-class accuracies), per-class
-accuracy. Shared by the accuracy loop (engine.py) and Lightning's validation (lightning.py)."""
+accuracy; and how uncertain a top-1 is. Shared by the accuracy loop (engine.py), Lightning's validation
+(lightning.py), the search (search.py) and the study (study.py)."""
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+
+
+def confusion_counts(targets: torch.Tensor, predictions: torch.Tensor, classes: int) -> torch.Tensor:
+    """The flattened (true class, predicted class) count matrix of one batch, on its device."""
+    return torch.bincount(targets * classes + predictions, minlength=classes * classes)
+
+
+def binomial_se(top1: float, images: int) -> float:
+    """Standard error (points) of a top-1 (%) measured on ``images`` images: sqrt(p (1 - p) / n); at its largest,
+    for any top-1, with ``top1=50``."""
+    share = top1 / 100
+    return 100 * math.sqrt(share * (1 - share) / images)
 
 
 def running_value(confusion: torch.Tensor, metric: str) -> float:

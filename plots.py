@@ -2,7 +2,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
+
+from utils import atomic_path
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> None:
+    """``fig`` written to the PNG ``path`` atomically (never a half-written figure), then closed."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format='png', dpi=dpi)
+    plt.close(fig)
 
 
 def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str) -> None:
@@ -26,8 +37,4 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
                     color='white' if shares[row, col] > 0.5 else 'black', fontsize=8)
     ax.set(xlabel='predicted class', ylabel='true class', title=title)
     fig.colorbar(image, ax=ax, label='share of the true class')
-    fig.tight_layout()
-    tmp = path.with_suffix('.tmp.png')
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=100)

@@ -44,6 +44,7 @@ from candidates import (METRICS, SEARCH_SPLIT, TIE_BREAK, SearchFolder, evaluate
 from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_precision_args, from_flags,
                  parse_checked, run_main, space_arg)
 from checkpoints import export_standalone, load_supernet_file, save_weights
+from metrics import binomial_se
 from space import AutoformerSpace, arch_key, canonical_arch, sub_state_dict
 from strategy import Budget, SearchLedger, StrategySettings, build_strategy
 from utils import (COMPILE_ON_CPU, UserError, atomic_path, atomic_write_json, check_output_folder, check_writable,
@@ -508,7 +509,7 @@ def describe_search_split(cache: Path, args: argparse.Namespace) -> str:
     labels = data.CachedSplit(cache).labels
     measured_on = data.search_split_description(args.dataset, args.datapath, labels, args.search_images)
     print(f'candidates are ranked by {METRICS[args.metric]} on {measured_on}', flush=True)
-    error = data.top1_standard_error(len(labels))
+    error = binomial_se(50.0, len(labels))  # its largest, whatever the top-1
     if error > 1:
         print(f'warning: the search split holds {len(labels)} images: a top-1 on it has a standard error of up to '
               f'{error:.1f} points (sqrt(p(1-p)/n) at p = 0.5): candidates closer than that are not told apart',

@@ -42,6 +42,8 @@ import recipes
 from checkpoints import load_supernet_file, read_weights
 from candidates import SearchFolder
 from engine import RunFolder, evaluate
+from metrics import binomial_se
+from plots import save_figure
 from space import (AutoformerSpace, arch_choices, arch_key, count_params, extreme_arch, make_arch, preset_name,
                    sample_arch, sub_state_dict)
 from utils import UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, pick_device, \
@@ -128,12 +130,6 @@ def kendall(first: list[float], second: list[float], resamples: int = 1000) -> d
     taus.sort()
     return {'tau': float(tau), 'p': float(p_value), 'low': taus[int(0.025 * len(taus))],
             'high': taus[int(0.975 * len(taus)) - 1], 'n': len(first)}
-
-
-def binomial_se(top1: float, images: int) -> float:
-    """Standard error (points) of a top-1 measured on ``images`` images."""
-    share = top1 / 100
-    return 100 * math.sqrt(share * (1 - share) / images)
 
 
 def paired_difference(first: torch.Tensor, second: torch.Tensor) -> tuple[float, float]:
@@ -566,10 +562,7 @@ def plot(output: Path) -> None:
     import matplotlib.pyplot as plt
 
     def save(fig, name: str) -> None:
-        fig.tight_layout()
-        fig.savefig(output / f'{name}.tmp.png', dpi=110)
-        plt.close(fig)
-        (output / f'{name}.tmp.png').replace(output / f'{name}.png')
+        save_figure(fig, output / f'{name}.png')
 
     if (output / 'spread.json').is_file():
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -1,5 +1,4 @@
 import json
-import math
 import os
 import random
 import signal
@@ -22,6 +21,7 @@ from space import arch_key, count_flops, count_params, extreme_arch, sample_arch
 from strategy import Budget
 from conftest import free_port
 from fixtures import web_ui_trials
+from metrics import binomial_se
 from utils import UserError, lock_output
 
 ROOT = Path(__file__).parent.parent
@@ -75,7 +75,7 @@ def check_search_result(output, supernet, random_archs, nni_agrees=True):
     # would be a coin toss: the Fashion-MNIST study measures the real gap.)
     median = statistics.median(t for _, t in random_archs)
     images = len(data.build_dataset('digits', None, 'test', 32))
-    two_se = 2 * 100 * math.sqrt(median / 100 * (1 - median / 100) / images)
+    two_se = 2 * binomial_se(median, images)
     assert top1_on_test_split(output / 'best-subnet.pth') >= median - two_se
 
 

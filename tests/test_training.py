@@ -1,6 +1,5 @@
 import csv
 import json
-import math
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import scratch
 from conftest import GOLDEN
 from fixtures import write_cifar10, write_image_folder
 from lightning import AtomicCheckpointIO
+from metrics import binomial_se
 from checkpoints import read_weights, save_weights
 from space import AutoformerSpace
 from utils import UserError, lock_output
@@ -35,7 +35,7 @@ def test_scratch_digits_learns_and_writes_checkpoints_and_weights(tmp_path):
     assert metrics['epochs'] == 6
     # learned: both extremes above chance (10%) by more than four binomial standard errors of the validation split
     images = len(data.build_dataset('digits', None, 'val', 32))
-    above_chance = 10 + 4 * 100 * math.sqrt(0.1 * 0.9 / images)
+    above_chance = 10 + 4 * binomial_se(10, images)
     assert metrics['val_acc_min'] > above_chance and metrics['val_acc_max'] > above_chance
     assert (tmp_path / 'checkpoints' / 'last.ckpt').is_file() and (tmp_path / 'checkpoints' / 'best.ckpt').is_file()
     supernet = AutoformerSpace.load_supernet_weights(None, tmp_path / 'supernet.pth')
@@ -305,7 +305,7 @@ def test_scratch_arch_retrains_one_subnet_and_resumes_it(tmp_path):
     results = evaluate.main(['--weights', str(tmp_path / 'subnet.pth'), '--dataset', 'digits', '--num-workers', '0',
                              '--output', str(tmp_path / 'evaluated'), '--export'])
     # Chance is 10%: two epochs from scratch must clear it by three binomial standard errors of the test set.
-    assert results['arch'] == json.loads(arch) and results['top1'] > 10 + 3 * 100 * math.sqrt(0.09 / results['images'])
+    assert results['arch'] == json.loads(arch) and results['top1'] > 10 + 3 * binomial_se(10, results['images'])
     export = tmp_path / 'evaluated' / 'export'
     scripted = torch.jit.load(export / 'subnet.torchscript.pt')
     assert scripted(torch.zeros(1, 3, 32, 32)).shape == (1, 10) and (export / 'subnet.onnx').is_file()
