@@ -129,7 +129,12 @@ def metric_label(metric: str) -> str:
 
 def rank_key(record: Mapping[str, Any], metric: str) -> tuple:
     """Sort key of the ranking every best is picked by (:data:`TIE_BREAK`): the first is the best."""
-    return -record[metric], record['params'], arch_key(record['arch'])
+    return ranking(record[metric], record['params'], record['arch'])
+
+
+def ranking(value: float, params: float, arch: Mapping[str, Any]) -> tuple:
+    """:func:`rank_key` of a candidate not yet recorded: its metric ``value``, ``params`` (M) and ``arch``."""
+    return -value, params, arch_key(arch)
 
 
 def ranked(records: list[dict], metric: str) -> list[dict]:

@@ -21,7 +21,7 @@ from nni.nas.strategy import Random, RegularizedEvolution
 from nni.nas.strategy.base import Strategy
 from nni.nas.strategy.middleware import Chain, Filter, StrategyMiddleware
 
-from candidates import METRICS, final_metrics, rank_key, read_record
+from candidates import METRICS, final_metrics, rank_key, ranking, read_record
 from space import AutoformerSpace, arch_choices, arch_key, count_flops, count_params, extreme_arch, sample_arch
 from trial import first_failure
 from utils import UserError, atomic_write_json, read_json
@@ -168,9 +168,9 @@ class AutoformerEvolution(Strategy):
             candidates = self._fill(children)
 
     def _rank(self, item: tuple[float, dict]) -> tuple:
-        """The search's ranking (candidates.TIE_BREAK): the higher metric, then fewer params, then the arch key."""
+        """The search's ranking (candidates.ranking) of an evaluated ``(metric, arch)``."""
         metric, arch = item
-        return -metric, count_params(arch, **self.space_kwargs), arch_key(arch)
+        return ranking(metric, count_params(arch, **self.space_kwargs) / 1e6, arch)
 
     def _evaluate(self, samples: list[dict]) -> list[tuple[float, dict]] | None:
         models = []
