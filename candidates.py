@@ -21,7 +21,7 @@ from checkpoints import read_weights
 from engine import evaluate
 from masked_supernet import MaskedSupernet
 from plots import save_figure
-from space import AutoformerSpace, arch_key, build_supernet, count_flops, count_params, sub_state_dict, typed_arch
+from space import arch_key, build_supernet, count_flops, count_params, inherited_subnet, typed_arch
 from trial import record_failure
 from utils import UserError, atomic_write_json, atomic_write_text, pick_device, read_json
 
@@ -172,8 +172,7 @@ def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor],
         graph[0].set_arch(arch)
         model = graph[1]
     else:
-        model = AutoformerSpace(**space_kwargs).freeze(arch)
-        model.load_state_dict(sub_state_dict(supernet, arch))
+        model = inherited_subnet(supernet, arch, space_kwargs)
     every = max(1, -(-len(split) // batch_size) // INTERMEDIATE_RESULTS)
     metrics = evaluate(model, split.batches(batch_size, device), device, progress=False,
                        on_batch=lambda index, value: report(value), report_every=every, precision=precision,

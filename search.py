@@ -45,7 +45,7 @@ from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_
                  parse_checked, run_main, space_arg)
 from checkpoints import export_standalone, load_supernet_file, save_weights
 from metrics import binomial_se
-from space import AutoformerSpace, arch_key, canonical_arch, sub_state_dict
+from space import AutoformerSpace, arch_key, canonical_arch, inherited_subnet, sub_state_dict
 from strategy import Budget, SearchLedger, StrategySettings, build_strategy
 from utils import (COMPILE_ON_CPU, UserError, atomic_path, atomic_write_json, check_output_folder, check_writable,
                    json_form, lock_output, read_json, remove_unfinished_writes, set_up_precision)
@@ -702,10 +702,9 @@ def write_final_results(experiment: NasExperiment, output: Path, supernet: Mappi
           f"{best['params']:.3f}M params, {best['flops']:.4f}G FLOPs, of {len(records)} candidates; "
           f"{SearchFolder(output).best}")
     if args.export:
-        model = AutoformerSpace(**space_kwargs).freeze(best['arch'])
-        model.load_state_dict(sub_state_dict(supernet, best['arch']))
-        export_standalone(model, best, space_kwargs, SearchFolder(output).export,
-                          data.description(args.dataset, args.datapath, space_kwargs['img_size']))
+        export_standalone(inherited_subnet(supernet, best['arch'], space_kwargs), best, space_kwargs,
+                          SearchFolder(output).export, data.description(args.dataset, args.datapath,
+                                                                        space_kwargs['img_size']))
     return best
 
 

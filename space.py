@@ -61,7 +61,7 @@ logging.getLogger('nni.nas.nn.pytorch.base').addFilter(_DropMixedOpNestedMutable
 __all__ = ['AutoformerSpace', 'SpaceError', 'PRESETS', 'SEARCHED', 'DEFAULTS', 'build_supernet', 'set_active_arch',
            'complete_space_kwargs', 'space_problem', 'make_arch', 'arch_choices', 'sample_arch', 'extreme_arch',
            'canonical_arch', 'typed_arch', 'check_arch', 'complete_arch', 'layer_dims', 'count_params', 'count_flops',
-           'sub_state_dict', 'preset_name', 'init_weights']
+           'sub_state_dict', 'inherited_subnet', 'preset_name', 'init_weights']
 
 
 class SpaceError(ValueError):
@@ -795,6 +795,14 @@ def sub_state_dict(supernet_state_dict: Mapping[str, torch.Tensor], arch: Mappin
         else:  # patch_embed.*, norm.*
             result[key] = tensor[:embed]
     return {k: v.clone() for k, v in result.items()}
+
+
+def inherited_subnet(supernet_state_dict: Mapping[str, torch.Tensor], arch: Mapping[str, Any],
+                     space_kwargs: Mapping[str, Any]) -> nn.Module:
+    """``AutoformerSpace(**space_kwargs).freeze(arch)`` holding the weights it inherits from the supernet."""
+    model = AutoformerSpace(**space_kwargs).freeze(arch)
+    model.load_state_dict(sub_state_dict(supernet_state_dict, arch))
+    return model
 
 
 def _slice_block_tensor(name: str, tensor: torch.Tensor, embed: int, q_dim: int, hidden: int) -> torch.Tensor:

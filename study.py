@@ -45,7 +45,7 @@ from engine import RunFolder, evaluate
 from metrics import binomial_se
 from plots import save_figure
 from space import (AutoformerSpace, arch_choices, arch_key, count_params, extreme_arch, make_arch, preset_name,
-                   sample_arch, sub_state_dict)
+                   sample_arch, inherited_subnet)
 from utils import UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, pick_device, \
     read_json, set_up_precision
 
@@ -191,8 +191,11 @@ class Evaluator:
                 subnet_weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Per-image top-1 hits of ``arch`` on a split (or on each of several, one model built): weights sliced
         from the supernet, or a subnet's own weights."""
-        model = AutoformerSpace(**self.space_kwargs).freeze(arch)
-        model.load_state_dict(sub_state_dict(self.supernet, arch) if subnet_weights is None else subnet_weights)
+        if subnet_weights is None:
+            model = inherited_subnet(self.supernet, arch, self.space_kwargs)
+        else:
+            model = AutoformerSpace(**self.space_kwargs).freeze(arch)
+            model.load_state_dict(subnet_weights)
         hits = [evaluate(model, self.splits[split].batches(self.args.batch_size), self.device, progress=False,
                          precision=self.precision, per_image=True)['hits']
                 for split in ((splits,) if isinstance(splits, str) else splits)]

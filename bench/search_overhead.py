@@ -25,7 +25,7 @@ import data  # noqa: E402
 import search  # noqa: E402
 from engine import evaluate  # noqa: E402
 from checkpoints import save_weights  # noqa: E402
-from space import AutoformerSpace, build_supernet, complete_space_kwargs, sub_state_dict  # noqa: E402
+from space import AutoformerSpace, build_supernet, complete_space_kwargs, inherited_subnet  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -58,8 +58,7 @@ def forward_seconds(weights: Path, cache: Path, records: list[dict], space_kwarg
     split = data.CachedSplit(cache)
     total = 0.0
     for record in records:
-        model = AutoformerSpace(**space_kwargs).freeze(record['arch'])
-        model.load_state_dict(sub_state_dict(supernet, record['arch']))
+        model = inherited_subnet(supernet, record['arch'], space_kwargs)
         start = time.perf_counter()
         evaluate(model, split.batches(256), DEVICE, progress=False)
         total += time.perf_counter() - start
