@@ -54,13 +54,14 @@ class MaskedSupernet(nn.Module):
         self.max_heads = blocks[0].attn.qkv.weight.shape[0] // (3 * HEAD_DIM)
         self.hidden_dim = blocks[0].fc1.weight.shape[0]
         depth = len(blocks)
+        device = supernet.patch_embed.weight.device  # with the weights: a CUDA supernet gets CUDA buffers
         for name, shape, dtype in (('embed_mask', (self.embed_dim,), torch.float32),
                                    ('embed_count', (), torch.float32),
                                    ('head_mask', (depth, self.max_heads), torch.float32),
                                    ('hidden_mask', (depth, self.hidden_dim), torch.float32),
                                    ('layer_active', (depth,), torch.bool),
                                    ('qkv_bias_index', (depth, 3, self.max_heads * HEAD_DIM), torch.long)):
-            self.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=False)
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.set_arch('largest')
 
     @torch.no_grad()

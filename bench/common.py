@@ -159,4 +159,4 @@ def interleaved_summary(times: dict[str, list[float]], images_per_step: int, flo
 def preset_space(args: argparse.Namespace) -> dict:
     """The complete space keywords of ``--name`` at ``--img-size``."""
     preset = AutoformerSpace.preset(args.name)
-    return complete_space_kwargs(**preset, **({'img_size': args.img_size} if args.img_size else {}))
+    return complete_space_kwargs(**{**preset, **({'img_size': args.img_size} if args.img_size else {})})

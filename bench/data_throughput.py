@@ -2,7 +2,7 @@
 generated ImageNet-style folder of JPEGs (ImageNet's mean size, 400 x 350, quality 90).
 
     python bench/data_throughput.py --images 256 --workers 0 1 2
-    python bench/data_throughput.py --images 512 --workers 0 2 4 --feed 1850   # workers to feed 1850 images/s
+    python bench/data_throughput.py --images 512 --workers 0 2 4 --feed eager=1850   # workers to feed 1850 images/s
 
 Prints figures, asserts nothing. ``--workers 0`` decodes in the main process: its images/s is one
 core's rate. A GPU training at R images/s needs about R / (images/s per worker) loader workers, one core
@@ -38,6 +38,14 @@ def write_folder(root: Path, images: int, classes: int = 4, size: tuple[int, int
     (root / 'val').symlink_to(root / 'train')
 
 
+def feed_rate(text: str) -> tuple[str, float]:
+    """``NAME=RATE`` (``--feed``): a training rate and what it is the rate of."""
+    name, _, rate = text.rpartition('=')
+    if not name or not rate:
+        raise argparse.ArgumentTypeError(f'{text!r}: give NAME=RATE, e.g. eager=1850')
+    return name, float(rate)
+
+
 def images_per_second(dataset: torch.utils.data.Dataset, workers: int, batch_size: int) -> float:
     loader = data.build_loader(dataset, batch_size, workers)
     batches = iter(loader)
@@ -57,8 +65,8 @@ def main() -> None:
     parser.add_argument('--img-size', type=int, default=224, help='network input size')
     parser.add_argument('--batch-size', type=int, default=32, help='images per batch')
     parser.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2], help='loader worker counts to time')
-    parser.add_argument('--feed', type=float, nargs='*', default=[],
-                        help='training images/s (per GPU) to translate into the loader workers it takes')
+    parser.add_argument('--feed', type=feed_rate, nargs='*', default=[], metavar='NAME=RATE',
+                        help='training images/s per GPU, named, to translate into the loader workers it takes')
     args = parser.parse_args()
     training_per_worker = 0.0
     torch.set_num_threads(1)  # one core per loader process, as in training
@@ -75,10 +83,10 @@ def main() -> None:
                       f'{rate:.0f} images/s ({per_worker:.0f} per worker)')
 
 
-    for rate in args.feed:
+    for name, rate in args.feed:
         workers = math.ceil(rate / training_per_worker)
-        print(f'feeding {rate:.0f} training images/s per GPU takes {workers} loader workers (one core each, at '
-              f'{training_per_worker:.0f} images/s per worker): {8 * workers} cores for 8 GPUs')
+        print(f'feeding {name} training, {rate:.0f} images/s per GPU, takes {workers} loader workers (one core each, '
+              f'at {training_per_worker:.0f} images/s per worker): {8 * workers} cores for 8 GPUs')
 
 
 if __name__ == '__main__':

@@ -23,6 +23,7 @@ os.environ.setdefault('KINETO_LOG_LEVEL', '5')  # else the profiler logs a faile
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+from torch.autograd import DeviceType  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from common import add_timing_args, compiled, preset_space, set_up  # noqa: E402
@@ -69,20 +70,41 @@ def main() -> None:
                 torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - start) / args.steps * 1e3
     events = profiler.key_averages()
-    attr = 'self_device_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
-    total = sum(getattr(event, attr) for event in events)
-    matmuls = sum(getattr(event, attr) for event in events if event.key in MATMULS)
     formulation = 'official formulation' if args.reference else 'ours, one compiled graph' if args.compiled else 'ours'
-    busy = ''
-    if device.type == 'cuda':  # kernels' device time against the wall time: the GPU's idle share is the CPU side
-        busy = (f', GPU busy {total / args.steps / 1e3:.1f} of {wall_ms:.1f} ms wall per step '
-                f'({100 * total / args.steps / 1e3 / wall_ms:.0f}%)')
-    print(f'profile_step {args.name} batch {args.batch_size} {args.device} {args.precision} '
-          f'threads {torch.get_num_threads()} {formulation}: {total / args.steps / 1e3:.1f} ms per step '
-          f'(profiled), matmuls {100 * matmuls / total:.0f}%{busy}')
+    label = (f'profile_step {args.name} batch {args.batch_size} {args.device} {args.precision} '
+             f'threads {torch.get_num_threads()} {formulation}')
+    if device.type == 'cuda':
+        print_gpu_profile(events, label, wall_ms, args)
+    else:
+        print_cpu_profile(events, label, args)
+
+
+def print_rows(events: list, attr: str, args: argparse.Namespace) -> None:
     for event in sorted(events, key=lambda event: -getattr(event, attr))[:args.top]:
-        print(f'  {event.key:40s} {getattr(event, attr) / args.steps / 1e3:8.1f} ms per step, '
+        print(f'  {event.key[:60]:60s} {getattr(event, attr) / args.steps / 1e3:8.2f} ms per step, '
               f'{event.count // args.steps} calls')
+
+
+def print_cpu_profile(events: list, label: str, args: argparse.Namespace) -> None:
+    total = sum(event.self_cpu_time_total for event in events)
+    matmuls = sum(event.self_cpu_time_total for event in events if event.key in MATMULS)
+    print(f'{label}: {total / args.steps / 1e3:.1f} ms per step (profiled), matmuls {100 * matmuls / total:.0f}%')
+    print_rows(events, 'self_cpu_time_total', args)
+
+
+def print_gpu_profile(events: list, label: str, wall_ms: float, args: argparse.Namespace) -> None:
+    """The kernels' device time against the wall time (the GPU's idle share is the CPU side it waits for), the
+    top kernels, and the top operators by CPU time. An operator row also carries its kernels' device time, so the
+    device total sums the kernel rows alone."""
+    kernels = [event for event in events if event.device_type == DeviceType.CUDA]
+    busy = sum(event.self_device_time_total for event in kernels) / args.steps / 1e3
+    matmuls = sum(event.self_device_time_total for event in events if event.key in MATMULS) / args.steps / 1e3
+    print(f'{label}: GPU busy {busy:.2f} of {wall_ms:.2f} ms wall per step ({100 * busy / wall_ms:.0f}%), '
+          f'matmuls {matmuls:.2f} ms ({100 * matmuls / max(busy, 1e-9):.0f}% of the busy time)')
+    print('top kernels by device time:')
+    print_rows(kernels, 'self_device_time_total', args)
+    print('top operators by CPU time (the side the GPU waits for):')
+    print_rows([event for event in events if event.device_type != DeviceType.CUDA], 'self_cpu_time_total', args)
 
 
 if __name__ == '__main__':

@@ -133,3 +133,10 @@ def test_compiled_supernet_training_trains_what_the_sliced_one_does(tmp_path, mo
     assert list(compiled.state_dict()) == list(sliced.state_dict())
     for name, value in sliced.state_dict().items():
         assert max_relative_error(compiled.state_dict()[name], value) < 1e-6, name
+
+
+def test_the_arch_buffers_follow_the_supernets_device():
+    """Wrapped around a supernet already on a device, the arch buffers are made there (a CUDA supernet would
+    otherwise meet CPU masks on its first forward); the meta device stands in for CUDA."""
+    masked = MaskedSupernet(build_supernet(DEMO).to('meta'))
+    assert {buffer.device.type for buffer in masked.buffers()} == {'meta'}
