@@ -7,8 +7,8 @@
 #   bash bench/gpu.sh --dry-run    # every command on the CPU, tiny sizes, 64 px, bf16 only, nothing compiled
 # Each step runs under `timeout -s KILL` with its output in a file (never a pipe: a child left behind holding a
 # pipe hangs the reader), so a hung or crashed step costs its limit and the report still comes out. Most
-# important first: the scripts and tests, then the bf16 figures (training step, evaluation, each beside the
-# official formulation, the one compiled graph and a static compiled ViT), the profiles, the search's seconds
+# important first: the bf16 figures (training step, evaluation, each beside the official formulation, the one
+# compiled graph and a static compiled ViT), every script and the CUDA tests, the profiles, the search's seconds
 # per candidate, fp32, and the data loader's images/s per worker.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,49 +76,53 @@ step() {  # step NAME SECONDS COMMAND...: the command under a hard limit, its lo
   echo '```'
 } > "$REPORT.tmp"
 
-# Every script once on the GPU, on the bundled digits (the demo space), as a user types it.
+speed() {  # speed PRECISION: the tiny space at 224 px, batch 128 (the official per-GPU batch), training and evaluation
+  local precision=$1 peak other=
+  peak=$([ "$precision" = bf16 ] && echo "$PEAK_BF16" || echo "$PEAK_FP32")
+  [ "$precision" = bf16 ] && other=--attention
+  step "train-step-$precision" 200 "$PY" bench/train_step.py --name tiny --img-size "$SIZE" --batch-size "$BATCH" \
+    --device "$DEVICE" --precision "$precision" --steps "$STEPS" --warmup "$WARMUP" --reference --compiled $other \
+    ${peak:+--peak-tflops "$peak"}
+  step "eval-$precision" 150 "$PY" bench/eval_throughput.py --name tiny --img-size "$SIZE" --batch-size "$BATCH" \
+    --device "$DEVICE" --precision "$precision" --steps "$STEPS" --warmup "$WARMUP" --reference --compiled $other \
+    ${peak:+--peak-tflops "$peak"}
+}
+speed bf16
+
+# Every script once on the GPU, on the bundled digits (the demo space), as a user types it; then the CUDA tests.
 RUN=$WORK/run
 GPUS=$([ "$DEVICE" = cuda ] && echo 1 || echo 0)
-step scratch 150 "$PY" scratch.py --dataset digits --epochs "$EPOCHS" --warmup 0 --num-workers 2 --gpus "$GPUS" \
+step scratch 120 "$PY" scratch.py --dataset digits --epochs "$EPOCHS" --warmup 0 --num-workers 2 --gpus "$GPUS" \
   --output "$RUN/scratch"
-step scratch-compiled 180 "$PY" scratch.py --dataset digits --epochs 1 --warmup 0 --num-workers 2 --gpus "$GPUS" \
+step scratch-compiled 150 "$PY" scratch.py --dataset digits --epochs 1 --warmup 0 --num-workers 2 --gpus "$GPUS" \
   --compile --output "$RUN/scratch-compiled"
-step search 120 "$PY" search.py --weights "$RUN/scratch/supernet.pth" --engine sequential --trials 4 \
+step search 90 "$PY" search.py --weights "$RUN/scratch/supernet.pth" --engine sequential --trials 4 \
   --device "$DEVICE" --num-workers 2 --output "$RUN/search"
-step search-compiled 150 "$PY" search.py --weights "$RUN/scratch/supernet.pth" --engine sequential --trials 4 \
+step search-compiled 120 "$PY" search.py --weights "$RUN/scratch/supernet.pth" --engine sequential --trials 4 \
   --device "$DEVICE" --num-workers 2 --compile --output "$RUN/search-compiled"
-step finetune 120 "$PY" finetune.py --weights "$RUN/scratch/supernet.pth" --arch "$RUN/search/best.json" \
+step finetune 90 "$PY" finetune.py --weights "$RUN/scratch/supernet.pth" --arch "$RUN/search/best.json" \
   --dataset digits --epochs 1 --warmup 0 --num-workers 2 --gpus "$GPUS" --output "$RUN/finetune"
-step evaluate 90 "$PY" evaluate.py --weights "$RUN/finetune/subnet.pth" --device "$DEVICE" --num-workers 2
-step study 240 "$PY" study.py --weights "$RUN/scratch/supernet.pth" --dataset digits --quick $STUDY \
+step evaluate 60 "$PY" evaluate.py --weights "$RUN/finetune/subnet.pth" --device "$DEVICE" --num-workers 2
+step study 150 "$PY" study.py --weights "$RUN/scratch/supernet.pth" --dataset digits --quick $STUDY \
   --device "$DEVICE" --output "$RUN/study"
-step pytest-cuda 240 "$PY" -m pytest -q -ra -m cuda tests/test_cuda.py tests/test_ddp_one_process.py \
+step pytest-cuda 200 "$PY" -m pytest -q -ra -m cuda tests/test_cuda.py tests/test_ddp_one_process.py \
   -p no:cacheprovider
 
-# The speed figures: the tiny space at 224 px, batch 128 (the official per-GPU batch).
+# Where the time goes, eager and compiled (the top kernels and operators, the GPU's busy share); the search's
+# seconds per candidate; fp32; the data loader against the bf16 training rates.
+step profile-eager 90 "$PY" bench/profile_step.py --name tiny --img-size "$SIZE" --batch-size "$BATCH" \
+  --device "$DEVICE" --precision bf16 --steps 3 --warmup 1 --top 15
+step profile-compiled 150 "$PY" bench/profile_step.py --name tiny --img-size "$SIZE" --batch-size "$BATCH" \
+  --device "$DEVICE" --precision bf16 --steps 3 --warmup 2 --top 15 --compiled
+step search-speed 200 "$PY" bench/search_speed.py --name tiny --img-size "$SIZE" --images "$SEARCH_IMAGES" \
+  --candidates "$CANDIDATES" --device "$DEVICE"
 for precision in $PRECISIONS; do
-  peak=$([ "$precision" = bf16 ] && echo "$PEAK_BF16" || echo "$PEAK_FP32")
-  other=$([ "$precision" = bf16 ] && echo --attention || true)
-  step "train-step-$precision" 240 "$PY" bench/train_step.py --name tiny --img-size "$SIZE" --batch-size "$BATCH" \
-    --device "$DEVICE" --precision "$precision" --steps "$STEPS" --warmup "$WARMUP" --reference --compiled $other \
-    ${peak:+--peak-tflops "$peak"}
-  step "eval-$precision" 180 "$PY" bench/eval_throughput.py --name tiny --img-size "$SIZE" --batch-size "$BATCH" \
-    --device "$DEVICE" --precision "$precision" --steps "$STEPS" --warmup "$WARMUP" --reference --compiled $other \
-    ${peak:+--peak-tflops "$peak"}
-  if [ "$precision" = bf16 ]; then  # where the time goes, eager and compiled: the top kernels, the GPU's idle share
-    step profile-eager 120 "$PY" bench/profile_step.py --name tiny --img-size "$SIZE" --batch-size "$BATCH" \
-      --device "$DEVICE" --precision bf16 --steps 3 --warmup 1 --top 15
-    step profile-compiled 180 "$PY" bench/profile_step.py --name tiny --img-size "$SIZE" --batch-size "$BATCH" \
-      --device "$DEVICE" --precision bf16 --steps 3 --warmup 2 --top 15 --compiled
-    step search-speed 240 "$PY" bench/search_speed.py --name tiny --img-size "$SIZE" --images "$SEARCH_IMAGES" \
-      --candidates "$CANDIDATES" --device "$DEVICE"
-  fi
+  [ "$precision" = bf16 ] || speed "$precision"
 done
-# The training rates measured above (bf16: eager, one compiled graph), in loader workers per GPU
-FEED=$(sed -n 's/.*: ours \([0-9.]*\) images\/s.*ours, one compiled graph \([0-9.]*\) images\/s.*/eager=\1 compiled=\2/p' \
-  "$LOGS/train-step-bf16.log" 2>/dev/null | head -1)
-[ -n "$FEED" ] || echo "(no bf16 training rate to translate into loader workers: see train-step-bf16 above)" >> "$REPORT.tmp"
-step data-loader 120 "$PY" bench/data_throughput.py --images "$DATA_IMAGES" --img-size "$SIZE" --workers 0 2 4 \
+RATES='s/.*: ours \([0-9.]*\) images\/s.*ours, one compiled graph \([0-9.]*\) images\/s.*/eager=\1 compiled=\2/p'
+FEED=$(sed -n "$RATES" "$LOGS/train-step-bf16.log" 2>/dev/null | head -1)
+[ -n "$FEED" ] || echo "(no bf16 training rate to translate into loader workers: see train-step-bf16)" >> "$REPORT.tmp"
+step data-loader 90 "$PY" bench/data_throughput.py --images "$DATA_IMAGES" --img-size "$SIZE" --workers 0 2 4 \
   --feed $FEED
 echo '```' >> "$REPORT.tmp"
 echo "$FAILED steps failed, were killed or skipped" >> "$REPORT.tmp"
