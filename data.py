@@ -6,7 +6,7 @@ wraps one in a DataLoader. Nothing is ever downloaded.
 
 * ``imagenet``: an ImageFolder tree ``datapath/train/<class>/*`` and ``datapath/val/<class>/*``
   (split ``test`` reads ``val``). ``datapath`` may also be one split folder itself
-  (``.../imagenet/val``): then it is used for every split.
+  (``.../imagenet/val``): then every split reads it (``train`` and ``val`` held apart, below).
 * ``folder``: any ImageFolder. ``datapath/<split>`` when it exists (``val`` and ``test`` stand in
   for each other when only one exists), else ``datapath`` itself when it has no split folders.
 * ``cifar10``: torchvision's on-disk python format; ``datapath`` is ``cifar-10-batches-py`` or
@@ -20,6 +20,11 @@ wraps one in a DataLoader. Nothing is ever downloaded.
   ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``). ``val`` is a fixed class-balanced
   twelfth of the 60,000 training images (5,000), ``train`` the rest (55,000), ``test`` the 10,000 test images.
 
+Training never validates on its own images: a folder without ``val/`` and ``test/`` (class folders alone, or
+``train/`` alone) and an ImageNet split folder given as ``datapath`` hold out a seeded tenth of each class as
+``val``, and ``train`` is the rest (:func:`held_out_split`); ``test`` of a folder of class folders is all of it
+(what evaluating a folder means).
+
 ImageNet/folder/CIFAR images use ImageNet mean/std and DeiT's transforms (timm
 ``create_transform``), or at 32 px and below CIFAR's (the whole image, a shifted crop and a mirror); digits
 and Fashion-MNIST use mean 0.5 / std 0.5. Image files are decoded to RGB; a file
@@ -30,6 +35,7 @@ symlinks, are left out when the folder is scanned.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -79,8 +85,13 @@ FASHION_VAL_SHARE = 12
 # The official repeated augmentation (DeiT's RASampler): each training image 3 times an epoch across the
 # DDP ranks, an epoch rounded down to a multiple of 256 images.
 REPEATS, REPEAT_ROUND = 3, 256
-# Sub-folders of a `folder` dataset read for each split, first found wins.
-_FOLDER_SPLITS = {'train': ('train',), 'val': ('val', 'test'), 'test': ('test', 'val')}
+# Sub-folders of a `folder` dataset read for each split, first found wins; a folder with train/ alone validates on
+# images held out of it (:func:`held_out_split`).
+_FOLDER_SPLITS = {'train': ('train',), 'val': ('val', 'test', 'train'), 'test': ('test', 'val')}
+# Data without validation images of its own validates on this share of each class (at least one image), held out
+# of its training images by a hash of each file's path and the seed: the same images in every call and every run.
+HELD_OUT_SHARE, HELD_OUT_SEED = 0.1, 0
+HELD_OUT_PERCENT = round(100 * HELD_OUT_SHARE)
 
 _AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'
 
@@ -141,7 +152,16 @@ def build_dataset(dataset: str, datapath: str | os.PathLike | None, split: str, 
     root = _datapath(dataset, datapath)
     if dataset == 'cifar10':
         return Cifar10(_cifar_folder(root), split, _cifar_transform(img_size, training))
-    folder = _imagenet_split(root, split) if dataset == 'imagenet' else _folder_split(root, split)
+    images = _split_images(dataset, datapath, split, img_size, training)
+    if split != 'test' and carves_validation(dataset, datapath):
+        images.keep(held_out_split(images)[split])
+    return images
+
+
+def _split_images(dataset: str, datapath: str | os.PathLike | None, split: str, img_size: int,
+                  training: bool) -> SafeImageFolder:
+    """Every image of the folder that ``split`` reads, validation images held out of it or not."""
+    folder = _split_folder(dataset, _datapath(dataset, datapath), split)
     grayscale = training and img_size > SMALL_IMAGE and profile_folder(dataset, datapath).grayscale
     return _image_folder(folder, _image_transform(img_size, training, grayscale), training)
 
@@ -162,10 +182,11 @@ _GRAYSCALE_MODES = ('1', 'L', 'LA', 'I', 'I;16', 'I;16B', 'I;16L', 'F')
 @lru_cache(maxsize=4)
 def profile_folder(dataset: str, datapath: str | os.PathLike | None) -> FolderProfile:
     """The :class:`FolderProfile` of an ImageFolder's training split (the file list, not the pixels)."""
-    folder = _imagenet_split(_datapath(dataset, datapath), 'train') if dataset == 'imagenet' else \
-        _folder_split(_datapath(dataset, datapath), 'train')
-    files = [os.path.join(folder, name, entry) for name in _class_names(folder)
-             for entry in sorted(os.listdir(folder / name)) if entry.lower().endswith(IMG_EXTENSIONS)]
+    folder = _split_folder(dataset, _datapath(dataset, datapath), 'train')
+    per_class = [[os.path.join(folder, name, entry) for entry in sorted(os.listdir(folder / name))
+                  if entry.lower().endswith(IMG_EXTENSIONS)] for name in _class_names(folder)]
+    files = [path for paths in per_class for path in paths]
+    held_out = sum(held_out_count(len(paths)) for paths in per_class) if carves_validation(dataset, datapath) else 0
     sides, modes = [], set()
     for path in files[::max(len(files) // PROFILE_SAMPLES, 1)][:PROFILE_SAMPLES]:
         try:
@@ -175,21 +196,72 @@ def profile_folder(dataset: str, datapath: str | os.PathLike | None) -> FolderPr
         except _DECODE_ERRORS:
             continue  # counted and reported when the images are read
     if not sides:
-        return FolderProfile(len(files), 0, False)
-    return FolderProfile(len(files), int(np.median(sides)), modes <= set(_GRAYSCALE_MODES))
+        return FolderProfile(len(files) - held_out, 0, False)
+    return FolderProfile(len(files) - held_out, int(np.median(sides)), modes <= set(_GRAYSCALE_MODES))
 
 
 def split_read(dataset: str, datapath: str | os.PathLike | None, split: str) -> str:
     """The split that ``build_dataset(..., split)`` reads: ``split`` itself, or what stands in for it (a
     folder without ``test/`` is tested on ``val/``; CIFAR-10 and ImageNet validate on their test batch or
-    ``val/``)."""
+    ``val/``; data without validation images of its own holds them out of its training images)."""
     if dataset in ('digits', 'fashion-mnist'):
         return split
     if dataset == 'cifar10':
         return 'train' if split == 'train' else 'test'
     root = _datapath(dataset, datapath)
-    folder = _imagenet_split(root, split) if dataset == 'imagenet' else _folder_split(root, split)
+    folder = _split_folder(dataset, root, split)
+    if split != 'test' and carves_validation(dataset, datapath):
+        if split == 'val':
+            return f'the {HELD_OUT_PERCENT}% of each class of {folder} held out for validation (seeded)'
+        return f'{folder} less the {HELD_OUT_PERCENT}% of each class held out for validation (seeded)'
     return folder.name if folder != root else f'all of {root} (no split folders)'
+
+
+def carves_validation(dataset: str, datapath: str | os.PathLike | None) -> bool:
+    """Whether training validates on images held out of its training images (:func:`held_out_split`): the data
+    has none of its own (a folder without ``val/`` and ``test/``, an ImageNet split folder itself)."""
+    if dataset not in ('imagenet', 'folder'):
+        return False
+    root = _datapath(dataset, datapath)
+    if dataset == 'imagenet':
+        return _is_split_folder(root)
+    return not any((root / name).is_dir() for name in ('val', 'test'))
+
+
+def held_out_count(images: int) -> int:
+    """How many of a class's ``images`` are held out for validation."""
+    return max(round(images * HELD_OUT_SHARE), 1)
+
+
+def held_out_split(images: SafeImageFolder) -> dict[str, list[int]]:
+    """The indices of ``images`` as ``val``, :func:`held_out_count` images of each class, and ``train``, the rest.
+    Each class holds out its images of the lowest hashes of (seed, path within the folder): the choice depends
+    on no other class, no file order and no random generator's version."""
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(images.targets):
+        by_class.setdefault(label, []).append(index)
+    val: list[int] = []
+    for label, members in sorted(by_class.items()):
+        if len(members) < 2:
+            raise UserError(f'class {images.classes[label]} has a single image ({images.samples[members[0]][0]}): '
+                            'training holds out an image of each class to validate on and would keep none of it; '
+                            'add images of it, remove it, or give the data val/ and train/ folders of its own')
+        val += sorted(members, key=lambda i: _draw(images.samples[i][0], images.root))[:held_out_count(len(members))]
+    held = set(val)
+    return {'val': sorted(val), 'train': [i for i in range(len(images.targets)) if i not in held]}
+
+
+def _draw(path: str, root: str) -> bytes:
+    # Within the folder: the same draw wherever the folder is moved or mounted.
+    return hashlib.sha256(f'{HELD_OUT_SEED}:{path.removeprefix(root)}'.encode()).digest()
+
+
+def held_out_note(dataset: str, datapath: str | os.PathLike | None, train_images: int, val_images: int) -> str:
+    """The line a training run prints, and records, when :func:`carves_validation`."""
+    root = _datapath(dataset, datapath)
+    missing = 'val/' if dataset == 'imagenet' else 'val/ or test/'
+    return (f'no {missing} in {root}: validating on {val_images} images ({HELD_OUT_PERCENT}% of each class, seeded) '
+            f'held out of its {train_images + val_images} images, training on the other {train_images}')
 
 
 def num_classes(dataset: str, datapath: str | os.PathLike | None) -> int:
@@ -334,9 +406,18 @@ def _datapath(dataset: str, datapath: str | os.PathLike | None) -> Path:
     return root
 
 
-def _imagenet_split(root: Path, split: str) -> Path:
+def _split_folder(dataset: str, root: Path, split: str) -> Path:
+    return _imagenet_split(root, split) if dataset == 'imagenet' else _folder_split(root, split)
+
+
+def _is_split_folder(root: Path) -> bool:
+    """Whether an ImageNet ``datapath`` is one split folder itself, such as imagenet/val."""
     has_splits = (root / 'train').is_dir() or (root / 'val').is_dir()  # never classes named train and val
-    if not has_splits and _holds_class_folders(root):  # the user passed a split folder such as imagenet/val
+    return not has_splits and _holds_class_folders(root)
+
+
+def _imagenet_split(root: Path, split: str) -> Path:
+    if _is_split_folder(root):
         return root
     folder = root / ('train' if split == 'train' else 'val')
     if not folder.is_dir():
@@ -351,9 +432,18 @@ def _folder_split(root: Path, split: str) -> Path:
             return root / name
     present = [s for s in SPLITS if (root / s).is_dir()]
     if present:  # using root itself would silently treat the split folders as classes
-        raise UserError(f'{root} has {"/, ".join(present)}/ but no {split}/ folder: add {root / split}/<class>/ '
-                        'with images, or point --datapath at a folder of class folders')
+        missing = '/ or '.join(_FOLDER_SPLITS[split])
+        raise UserError(f'{root} has {"/, ".join(present)}/ but no {missing}/ folder: add {root / split}/<class>/ '
+                        f'with images{_MISSING_SPLIT_ADVICE[split]}')
     return root
+
+
+# Only train/ and test/ can be missing: val/ falls back to test/ or train/. A test split never holds training images.
+_MISSING_SPLIT_ADVICE = {
+    'train': f', or point --datapath at a folder of class folders (training then validates on {HELD_OUT_PERCENT}% '
+             'of each class, held out of it)',
+    'test': ' that training never saw (evaluate.py --split val reads the images training holds out of train/)',
+}
 
 
 def _holds_class_folders(root: Path) -> bool:
@@ -440,6 +530,13 @@ class SafeImageFolder(ImageFolder):
         self.substitute = substitute
         self.undecodable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
         self._warned = False
+
+    def keep(self, indices: list[int]) -> None:
+        """Only the images at ``indices`` (a split held out of the folder, or what it left), before any is read:
+        an undecodable training image is then replaced by another of the same split."""
+        self.samples = self.imgs = [self.samples[i] for i in indices]
+        self.targets = [label for _, label in self.samples]
+        self.undecodable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: Any = None,
                      is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
@@ -785,7 +882,7 @@ def search_split(dataset: str, datapath: str | os.PathLike | None, img_size: int
         print(f'searching on {root} itself: the top-1 reported for the best candidate is then measured on the '
               'images the search selected it on (optimistic); give the dataset root with train/ to search on '
               'a subset of its training images instead', file=sys.stderr)
-        return build_dataset(dataset, datapath, 'val', img_size)
+        return _split_images(dataset, datapath, 'val', img_size, training=False)  # all of it, none held out
     train = build_dataset(dataset, datapath, 'train', img_size)
     return balanced_subset(train, max_images or SEARCH_IMAGES_PER_CLASS * len(set(train.targets)), seed)
 

@@ -323,6 +323,7 @@ def run_fingerprint(run: TrainingRun, space_kwargs: Mapping[str, Any]) -> dict[s
     recipe = {name: getattr(run, name) for name in RECIPE_FLAGS}
     recipe['learning_rate'] = peak_learning_rate(run, devices * run.num_nodes)
     return {'dataset': run.dataset, 'datapath': str(Path(run.datapath).resolve()) if run.datapath else None,
+            'held_out_validation': data.carves_validation(run.dataset, run.datapath),
             'space': json_form(dict(space_kwargs)), 'seed': run.seed, **recipe,
             'repeated_aug': run.repeated_aug and devices * run.num_nodes > 1,  # what is run, not the flag
             'precision': run.precision or default_precision(use_gpu)}
@@ -393,6 +394,11 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
                         f'({len(val_set.classes)} against {len(train_set.classes)}, first difference: '
                         f'{next(iter(set(val_set.classes) ^ set(train_set.classes)), "their order")}): give val/ the '
                         'same class folders as train/')
+    # Validation images held out of the training images: printed once and recorded with the weights and metrics.
+    held_out = {'validation': data.held_out_note(run.dataset, run.datapath, len(train_set), len(val_set))} \
+        if data.carves_validation(run.dataset, run.datapath) else {}
+    if held_out and is_first_process():
+        print(held_out['validation'], flush=True)
     # The official repeated augmentation runs under DDP only; balanced sampling draws its own epoch instead.
     repeats = data.REPEATS if run.repeated_aug and processes > 1 and not run.balanced_sampling else 1
     drawn = len(train_set) // processes * processes if run.balanced_sampling else len(train_set)
@@ -459,7 +465,8 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
     weights = folder.weights(kind)
     if trainer.is_global_zero:
         check_finite(supernet.state_dict(), f'the trained {kind} (not written to {weights})')
-        described = data.description(run.dataset, run.datapath, space_kwargs['img_size'], train_set.classes)
+        described = {**data.description(run.dataset, run.datapath, space_kwargs['img_size'], train_set.classes),
+                     **held_out}
         save_weights(weights, supernet.state_dict(), space_kwargs, arch=stored_arch, data=described)
         if module.ema is not None:
             save_weights(folder.ema_weights(kind), module.ema.module.state_dict(), space_kwargs, arch=stored_arch,
@@ -474,7 +481,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
                                         if acc is not None) for name, accs in per_class.items()))
         atomic_write_json({'epochs': trainer.current_epoch, **metrics, 'per_class': per_class,
                            'classes': list(train_set.classes), 'undecodable_images': substituted,
-                           'undecodable_val_images': data.undecodable_count(val_set),
+                           'undecodable_val_images': data.undecodable_count(val_set), **held_out,
                            **({'best': best} if best else {}), **({'before_training': before} if before else {})},
                           folder.metrics)
         if substituted:

@@ -82,7 +82,8 @@ def test_image_modes_decode_and_16_bit_is_rescaled(tmp_path):
 @pytest.mark.parametrize('training', [False, True])
 def test_undecodable_images_are_left_out_of_evaluation_and_replaced_in_training(tmp_path, caplog, training):
     bad = _write_odd_images(tmp_path)
-    dataset = data.build_dataset('folder', tmp_path, 'train', 32, training=training)
+    # 'test': the whole folder (its train and val splits are held apart, test_a_folder_of_class_folders_...)
+    dataset = data.build_dataset('folder', tmp_path, 'test', 32, training=training)
     assert dataset.classes == ['a', 'b'] and len(dataset) == 6 and data.num_classes('folder', tmp_path) == 2
     with caplog.at_level(logging.WARNING, logger='data'):
         for _ in range(2):  # two epochs: still one warning
@@ -108,7 +109,7 @@ def test_evaluation_counts_each_decodable_image_once_and_reports_the_skipped(tmp
     root = write_image_folder(tmp_path, ['a', 'b', 'c', 'd', 'e'], 4)
     for name in 'abcde':
         (root / name / 'garbage.jpg').write_bytes(os.urandom(300))
-    dataset = data.build_dataset('folder', root, 'val', 16)
+    dataset = data.build_dataset('folder', root, 'test', 16)
     batches = list(data.build_loader(dataset, 3, 2))
     assert batches[-1] is None  # the last batch holds only a garbage file: left out whole
     labels = torch.cat([batch[1] for batch in batches if batch is not None])
@@ -121,7 +122,7 @@ def test_evaluation_counts_each_decodable_image_once_and_reports_the_skipped(tmp
 
 def test_training_counts_the_images_it_substituted(tmp_path):
     root = _garbage_folder(tmp_path, good=3, bad=2)
-    dataset = data.build_dataset('folder', root, 'train', 16, training=True)
+    dataset = data.build_dataset('folder', root, 'test', 16, training=True)
     batches = list(data.build_loader(dataset, 2, 2, sampler=data.RankSampler(dataset, shuffle=True)))
     assert sum(len(labels) for _, labels in batches) == 10  # batches keep their size
     assert data.undecodable_count(dataset) == 4
@@ -134,7 +135,7 @@ def test_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch):
     Image.new('RGB', (200, 200)).save(root / 'a' / 'bomb.png')
     monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 200 * 200 // 2 - 1)  # 2x over the limit: an error
     for training in (False, True):
-        dataset = data.build_dataset('folder', root, 'train', 16, training=training)
+        dataset = data.build_dataset('folder', root, 'test', 16, training=training)
         images = torch.cat([images for images, _ in data.build_loader(dataset, 5, 0)])
         assert len(images) == (5 if training else 4) and data.undecodable_count(dataset) == 1
 
@@ -150,7 +151,7 @@ def test_fifo_and_symlink_loops_in_class_folders_are_left_out(tmp_path, caplog):
     outside = write_image_folder(tmp_path / 'elsewhere', ['x'], 1) / 'x'
     (root / 'b' / 'linked').symlink_to(outside)  # a link out of the dataset is followed
     with caplog.at_level(logging.WARNING, logger='data'):
-        dataset = within(20, lambda: data.build_dataset('folder', root, 'val', 16))
+        dataset = within(20, lambda: data.build_dataset('folder', root, 'test', 16))
         labels = within(20, lambda: [label for _, batch in data.build_loader(dataset, 2, 0) for label in batch])
     assert sorted(int(label) for label in labels) == [0, 0, 1, 1, 1]
     assert sorted(Path(path).name for path, _ in dataset.samples) == ['0.png', '0.png', '0.png', '1.png', '1.png']
@@ -168,7 +169,7 @@ def test_cifar10_folder_is_detected_without_dataset(tmp_path):
 
 def test_loader_with_workers(tmp_path):
     _write_odd_images(tmp_path)
-    dataset = data.build_dataset('folder', tmp_path, 'val', 24)
+    dataset = data.build_dataset('folder', tmp_path, 'test', 24)
     loader = data.build_loader(dataset, 3, 2, sampler=data.RankSampler(dataset, shuffle=True))
     assert loader.persistent_workers and loader.prefetch_factor == 4
     assert loader.pin_memory == torch.cuda.is_available()
@@ -184,6 +185,44 @@ def test_folder_split_folders(tmp_path):
     assert data.num_classes('folder', tmp_path) == 3
 
 
+def _paths(dataset) -> list[str]:
+    if isinstance(dataset, torch.utils.data.Subset):
+        return [_paths(dataset.dataset)[i] for i in dataset.indices]
+    return [path for path, _ in dataset.samples]
+
+
+@pytest.mark.parametrize('layout', ['class folders', 'train/ alone'])
+def test_a_folder_without_validation_images_holds_a_seeded_tenth_of_each_class_out_of_training(tmp_path, layout):
+    """Issue 33.3: training never validates on its training images; the search split of training images holds
+    none of the validation images."""
+    root = tmp_path / 'data'
+    for name, images in {'a': 20, 'b': 9, 'c': 2}.items():
+        write_image_folder(root if layout == 'class folders' else root / 'train', [name], images, size=8)
+    train, val = (data.build_dataset('folder', root, split, 8) for split in ('train', 'val'))
+    assert not set(_paths(train)) & set(_paths(val))
+    assert sorted(_paths(train) + _paths(val)) == sorted(str(path) for path in root.rglob('*.png'))
+    assert np.bincount(val.targets).tolist() == [2, 1, 1] and np.bincount(train.targets).tolist() == [18, 8, 1]
+    assert train.classes == val.classes == ['a', 'b', 'c'] and data.undecodable_count(train) == 0
+    assert _paths(data.build_dataset('folder', root, 'val', 8)) == _paths(val)  # the same images on every call
+    assert data.carves_validation('folder', root) and data.profile_folder('folder', root).train_images == 27
+    search = data.search_split('folder', root, 8)
+    if layout == 'class folders':  # searched on the folder itself, as it says
+        assert len(search) == 31 and data.split_read('folder', root, 'test') == f'all of {root} (no split folders)'
+    else:
+        assert set(_paths(search)) <= set(_paths(train))
+        with pytest.raises(UserError, match=r'has train/ but no test/ or val/ folder: .*--split val reads the images'):
+            data.build_dataset('folder', root, 'test', 8)
+
+
+def test_a_class_of_one_image_is_refused_only_where_validation_is_held_out(tmp_path):
+    write_image_folder(tmp_path, ['a'], 3)
+    write_image_folder(tmp_path, ['b'], 1)
+    for split in ('train', 'val'):
+        with pytest.raises(UserError, match=rf'class b has a single image \({tmp_path / "b" / "0.png"}\).*add images'):
+            data.build_dataset('folder', tmp_path, split, 8)
+    assert len(data.build_dataset('folder', tmp_path, 'test', 8)) == 4  # evaluating the folder: all of it
+
+
 def test_imagenet_layouts(tmp_path):
     write_image_folder(tmp_path / 'train', ['n01', 'n02'], 3)
     write_image_folder(tmp_path / 'val', ['n01', 'n02'], 2)
@@ -193,8 +232,10 @@ def test_imagenet_layouts(tmp_path):
         assert len(dataset) == 4 and dataset.classes == ['n01', 'n02']
         assert dataset[0][0].shape == (3, 32, 32)
     assert data.num_classes('imagenet', tmp_path) == 2
-    direct = data.build_dataset('imagenet', tmp_path / 'val', 'train', 32)
+    direct = data.build_dataset('imagenet', tmp_path / 'val', 'test', 32)
     assert len(direct) == 4 and direct.root == str(tmp_path / 'val')
+    # Training on a split folder validates on images held out of it: one of each class's two.
+    assert [len(data.build_dataset('imagenet', tmp_path / 'val', split, 32)) for split in ('train', 'val')] == [2, 2]
     assert data.num_classes('imagenet', str(tmp_path / 'val')) == 2
 
 
@@ -301,18 +342,18 @@ def test_imagenet_root_without_val(tmp_path):
 
 def test_folder_with_other_split_folders_only(tmp_path):
     write_image_folder(tmp_path / 'val', ['x'], 1)
-    with pytest.raises(UserError, match='no train/') as err:
+    with pytest.raises(UserError, match='no train/ folder') as err:
         data.build_dataset('folder', tmp_path, 'train', 32)
-    assert str(tmp_path) in str(err.value)
+    assert str(tmp_path) in str(err.value) and 'then validates on 10% of each class, held out' in str(err.value)
 
 
 def test_all_images_corrupt(tmp_path):
     (tmp_path / 'a').mkdir()
     (tmp_path / 'a' / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
-    training = data.build_dataset('folder', tmp_path, 'train', 32, training=True)
+    training = data.build_dataset('folder', tmp_path, 'test', 32, training=True)
     with pytest.raises(UserError, match='no image under .* can be decoded'):
         training[0]
-    evaluation = data.build_loader(data.build_dataset('folder', tmp_path, 'val', 32), 4, 0)
+    evaluation = data.build_loader(data.build_dataset('folder', tmp_path, 'test', 32), 4, 0)
     with pytest.raises(UserError, match='no image of the evaluation data could be decoded'):
         engine_evaluate(torch.nn.Flatten(), evaluation, progress=False)
 

@@ -115,3 +115,18 @@ def test_finetune_validates_before_its_first_epoch_and_keeps_the_best_epoch(trai
     assert 'holds the last epoch' in printed and metrics['best']['weights'] == 'subnet-best.pth'
     assert len(metrics['per_class']['subnet']) == 4 and 'per-class validation top-1 of the last epoch: subnet: ' \
         'diagonal' in printed and metrics['classes'] == sorted(IMBALANCED_SHARES)
+
+
+def test_training_on_a_folder_of_class_folders_validates_on_images_held_out_of_it(tmp_path, capsys):
+    """Issue 33.3: no val/ folder: training validates on a seeded tenth of each class, never on the images it
+    trains on, says so once and records it with the run."""
+    folder = write_image_folder(tmp_path / 'flat', ['a', 'b'], 10, size=8)
+    output = tmp_path / 'run'
+    scratch.main(['--dataset', 'folder', '--datapath', str(folder), '--epochs', '1', '--warmup', '0',
+                  '--batch-size', '8', '--num-workers', '0', '--output', str(output)])
+    line = (f'no val/ or test/ in {folder}: validating on 2 images (10% of each class, seeded) held out of its 20 '
+            'images, training on the other 18')
+    assert capsys.readouterr().out.count(line) == 1
+    assert json.loads((output / 'metrics.json').read_text())['validation'] == line
+    assert json.loads((output / 'run.json').read_text())['held_out_validation'] is True
+    assert torch.load(output / 'supernet.pth', weights_only=True)['data']['validation'] == line

@@ -212,9 +212,11 @@ def test_a_checkpoint_holding_nan_is_never_written(tmp_path):
 
 def test_training_replaces_undecodable_images_and_counts_them(tmp_path):
     """Issue 13.1, training side: batches keep their size, and metrics.json says how many files were replaced."""
-    root = write_image_folder(tmp_path / 'data', ['a', 'b'], 6, size=32)
-    for name in ('a', 'b'):
-        (root / name / 'garbage.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a jpeg')
+    root = tmp_path / 'data'
+    for split in ('train', 'val'):
+        write_image_folder(root / split, ['a', 'b'], 6, size=32)
+        for name in ('a', 'b'):
+            (root / split / name / 'garbage.jpg').write_bytes(b'\xff\xd8\xff\xe0 not a jpeg')
     scratch.main(['--dataset', 'folder', '--datapath', str(root), '--name', 'demo', '--epochs', '1', '--warmup', '0',
                   '--batch-size', '4', '--num-workers', '0', '--output', str(tmp_path / 'run')])
     metrics = json.loads((tmp_path / 'run' / 'metrics.json').read_text())
