@@ -22,7 +22,7 @@ from engine import evaluate
 from masked_supernet import MaskedSupernet
 from plots import save_figure
 from space import arch_key, build_supernet, count_flops, count_params, inherited_subnet, typed_arch
-from trial import record_failure
+from failures import FOLDER as FAILURES, record_failure
 from utils import UserError, atomic_write_json, atomic_write_text, pick_device, read_json
 
 
@@ -44,7 +44,7 @@ class SearchFolder:
 
     @property
     def failures(self) -> Path:
-        return self.root / 'failures'
+        return self.root / FAILURES
 
     @property
     def latency(self) -> Path:
@@ -209,7 +209,7 @@ def evaluate_candidate(model: torch.nn.Module, weights: str, cache: str, output:
         record = evaluate_arch(arch, supernet, space_kwargs, _search_data(cache), Path(output), batch_size,
                                device, nni.report_intermediate_result, precision, metric, measured_on, graph)
     except Exception as err:
-        record_failure({'output': output}, arch_key(arch), f'{type(err).__name__}: {err}')
+        record_failure(output, arch_key(arch), f'{type(err).__name__}: {err}')
         raise
     nni.report_final_result(final_metrics(record, metric))
 

@@ -39,6 +39,7 @@ from nni.nas.strategy import Random
 
 import data
 import trial
+from failures import first_failure
 from candidates import (METRICS, SEARCH_SPLIT, TIE_BREAK, SearchFolder, evaluate_candidate, plot_pareto, ranked,
                         write_results)
 from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_precision_args, from_flags,
@@ -393,7 +394,6 @@ def write_worker_spec(output: Path, weights: Path, cache: Path, args: argparse.N
     with atomic_path(spec) as tmp:
         os.chmod(tmp, 0o600)
         tmp.write_text(json.dumps({
-            'server': 'candidates.candidate_server',
             'weights': str(weights), 'cache': str(cache), 'output': str(output), 'batch_size': args.batch_size,
             'device': args.device, 'precision': args.precision, 'workers': args.concurrency, 'gpus': args.gpus,
             'metric': args.metric, 'measured_on': measured_on, 'compile': args.compile,
@@ -687,10 +687,10 @@ def write_final_results(experiment: NasExperiment, output: Path, supernet: Mappi
     records = write_results(output, args.metric)
     if not records:
         experiment.stop()
-        failure = trial.first_failure(output)
+        failure = first_failure(output)
         if failure:
             raise UserError(f'every candidate failed; the first error: {failure} '
-                            f'(all errors in {output / "failures"})')
+                            f'(all errors in {SearchFolder(output).failures})')
         raise UserError('no candidate was evaluated: widen the budget or raise --trials')
     best = best_record(records, args.metric)
     best = write_best(records, output, supernet, space_kwargs, args, experiment.id,

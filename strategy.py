@@ -23,7 +23,7 @@ from nni.nas.strategy.middleware import Chain, Filter, StrategyMiddleware
 
 from candidates import METRICS, final_metrics, rank_key, ranking, read_record
 from space import AutoformerSpace, arch_choices, arch_key, count_flops, count_params, extreme_arch, sample_arch
-from trial import first_failure
+from failures import first_failure
 from utils import UserError, atomic_write_json, read_json
 
 _logger = logging.getLogger(__name__)

@@ -10,7 +10,8 @@ results and final metric dict back to NNI, and exits.
     python trial.py                     # a trial (NNI starts it; AUTOFORMER_SEARCH names the search)
     python trial.py --serve SLOT        # a worker (started by search.py or by a trial)
 
-Only the standard library is imported at the top: keep it so.
+Only the standard library and ``failures.py`` (itself only the standard library) are imported at the top: keep it
+so. The worker imports the candidate server (torch, NNI, the supernet) when it starts.
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
+
+from failures import record_failure
 
 SPEC_ENV = 'AUTOFORMER_SEARCH'  # the search's worker.json: what every worker loads and where results go
 STARTUP_SECONDS = 900  # importing torch and reading a large supernet from a slow network filesystem
@@ -266,19 +269,6 @@ def worker_log_tail(spec: dict[str, Any], slot: str, lines: int = 5) -> str:
     return ' | '.join(line for line in text.strip().splitlines()[-lines:]) or f'(nothing in {path})'
 
 
-def record_failure(spec: dict[str, Any], name: str, message: str) -> None:
-    """The error of a failed candidate, for search.py to show (a trial's stderr is not where users look)."""
-    folder = Path(spec['output']) / 'failures'
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f'{time.time_ns()}-{name}.txt').write_text(message + '\n')
-
-
-def first_failure(output: Path) -> str | None:
-    """The first error a candidate of this search failed with."""
-    files = sorted((output / 'failures').glob('*.txt'))
-    return files[0].read_text().strip().splitlines()[0] if files else None
-
-
 def run_trial() -> int:
     channel_url = os.environ.get('NNI_TRIAL_COMMAND_CHANNEL', '')
     spec_path = os.environ.get(SPEC_ENV)
@@ -312,7 +302,7 @@ def run_trial() -> int:
     finally:
         lock.close()
     if failure:
-        record_failure(spec, os.environ.get('NNI_TRIAL_JOB_ID', 'trial'), failure[0])
+        record_failure(spec['output'], os.environ.get('NNI_TRIAL_JOB_ID', 'trial'), failure[0])
         return 1
     return 0
 
@@ -387,12 +377,10 @@ def _send_quietly(conn: Connection, message: dict) -> None:
 
 
 def _load_evaluator(spec: dict[str, Any]) -> Callable[[str, Callable[[dict], None]], None]:
-    """The server the search names in its spec (``module.function``): the heavy imports, once per worker.
-    By name, so that this protocol module imports nothing of the project."""
-    import importlib
-
-    module, function = spec['server'].rsplit('.', 1)
-    return getattr(importlib.import_module(module), function)(spec)
+    """The candidate server: the heavy imports (torch, NNI, the supernet), once per worker, here and not at the
+    top, so that the trial relay NNI starts for every candidate stays light."""
+    from candidates import candidate_server
+    return candidate_server(spec)
 
 
 def main(argv: list[str] | None = None) -> int:
