@@ -456,7 +456,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
                 raise KeyboardInterrupt from None
             raise
         trainer = evaluator.trainer
-        if trainer.global_step == 0:
+        if trainer.global_step == module.skipped_together:
             raise UserError(f'no training step was taken: every loss was non-finite (see the errors above) or no '
                             f'batch was trained; {folder.weights(kind)} not written')
         if processes > 1:

@@ -127,6 +127,8 @@ class SupernetModule(LightningModule):
         self.ema: ModelEmaV3 | None = None
         # compile: the supernet with the arch as data, and its compiled graph; set in on_fit_start, outside the
         # module's children (their parameters are the supernet's, saved once under their own names)
+        self.skipping = False  # this step's loss was non-finite on some DDP rank (skip_together)
+        self.skipped_together = 0  # steps skipped that way in this run: Lightning counts them
         self.graph: MaskedSupernet | None = None
         self.compiled: nn.Module | None = None
 
@@ -172,16 +174,34 @@ class SupernetModule(LightningModule):
         else:
             logits = self.model(images)
         loss = self.criterion(logits, targets)
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        if self.world_size() > 1:  # every rank skips the step if one must (see skip_together)
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite:
             _logger.error('non-finite loss %s at step %d for arch %s: step skipped', loss.item(), self.global_step,
                           arch)
-            return None
+            return self.skip_together(logits)
         lr = self.optimizers().param_groups[0]['lr']
         self.log('train_loss', loss, prog_bar=True)
         self.log('lr', lr, prog_bar=True)
         if os.environ.get('AUTOFORMER_TRACE', '0') not in ('', '0'):
             self._trace(arch, lr, loss)
         return loss
+
+    def skip_together(self, logits: torch.Tensor) -> torch.Tensor | None:
+        """A step skipped for a non-finite loss. Alone, Lightning skips it (None: no backward, no optimizer step, no
+        step counted). Under DDP that would leave the other ranks waiting in their gradient reduction, and their
+        step count, which picks each step's arch, ahead of this rank's: so every rank runs the backward of a zero
+        loss and then drops all gradients (``on_before_optimizer_step``), the step counted on all of them alike."""
+        if self.world_size() == 1:
+            return None
+        self.skipping = True
+        self.skipped_together += 1
+        return logits.sum() * 0.0
+
+    def world_size(self) -> int:
+        """The DDP processes training together (1 when no trainer is attached)."""
+        return self._trainer.world_size if self._trainer is not None else 1
 
     def _trace(self, arch: Mapping[str, Any], lr: float, loss: torch.Tensor) -> None:
         """One line of this rank's step trace (see the module docstring)."""
@@ -211,6 +231,12 @@ class SupernetModule(LightningModule):
                     param.grad = None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.skipping:  # AdamW skips every parameter without a gradient: nothing moves
+            self.skipping = False
+            for group in optimizer.param_groups:
+                for param in group['params']:
+                    param.grad = None
+            return
         # Lightning sets every gradient to None before each validation (on_validation_model_zero_grad), and a
         # checkpoint holds no gradients: either would make AdamW skip a layer the steps since then have not used,
         # so each layer AdamW has stepped before gets its zero gradient back (tests/test_training.py fails without).

@@ -399,6 +399,24 @@ def test_a_layer_unused_after_a_validation_is_still_decayed_and_moved_unless_ski
     assert torch.equal(after, deepest['before']) == skip
 
 
+def test_a_step_non_finite_on_one_ddp_rank_is_skipped_on_every_rank(tmp_path):
+    """Rank 1's loss is non-finite at one step. Were that rank alone to skip it, rank 0 would wait in its gradient
+    reduction (a hang) or, without one, count a step more and train another arch from then on. Every rank skips it:
+    the same step count, the same archs, the same weights."""
+    from conftest import free_port
+    env = {**os.environ, 'AUTOFORMER_TRACE': '1', 'OMP_NUM_THREADS': '1', 'PYTHONPATH': str(ROOT)}
+    done = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
+                           str(free_port()), str(ROOT / 'tests' / 'ddp_nonfinite.py'), str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f'rank-{rank}.json').read_text()) for rank in (0, 1)]
+    assert ranks[0] == ranks[1] and (ranks[0]['step'], ranks[0]['skipped']) == (5, 1)
+    archs = [[json.loads(line)['arch'] for line in (tmp_path / 'trace' / f'rank-{rank}.jsonl').read_text().splitlines()]
+             for rank in (0, 1)]
+    assert archs[0] == archs[1] and len(archs[0]) == 4  # the skipped step is traced on neither
+    assert 'non-finite loss' in done.stderr
+
+
 @pytest.mark.fast
 @pytest.mark.parametrize('epochs, warmup', [(300, 5), (12, 3), (4, 0)])
 def test_the_epoch_schedule_is_the_official_runs_timm_cosine(epochs, warmup):
