@@ -125,10 +125,11 @@ class SupernetModule(LightningModule):
         self.criterion = SoftTargetCrossEntropy() if self.mixup else \
             LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss()
         self.ema: ModelEmaV3 | None = None
-        # compile: the supernet with the arch as data, and its compiled graph; set in on_fit_start, outside the
-        # module's children (their parameters are the supernet's, saved once under their own names)
         self.skipping = False  # this step's loss was non-finite on some DDP rank (skip_together)
         self.skipped_together = 0  # steps skipped that way in this run: Lightning counts them
+        self.step_arch: dict[str, Any] | None = None  # the arch the supernet trains in this step
+        # compile: the supernet with the arch as data, and its compiled graph; set in on_fit_start, outside the
+        # module's children (their parameters are the supernet's, saved once under their own names)
         self.graph: MaskedSupernet | None = None
         self.compiled: nn.Module | None = None
 
@@ -175,11 +176,12 @@ class SupernetModule(LightningModule):
             logits = self.model(images)
         loss = self.criterion(logits, targets)
         finite = bool(torch.isfinite(loss))
+        everywhere = finite
         if self.world_size() > 1:  # every rank skips the step if one must (see skip_together)
-            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        if not finite:
-            _logger.error('non-finite loss %s at step %d for arch %s: step skipped', loss.item(), self.global_step,
-                          arch)
+            everywhere = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not everywhere:
+            where = f'non-finite loss {loss.item()}' if not finite else 'a non-finite loss on another rank'
+            _logger.error('%s at step %d for arch %s: step skipped', where, self.global_step, arch)
             return self.skip_together(logits)
         lr = self.optimizers().param_groups[0]['lr']
         self.log('train_loss', loss, prog_bar=True)
