@@ -35,9 +35,9 @@ def run_main(main: Callable[[], Any]) -> None:
     except (UserError, SpaceError) as err:
         print(f'error: {err}', file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print('interrupted', file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as stop:
+        print(str(stop) or 'interrupted', file=sys.stderr)
+        sys.exit(getattr(stop, 'code', 130))
 
 
 Rule = Callable[[Any], 'str | None']

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -22,7 +24,7 @@ import data
 from checkpoints import check_finite, save_weights
 from metrics import confusion_counts, running_value, summarize
 from space import AutoformerSpace, build_supernet, canonical_arch, init_weights
-from utils import (AUTOCAST, COMPILE_ON_CPU, UserError, atomic_write_json, check_output_folder, check_writable,
+from utils import (AUTOCAST, COMPILE_ON_CPU, Stopped, UserError, atomic_write_json, check_output_folder, check_writable,
                    default_precision, json_form, lock_output, read_json, remove_unfinished_writes, set_up_precision)
 
 if TYPE_CHECKING:
@@ -212,6 +214,21 @@ def training_devices(run: TrainingRun) -> tuple[bool, int]:
     gpus = int(torch.cuda.is_available()) if run.gpus is None else run.gpus
     use_gpu = gpus > 0 and torch.cuda.is_available()
     return use_gpu, gpus if use_gpu else run.cpu_processes
+
+
+def raise_if_stopped(trainer: 'pl.Trainer', folder: RunFolder) -> None:
+    """:class:`utils.Stopped` with the command that continues, when Ctrl-C or SIGTERM stopped ``trainer``. On
+    SIGTERM sent to the whole process group the loader's workers die too, and their error is this stop as well."""
+    sigterm = trainer._signal_connector.received_sigterm
+    if not (sigterm or trainer.interrupted):
+        return
+    argv = [arg for arg in sys.argv if arg != '--resume']
+    if '--output' not in argv and not any(arg.startswith('--output=') for arg in argv):
+        argv += ['--output', str(folder.root)]
+    command = ' '.join(shlex.quote(arg) for arg in ['python', *argv, '--resume'])
+    name, number = ('SIGTERM', signal.SIGTERM) if sigterm else ('SIGINT', signal.SIGINT)
+    raise Stopped(f'training stopped by {name} in epoch {trainer.current_epoch}; the checkpoints of the epochs it '
+                  f'finished are in {folder.checkpoints}. Continue with: {command}', 128 + number) from None
 
 
 def check_ranks_agree(trainer: pl.Trainer, supernet: nn.Module) -> None:
@@ -451,9 +468,8 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
     with lost_peers_reported(processes):
         try:
             evaluator.evaluate(supernet)
-        except SystemExit:  # Lightning's graceful shutdown after Ctrl-C; its checkpoints stay
-            if evaluator.trainer.interrupted:
-                raise KeyboardInterrupt from None
+        except (SystemExit, KeyboardInterrupt, RuntimeError):  # Lightning's graceful stop on Ctrl-C or SIGTERM
+            raise_if_stopped(evaluator.trainer, folder)
             raise
         trainer = evaluator.trainer
         if trainer.global_step == module.skipped_together:

@@ -22,6 +22,15 @@ class UserError(Exception):
     """A problem with the user's input: the message says what is wrong and what to do."""
 
 
+class Stopped(KeyboardInterrupt):
+    """A run stopped by a signal after saving what it had: the message says how to continue; ``code`` is the exit
+    status (128 + the signal's number, as a shell reports a process the signal ended)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 # --compile of the supernet without a GPU: allowed (the results are the same), but its cost is said.
 COMPILE_ON_CPU = ('--compile on the CPU: compiling takes a minute or more, and every {what} then costs the largest '
                   "arch's arithmetic; it pays on GPUs, where Python and kernel launches bound a step")

@@ -399,6 +399,30 @@ def test_a_layer_unused_after_a_validation_is_still_decayed_and_moved_unless_ski
     assert torch.equal(after, deepest['before']) == skip
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_a_signal_in_training_stops_cleanly_with_the_command_that_continues(tmp_path, sig):
+    """SIGTERM or SIGINT to the whole process group (loader workers included) mid-run: one line, no traceback, the
+    exit status a shell gives that signal, and the printed command continues the run to its end."""
+    output = tmp_path / 'run'
+    log = tmp_path / 'stderr.txt'
+    with open(log, 'w') as err:
+        process = subprocess.Popen([sys.executable, 'scratch.py', '--dataset', 'digits', '--epochs', '6', '--warmup',
+                                    '0', '--num-workers', '2', '--output', str(output)], cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while not (output / 'checkpoints' / 'last.ckpt').exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(process.pid, sig)
+        status = process.wait(timeout=120)
+    text = log.read_text()
+    assert status == 128 + sig and 'Traceback' not in text, text[-3000:]
+    command = text.split('Continue with: ')[1].split()
+    assert command[0] == 'python' and command[-1] == '--resume'
+    subprocess.run([sys.executable, *command[1:]], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    assert json.loads((output / 'metrics.json').read_text())['epochs'] == 6
+
+
 def test_a_step_non_finite_on_one_ddp_rank_is_skipped_on_every_rank(tmp_path):
     """Rank 1's loss is non-finite at one step. Were that rank alone to skip it, rank 0 would wait in its gradient
     reduction (a hang) or, without one, count a step more and train another arch from then on. Every rank skips it:
