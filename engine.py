@@ -216,11 +216,12 @@ def training_devices(run: TrainingRun) -> tuple[bool, int]:
     return use_gpu, gpus if use_gpu else run.cpu_processes
 
 
-def raise_if_stopped(trainer: 'pl.Trainer', folder: RunFolder) -> None:
+def raise_if_stopped(trainer: 'pl.Trainer', folder: RunFolder, error: BaseException) -> None:
     """:class:`utils.Stopped` with the command that continues, when Ctrl-C or SIGTERM stopped ``trainer``. On
-    SIGTERM sent to the whole process group the loader's workers die too, and their error is this stop as well."""
+    SIGTERM sent to the whole process group the loader's workers die too, and their error is this stop as well;
+    any other error (Lightning marks the trainer interrupted by it too) is left as it is."""
     sigterm = trainer._signal_connector.received_sigterm
-    if not (sigterm or trainer.interrupted):
+    if not (sigterm or trainer.interrupted and isinstance(error, (KeyboardInterrupt, SystemExit))):
         return
     argv = [arg for arg in sys.argv if arg != '--resume']
     if '--output' not in argv and not any(arg.startswith('--output=') for arg in argv):
@@ -468,8 +469,8 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
     with lost_peers_reported(processes):
         try:
             evaluator.evaluate(supernet)
-        except (SystemExit, KeyboardInterrupt, RuntimeError):  # Lightning's graceful stop on Ctrl-C or SIGTERM
-            raise_if_stopped(evaluator.trainer, folder)
+        except (SystemExit, KeyboardInterrupt, RuntimeError) as error:  # Lightning's graceful stop on Ctrl-C or SIGTERM
+            raise_if_stopped(evaluator.trainer, folder, error)
             raise
         trainer = evaluator.trainer
         if trainer.global_step == module.skipped_together:

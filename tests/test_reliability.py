@@ -291,5 +291,7 @@ def test_loopback_preload_keeps_a_node_server_on_127_0_0_1(tmp_path):
     result = subprocess.run([str(node), '--require', str(ROOT / 'loopback.js'), '-e', script],
                             capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == '127.0.0.1'
-    plain = subprocess.run([str(node), '-e', script], capture_output=True, text=True, timeout=60)
+    # without NODE_OPTIONS: a web-UI search run in this process (search.main) sets it to the preload
+    clean = {key: value for key, value in os.environ.items() if key != 'NODE_OPTIONS'}
+    plain = subprocess.run([str(node), '-e', script], capture_output=True, text=True, timeout=60, env=clean)
     assert plain.stdout.strip() in ('::', '0.0.0.0')  # what NNI's server does without it
