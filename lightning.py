@@ -149,13 +149,15 @@ class SupernetModule(LightningModule):
             self.__dict__['graph'] = MaskedSupernet(self.model).to(self.device)
             self.__dict__['compiled'] = torch.compile(self.graph)
 
-    def run_arch(self, arch: Mapping[str, Any], images: torch.Tensor) -> torch.Tensor:
-        """The supernet's logits for ``arch``: through the one compiled graph, or the sliced supernet."""
-        if self.graph is not None:
+    def run_arch(self, arch: Mapping[str, Any], images: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """The logits of ``arch`` on ``model`` (default: the supernet trained): through the one compiled graph of
+        the supernet trained, or sliced (the EMA copy has no graph)."""
+        model = self.model if model is None else model
+        if self.graph is not None and model is self.model:
             self.graph.set_arch(arch)
             return self.compiled(images)
-        set_active_arch(self.model, arch)
-        return self.model(images)
+        set_active_arch(model, arch)
+        return model(images)
 
     def on_train_epoch_start(self) -> None:
         seed_rank_epoch(self.hparams.seed, self.global_rank, self.current_epoch)
@@ -261,13 +263,7 @@ class SupernetModule(LightningModule):
         model = self.ema.module if self.ema is not None else self.model
         classes = self.space_kwargs['num_labels']
         for name, arch in self.val_archs.items():
-            if self.arch is not None:
-                logits = model(images)
-            elif model is self.model:
-                logits = self.run_arch(arch, images)
-            else:  # the EMA copy: sliced
-                set_active_arch(model, arch)
-                logits = model(images)
+            logits = model(images) if self.arch is not None else self.run_arch(arch, images, model)
             top1 = accuracy(logits, targets, topk=(1,))[0]
             self.log(f'val_acc_{name}', top1, prog_bar=name != 'searched', sync_dist=True, batch_size=len(targets))
             self.confusions[name] += confusion_counts(targets, logits.argmax(dim=1), classes)

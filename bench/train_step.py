@@ -101,8 +101,8 @@ def main() -> None:
              f'{args.precision} threads {torch.get_num_threads()}{peak_memory(device)}')
     flops_per_step = 6 * sum(macs) / len(macs) * args.batch_size  # forward 2 x MACs, backward twice that
     largest = count_flops(extreme_arch(space_kwargs, max), **space_kwargs)
-    static = {STATIC: 6 * largest * args.batch_size} if args.compiled else {}
-    print(f'{label}: {interleaved_summary(times, args.batch_size, flops_per_step, args.peak_tflops, static)}')
+    static_flops = {STATIC: 6 * largest * args.batch_size} if args.compiled else {}
+    print(f'{label}: {interleaved_summary(times, args.batch_size, flops_per_step, args.peak_tflops, static_flops)}')
     if args.compiled:  # the share of peak counts the sampled archs' arithmetic: the work a step is for
         print(f'the compiled graph computes the largest arch: {largest / (sum(macs) / len(macs)):.2f}x the MACs of the '
               f'{len(macs)} archs sampled; its FLOP/s above count the sampled archs\' MACs')
