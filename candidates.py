@@ -24,6 +24,7 @@ from plots import save_figure
 from space import arch_key, build_supernet, count_flops, count_params, inherited_subnet, typed_arch
 from failures import FOLDER as FAILURES, record_failure
 from utils import UserError, atomic_write_json, atomic_write_text, pick_device, read_json
+from workers import file_identity, read_spec
 
 
 @dataclass(frozen=True)
@@ -90,28 +91,6 @@ class SearchFolder:
         return self.root / 'candidates.csv'
 
 
-@lru_cache(maxsize=2)
-def _supernet(weights: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    state_dict, meta = read_weights(weights)
-    return state_dict, meta['space']
-
-
-@lru_cache(maxsize=2)
-def compiled_supernet(weights: str, device: str) -> tuple[MaskedSupernet, torch.nn.Module]:
-    """The supernet of ``weights`` as one compiled graph for every candidate (``--compile``), and its arch setter:
-    compiled once per process; each candidate then writes its arch and runs (masked_supernet.py)."""
-    state_dict, space_kwargs = _supernet(weights)
-    supernet = build_supernet(space_kwargs)
-    supernet.load_state_dict(state_dict)
-    masked = MaskedSupernet(supernet).to(device).eval()
-    return masked, torch.compile(masked)
-
-
-@lru_cache(maxsize=2)
-def _search_data(cache: str) -> data.CachedSplit:
-    return data.CachedSplit(cache)
-
-
 INTERMEDIATE_RESULTS = 20  # per candidate at most: the web UI's chart, not one point per batch
 
 # What a search can rank by (--metric), as its results files and plot name it; every figure is measured on the
@@ -151,42 +130,77 @@ def read_record(output: Path, arch: Mapping[str, Any]) -> dict | None:
     return record if all(key in record for key in RECORD_METRICS) else None
 
 
-def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
-                  split: data.CachedSplit, output: Path, batch_size: int, device: torch.device,
-                  report: Callable[[float], None], precision: str | None = None, metric: str = 'top1',
-                  measured_on: str | None = None,
-                  graph: tuple[MaskedSupernet, torch.nn.Module] | None = None) -> dict[str, Any]:
-    """Top-1, balanced and per-class accuracy of one subnet (weights inherited from the supernet) on the
-    search split; writes its record. ``report`` gets the running ``metric`` (NNI's intermediate results).
-    ``graph``: :func:`compiled_supernet`'s, which runs the subnet instead of a frozen copy (the same figures up to
-    float rounding).
+@dataclass
+class CandidateEvaluator:
+    """Evaluates candidates with weights inherited from a supernet held in memory, on the search split, and writes
+    each one's record. Made once per process (the search's own with ``--engine sequential``, each warm worker's
+    otherwise), never per candidate. ``compile``: every candidate runs one compiled graph of the supernet with the
+    arch as data (masked_supernet.py) instead of a frozen copy: the same figures up to float rounding."""
+    supernet: Mapping[str, torch.Tensor]
+    space_kwargs: Mapping[str, Any]
+    split: data.CachedSplit
+    output: Path
+    batch_size: int
+    device: torch.device
+    precision: str | None = None
+    metric: str = 'top1'
+    measured_on: str = 'the search split'
+    compile: bool = False
 
-    A candidate already recorded in ``output`` (a resumed search) is answered from its record.
-    """
-    start = time.perf_counter()
-    folder = SearchFolder(output)
-    record = read_record(output, arch)
-    if record is not None:
+    def __post_init__(self) -> None:
+        self.graph = compiled_graph(self.supernet, self.space_kwargs, self.device) if self.compile else None
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> CandidateEvaluator:
+        """A warm worker's: the weights file the search read (refused if it changed since), the search's split and
+        settings, as the search decided them."""
+        weights = Path(spec['weights'])
+        if file_identity(weights) != spec['weights_identity']:
+            raise UserError(f'{weights} changed after the search read it: restart the search with --resume')
+        state_dict, meta = read_weights(weights)
+        return cls(state_dict, meta['space'], data.CachedSplit(spec['cache']), Path(spec['output']), spec['batch_size'],
+                   pick_device(spec['device']), spec['precision'], spec['metric'], spec['measured_on'], spec['compile'])
+
+    def evaluate(self, arch: Mapping[str, Any], report: Callable[[float], None]) -> dict[str, Any]:
+        """Top-1, balanced and per-class accuracy of one subnet on the search split; its record, also written.
+        ``report`` gets the running metric (NNI's intermediate results). A candidate already recorded (a resumed
+        search) is answered from its record."""
+        start = time.perf_counter()
+        folder = SearchFolder(self.output)
+        record = read_record(self.output, arch)
+        if record is not None:
+            return record
+        if self.graph is not None:
+            self.graph[0].set_arch(arch)
+        model = self.graph[1] if self.graph is not None else inherited_subnet(self.supernet, arch, self.space_kwargs)
+        every = max(1, -(-len(self.split) // self.batch_size) // INTERMEDIATE_RESULTS)
+        metrics = evaluate(model, self.split.batches(self.batch_size, self.device), self.device, progress=False,
+                           on_batch=lambda index, value: report(value), report_every=every, precision=self.precision,
+                           running=self.metric)
+        latency = read_json(folder.latency).get(arch_key(arch)) if folder.latency.is_file() else None
+        record = {'arch': arch, 'params': count_params(arch, **self.space_kwargs) / 1e6,
+                  'flops': count_flops(arch, **self.space_kwargs) / 1e9, 'latency': latency,
+                  'top1': metrics['top1'], 'balanced': metrics['balanced'], 'per_class': metrics['per_class'],
+                  'split': SEARCH_SPLIT, 'measured_on': self.measured_on, 'images': metrics['images'],
+                  'seconds': time.perf_counter() - start,
+                  'finished': time.time()}  # the order candidates finished in: best-so-far curves
+        atomic_write_json(record, folder.record(arch))
         return record
-    if graph is not None:
-        graph[0].set_arch(arch)
-        model = graph[1]
-    else:
-        model = inherited_subnet(supernet, arch, space_kwargs)
-    every = max(1, -(-len(split) // batch_size) // INTERMEDIATE_RESULTS)
-    metrics = evaluate(model, split.batches(batch_size, device), device, progress=False,
-                       on_batch=lambda index, value: report(value), report_every=every, precision=precision,
-                       running=metric)
-    latency = read_json(folder.latency).get(arch_key(arch)) if folder.latency.is_file() else None
-    record = {'arch': arch, 'params': count_params(arch, **space_kwargs) / 1e6,
-              'flops': count_flops(arch, **space_kwargs) / 1e9, 'latency': latency,
-              'top1': metrics['top1'], 'balanced': metrics['balanced'], 'per_class': metrics['per_class'],
-              'split': SEARCH_SPLIT, 'measured_on': measured_on or 'the search split', 'images': metrics['images'],
-              'seconds': time.perf_counter() - start,
-              'finished': time.time()}  # the order candidates finished in: best-so-far curves
-    atomic_write_json(record, folder.record(arch))
-    write_results(output, metric, every_seconds=2.0)
-    return record
+
+    def serve(self, parameter: str, send: Callable[[dict], None]) -> None:
+        """A warm worker's answer to one trial (trial.py): its running metric, then its final metrics."""
+        arch = typed_arch(nni.load(parameter)['parameters'].sample)
+        record = self.evaluate(arch, lambda value: send({'intermediate': value}))
+        send({'final': final_metrics(record, self.metric)})
+
+
+def compiled_graph(supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
+                   device: torch.device) -> tuple[MaskedSupernet, torch.nn.Module]:
+    """The supernet as one compiled graph for every candidate, and its arch setter (masked_supernet.py)."""
+    model = build_supernet(space_kwargs)
+    model.load_state_dict(supernet)
+    masked = MaskedSupernet(model).to(device).eval()
+    return masked, torch.compile(masked)
 
 
 def final_metrics(record: Mapping[str, Any], metric: str = 'top1') -> dict[str, float]:
@@ -197,40 +211,26 @@ def final_metrics(record: Mapping[str, Any], metric: str = 'top1') -> dict[str, 
             **({'latency': record['latency']} if record['latency'] is not None else {})}
 
 
-def evaluate_candidate(model: torch.nn.Module, weights: str, cache: str, output: str, batch_size: int,
-                       device: str, precision: str | None = None, metric: str = 'top1',
-                       measured_on: str | None = None, compile: bool = False) -> None:
-    """NNI trial run in the search's own process (``--engine sequential``): evaluates and reports."""
-    supernet, space_kwargs = _supernet(weights)
+def evaluate_in_process(model: torch.nn.Module, candidates: CandidateEvaluator) -> None:
+    """The NNI trial of ``--engine sequential``, run in the search's own process with what it already holds."""
     arch = typed_arch(nni.get_current_parameter().sample)
-    device = pick_device(device)
     try:
-        graph = compiled_supernet(weights, str(device)) if compile else None
-        record = evaluate_arch(arch, supernet, space_kwargs, _search_data(cache), Path(output), batch_size,
-                               device, nni.report_intermediate_result, precision, metric, measured_on, graph)
+        record = candidates.evaluate(arch, nni.report_intermediate_result)
     except Exception as err:
-        record_failure(output, arch_key(arch), f'{type(err).__name__}: {err}')
+        record_failure(str(candidates.output), arch_key(arch), f'{type(err).__name__}: {err}')
         raise
-    nni.report_final_result(final_metrics(record, metric))
+    nni.report_final_result(final_metrics(record, candidates.metric))
 
 
-def candidate_server(spec: Mapping[str, Any]) -> Callable[[str, Callable[[dict], None]], None]:
-    """What a warm worker (trial.py) runs per candidate: the supernet, the split and the imports stay loaded."""
-    supernet, space_kwargs = _supernet(spec['weights'])
-    split = _search_data(spec['cache'])
-    device = pick_device(spec['device'])
-    output = Path(spec['output'])
-    metric = spec.get('metric', 'top1')
-    graph = compiled_supernet(spec['weights'], str(device)) if spec.get('compile') else None
+@lru_cache(maxsize=1)
+def _evaluator_of(spec: str) -> CandidateEvaluator:
+    return CandidateEvaluator.from_spec(read_spec(spec))
 
-    def evaluate_parameter(parameter: str, send: Callable[[dict], None]) -> None:
-        arch = typed_arch(nni.load(parameter)['parameters'].sample)
-        record = evaluate_arch(arch, supernet, space_kwargs, split, output, spec['batch_size'], device,
-                               lambda value: send({'intermediate': value}), spec.get('precision'), metric,
-                               spec.get('measured_on'), graph)
-        send({'final': final_metrics(record, metric)})
 
-    return evaluate_parameter
+def evaluate_from_spec(model: torch.nn.Module, spec: str) -> None:
+    """The NNI trial of ``--engine ts`` when no warm worker can serve it (a training service without NNI's HTTP
+    trial channel): the worker's evaluation, in the trial's own process."""
+    evaluate_in_process(model, _evaluator_of(spec))
 
 
 def read_results(output: Path, metric: str = 'top1') -> list[dict]:
@@ -245,25 +245,16 @@ def read_results(output: Path, metric: str = 'top1') -> list[dict]:
     return ranked(records, metric)
 
 
-_last_results_write = 0.0
-
 # candidates.csv: (column header, record key); the headers name the split the accuracies are measured on
 CSV_COLUMNS = [(metric_label('top1'), 'top1'), (metric_label('balanced'), 'balanced'), ('params (M)', 'params'),
                ('FLOPs (G)', 'flops'), ('latency (ms)', 'latency'), ('seconds', 'seconds'),
                ('per-class accuracy on the search split (%)', 'per_class'), ('arch', 'arch')]
 
 
-def write_results(output: Path, metric: str = 'top1', every_seconds: float = 0.0) -> list[dict]:
-    """Every finished candidate, best by ``metric`` first, as candidates.json and candidates.csv (each written
-    atomically).
-
-    Each candidate's own record is written the moment it finishes; these summaries, which grow
-    with the search, are rewritten at most every ``every_seconds`` in one process (and at the end).
-    """
-    global _last_results_write
-    if time.monotonic() - _last_results_write < every_seconds:
-        return []
-    _last_results_write = time.monotonic()
+def write_results(output: Path, metric: str = 'top1') -> list[dict]:
+    """Every finished candidate, ranked once (:func:`rank_key`), as candidates.json and candidates.csv (each
+    written atomically), at the end of a search or when it stops; each candidate's own record is written the
+    moment it finishes."""
     records = read_results(output, metric)
     atomic_write_json(records, SearchFolder(output).results_json)
     buffer = io.StringIO()

@@ -10,136 +10,32 @@ results and final metric dict back to NNI, and exits.
     python trial.py                     # a trial (NNI starts it; AUTOFORMER_SEARCH names the search)
     python trial.py --serve SLOT        # a worker (started by search.py or by a trial)
 
-Only the standard library and ``failures.py`` (itself only the standard library) are imported at the top: keep it
-so. The worker imports the candidate server (torch, NNI, the supernet) when it starts.
+Only the standard library, ``failures.py`` and ``workers.py`` (themselves only the standard library) are imported
+at the top: keep it so. The worker imports the candidate server (torch, NNI, the supernet) when it starts.
 """
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import http.client
 import json
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from failures import record_failure
+from workers import (SPEC_ENV, alive, connect, is_worker, machine_name, read_spec, socket_address, start_worker,
+                     worker_log_tail, worker_pid, worker_slots, workers_folder)
 
-SPEC_ENV = 'AUTOFORMER_SEARCH'  # the search's worker.json: what every worker loads and where results go
 STARTUP_SECONDS = 900  # importing torch and reading a large supernet from a slow network filesystem
 POLL_SECONDS = 1.0
-
-
-# --------------------------------------------------------------------------------------------
-# What trial and worker share
-# --------------------------------------------------------------------------------------------
-
-def read_spec(path: str | os.PathLike) -> dict[str, Any]:
-    """The search's ``worker.json``, written by search.py."""
-    return json.loads(Path(path).read_text())
-
-
-def socket_address(spec: dict[str, Any], slot: str) -> str:
-    """A short socket path (AF_UNIX paths are capped at 107 bytes; output folders can be longer), in a
-    folder only this user can enter (another user could otherwise take the name first)."""
-    folder = Path(tempfile.gettempdir()) / f'autoformer-{os.getuid()}'
-    folder.mkdir(mode=0o700, exist_ok=True)
-    if folder.stat().st_uid != os.getuid() or folder.stat().st_mode & 0o077:
-        raise RuntimeError(f'{folder} belongs to another user or is open to others: remove it')
-    digest = hashlib.sha1(f"{spec['output']}|{slot}".encode()).hexdigest()[:16]
-    return str(folder / f'{digest}.sock')
-
-
-def machine_name() -> str:
-    """This machine, also among containers that share a hostname: the hostname and the machine id."""
-    try:
-        machine_id = Path('/etc/machine-id').read_text().strip()[:8]
-    except OSError:
-        machine_id = ''
-    return '-'.join(filter(None, [os.uname().nodename, machine_id]))
-
-
-def workers_folder(spec: dict[str, Any]) -> Path:
-    """Per machine: several machines of a remote search can share the output folder."""
-    folder = Path(spec['output']) / 'workers' / machine_name()
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def start_worker(spec_path: str | os.PathLike, slot: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """A worker in its own session (a Ctrl-C meant for the search must not kill it mid-candidate)."""
-    spec = read_spec(spec_path)
-    env = {k: v for k, v in (env or os.environ).items() if not k.startswith('NNI_')}
-    folder = workers_folder(spec)
-    with open(folder / f'{slot}.log', 'ab') as log:
-        process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), '--serve', slot, '--spec',
-                                    str(spec_path)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True)
-    (folder / f'{slot}.pid').write_text(str(process.pid))  # at once: a trial must not start a second one
-    return process
-
-
-def connect(spec: dict[str, Any], slot: str) -> Connection | None:
-    """A connection to the slot's worker, or None when no worker of this search answers there."""
-    try:
-        return Client(socket_address(spec, slot), family='AF_UNIX', authkey=spec['token'].encode())
-    except (OSError, EOFError, AuthenticationError):  # none yet, or a stale one of an earlier run
-        return None
-
-
-def stop_workers(spec: dict[str, Any]) -> None:
-    """Stop every worker of a search on this machine, mid-candidate or not, and wait until each has exited
-    (SIGKILL after 10 s)."""
-    for pid_file in workers_folder(spec).glob('*.pid'):
-        pid = worker_pid(spec, pid_file.stem)
-        if pid is not None and is_worker(pid, spec):
-            stop_process(pid)
-        pid_file.unlink(missing_ok=True)
-
-
-def stop_process(pid: int, patience: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL if the process is still there after ``patience`` seconds."""
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + patience
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if alive(pid):
-        os.kill(pid, signal.SIGKILL)
-
-
-def alive(pid: int) -> bool:
-    """A running process (a zombie, which a search that started a worker has not reaped yet, is not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f'/proc/{pid}/stat').read_text().split(') ')[1][0] != 'Z'
-    except (OSError, IndexError):
-        return True
-
-
-def is_worker(pid: int, spec: dict[str, Any]) -> bool:
-    """A live worker of this search, not another process that took the pid of one long gone."""
-    if not alive(pid):
-        return False
-    try:
-        cmdline = Path(f'/proc/{pid}/cmdline').read_bytes()
-    except OSError:
-        return True  # no /proc (not Linux): trust the pid file
-    return b'--serve' in cmdline and spec['output'].encode() in cmdline
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,13 +85,6 @@ class TrialChannel:
             raise OSError(f'NNI trial channel refused a metric: HTTP {status} {body[:200]!r}')
         if kind == 'PERIODICAL':
             self.sequence += 1
-
-
-def worker_slots(spec: dict[str, Any]) -> list[tuple[str, dict[str, str]]]:
-    """The workers of a search on this machine, with their environment: one per GPU, else ``workers``."""
-    if spec['gpus']:
-        return [(f'gpu{i}', {'CUDA_VISIBLE_DEVICES': str(i)}) for i in range(spec['gpus'])]
-    return [(f'worker{i}', {}) for i in range(spec['workers'])]
 
 
 def claim_slot(spec: dict[str, Any]) -> tuple[str, Any]:
@@ -252,21 +141,6 @@ def wait_for_worker(spec_path: str, spec: dict[str, Any], slot: str) -> Connecti
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
     raise RuntimeError(f'worker {slot} did not answer within {STARTUP_SECONDS} s: {worker_log_tail(spec, slot)}')
-
-
-def worker_pid(spec: dict[str, Any], slot: str) -> int | None:
-    """The pid its pid file gives for the slot's worker (written as soon as the worker is started)."""
-    try:
-        return int((workers_folder(spec) / f'{slot}.pid').read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def worker_log_tail(spec: dict[str, Any], slot: str, lines: int = 5) -> str:
-    """The last lines of the slot's worker log, on one line, for an error message."""
-    path = workers_folder(spec) / f'{slot}.log'
-    text = path.read_text(errors='replace') if path.is_file() else ''
-    return ' | '.join(line for line in text.strip().splitlines()[-lines:]) or f'(nothing in {path})'
 
 
 def run_trial() -> int:
@@ -379,8 +253,8 @@ def _send_quietly(conn: Connection, message: dict) -> None:
 def _load_evaluator(spec: dict[str, Any]) -> Callable[[str, Callable[[dict], None]], None]:
     """The candidate server: the heavy imports (torch, NNI, the supernet), once per worker, here and not at the
     top, so that the trial relay NNI starts for every candidate stays light."""
-    from candidates import candidate_server
-    return candidate_server(spec)
+    from candidates import CandidateEvaluator
+    return CandidateEvaluator.from_spec(spec).serve
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
     python bench/search_speed.py --device cuda --images 10000 --candidates 20      # the GPU check
     python bench/search_speed.py --images 64 --img-size 64 --candidates 2         # on a CPU: checks the command
 
-Times ``candidates.evaluate_arch`` (the trial of every engine: evaluation, record, results files) over random
+Times ``candidates.CandidateEvaluator.evaluate`` (the trial of every engine: evaluation, record, results files) over random
 archs of the tiny space, with the frozen subnet of each (search.py's default) and with the one compiled graph
 of ``search.py --compile``, and projects 1,000 candidates. The supernet's weights and the split's images are
 random: the ranking means nothing, the time is the real one. Prints figures, asserts nothing.
@@ -74,14 +74,11 @@ def main() -> None:
         save_weights(weights, state_dict, space_kwargs)
         split = random_split(folder / 'split.pt', args.images, space_kwargs['img_size'], space_kwargs['num_labels'])
         figures = {}
-        for way, graph in (('frozen subnet per candidate', None),
-                           ('one compiled graph (--compile)', candidates.compiled_supernet(str(weights), str(device)))):
-            output = folder / way.split()[0]
-
-            def evaluate_one(arch: dict) -> None:
-                candidates.evaluate_arch(arch, state_dict, space_kwargs, split, output, args.batch_size, device,
-                                         lambda value: None, args.precision, graph=graph)
-            figures[way] = seconds_per_candidate(evaluate_one, archs, args.warmup)
+        for way, compile in (('frozen subnet per candidate', False), ('one compiled graph (--compile)', True)):
+            evaluator = candidates.CandidateEvaluator(state_dict, space_kwargs, split, folder / way.split()[0],
+                                                      args.batch_size, device, args.precision, compile=compile)
+            figures[way] = seconds_per_candidate(lambda arch: evaluator.evaluate(arch, lambda value: None), archs,
+                                                 args.warmup)
     label = (f'search_speed {args.name} {space_kwargs["img_size"]}px, {args.images} images, batch {args.batch_size}, '
              f'{args.device} {args.precision or "default precision"}')
     print(f'{label}: ' + '; '.join(f'{way} {seconds:.3f} s per candidate, 1,000 candidates in '

@@ -65,22 +65,20 @@ def test_no_import_cycle():
 
 
 def test_no_library_module_imports_the_command_line_layer_or_a_script():
-    """No library module imports a script or cli; a script imports no other script, but search.py drives the
-    warm workers of trial.py (its protocol)."""
+    """No library module imports a script or cli, and a script imports no other script."""
     scripts = {name for name, path in MODULES.items() if is_script(path)}
     assert {'evaluate', 'search', 'scratch', 'finetune', 'convert', 'demo', 'study', 'trial'} <= scripts
     for name, deps in GRAPH.items():
-        allowed = {'trial'} if name == 'search' else set()
-        assert not deps & (scripts - allowed), f'{name} imports a script: {deps & scripts}'
+        assert not deps & scripts, f'{name} imports a script: {deps & scripts}'
         if name not in scripts and name != 'cli':
             assert 'cli' not in deps, f'library module {name} imports cli'
 
 
 def test_space_utils_and_the_trial_relay_import_nothing_heavy_of_the_project_at_the_top():
     """space.py can be copied alone; utils.py is below everything; the trial NNI starts for every candidate imports
-    only the failure records (standard library) until it serves."""
+    only the failure records and the workers' protocol (standard library) until it serves."""
     assert top_imports(MODULES['utils']) == set() and top_imports(MODULES['failures']) == set()
-    assert top_imports(MODULES['trial']) == {'failures'}
+    assert top_imports(MODULES['workers']) == set() and top_imports(MODULES['trial']) == {'failures', 'workers'}
     assert GRAPH['space'] == set()
 
 

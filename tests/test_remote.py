@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 import search
+from cli import from_flags
+from experiment import ExperimentSettings, experiment_config
 from conftest import free_port
 from utils import UserError
 
@@ -200,8 +202,8 @@ def test_machines_file_builds_the_remote_training_service(tmp_path, key, monkeyp
     monkeypatch.chdir(ROOT)
     path = machines_file(tmp_path, [machine(key, gpus=[1, 2]), machine(key, host='127.0.0.2', port=2200)])
     args = parse('--machines', path)
-    args.gpus, args.concurrency = 1, 2  # as resolve_devices would on a GPU machine
-    config = search.experiment_config(args, tmp_path / 'worker.json')
+    # the devices resolve_devices would give on a GPU machine
+    config = experiment_config(from_flags(ExperimentSettings, args, gpus=1, concurrency=2), tmp_path / 'worker.json')
     service = config.training_service
     assert service.platform == 'remote' and service.reuse_mode is False
     assert config.nni_manager_ip == '127.0.0.1'  # every machine is this one
@@ -245,8 +247,8 @@ def test_a_password_replaces_the_key_file(tmp_path, monkeypatch):
     path = machines_file(tmp_path, [{'host': 'localhost', 'user': 'me', 'password': 'pw',
                                      'python': '/usr/bin/python3'}])
     args = parse('--machines', path)
-    args.gpus, args.concurrency = 0, 1
-    (entry,) = search.experiment_config(args, tmp_path / 'worker.json').training_service.machine_list
+    config = experiment_config(from_flags(ExperimentSettings, args, gpus=0, concurrency=1), tmp_path / 'worker.json')
+    (entry,) = config.training_service.machine_list
     assert entry.password == 'pw' and entry.ssh_key_file is None
 
 

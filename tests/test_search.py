@@ -264,7 +264,7 @@ def kill_mid_results_write(args, output):
                              '--output', str(output)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     assert len(list((output / 'candidates').glob('*.json'))) == 3
-    assert len(json.loads((output / 'candidates.json').read_text())) == 1  # the first summary, whole
+    assert not (output / 'candidates.json').exists()  # the summary is written once, at the end
 
 
 @pytest.mark.parametrize('kill', [kill_after_four_candidates, kill_mid_results_write])
@@ -370,3 +370,37 @@ def test_compiled_search_gives_the_eager_records_from_one_graph(supernet, tmp_pa
     assert counter.frame_count == 1 and len(compiled) == 6 and compiled.keys() == eager.keys()
     for key, record in eager.items():
         assert (compiled[key]['top1'], compiled[key]['per_class']) == (record['top1'], record['per_class'])
+
+
+AUDIT = ROOT / 'tests' / 'audit'
+
+
+@pytest.mark.parametrize('engine', ['sequential', 'ts'])
+def test_a_search_reads_the_weights_once_per_process_and_ranks_once(supernet, tmp_path, monkeypatch, engine):
+    """Each stage runs once: the search reads the supernet once, each warm worker once (from the spec, not deciding
+    again), and the results are ranked once for candidates.json, best.json and NNI's top model alike."""
+    import importlib.util
+
+    import candidates
+    weights = tmp_path / 'supernet.pth'
+    weights.write_bytes(supernet.read_bytes())
+    log = tmp_path / 'opens.log'
+    monkeypatch.setenv('PYTHONPATH', str(AUDIT))  # the workers count their own opens
+    monkeypatch.setenv('AUTOFORMER_AUDIT_WATCH', str(weights))
+    monkeypatch.setenv('AUTOFORMER_AUDIT_LOG', str(log))
+    if 'autoformer_audit' not in sys.modules:  # this process counts too (an audit hook stays for the session)
+        spec = importlib.util.spec_from_file_location('autoformer_audit', AUDIT / 'sitecustomize.py')
+        sys.modules['autoformer_audit'] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules['autoformer_audit'])
+    rankings = []
+    rank = candidates.ranked
+    monkeypatch.setattr(candidates, 'ranked', lambda records, metric: rankings.append(metric) or rank(records, metric))
+    flags = ['--weights', str(weights), *TS_ARGS, '--trials', '4', '--engine', engine, '--output', str(tmp_path / 's')]
+    if engine == 'ts':
+        flags += ['--concurrency', '2', '--port', str(free_port()), '--experiment-dir', str(tmp_path / 'nni')]
+    best = search.main(flags)
+    opens = log.read_text().split()
+    assert opens.count(str(os.getpid())) == 1, opens
+    workers = [pid for pid in opens if pid != str(os.getpid())]
+    assert len(workers) == len(set(workers)) == (2 if engine == 'ts' else 0), opens
+    assert rankings == ['top1'] and best['candidates'] == 4

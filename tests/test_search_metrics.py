@@ -13,7 +13,10 @@ import torch
 
 import data
 import nni_patches
+import experiment
 import search
+from cli import from_flags
+from experiment import ExperimentSettings
 from candidates import TIE_BREAK, metric_label, ranked
 from checkpoints import save_weights
 from conftest import free_port
@@ -151,10 +154,10 @@ def test_ties_go_to_fewer_params_then_the_arch_key_and_nni_agrees_on_a_tie():
     records = [{'arch': large, 'top1': 50.0, 'balanced': 30.0, 'params': 2.0},
                {'arch': small, 'top1': 50.0, 'balanced': 25.0, 'params': 1.0},
                {'arch': dict(small, embed_dim=112), 'top1': 40.0, 'balanced': 30.0, 'params': 1.5}]
-    assert search.best_record(records, 'top1')['arch'] == small
-    assert search.best_record(records, 'balanced')['arch'] == dict(small, embed_dim=112)
+    assert ranked(records, 'top1')[0]['arch'] == small
+    assert ranked(records, 'balanced')[0]['arch'] == dict(small, embed_dim=112)
     # NNI's top model with the best's value is the same answer, whichever of the tied archs NNI names.
-    assert search.nni_top_model(TiedExperiment(large), records[1], records, 'top1') == canonical_arch(small)
+    assert experiment.nni_top_model(TiedExperiment(large), records[1], records, 'top1') == canonical_arch(small)
     # The paper's evolution keeps its parents by the same rule.
     evolution = AutoformerEvolution(space, lambda arch: True)
     top = sorted([(50.0, large), (50.0, small), (60.0, dict(small, embed_dim=112))], key=evolution._rank)
@@ -178,18 +181,19 @@ def test_a_flag_of_another_strategy_is_refused(flags, message):
 
 def test_strategy_defaults_fill_in_when_not_given():
     args = search.parse_args(['--weights', 'missing.pth', '--strategy', 'autoformer'])
-    assert (args.population, args.generations, search.planned_candidates(args)) == (50, 20, 1000)
+    assert (args.population, args.generations, args.planned) == (50, 20, 1000)
     assert search.parse_args(['--weights', 'missing.pth']).trials == 100
 
 
 def test_the_web_ui_hint_is_the_loopback_command_to_copy():
     args = search.parse_args(['--weights', 'missing.pth', '--port', '8123', '--experiment-dir', '/tmp/nni exp'])
-    hint = search.web_ui_hint('abc123', args)
+    hint = experiment.web_ui_hint('abc123', from_flags(ExperimentSettings, args))
     command = shlex.split(hint.split('with: ', 1)[1])
     assert command[0] == f"NODE_OPTIONS={nni_patches.loopback_node_options('')}"
     assert command[1:] == ['nnictl', 'view', 'abc123', '--port', '8123', '--experiment_dir', '/tmp/nni exp']
     assert 'this machine only' in hint
-    everywhere = search.web_ui_hint('abc123', search.parse_args(['--weights', 'missing.pth', '--web-ui-host', 'all']))
+    everywhere = experiment.web_ui_hint('abc123', from_flags(
+        ExperimentSettings, search.parse_args(['--weights', 'missing.pth', '--web-ui-host', 'all'])))
     assert 'NODE_OPTIONS' not in everywhere and 'every interface' in everywhere
 
 

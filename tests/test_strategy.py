@@ -101,35 +101,35 @@ def test_cuda_is_the_default_device_when_present(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: True)
     monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
     args = namespace()
-    search.resolve_devices(args)
-    assert (args.device, args.gpus, args.concurrency, args.precision) == ('cuda', 1, 1, 'bf16-mixed')
+    devices = search.resolve_devices(args)
+    assert (devices.device, devices.gpus, devices.concurrency, devices.precision) == ('cuda', 1, 1, 'bf16-mixed')
     args = namespace(gpus=4)
-    search.resolve_devices(args)
-    assert (args.device, args.gpus, args.concurrency) == ('cuda', 4, 4)
+    devices = search.resolve_devices(args)
+    assert (devices.device, devices.gpus, devices.concurrency) == ('cuda', 4, 4)
     args = namespace(device='cpu', concurrency=2)
-    search.resolve_devices(args)
-    assert (args.device, args.gpus, args.concurrency) == ('cpu', 0, 2)
+    devices = search.resolve_devices(args)
+    assert (devices.device, devices.gpus, devices.concurrency) == ('cpu', 0, 2)
     assert capsys.readouterr().out == ''
 
 
 def test_without_cuda_the_search_says_so_once_and_uses_the_cpu(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     args = namespace()
-    search.resolve_devices(args)
-    assert (args.device, args.gpus, args.concurrency) == ('cpu', 0, 1)
+    devices = search.resolve_devices(args)
+    assert (devices.device, devices.gpus, devices.concurrency) == ('cpu', 0, 1)
     assert capsys.readouterr().out.strip().splitlines() == [
         'No CUDA GPU found: evaluating candidates on the CPU (slower).']
     args = namespace(device='cuda', gpus=2)
-    search.resolve_devices(args)
-    assert args.device == 'cpu' and args.gpus == 0
+    devices = search.resolve_devices(args)
+    assert devices.device == 'cpu' and devices.gpus == 0
     assert 'no CUDA GPU is visible' in capsys.readouterr().out
 
 
 def test_with_machines_their_gpus_decide_the_device_and_the_trials_at_once(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # this machine only runs NNI's manager
     args = namespace(machine_list=[{'host': 'a', 'gpus': [0, 1, 2]}, {'host': 'b', 'gpus': [0]}])
-    search.resolve_devices(args)
-    assert (args.device, args.gpus, args.concurrency) == ('cuda', 3, 4)
+    devices = search.resolve_devices(args)
+    assert (devices.device, devices.gpus, devices.concurrency) == ('cuda', 3, 4)
     args = namespace(machine_list=[{'host': 'a'}, {'host': 'b'}])
-    search.resolve_devices(args)
-    assert (args.device, args.gpus, args.concurrency) == ('cpu', 0, 2)
+    devices = search.resolve_devices(args)
+    assert (devices.device, devices.gpus, devices.concurrency) == ('cpu', 0, 2)
