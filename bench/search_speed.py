@@ -3,7 +3,7 @@
     python bench/search_speed.py --device cuda --images 10000 --candidates 20      # the GPU check
     python bench/search_speed.py --images 64 --img-size 64 --candidates 2         # on a CPU: checks the command
 
-Times ``candidates.CandidateEvaluator.evaluate`` (the trial of every engine: evaluation, record, results files) over random
+Times ``candidates.CandidateEvaluator.evaluate`` (the trial of every engine: evaluation and record) over random
 archs of the tiny space, with the frozen subnet of each (search.py's default) and with the one compiled graph
 of ``search.py --compile``, and projects 1,000 candidates. The supernet's weights and the split's images are
 random: the ranking means nothing, the time is the real one. Prints figures, asserts nothing.
