@@ -146,7 +146,7 @@ class AutoformerEvolution(Strategy):
         return model_space
 
     def state_dict(self) -> dict:
-        return {}  # a resumed search replays its finished candidates from their records (see evaluate_candidate)
+        return {}  # a resumed search replays its finished candidates from their records (CandidateEvaluator.evaluate)
 
     def load_state_dict(self, state_dict: dict) -> None:
         pass
