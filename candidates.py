@@ -16,11 +16,11 @@ from typing import Any, Callable, Mapping
 import nni
 import torch
 
-import data
 from checkpoints import read_weights
 from engine import evaluate
 from masked_supernet import MaskedSupernet
 from plots import save_figure
+from search_data import CachedSplit
 from space import arch_key, build_supernet, count_flops, count_params, inherited_subnet, typed_arch
 from failures import FOLDER as FAILURES, record_failure
 from utils import UserError, atomic_write_json, atomic_write_text, pick_device, read_json
@@ -108,8 +108,8 @@ def compiled_supernet(weights: str, device: str) -> tuple[MaskedSupernet, torch.
 
 
 @lru_cache(maxsize=2)
-def _search_data(cache: str) -> data.CachedSplit:
-    return data.CachedSplit(cache)
+def _search_data(cache: str) -> CachedSplit:
+    return CachedSplit(cache)
 
 
 INTERMEDIATE_RESULTS = 20  # per candidate at most: the web UI's chart, not one point per batch
@@ -152,7 +152,7 @@ def read_record(output: Path, arch: Mapping[str, Any]) -> dict | None:
 
 
 def evaluate_arch(arch: Mapping[str, Any], supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
-                  split: data.CachedSplit, output: Path, batch_size: int, device: torch.device,
+                  split: CachedSplit, output: Path, batch_size: int, device: torch.device,
                   report: Callable[[float], None], precision: str | None = None, metric: str = 'top1',
                   measured_on: str | None = None,
                   graph: tuple[MaskedSupernet, torch.nn.Module] | None = None) -> dict[str, Any]:

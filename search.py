@@ -38,6 +38,7 @@ from nni.nas.experiment import NasExperiment, NasExperimentConfig
 from nni.nas.strategy import Random
 
 import data
+import search_data
 import trial
 from failures import first_failure
 from candidates import (METRICS, SEARCH_SPLIT, TIE_BREAK, SearchFolder, evaluate_candidate, plot_pareto, ranked,
@@ -64,10 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_name_arg(parser, 'preset of --weights (default: the space stored with them, else tiny)')
     parser.add_argument('--weights', default='weights/supernet-tiny.pth', help='trained supernet weights')
     add_data_args(parser, batch_size=256)
-    parser.add_argument('--search-images', type=int, default=None,
-                        help='training images to search on, the same number from every class that has them '
-                             "(default: 100 per class, the paper's subImageNet; digits and fashion-mnist: their "
-                             'validation split)')
+    parser.add_argument('--search-images', type=int, default=None, help=search_data.SEARCH_IMAGES_HELP)
     parser.add_argument('--strategy', choices=['random', 'evolution', 'autoformer'], default='random',
                         help="NNI's Random, NNI's RegularizedEvolution, or the paper's evolution (each refuses the "
                              "flags of the others)")
@@ -469,9 +467,9 @@ def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'Se
         save_weights(weights, supernet, space_kwargs)
     cache = folder.search_data
     if not cache.is_file():
-        split = data.search_split(args.dataset, args.datapath, space_kwargs['img_size'], args.search_images,
-                                  args.seed)
-        data.write_cache(split, args.dataset, cache, num_workers=args.num_workers, shuffle_seed=args.seed)
+        split = search_data.search_split(args.dataset, args.datapath, space_kwargs['img_size'], args.search_images,
+                                         args.seed)
+        search_data.write_cache(split, args.dataset, cache, num_workers=args.num_workers, shuffle_seed=args.seed)
     measured_on = describe_search_split(cache, args)
     spec = write_worker_spec(output, weights, cache, args, measured_on) if args.engine == 'ts' else None
     experiment.config = experiment_config(args, spec)
@@ -506,8 +504,8 @@ def run_search(args: argparse.Namespace, argv: list[str] | None, experiment: 'Se
 def describe_search_split(cache: Path, args: argparse.Namespace) -> str:
     """What the search split holds (each record's ``measured_on``), printed with a warning when it is so small
     that a top-1 on it is uncertain by more than a point."""
-    labels = data.CachedSplit(cache).labels
-    measured_on = data.search_split_description(args.dataset, args.datapath, labels, args.search_images)
+    labels = search_data.CachedSplit(cache).labels
+    measured_on = search_data.search_split_description(args.dataset, args.datapath, labels, args.search_images)
     print(f'candidates are ranked by {METRICS[args.metric]} on {measured_on}', flush=True)
     error = binomial_se(50.0, len(labels))  # its largest, whatever the top-1
     if error > 1:
