@@ -1,21 +1,12 @@
-"""The datasets every script reads, by name: ``build_dataset(dataset, datapath, split, img_size, training)``
-returns a map-style dataset of ``(normalized float tensor CxHxW, int label)`` pairs with a ``.classes`` list,
-and the metadata weights files keep about it (:func:`description`). Nothing is ever downloaded.
+"""The datasets, by name: ``build_dataset(dataset, datapath, split, img_size, training)`` is a map-style dataset of
+``(normalized float tensor CxHxW, int label)`` pairs with ``.classes``, and :func:`description` what weights files
+keep about it. Nothing is ever downloaded.
 
-* ``imagenet`` and ``folder``: image folders, read by folders.py (which split folder, the validation images held
-  out of training when the data has none, undecodable files).
-* ``cifar10``: torchvision's on-disk python format; ``datapath`` is ``cifar-10-batches-py`` or
-  the folder holding it. ``train`` reads data_batch_1..5; ``val`` and ``test`` read test_batch.
-* ``digits``: scikit-learn's bundled ``load_digits`` (1,797 8x8 images, 10 classes;
-  ``datapath`` is ignored). Split once, stratified by class, with
-  ``sklearn.model_selection.train_test_split(random_state=0)``: 360 images for test, then 180
-  of the remaining 1,437 for val, leaving 1,257 for train.
-* ``fashion-mnist``: Zalando's 28x28 clothing images from the release's four IDX files (gzipped or not) in
-  ``datapath``, its ``FashionMNIST/raw/`` (torchvision's layout), or without ``datapath`` Debian's
-  ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``). ``val`` is a fixed class-balanced
-  twelfth of the 60,000 training images (5,000), ``train`` the rest (55,000), ``test`` the 10,000 test images.
-
-The transforms are image_transforms.py's; batches come from samplers.py's ``build_loader``.
+``imagenet`` and ``folder`` are image folders (folders.py). ``cifar10``: torchvision's python batches in ``datapath``
+or its ``cifar-10-batches-py/``; ``val`` and ``test`` read test_batch. ``digits``: scikit-learn's bundled 8x8 digits,
+split once by class with ``train_test_split(random_state=0)``: 360 test, 180 val, 1,257 train. ``fashion-mnist``: the
+release's IDX files (gzipped or not) in ``datapath``, its ``FashionMNIST/raw/``, or without ``datapath`` Debian's
+``/usr/share/datasets/fashion-mnist``; ``val`` is a fixed class-balanced twelfth of the 60,000 training images.
 """
 from __future__ import annotations
 
@@ -38,13 +29,13 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
-from folders import (HELD_OUT_PERCENT, SPLITS, build_folder_dataset, carves_validation, class_folder_names,
-                     datapath_root, split_folder)
-from image_transforms import TENSOR_DATASETS, cifar_transform, each_image, flip_half, preprocessing
+from folders import (HELD_OUT_PERCENT, IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE, SPLITS, build_folder_dataset,
+                     carves_validation, cifar_transform, class_folder_names, datapath_root, split_folder)
 from samplers import balanced_indices
 from utils import UserError
 
 DATASETS = ('imagenet', 'cifar10', 'digits', 'fashion-mnist', 'folder')
+TENSOR_DATASETS = ('digits', 'fashion-mnist')  # small grayscale images held as tensors, normalized by 0.5 / 0.5
 CIFAR_DIR = 'cifar-10-batches-py'
 CIFAR_TRAIN_FILES = tuple(f'data_batch_{i}' for i in range(1, 6))
 DIGITS_SPLIT_SIZES = {'train': 1257, 'val': 180, 'test': 360}
@@ -99,10 +90,20 @@ class TensorDataset(Dataset):
         return list(zip(batch.unbind(0), self.labels[indices].tolist()))
 
 
+def each_image(transform: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A batch transform that draws ``transform``'s random parameters for every image on its own."""
+    return lambda batch: torch.stack([transform(image) for image in batch])
+
+
+def flip_half(batch: torch.Tensor) -> torch.Tensor:
+    """Each image mirrored left-right with probability 1/2."""
+    flip = torch.rand(len(batch)) < 0.5
+    batch[flip] = batch[flip].flip(-1)
+    return batch
+
 
 def _cifar_folder(root: Path) -> Path:
     return root / CIFAR_DIR if (root / CIFAR_DIR).is_dir() else root
-
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -156,7 +157,6 @@ class Cifar10(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.transform(Image.fromarray(self.images[index])), self.targets[index]
-
 
 
 _load_digits = lru_cache(maxsize=1)(load_digits)
@@ -304,7 +304,6 @@ def split_read(dataset: str, datapath: str | os.PathLike | None, split: str) -> 
 
 def num_classes(dataset: str, datapath: str | os.PathLike | None) -> int:
     """The number of classes, without scanning the images (cheap even for ImageNet)."""
-    _check_dataset(dataset)
     if dataset in ('digits', 'cifar10', 'fashion-mnist'):
         return 10
     return len(class_names(dataset, datapath))
@@ -321,6 +320,30 @@ def class_names(dataset: str, datapath: str | os.PathLike | None) -> list[str]:
         return _cifar_class_names(_cifar_folder(datapath_root(dataset, datapath, CIFAR_EXPECTS)))
     root = datapath_root(dataset, datapath)
     return class_folder_names(next((root / s for s in SPLITS if (root / s).is_dir()), root))
+
+
+def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std the dataset's tensors are normalized with."""
+    if dataset in TENSOR_DATASETS:
+        return (0.5,) * 3, (0.5,) * 3
+    return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+
+
+def preprocessing(dataset: str, img_size: int) -> dict[str, Any]:
+    """How an image becomes the model's input at evaluation, in numbers a deployment can repeat: the
+    resize (shorter side to ``resize``, or the whole image to ``resize`` x ``resize`` when ``crop`` is
+    None), the centre crop, pixel values scaled to [0, 1], then per-channel ``(x - mean) / std``."""
+    mean, std = normalization(dataset)
+    steps: dict[str, Any] = {'input_size': img_size, 'channels': 'RGB; grayscale images repeated on 3 channels'}
+    if dataset in TENSOR_DATASETS:
+        native = 8 if dataset == 'digits' else 28
+        steps.update(resize=img_size, crop=None, interpolation='bilinear (antialiased)',
+                     source=f'{native}x{native} grayscale')
+    elif img_size <= SMALL_IMAGE or dataset == 'cifar10':
+        steps.update(resize=img_size, crop=None, interpolation='bicubic')
+    else:  # DeiT's: the shorter side to img_size / 0.875, then the centre crop
+        steps.update(resize=int(img_size / 0.875), crop=img_size, interpolation='bicubic')
+    return {**steps, 'mean': list(mean), 'std': list(std)}
 
 
 def description(dataset: str, datapath: str | os.PathLike | None, img_size: int,

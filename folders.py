@@ -1,19 +1,9 @@
-"""Reading images from folders: the split folders of an ImageNet or ``folder`` dataset, the images of one as a
-:class:`SafeImageFolder`, and the validation split held out of the training images when the data has none.
-
-* ``imagenet``: ``datapath/train/<class>/*`` and ``datapath/val/<class>/*`` (split ``test`` reads ``val``), or
-  ``datapath`` one split folder itself (``.../imagenet/val``), which every split then reads.
-* ``folder``: ``datapath/<split>`` when it exists (``val`` and ``test`` stand in for each other when only one
-  exists), else ``datapath`` itself when it has no split folders.
-
-Training never validates on its own images: a folder without ``val/`` and ``test/`` and an ImageNet split folder
-given as ``datapath`` hold out a seeded tenth of each class as ``val``, and ``train`` is the rest
-(:func:`held_out_split`); ``test`` of a folder of class folders is all of it (what evaluating a folder means).
-
-Image files are decoded to RGB; a file that cannot be decoded (corrupt, truncated, a decompression bomb) is left
-out of evaluation and replaced by the next image in training, counted (:func:`undecodable_count`) and reported by
-one warning per process. Entries that are not regular files, and folders reached twice through symlinks, are
-left out when the folder is scanned.
+"""Image files: their transforms (DeiT's with ImageNet mean/std, CIFAR's at :data:`SMALL_IMAGE` px and below);
+which folder each split of an ``imagenet`` or ``folder`` dataset reads (``datapath/<split>``, or ``datapath`` itself
+when it is one ImageNet split folder or a folder of class folders); the validation images held out of the training
+images of data without its own (a seeded tenth of each class, :func:`held_out_split`), as training never validates
+on its own images; :class:`SafeImageFolder`, which decodes every image to RGB, leaves out (evaluation) or replaces
+(training) a file it cannot decode, counted, and never reads an entry that is not a regular file, or a folder twice.
 """
 from __future__ import annotations
 
@@ -27,12 +17,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+from timm.data import auto_augment as timm_auto_augment
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 from torch.utils.data import Dataset
+from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.transforms import InterpolationMode
 
-from image_transforms import SMALL_IMAGE, image_transform
 from utils import UserError
 
 SPLITS = ('train', 'val', 'test')
@@ -52,6 +45,11 @@ EXPECTS = {
     'folder': 'a folder with one sub-folder of images per class, optionally split into train/ val/ test/',
 }
 _logger = logging.getLogger(__name__)
+IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+# Inputs this small (CIFAR-sized and below) get the small-image transform: ImageNet's RandomResizedCrop
+# (down to 8% of the image) and its centre crop would leave a few pixels of each image.
+SMALL_IMAGE = 32
+AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'  # DeiT's RandAugment
 
 
 def datapath_root(dataset: str, datapath: str | os.PathLike | None, expects: str | None = None) -> Path:
@@ -69,6 +67,7 @@ def datapath_root(dataset: str, datapath: str | os.PathLike | None, expects: str
 def _holds_images(folder: str) -> bool:
     with os.scandir(folder) as entries:
         return any(entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS) for entry in entries)
+
 
 def _holds_class_folders(root: Path) -> bool:
     with os.scandir(root) as entries:
@@ -116,8 +115,6 @@ def split_folder(dataset: str, root: Path, split: str) -> Path:
 
 
 def class_folder_names(root: Path) -> list[str]:
-    if not root.is_dir():
-        raise UserError(f'{root} does not exist; check --datapath')
     with os.scandir(root) as entries:
         names = sorted(entry.name for entry in entries if entry.is_dir())
     if not names:
@@ -233,19 +230,6 @@ def undecodable_count(dataset: Dataset) -> int:
     return int(base.undecodable.sum()) if isinstance(base, SafeImageFolder) else 0
 
 
-def image_folder(root: Path, transform: Callable, training: bool) -> SafeImageFolder:
-    """A :class:`SafeImageFolder` of ``root``, refused with a clear error when a class folder holds no image."""
-    class_folder_names(root)  # a clear error for a missing folder or one without class folders
-    dataset = SafeImageFolder(root, transform, substitute=training)
-    counts = np.bincount(dataset.targets, minlength=len(dataset.classes))
-    empty = [name for name, count in zip(dataset.classes, counts) if count == 0]
-    if empty:
-        others = f' (and {len(empty) - 1} more empty class folders)' if len(empty) > 1 else ''
-        raise UserError(f'class folder {root / empty[0]} has no images{others}; add images '
-                        f'({" ".join(IMG_EXTENSIONS)}) or remove the folder')
-    return dataset
-
-
 def carves_validation(dataset: str, datapath: str | os.PathLike | None) -> bool:
     """Whether training validates on images held out of its training images (:func:`held_out_split`): the data
     has none of its own (a folder without ``val/`` and ``test/``, an ImageNet split folder itself)."""
@@ -327,12 +311,75 @@ def profile_folder(dataset: str, datapath: str | os.PathLike | None) -> FolderPr
     return FolderProfile(len(files) - held_out, int(np.median(sides)), modes <= set(_GRAYSCALE_MODES))
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize, with the 0-bit case (a black image) that older Pillow gave and Pillow 11 refuses."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def allow_zero_bit_posterize() -> None:
+    """RandAugment's increasing posterize reaches 0 bits at magnitude 10 (m9 + noise), which Pillow 11 refuses:
+    timm's posterize ops take :func:`_posterize` so that DeiT's recipe keeps working. RandAugment looks its ops
+    up when it is built, so this runs just before; running it again changes nothing."""
+    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+        timm_auto_augment.NAME_TO_OP[name] = _posterize
+
+
+def train_transform(img_size: int, grayscale: bool = False) -> Callable:
+    """The official run's augmentation: RandAugment, random erasing of a quarter of the images with per-pixel
+    random values ('pixel', not timm's default 'const'), bicubic resizing. Grayscale images get neither
+    RandAugment's colour operations nor colour noise: crops, flips and erasing with grey only."""
+    if grayscale:
+        return create_transform(img_size, is_training=True, auto_augment=None, color_jitter=None, re_prob=0.25,
+                                re_mode='const', re_count=1, interpolation='bicubic')
+    allow_zero_bit_posterize()
+    return create_transform(img_size, is_training=True, auto_augment=AUTO_AUGMENT, re_prob=0.25, re_mode='pixel',
+                            re_count=1, interpolation='bicubic')
+
+
+def small_image_transform(img_size: int, training: bool) -> Callable:
+    """CIFAR's recipe: the whole image resized to the input, a crop shifted by up to 1/8 of it and a mirror in
+    training (a no-op resize for CIFAR-10 at 32 px)."""
+    steps = [transforms.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC)]
+    if training:
+        steps += [transforms.RandomCrop(img_size, padding=max(img_size // 8, 1)), transforms.RandomHorizontalFlip()]
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def image_transform(img_size: int, training: bool, grayscale: bool = False) -> Callable:
+    """The transform of an image file: the small-image one, the training augmentation, or DeiT's evaluation
+    (bicubic resize to ``int(img_size / 0.875)``, centre crop, normalize)."""
+    if img_size <= SMALL_IMAGE:
+        return small_image_transform(img_size, training)
+    if training:
+        return train_transform(img_size, grayscale)
+    return create_transform(img_size, is_training=False, interpolation='bicubic', crop_pct=0.875)
+
+
+def cifar_transform(img_size: int, training: bool) -> Callable:
+    """CIFAR-10's: evaluated upsampled whole, since a centre crop would cut the border of an image already
+    32 px; trained as any image."""
+    return image_transform(img_size, training) if training else small_image_transform(img_size, training=False)
+
+
 def split_images(dataset: str, datapath: str | os.PathLike | None, split: str, img_size: int,
                  training: bool) -> SafeImageFolder:
-    """Every image of the folder that ``split`` reads, validation images held out of it or not."""
-    folder = split_folder(dataset, datapath_root(dataset, datapath), split)
+    """Every image of the folder that ``split`` reads, validation images held out of it or not; refused with a
+    clear error when the folder holds no class folder, or a class folder no image."""
+    root = split_folder(dataset, datapath_root(dataset, datapath), split)
     grayscale = training and img_size > SMALL_IMAGE and profile_folder(dataset, datapath).grayscale
-    return image_folder(folder, image_transform(img_size, training, grayscale), training)
+    class_folder_names(root)
+    images = SafeImageFolder(root, image_transform(img_size, training, grayscale), substitute=training)
+    counts = np.bincount(images.targets, minlength=len(images.classes))
+    empty = [name for name, count in zip(images.classes, counts) if count == 0]
+    if empty:
+        others = f' (and {len(empty) - 1} more empty class folders)' if len(empty) > 1 else ''
+        raise UserError(f'class folder {root / empty[0]} has no images{others}; add images '
+                        f'({" ".join(IMG_EXTENSIONS)}) or remove the folder')
+    return images
 
 
 def build_folder_dataset(dataset: str, datapath: str | os.PathLike | None, split: str, img_size: int,

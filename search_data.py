@@ -1,14 +1,9 @@
-"""The search split, what a search ranks candidates on (evaluation transform), decoded once into a cache that
-every candidate reads.
-
-Which images it holds is one rule, :func:`search_source`, that the search, the study and the records' description
-(:func:`search_split_description`) all follow:
-
-* digits and Fashion-MNIST: their validation split, held out of training; never the test split;
-* an ImageNet or ``folder`` ``--datapath`` without ``train/``: that folder itself, the images the search then also
-  reports the best candidate's top-1 on (optimistic);
-* otherwise, as the paper's subImageNet: a fixed class-balanced subset of the training split, which the supernet
-  trained on, :data:`SEARCH_IMAGES_PER_CLASS` images of each class or ``--search-images`` in all.
+"""The search split, what a search ranks candidates on, decoded once into a cache every candidate reads. Which
+images it holds is one rule (:func:`search_source`), which the search, the study and the records' description follow:
+digits and Fashion-MNIST: their validation split, held out of training, never the test split; an ImageNet or
+``folder`` ``--datapath`` without ``train/``: that folder itself (the best candidate's top-1 is then measured on the
+images that selected it: optimistic); otherwise, as the paper's subImageNet, a fixed class-balanced subset of the
+training split, :data:`SEARCH_IMAGES_PER_CLASS` images of each class or ``--search-images`` in all.
 """
 from __future__ import annotations
 
@@ -20,9 +15,8 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from data import build_dataset
+from data import TENSOR_DATASETS, build_dataset, normalization
 from folders import datapath_root, split_images
-from image_transforms import TENSOR_DATASETS, normalization
 from samplers import balanced_subset, build_loader, per_class_cap
 from utils import UserError, atomic_torch_save, torch_load
 

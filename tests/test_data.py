@@ -13,7 +13,6 @@ from PIL import Image
 
 import data
 import folders
-import image_transforms
 import samplers
 import search_data
 from engine import evaluate as engine_evaluate
@@ -244,7 +243,7 @@ def test_imagenet_layouts(tmp_path):
 
 
 def test_imagenet_eval_transform_is_deit():
-    steps = image_transforms.image_transform(224, training=False).transforms
+    steps = folders.image_transform(224, training=False).transforms
     assert steps[0].size == 256 and steps[1].size == (224, 224)
 
 
@@ -256,7 +255,7 @@ def test_small_images_keep_the_whole_image(training):
 
     pixels = np.zeros((32, 32, 3), dtype=np.uint8)
     pixels[:, :16] = 255  # left half white
-    transform = image_transforms.image_transform(32, training=training)
+    transform = folders.image_transform(32, training=training)
     names = [type(step).__name__ for step in transform.transforms]
     assert 'RandomResizedCrop' not in names and 'CenterCrop' not in names
     torch.manual_seed(0)
@@ -267,7 +266,7 @@ def test_small_images_keep_the_whole_image(training):
 
 def test_training_transform_is_the_official_one_with_random_erasing_in_pixel_mode():
     from timm.data.random_erasing import RandomErasing
-    steps = image_transforms.image_transform(224, training=True).transforms
+    steps = folders.image_transform(224, training=True).transforms
     erasing = [step for step in steps if isinstance(step, RandomErasing)]
     assert len(erasing) == 1 and erasing[0].mode == 'pixel' and erasing[0].probability == 0.25
     assert erasing[0].max_count == 1
@@ -302,7 +301,7 @@ def test_cifar10_pixels_match_file(tmp_path):
     folder = write_cifar10(tmp_path, 1, 2)
     raw = pickle.loads((folder / 'test_batch').read_bytes())[b'data'][1].reshape(3, 32, 32)
     image, _ = data.build_dataset('cifar10', tmp_path, 'test', 32)[1]
-    mean, std = (torch.tensor(v)[:, None, None] for v in image_transforms.normalization('cifar10'))
+    mean, std = torch.tensor(folders.IMAGENET_MEAN)[:, None, None], torch.tensor(folders.IMAGENET_STD)[:, None, None]
     assert torch.allclose(image * std + mean, torch.from_numpy(raw).float() / 255, atol=1e-5)
 
 
@@ -407,7 +406,7 @@ def test_imagenet_training_augmentation_survives_every_randaugment_draw():
     """rand-m9-mstd0.5-inc1 draws 0-bit posterize at times, which Pillow 11 refuses; it must not crash training."""
     from PIL import Image
 
-    transform = image_transforms.image_transform(48, training=True)
+    transform = folders.image_transform(48, training=True)
     image = Image.new('RGB', (40, 40), (200, 100, 50))
     torch.manual_seed(0)
     for _ in range(300):
