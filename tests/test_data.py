@@ -1,4 +1,5 @@
-"""Tests of data.py: digits split, image folders with odd files, ImageNet layouts, CIFAR-10, bad input."""
+"""Tests of data.py, folders.py and samplers.py: digits split, image folders with odd files, ImageNet layouts,
+CIFAR-10, the DDP sampler, bad input."""
 from __future__ import annotations
 
 import logging
@@ -107,7 +108,7 @@ def _garbage_folder(root: Path, good: int = 4, bad: int = 1) -> Path:
 
 
 def test_evaluation_counts_each_decodable_image_once_and_reports_the_skipped(tmp_path):
-    """Issue 13.1: 25 files, 5 garbage: 20 images evaluated (each once, with its own label), 5 skipped,
+    """25 files, 5 garbage: 20 images evaluated (each once, with its own label), 5 skipped,
     also through DataLoader worker processes."""
     root = write_image_folder(tmp_path, ['a', 'b', 'c', 'd', 'e'], 4)
     for name in 'abcde':
@@ -132,7 +133,7 @@ def test_training_counts_the_images_it_substituted(tmp_path):
 
 
 def test_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch):
-    """Issue 13.15: an image over Pillow's pixel limit (a 30000x30000 PNG in the issue) is skipped and
+    """An image over Pillow's pixel limit (such as a 30000x30000 PNG) is skipped and
     counted like any undecodable image; the limit is lowered here to keep the file small."""
     root = write_image_folder(tmp_path, ['a', 'b'], 2, size=16)
     Image.new('RGB', (200, 200)).save(root / 'a' / 'bomb.png')
@@ -144,7 +145,7 @@ def test_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch):
 
 
 def test_fifo_and_symlink_loops_in_class_folders_are_left_out(tmp_path, caplog):
-    """Issue 13.10: a FIFO named pipe.jpg would block the loader forever; a symlink loop would repeat the
+    """A FIFO named pipe.jpg would block the loader forever; a symlink loop would repeat the
     class's images, and a link to another class would give them the wrong label."""
     root = write_image_folder(tmp_path / 'data', ['a', 'b'], 2)
     os.mkfifo(root / 'a' / 'pipe.jpg')
@@ -162,7 +163,7 @@ def test_fifo_and_symlink_loops_in_class_folders_are_left_out(tmp_path, caplog):
 
 
 def test_cifar10_folder_is_detected_without_dataset(tmp_path):
-    """Issue 13.12: the README's CIFAR search passes only --datapath."""
+    """The README's CIFAR search passes only --datapath."""
     folder = write_cifar10(tmp_path, n_train_per_batch=2, n_test=3)
     assert data.dataset_name(None, str(tmp_path)) == data.dataset_name(None, str(folder)) == 'cifar10'
     write_image_folder(tmp_path / 'imagenet' / 'train', ['n01'], 1)
@@ -196,7 +197,7 @@ def _paths(dataset) -> list[str]:
 
 @pytest.mark.parametrize('layout', ['class folders', 'train/ alone'])
 def test_a_folder_without_validation_images_holds_a_seeded_tenth_of_each_class_out_of_training(tmp_path, layout):
-    """Issue 33.3: training never validates on its training images; the search split of training images holds
+    """Training never validates on its training images; the search split of training images holds
     none of the validation images."""
     root = tmp_path / 'data'
     for name, images in {'a': 20, 'b': 9, 'c': 2}.items():
