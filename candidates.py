@@ -16,11 +16,11 @@ from typing import Any, Callable, Mapping
 import nni
 import torch
 
-import data
 from checkpoints import read_weights
 from engine import evaluate
 from masked_supernet import MaskedSupernet
 from plots import save_figure
+from search_data import CachedSplit
 from space import arch_key, build_supernet, count_flops, count_params, inherited_subnet, typed_arch
 from failures import FOLDER as FAILURES, record_failure
 from utils import UserError, atomic_write_json, atomic_write_text, pick_device, read_json
@@ -138,7 +138,7 @@ class CandidateEvaluator:
     arch as data (masked_supernet.py) instead of a frozen copy: the same figures up to float rounding."""
     supernet: Mapping[str, torch.Tensor]
     space_kwargs: Mapping[str, Any]
-    split: data.CachedSplit
+    split: CachedSplit
     output: Path
     batch_size: int
     device: torch.device
@@ -158,7 +158,7 @@ class CandidateEvaluator:
         if file_identity(weights) != spec['weights_identity']:
             raise UserError(f'{weights} changed after the search read it: restart the search with --resume')
         state_dict, meta = read_weights(weights)
-        return cls(state_dict, meta['space'], data.CachedSplit(spec['cache']), Path(spec['output']), spec['batch_size'],
+        return cls(state_dict, meta['space'], CachedSplit(spec['cache']), Path(spec['output']), spec['batch_size'],
                    pick_device(spec['device']), spec['precision'], spec['metric'], spec['measured_on'], spec['compile'])
 
     def evaluate(self, arch: Mapping[str, Any], report: Callable[[float], None]) -> dict[str, Any]:

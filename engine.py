@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
+import folders
+import samplers
 from checkpoints import check_finite, save_weights
 from metrics import confusion_counts, running_value, summarize
 from space import AutoformerSpace, build_supernet, canonical_arch, init_weights
@@ -75,7 +77,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
     if device.type == 'cuda':
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start if start else 0.0
-    skipped = data.undecodable_count(loader.dataset) if isinstance(loader, DataLoader) else 0
+    skipped = folders.undecodable_count(loader.dataset) if isinstance(loader, DataLoader) else 0
     if seen == 0:
         raise UserError('no image of the evaluation data could be decoded' if skipped else
                         'the evaluation data is empty')
@@ -197,7 +199,7 @@ def trainer_settings(run: TrainingRun) -> tuple[dict[str, Any], int]:
     return dict(accelerator='gpu' if use_gpu else 'cpu', devices=devices, num_nodes=run.num_nodes,
                 strategy=ddp_strategy() if processes > 1 else 'auto', precision=precision,
                 max_epochs=run.epochs, gradient_clip_val=run.clip_grad, deterministic=not use_gpu,
-                use_distributed_sampler=False,  # data.RankSampler shards (and repeats) itself
+                use_distributed_sampler=False,  # samplers.RankSampler shards (and repeats) itself
                 default_root_dir=run.output, log_every_n_steps=10), processes
 
 
@@ -341,7 +343,7 @@ def run_fingerprint(run: TrainingRun, space_kwargs: Mapping[str, Any]) -> dict[s
     recipe = {name: getattr(run, name) for name in RECIPE_FLAGS}
     recipe['learning_rate'] = peak_learning_rate(run, devices * run.num_nodes)
     return {'dataset': run.dataset, 'datapath': str(Path(run.datapath).resolve()) if run.datapath else None,
-            'held_out_validation': data.carves_validation(run.dataset, run.datapath),
+            'held_out_validation': folders.carves_validation(run.dataset, run.datapath),
             'space': json_form(dict(space_kwargs)), 'seed': run.seed, **recipe,
             'repeated_aug': run.repeated_aug and devices * run.num_nodes > 1,  # what is run, not the flag
             'precision': run.precision or default_precision(use_gpu)}
@@ -353,7 +355,7 @@ IMBALANCE_HINT = 3.0
 
 def say_imbalance(train_set: Any, balanced: bool) -> None:
     """One line on imbalanced training classes: what a top-1 then hides, and the flag that evens them out."""
-    largest, smallest = data.imbalance(train_set)
+    largest, smallest = samplers.imbalance(train_set)
     if balanced:
         print(f'balanced sampling: each class drawn equally often (the classes hold {smallest:.1f}% to '
               f'{largest:.1f}% of the training images)', flush=True)
@@ -365,13 +367,13 @@ def say_imbalance(train_set: Any, balanced: bool) -> None:
 
 def check_batches(train_size: int, batch_size: int, processes: int, repeats: int = 1) -> int:
     """Optimizer steps per epoch; refuses a training split smaller than one global batch (no step at all)."""
-    per_rank = data.images_per_rank(train_size, processes, repeats)
+    per_rank = samplers.images_per_rank(train_size, processes, repeats)
     if per_rank < batch_size:
         global_batch = batch_size * processes
         across = f' ({batch_size} on each of {processes} processes)' if processes > 1 else ''
         if repeats > 1:
             raise UserError(f'the training split has {train_size} images; with repeated augmentation an epoch '
-                            f'reads {per_rank * processes} of them (a multiple of {data.REPEAT_ROUND}), fewer than '
+                            f'reads {per_rank * processes} of them (a multiple of {samplers.REPEAT_ROUND}), fewer than '
                             f'one batch of {global_batch}{across}: lower --batch-size or pass --no-repeated-aug')
         raise UserError(f'the training split has {train_size} images, fewer than one batch of {global_batch}'
                         f'{across}: lower --batch-size')
@@ -413,12 +415,12 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
                         f'{next(iter(set(val_set.classes) ^ set(train_set.classes)), "their order")}): give val/ the '
                         'same class folders as train/')
     # Validation images held out of the training images: printed once and recorded with the weights and metrics.
-    held_out = {'validation': data.held_out_note(run.dataset, run.datapath, len(train_set), len(val_set))} \
-        if data.carves_validation(run.dataset, run.datapath) else {}
+    held_out = {'validation': folders.held_out_note(run.dataset, run.datapath, len(train_set), len(val_set))} \
+        if folders.carves_validation(run.dataset, run.datapath) else {}
     if held_out and is_first_process():
         print(held_out['validation'], flush=True)
     # The official repeated augmentation runs under DDP only; balanced sampling draws its own epoch instead.
-    repeats = data.REPEATS if run.repeated_aug and processes > 1 and not run.balanced_sampling else 1
+    repeats = samplers.REPEATS if run.repeated_aug and processes > 1 and not run.balanced_sampling else 1
     drawn = len(train_set) // processes * processes if run.balanced_sampling else len(train_set)
     steps_per_epoch = check_batches(drawn, run.batch_size, processes, repeats)
     if is_first_process():
@@ -426,17 +428,17 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
     if fingerprint is not None:
         atomic_write_json(fingerprint, folder.record)
     if repeats > 1 and is_first_process():
-        print(f'repeated augmentation: {data.images_per_rank(len(train_set), processes, repeats) * processes} '
+        print(f'repeated augmentation: {samplers.images_per_rank(len(train_set), processes, repeats) * processes} '
               f'images an epoch across {processes} processes, each {repeats} times (--no-repeated-aug turns it off)')
     # Its own generator: a DataLoader draws a seed from it whenever it starts an epoch's iterator, which Lightning
     # does before the epoch reseeds the generators (lightning.seed_rank_epoch) when a run starts or resumes, and
     # after it otherwise; drawn from torch's global generator, it would shift a resumed run's draws by one.
-    train_loader = data.build_loader(train_set, run.batch_size, run.num_workers, drop_last=True,
-                                     sampler=data.RankSampler(train_set, shuffle=True, repeats=repeats, seed=run.seed,
-                                                              balanced=run.balanced_sampling),
-                                     generator=torch.Generator().manual_seed(run.seed))
-    val_loader = data.build_loader(val_set, run.batch_size, run.num_workers,
-                                   sampler=data.RankSampler(val_set, shuffle=False))
+    train_sampler = samplers.RankSampler(train_set, shuffle=True, repeats=repeats, seed=run.seed,
+                                         balanced=run.balanced_sampling)
+    train_loader = samplers.build_loader(train_set, run.batch_size, run.num_workers, drop_last=True,
+                                         sampler=train_sampler, generator=torch.Generator().manual_seed(run.seed))
+    val_loader = samplers.build_loader(val_set, run.batch_size, run.num_workers,
+                                       sampler=samplers.RankSampler(val_set, shuffle=False))
     module = SupernetModule(
         space_kwargs, learning_rate=peak_learning_rate(run, processes),
         min_lr=run.min_lr,
@@ -478,7 +480,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
                             f'batch was trained; {folder.weights(kind)} not written')
         if processes > 1:
             check_ranks_agree(trainer, supernet)
-    substituted = int(trainer.strategy.reduce(torch.tensor(data.undecodable_count(train_set)), reduce_op='sum'))
+    substituted = int(trainer.strategy.reduce(torch.tensor(folders.undecodable_count(train_set)), reduce_op='sum'))
     weights = folder.weights(kind)
     if trainer.is_global_zero:
         check_finite(supernet.state_dict(), f'the trained {kind} (not written to {weights})')
@@ -498,7 +500,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
                                         if acc is not None) for name, accs in per_class.items()))
         atomic_write_json({'epochs': trainer.current_epoch, **metrics, 'per_class': per_class,
                            'classes': list(train_set.classes), 'undecodable_images': substituted,
-                           'undecodable_val_images': data.undecodable_count(val_set), **held_out,
+                           'undecodable_val_images': folders.undecodable_count(val_set), **held_out,
                            **({'best': best} if best else {}), **({'before_training': before} if before else {})},
                           folder.metrics)
         if substituted:

@@ -13,6 +13,7 @@ import torch
 from cli import (add_data_args, add_device_arg, add_name_arg, add_precision_args, load_arch_arg, parse_checked,
                  run_main, space_arg)
 import data
+import samplers
 from engine import evaluate
 from checkpoints import export_standalone, load_model
 from plots import plot_confusion
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.dataset = data.dataset_name(args.dataset, args.datapath)
     dataset = data.build_dataset(args.dataset, args.datapath, args.split, space_kwargs['img_size'])
     data.check_classes(args.dataset, len(dataset.classes), space_kwargs)
-    loader = data.build_loader(dataset, args.batch_size, args.num_workers)
+    loader = samplers.build_loader(dataset, args.batch_size, args.num_workers)
     device = pick_device(args.device)
     precision = set_up_precision(args.precision, args.tf32, device.type == 'cuda', 'evaluating')
     if args.compile:

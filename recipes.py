@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import data
+import folders
 from utils import UserError
 
 # The learning rate is base_lr x global batch / 512 (the official rule) unless --learning-rate gives it. The
@@ -59,7 +59,7 @@ def choose_recipe(dataset: str, datapath: str | None) -> tuple[str, str]:
     if dataset != 'folder':
         return dataset, f'the {dataset} recipe'
     try:
-        profile = data.profile_folder(dataset, datapath)
+        profile = folders.profile_folder(dataset, datapath)
     except UserError:
         return 'imagenet', 'the paper\'s recipe (the folder could not be read yet)'  # refused when it is read
     described = f'{profile.train_images} training images of about {profile.side} px'

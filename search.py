@@ -30,6 +30,7 @@ import torch
 from nni.nas.evaluator import FunctionalEvaluator
 
 import data
+import search_data
 from candidates import (METRICS, SEARCH_SPLIT, TIE_BREAK, CandidateEvaluator, SearchFolder, evaluate_from_spec,
                         evaluate_in_process, plot_pareto, write_results)
 from checkpoints import export_standalone, load_supernet_file, save_weights
@@ -56,10 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_name_arg(parser, 'preset of --weights (default: the space stored with them, else tiny)')
     parser.add_argument('--weights', default='weights/supernet-tiny.pth', help='trained supernet weights')
     add_data_args(parser, batch_size=256)
-    parser.add_argument('--search-images', type=int, default=None,
-                        help='training images to search on, the same number from every class that has them '
-                             "(default: 100 per class, the paper's subImageNet; digits and fashion-mnist: their "
-                             'validation split)')
+    parser.add_argument('--search-images', type=int, default=None, help=search_data.SEARCH_IMAGES_HELP)
     add_strategy_args(parser)
     add_budget_args(parser)
     add_experiment_args(parser)
@@ -278,7 +276,7 @@ def run_search(settings: argparse.Namespace, argv: list[str] | None, experiment:
     budget.check_feasible()
     atomic_write_json({'experiment_id': experiment.id, 'argv': sys.argv[1:] if argv is None else argv,
                        'fingerprint': fingerprint}, folder.experiment)
-    split = search_split(settings, folder, space_kwargs)
+    split = cached_search_split(settings, folder, space_kwargs)
     measured_on = describe_search_split(split, settings)
     spec = None
     if settings.engine == 'ts':
@@ -307,22 +305,22 @@ def run_search(settings: argparse.Namespace, argv: list[str] | None, experiment:
     return best
 
 
-def search_split(settings: argparse.Namespace, folder: SearchFolder, space_kwargs: Mapping[str, Any]
-                 ) -> data.CachedSplit:
+def cached_search_split(settings: argparse.Namespace, folder: SearchFolder, space_kwargs: Mapping[str, Any]
+                 ) -> search_data.CachedSplit:
     """The search split, decoded once into the output folder's cache (kept by a resumed search)."""
     if not folder.search_data.is_file():
-        split = data.search_split(settings.dataset, settings.datapath, space_kwargs['img_size'],
+        split = search_data.search_split(settings.dataset, settings.datapath, space_kwargs['img_size'],
                                   settings.search_images, settings.seed)
-        data.write_cache(split, settings.dataset, folder.search_data, num_workers=settings.num_workers,
+        search_data.write_cache(split, settings.dataset, folder.search_data, num_workers=settings.num_workers,
                          shuffle_seed=settings.seed)
-    return data.CachedSplit(folder.search_data)
+    return search_data.CachedSplit(folder.search_data)
 
 
-def describe_search_split(split: data.CachedSplit, settings: argparse.Namespace) -> str:
+def describe_search_split(split: search_data.CachedSplit, settings: argparse.Namespace) -> str:
     """What the search split holds (each record's ``measured_on``), printed with a warning when it is so small
     that a top-1 on it is uncertain by more than a point."""
     images = len(split.labels)
-    measured_on = data.search_split_description(settings.dataset, settings.datapath, split.labels,
+    measured_on = search_data.search_split_description(settings.dataset, settings.datapath, split.labels,
                                                 settings.search_images)
     print(f'candidates are ranked by {METRICS[settings.metric]} on {measured_on}', flush=True)
     error = binomial_se(50.0, images)  # its largest, whatever the top-1

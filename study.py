@@ -39,6 +39,8 @@ from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_
                  space_arg)
 import data
 import recipes
+import samplers
+import search_data
 from checkpoints import load_supernet_file, read_weights
 from candidates import SearchFolder
 from engine import RunFolder, evaluate
@@ -158,7 +160,7 @@ def test_split(dataset: str, datapath: str | None, img_size: int, images: int | 
     test = data.build_dataset(dataset, datapath, 'test', img_size)
     if images is None or images >= len(test):
         return test
-    return data.balanced_subset(test, images, seed=0)
+    return samplers.balanced_subset(test, images, seed=0)
 
 
 class Evaluator:
@@ -172,20 +174,20 @@ class Evaluator:
         self.precision = set_up_precision(args.precision, args.tf32, self.device.type == 'cuda', 'evaluating')
         self.splits = {name: self._cache(name) for name in ('search', 'test')}
 
-    def _cache(self, name: str) -> data.CachedSplit:
+    def _cache(self, name: str) -> search_data.CachedSplit:
         path = self.args.output / f'{name}-data.pt'
         if not path.is_file():
             img_size, args = self.space_kwargs['img_size'], self.args
-            if name == 'search' and args.dataset in ('imagenet', 'folder') and \
-                    not (Path(args.datapath) / 'train').is_dir():
+            if name == 'search' and search_data.search_source(args.dataset, args.datapath) == 'folder':
                 raise UserError(f'--datapath {args.datapath} has no train/ folder: the study ranks on training images '
                                 'held apart from the test (val/) images; give the dataset root holding train/ and val/')
-            split = data.search_split(args.dataset, args.datapath, img_size) if name == 'search' else \
+            split = search_data.search_split(args.dataset, args.datapath, img_size) if name == 'search' else \
                 test_split(args.dataset, args.datapath, img_size, args.test_images)
             classes = len(getattr(split, 'dataset', split).classes)
             data.check_classes(args.dataset, classes, self.space_kwargs, 'supernet')
-            data.write_cache(split, args.dataset, path, num_workers=args.num_workers, desc=f'caching the {name} split')
-        return data.CachedSplit(path)
+            search_data.write_cache(split, args.dataset, path, num_workers=args.num_workers,
+                                    desc=f'caching the {name} split')
+        return search_data.CachedSplit(path)
 
     def correct(self, arch: Mapping[str, Any], splits: str | tuple[str, ...],
                 subnet_weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor | list[torch.Tensor]:

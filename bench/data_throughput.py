@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
+import samplers  # noqa: E402
 
 
 def write_folder(root: Path, images: int, classes: int = 4, size: tuple[int, int] = (400, 350)) -> None:
@@ -47,7 +48,7 @@ def feed_rate(text: str) -> tuple[str, float]:
 
 
 def images_per_second(dataset: torch.utils.data.Dataset, workers: int, batch_size: int) -> float:
-    loader = data.build_loader(dataset, batch_size, workers)
+    loader = samplers.build_loader(dataset, batch_size, workers)
     batches = iter(loader)
     next(batches)  # worker start-up and the first batch are not throughput
     start, seen = time.perf_counter(), 0

@@ -57,13 +57,14 @@ def main() -> None:
     args = parse_args()
     seconds = train(args)
     import data
+    import samplers
     from engine import RunFolder, evaluate
     from checkpoints import load_model, read_weights
     from space import complete_space_kwargs, count_params, extreme_arch
 
     folder = RunFolder(Path(args.output))
     weights = str(folder.weights('supernet'))
-    test = data.build_loader(data.build_dataset('fashion-mnist', args.datapath, 'test', 28), 500, 0)
+    test = samplers.build_loader(data.build_dataset('fashion-mnist', args.datapath, 'test', 28), 500, 0)
     rows = []
     space_kwargs = complete_space_kwargs(**read_weights(weights)[1]['space'])
     for label, pick in (('smallest', min), ('largest', max)):

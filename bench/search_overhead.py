@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-import data  # noqa: E402
+import search_data  # noqa: E402
 import search  # noqa: E402
 from engine import evaluate  # noqa: E402
 from checkpoints import save_weights  # noqa: E402
@@ -55,7 +55,7 @@ def timed_search(workdir: Path, weights: Path, trials: int, engine: str,
 def forward_seconds(weights: Path, cache: Path, records: list[dict], space_kwargs: dict) -> float:
     """Mean seconds of the forward passes alone over the cached split, per candidate."""
     supernet = torch.load(weights, weights_only=True)['state_dict']
-    split = data.CachedSplit(cache)
+    split = search_data.CachedSplit(cache)
     total = 0.0
     for record in records:
         model = inherited_subnet(supernet, record['arch'], space_kwargs)

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import candidates  # noqa: E402
-import data  # noqa: E402
+import search_data  # noqa: E402
 from checkpoints import save_weights  # noqa: E402
 from common import positive_int, preset_space  # noqa: E402
 from space import build_supernet, sample_arch  # noqa: E402
@@ -43,13 +43,13 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def random_split(path: Path, images: int, size: int, classes: int) -> data.CachedSplit:
-    """A cache file as ``data.write_cache`` writes it, of random uint8 images."""
+def random_split(path: Path, images: int, size: int, classes: int) -> search_data.CachedSplit:
+    """A cache file as ``search_data.write_cache`` writes it, of random uint8 images."""
     generator = torch.Generator().manual_seed(0)
     torch.save({'images': torch.randint(0, 256, (images, 3, size, size), dtype=torch.uint8, generator=generator),
                 'labels': torch.randint(0, classes, (images,), generator=generator),
                 'mean': [0.485, 0.456, 0.406], 'std': [0.229, 0.224, 0.225]}, path)
-    return data.CachedSplit(path)
+    return search_data.CachedSplit(path)
 
 
 def seconds_per_candidate(evaluate_one, archs: list[dict], warmup: int) -> float:

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 import data
+import samplers
 import engine
 from lightning import SupernetModule
 from space import AutoformerSpace, build_supernet, complete_space_kwargs
@@ -35,7 +36,8 @@ def main(output: str) -> None:
                          limit_train_batches=STEPS, limit_val_batches=0, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=output,
                          use_distributed_sampler=False)
-    trainer.fit(module, data.build_loader(train, 16, 0, drop_last=True, sampler=data.RankSampler(train, shuffle=True)))
+    sampler = samplers.RankSampler(train, shuffle=True)
+    trainer.fit(module, samplers.build_loader(train, 16, 0, drop_last=True, sampler=sampler))
     digest = [float(tensor.double().sum()) for tensor in module.model.state_dict().values()]
     Path(output, f'rank-{trainer.global_rank}.json').write_text(json.dumps(
         {'step': trainer.global_step, 'skipped': module.skipped_together, 'digest': digest}))

@@ -100,8 +100,9 @@ def test_flash_or_memory_efficient_attention_serves_the_tiny_preset():
 @NEEDS_CUDA
 def test_evaluation_on_cuda_matches_the_cpu(tmp_path):
     import data
+    import samplers
     model = AutoformerSpace(**DEMO).freeze(extreme_arch(DEMO, min))
-    loader = data.build_loader(data.build_dataset('digits', None, 'test', 32), 64, 0)
+    loader = samplers.build_loader(data.build_dataset('digits', None, 'test', 32), 64, 0)
     on_cpu = engine.evaluate(model, loader, 'cpu', progress=False)
     on_gpu = engine.evaluate(model, loader, 'cuda', progress=False, precision='32-true')
     mixed = engine.evaluate(model, loader, 'cuda', progress=False)  # bf16 by default on CUDA

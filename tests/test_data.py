@@ -1,4 +1,5 @@
-"""Tests of data.py: digits split, image folders with odd files, ImageNet layouts, CIFAR-10, bad input."""
+"""Tests of data.py, folders.py and samplers.py: digits split, image folders with odd files, ImageNet layouts,
+CIFAR-10, the DDP sampler, bad input."""
 from __future__ import annotations
 
 import logging
@@ -12,6 +13,9 @@ import torch
 from PIL import Image
 
 import data
+import folders
+import samplers
+import search_data
 from engine import evaluate as engine_evaluate
 from fixtures import CIFAR_CLASSES, within, write_cifar10, write_image_folder
 from utils import UserError
@@ -40,7 +44,7 @@ def test_digits_split_sizes_disjoint_and_deterministic():
 def test_digits_samples(training):
     dataset = data.build_dataset('digits', None, 'val', 32, training=training)
     assert dataset.classes == [str(d) for d in range(10)] and data.num_classes('digits', None) == 10
-    batch, labels = next(iter(data.build_loader(dataset, 64, 0)))
+    batch, labels = next(iter(samplers.build_loader(dataset, 64, 0)))
     assert batch.shape == (64, 3, 32, 32) and batch.dtype == torch.float32
     assert batch.min() >= -1 and batch.max() <= 1
     assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 10
@@ -74,9 +78,9 @@ def test_image_modes_decode_and_16_bit_is_rescaled(tmp_path):
     _write_odd_images(tmp_path)
     with Image.open(tmp_path / 'b' / 'grey16.png') as grey16:
         assert grey16.mode == 'I;16'
-    assert np.asarray(data._load_rgb(str(tmp_path / 'b' / 'grey16.png'))).max() == 128
+    assert np.asarray(folders._load_rgb(str(tmp_path / 'b' / 'grey16.png'))).max() == 128
     for name in ('a/rgb.png', 'a/grey.png', 'a/cmyk.jpg', 'b/good.jpg'):
-        assert data._load_rgb(str(tmp_path / name)).mode == 'RGB'
+        assert folders._load_rgb(str(tmp_path / name)).mode == 'RGB'
 
 
 @pytest.mark.parametrize('training', [False, True])
@@ -85,12 +89,12 @@ def test_undecodable_images_are_left_out_of_evaluation_and_replaced_in_training(
     # 'test': the whole folder (its train and val splits are held apart, test_a_folder_of_class_folders_...)
     dataset = data.build_dataset('folder', tmp_path, 'test', 32, training=training)
     assert dataset.classes == ['a', 'b'] and len(dataset) == 6 and data.num_classes('folder', tmp_path) == 2
-    with caplog.at_level(logging.WARNING, logger='data'):
+    with caplog.at_level(logging.WARNING, logger='folders'):
         for _ in range(2):  # two epochs: still one warning
-            batches = list(data.build_loader(dataset, 4, 0))
+            batches = list(samplers.build_loader(dataset, 4, 0))
     images = torch.cat([images for images, _ in batches])
     assert images.shape == ((6 if training else 5), 3, 32, 32) and torch.isfinite(images).all()
-    assert dataset.skipped == [str(bad)] and data.undecodable_count(dataset) == 1
+    assert dataset.skipped == [str(bad)] and folders.undecodable_count(dataset) == 1
     assert len(caplog.records) == 1 and str(bad) in caplog.messages[0]
 
 
@@ -104,44 +108,44 @@ def _garbage_folder(root: Path, good: int = 4, bad: int = 1) -> Path:
 
 
 def test_evaluation_counts_each_decodable_image_once_and_reports_the_skipped(tmp_path):
-    """Issue 13.1: 25 files, 5 garbage: 20 images evaluated (each once, with its own label), 5 skipped,
+    """25 files, 5 garbage: 20 images evaluated (each once, with its own label), 5 skipped,
     also through DataLoader worker processes."""
     root = write_image_folder(tmp_path, ['a', 'b', 'c', 'd', 'e'], 4)
     for name in 'abcde':
         (root / name / 'garbage.jpg').write_bytes(os.urandom(300))
     dataset = data.build_dataset('folder', root, 'test', 16)
-    batches = list(data.build_loader(dataset, 3, 2))
+    batches = list(samplers.build_loader(dataset, 3, 2))
     assert batches[-1] is None  # the last batch holds only a garbage file: left out whole
     labels = torch.cat([batch[1] for batch in batches if batch is not None])
     assert sorted(labels.tolist()) == sorted([0, 1, 2, 3, 4] * 4)
-    assert data.undecodable_count(dataset) == 5
+    assert folders.undecodable_count(dataset) == 5
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
-    metrics = engine_evaluate(model, data.build_loader(dataset, 3, 2), progress=False)
+    metrics = engine_evaluate(model, samplers.build_loader(dataset, 3, 2), progress=False)
     assert metrics['images'] == 20 and metrics['skipped'] == 5
 
 
 def test_training_counts_the_images_it_substituted(tmp_path):
     root = _garbage_folder(tmp_path, good=3, bad=2)
     dataset = data.build_dataset('folder', root, 'test', 16, training=True)
-    batches = list(data.build_loader(dataset, 2, 2, sampler=data.RankSampler(dataset, shuffle=True)))
+    batches = list(samplers.build_loader(dataset, 2, 2, sampler=samplers.RankSampler(dataset, shuffle=True)))
     assert sum(len(labels) for _, labels in batches) == 10  # batches keep their size
-    assert data.undecodable_count(dataset) == 4
+    assert folders.undecodable_count(dataset) == 4
 
 
 def test_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch):
-    """Issue 13.15: an image over Pillow's pixel limit (a 30000x30000 PNG in the issue) is skipped and
+    """An image over Pillow's pixel limit (such as a 30000x30000 PNG) is skipped and
     counted like any undecodable image; the limit is lowered here to keep the file small."""
     root = write_image_folder(tmp_path, ['a', 'b'], 2, size=16)
     Image.new('RGB', (200, 200)).save(root / 'a' / 'bomb.png')
     monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 200 * 200 // 2 - 1)  # 2x over the limit: an error
     for training in (False, True):
         dataset = data.build_dataset('folder', root, 'test', 16, training=training)
-        images = torch.cat([images for images, _ in data.build_loader(dataset, 5, 0)])
-        assert len(images) == (5 if training else 4) and data.undecodable_count(dataset) == 1
+        images = torch.cat([images for images, _ in samplers.build_loader(dataset, 5, 0)])
+        assert len(images) == (5 if training else 4) and folders.undecodable_count(dataset) == 1
 
 
 def test_fifo_and_symlink_loops_in_class_folders_are_left_out(tmp_path, caplog):
-    """Issue 13.10: a FIFO named pipe.jpg would block the loader forever; a symlink loop would repeat the
+    """A FIFO named pipe.jpg would block the loader forever; a symlink loop would repeat the
     class's images, and a link to another class would give them the wrong label."""
     root = write_image_folder(tmp_path / 'data', ['a', 'b'], 2)
     os.mkfifo(root / 'a' / 'pipe.jpg')
@@ -150,16 +154,16 @@ def test_fifo_and_symlink_loops_in_class_folders_are_left_out(tmp_path, caplog):
     (root / 'a' / 'broken.png').symlink_to(root / 'missing.png')
     outside = write_image_folder(tmp_path / 'elsewhere', ['x'], 1) / 'x'
     (root / 'b' / 'linked').symlink_to(outside)  # a link out of the dataset is followed
-    with caplog.at_level(logging.WARNING, logger='data'):
+    with caplog.at_level(logging.WARNING, logger='folders'):
         dataset = within(20, lambda: data.build_dataset('folder', root, 'test', 16))
-        labels = within(20, lambda: [label for _, batch in data.build_loader(dataset, 2, 0) for label in batch])
+        labels = within(20, lambda: [label for _, batch in samplers.build_loader(dataset, 2, 0) for label in batch])
     assert sorted(int(label) for label in labels) == [0, 0, 1, 1, 1]
     assert sorted(Path(path).name for path, _ in dataset.samples) == ['0.png', '0.png', '0.png', '1.png', '1.png']
     assert any('left out 4 entries' in message for message in caplog.messages)
 
 
 def test_cifar10_folder_is_detected_without_dataset(tmp_path):
-    """Issue 13.12: the README's CIFAR search passes only --datapath."""
+    """The README's CIFAR search passes only --datapath."""
     folder = write_cifar10(tmp_path, n_train_per_batch=2, n_test=3)
     assert data.dataset_name(None, str(tmp_path)) == data.dataset_name(None, str(folder)) == 'cifar10'
     write_image_folder(tmp_path / 'imagenet' / 'train', ['n01'], 1)
@@ -170,7 +174,7 @@ def test_cifar10_folder_is_detected_without_dataset(tmp_path):
 def test_loader_with_workers(tmp_path):
     _write_odd_images(tmp_path)
     dataset = data.build_dataset('folder', tmp_path, 'test', 24)
-    loader = data.build_loader(dataset, 3, 2, sampler=data.RankSampler(dataset, shuffle=True))
+    loader = samplers.build_loader(dataset, 3, 2, sampler=samplers.RankSampler(dataset, shuffle=True))
     assert loader.persistent_workers and loader.prefetch_factor == 4
     assert loader.pin_memory == torch.cuda.is_available()
     labels = torch.cat([labels for _, labels in loader]).tolist()
@@ -193,7 +197,7 @@ def _paths(dataset) -> list[str]:
 
 @pytest.mark.parametrize('layout', ['class folders', 'train/ alone'])
 def test_a_folder_without_validation_images_holds_a_seeded_tenth_of_each_class_out_of_training(tmp_path, layout):
-    """Issue 33.3: training never validates on its training images; the search split of training images holds
+    """Training never validates on its training images; the search split of training images holds
     none of the validation images."""
     root = tmp_path / 'data'
     for name, images in {'a': 20, 'b': 9, 'c': 2}.items():
@@ -202,10 +206,10 @@ def test_a_folder_without_validation_images_holds_a_seeded_tenth_of_each_class_o
     assert not set(_paths(train)) & set(_paths(val))
     assert sorted(_paths(train) + _paths(val)) == sorted(str(path) for path in root.rglob('*.png'))
     assert np.bincount(val.targets).tolist() == [2, 1, 1] and np.bincount(train.targets).tolist() == [18, 8, 1]
-    assert train.classes == val.classes == ['a', 'b', 'c'] and data.undecodable_count(train) == 0
+    assert train.classes == val.classes == ['a', 'b', 'c'] and folders.undecodable_count(train) == 0
     assert _paths(data.build_dataset('folder', root, 'val', 8)) == _paths(val)  # the same images on every call
-    assert data.carves_validation('folder', root) and data.profile_folder('folder', root).train_images == 27
-    search = data.search_split('folder', root, 8)
+    assert folders.carves_validation('folder', root) and folders.profile_folder('folder', root).train_images == 27
+    search = search_data.search_split('folder', root, 8)
     if layout == 'class folders':  # searched on the folder itself, as it says
         assert len(search) == 31 and data.split_read('folder', root, 'test') == f'all of {root} (no split folders)'
     else:
@@ -240,7 +244,7 @@ def test_imagenet_layouts(tmp_path):
 
 
 def test_imagenet_eval_transform_is_deit():
-    steps = data._image_transform(224, training=False).transforms
+    steps = folders.image_transform(224, training=False).transforms
     assert steps[0].size == 256 and steps[1].size == (224, 224)
 
 
@@ -252,7 +256,7 @@ def test_small_images_keep_the_whole_image(training):
 
     pixels = np.zeros((32, 32, 3), dtype=np.uint8)
     pixels[:, :16] = 255  # left half white
-    transform = data._image_transform(32, training=training)
+    transform = folders.image_transform(32, training=training)
     names = [type(step).__name__ for step in transform.transforms]
     assert 'RandomResizedCrop' not in names and 'CenterCrop' not in names
     torch.manual_seed(0)
@@ -263,7 +267,7 @@ def test_small_images_keep_the_whole_image(training):
 
 def test_training_transform_is_the_official_one_with_random_erasing_in_pixel_mode():
     from timm.data.random_erasing import RandomErasing
-    steps = data._image_transform(224, training=True).transforms
+    steps = folders.image_transform(224, training=True).transforms
     erasing = [step for step in steps if isinstance(step, RandomErasing)]
     assert len(erasing) == 1 and erasing[0].mode == 'pixel' and erasing[0].probability == 0.25
     assert erasing[0].max_count == 1
@@ -298,7 +302,7 @@ def test_cifar10_pixels_match_file(tmp_path):
     folder = write_cifar10(tmp_path, 1, 2)
     raw = pickle.loads((folder / 'test_batch').read_bytes())[b'data'][1].reshape(3, 32, 32)
     image, _ = data.build_dataset('cifar10', tmp_path, 'test', 32)[1]
-    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
+    mean, std = torch.tensor(folders.IMAGENET_MEAN)[:, None, None], torch.tensor(folders.IMAGENET_STD)[:, None, None]
     assert torch.allclose(image * std + mean, torch.from_numpy(raw).float() / 255, atol=1e-5)
 
 
@@ -353,7 +357,7 @@ def test_all_images_corrupt(tmp_path):
     training = data.build_dataset('folder', tmp_path, 'test', 32, training=True)
     with pytest.raises(UserError, match='no image under .* can be decoded'):
         training[0]
-    evaluation = data.build_loader(data.build_dataset('folder', tmp_path, 'test', 32), 4, 0)
+    evaluation = samplers.build_loader(data.build_dataset('folder', tmp_path, 'test', 32), 4, 0)
     with pytest.raises(UserError, match='no image of the evaluation data could be decoded'):
         engine_evaluate(torch.nn.Flatten(), evaluation, progress=False)
 
@@ -403,7 +407,7 @@ def test_imagenet_training_augmentation_survives_every_randaugment_draw():
     """rand-m9-mstd0.5-inc1 draws 0-bit posterize at times, which Pillow 11 refuses; it must not crash training."""
     from PIL import Image
 
-    transform = data._image_transform(48, training=True)
+    transform = folders.image_transform(48, training=True)
     image = Image.new('RGB', (40, 40), (200, 100, 50))
     torch.manual_seed(0)
     for _ in range(300):
@@ -431,14 +435,14 @@ def test_cifar10_labels_outside_the_classes_are_refused(tmp_path):
 
 def _rank_order(rank: int, port: int, repeats: int, shuffle: bool, orders) -> None:
     torch.distributed.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}', rank=rank, world_size=2)
-    sampler = data.RankSampler(range(1257), shuffle=shuffle, repeats=repeats, seed=3)
+    sampler = samplers.RankSampler(range(1257), shuffle=shuffle, repeats=repeats, seed=3)
     sampler.set_epoch(1)
     orders[rank] = (len(sampler), list(sampler))
     torch.distributed.destroy_process_group()
 
 
 def orders_of_two_ranks(repeats: int, shuffle: bool = True) -> list[tuple[int, list[int]]]:
-    """What each of two real gloo DDP ranks reads in one epoch through data.RankSampler."""
+    """What each of two real gloo DDP ranks reads in one epoch through samplers.RankSampler."""
     import multiprocessing
     import socket
     with socket.socket() as sock:
@@ -458,20 +462,20 @@ def orders_of_two_ranks(repeats: int, shuffle: bool = True) -> list[tuple[int, l
 
 def test_ddp_ranks_read_each_image_three_times_across_ranks_with_repeated_augmentation():
     from collections import Counter
-    orders = orders_of_two_ranks(repeats=data.REPEATS)
+    orders = orders_of_two_ranks(repeats=samplers.REPEATS)
     assert [length for length, _ in orders] == [len(order) for _, order in orders] == [512, 512]
     counts = Counter(orders[0][1] + orders[1][1])
     assert sum(counts.values()) == 1024 and sorted(set(counts.values())) in ([3], [1, 3], [2, 3])
     assert sum(1 for c in counts.values() if c != 3) <= 1  # only the image cut by the 1024 bound has fewer
     both = set(orders[0][1]) & set(orders[1][1])
     assert len(both) > 300  # a repeated image goes to both ranks (each its own augmentation)
-    assert data.images_per_rank(1257, 2, data.REPEATS) == 512
+    assert samplers.images_per_rank(1257, 2, samplers.REPEATS) == 512
 
 
 def test_ddp_ranks_split_the_images_without_repeated_augmentation():
     orders = orders_of_two_ranks(repeats=1)
-    assert [len(order) for _, order in orders] == [629, 629] == [data.images_per_rank(1257, 2, 1)] * 2
+    assert [len(order) for _, order in orders] == [629, 629] == [samplers.images_per_rank(1257, 2, 1)] * 2
     assert set(orders[0][1]) | set(orders[1][1]) == set(range(1257))
     assert len(orders[0][1] + orders[1][1]) - len(set(orders[0][1] + orders[1][1])) == 1  # one pad to even shards
-    validation = orders_of_two_ranks(repeats=data.REPEATS, shuffle=False)  # validation never repeats
+    validation = orders_of_two_ranks(repeats=samplers.REPEATS, shuffle=False)  # validation never repeats
     assert sorted(validation[0][1] + validation[1][1]) == sorted([*range(1257), 0])

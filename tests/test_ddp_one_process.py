@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import samplers
 import engine
 from lightning import SupernetModule, build_evaluator
 from space import AutoformerSpace, build_supernet, complete_space_kwargs
@@ -28,8 +29,8 @@ def test_lightning_ddp_in_one_process(tmp_path, accelerator, backend):
                           precision='bf16-mixed' if accelerator == 'gpu' else '32-true', max_epochs=1, logger=False,
                           enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
                           use_distributed_sampler=False)
-    loaders = (data.build_loader(train, 32, 0, drop_last=True, sampler=data.RankSampler(train, shuffle=True)),
-               data.build_loader(val, 32, 0, sampler=data.RankSampler(val, shuffle=False)))
+    loaders = (samplers.build_loader(train, 32, 0, drop_last=True, sampler=samplers.RankSampler(train, shuffle=True)),
+               samplers.build_loader(val, 32, 0, sampler=samplers.RankSampler(val, shuffle=False)))
     evaluator = build_evaluator(module, *loaders, trainer_kwargs)
     try:
         evaluator.evaluate(build_supernet(DEMO))

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import search_data
 from fixtures import write_fashion_mnist
 from utils import UserError
 
@@ -32,7 +33,7 @@ def test_validation_is_held_out_of_training_and_fixed(tmp_path):
     split = data.fashion_mnist_indices(labels)
     assert not set(split['train']) & set(split['val']) and len(split['train']) + len(split['val']) == 240
     assert data.fashion_mnist_indices(labels) == split
-    search = data.search_split('fashion-mnist', tmp_path, 28)
+    search = search_data.search_split('fashion-mnist', tmp_path, 28)
     assert torch.equal(torch.stack([search[i][0] for i in range(len(search))]),
                        torch.stack([data.build_dataset('fashion-mnist', tmp_path, 'val', 28)[i][0]
                                     for i in range(len(search))]))

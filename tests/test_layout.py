@@ -1,5 +1,5 @@
-"""The layout: imports run one way (scripts -> cli -> search and training -> data, checkpoints -> space, utils),
-no cycle, and no library module depends on the command-line layer."""
+"""The layout: imports run one way (scripts -> cli -> search and training -> search_data -> data -> folders and
+samplers, checkpoints -> space, utils), no cycle, and no library module depends on the command-line layer."""
 from __future__ import annotations
 
 import ast

@@ -101,6 +101,7 @@ def test_an_arch_outside_the_space_is_refused_and_the_parameters_are_shared():
 
 def train_one_epoch(tmp_path, compile: bool, skip_unsampled: bool = False):
     import data
+    import samplers
     from lightning import SupernetModule, build_evaluator
     torch.manual_seed(0)
     train = data.build_dataset('digits', None, 'train', 32, training=True)
@@ -110,8 +111,8 @@ def train_one_epoch(tmp_path, compile: bool, skip_unsampled: bool = False):
     trainer_kwargs = dict(accelerator='cpu', devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, default_root_dir=tmp_path, use_distributed_sampler=False,
                           deterministic=True, precision='64-true')
-    loaders = (data.build_loader(train, 64, 0, drop_last=True, sampler=data.RankSampler(train, shuffle=True)),
-               data.build_loader(val, len(val), 0, sampler=data.RankSampler(val, shuffle=False)))  # one size
+    loaders = (samplers.build_loader(train, 64, 0, drop_last=True, sampler=samplers.RankSampler(train, shuffle=True)),
+               samplers.build_loader(val, len(val), 0, sampler=samplers.RankSampler(val, shuffle=False)))  # one size
     supernet = build_supernet({**DEMO, 'drop_path_rate': 0.0})  # no drop path: both runs draw the same numbers
     evaluator = build_evaluator(module, *loaders, trainer_kwargs)
     evaluator.evaluate(supernet)

@@ -9,6 +9,8 @@ import torch
 from timm.data.auto_augment import RandAugment
 
 import data
+import folders
+import samplers
 import evaluate
 import finetune
 import scratch
@@ -56,7 +58,7 @@ def test_a_warmup_as_long_as_the_run_is_refused(folder):
 
 def test_grayscale_images_get_no_colour_augmentation(folder, tmp_path):
     def augments_colour(root) -> bool:
-        data.profile_folder.cache_clear()
+        folders.profile_folder.cache_clear()
         transform = data.build_dataset('folder', str(root), 'train', 64, training=True).transform
         return any(isinstance(step, RandAugment) for step in transform.transforms)
 
@@ -66,9 +68,9 @@ def test_grayscale_images_get_no_colour_augmentation(folder, tmp_path):
 
 def test_balanced_sampling_draws_each_class_equally_often(folder):
     train = data.build_dataset('folder', str(folder), 'train', 32, training=True)
-    labels = torch.tensor(data.labels_of(train))
+    labels = torch.tensor(samplers.labels_of(train))
     for balanced in (True, False):
-        drawn = labels[list(data.RankSampler(train, shuffle=True, balanced=balanced, seed=1))]
+        drawn = labels[list(samplers.RankSampler(train, shuffle=True, balanced=balanced, seed=1))]
         shares = torch.bincount(drawn, minlength=4).double() / len(drawn)
         # 400 draws: a share's binomial standard error is at most 2.5 points; allow 4 of them
         expected = torch.full((4,), 0.25) if balanced else torch.bincount(labels).double() / len(labels)
@@ -98,7 +100,7 @@ def test_export_without_data_names_the_classes_and_the_preprocessing(trained, tm
                    '--export'])
     info = json.loads((tmp_path / 'export' / 'subnet.json').read_text())
     assert info['classes'] == sorted(IMBALANCED_SHARES)
-    assert info['preprocessing']['mean'] == pytest.approx(list(data.IMAGENET_MEAN))
+    assert info['preprocessing']['mean'] == pytest.approx(list(folders.IMAGENET_MEAN))
     assert info['preprocessing']['input_size'] == 32 and info['preprocessing']['resize'] == 32
     assert not (tmp_path / 'results.json').exists()  # nothing evaluated
 

@@ -13,6 +13,8 @@ import pytest
 import torch
 
 import data
+import samplers
+import search_data
 import evaluate
 import search
 from checkpoints import load_model, read_weights
@@ -41,7 +43,7 @@ def random_archs(supernet):
     _, meta = read_weights(supernet)
     budget = Budget(meta['space'], max_params=BUDGET)
     rng = random.Random(0)
-    test = data.build_loader(data.build_dataset('digits', None, 'test', 32), 256, 0)
+    test = samplers.build_loader(data.build_dataset('digits', None, 'test', 32), 256, 0)
     archs = []
     while len(archs) < 20:
         arch = sample_arch(meta['space'], rng)
@@ -66,7 +68,7 @@ def check_search_result(output, supernet, random_archs, nni_agrees=True):
     assert (output / 'pareto.png').stat().st_size > 0
     assert (output / 'candidates.csv').read_text().count('\n') == len(records) + 1
     # The search beats the median random arch on what it optimises, the search split...
-    split = data.CachedSplit(output / 'search-data.pt')
+    split = search_data.CachedSplit(output / 'search-data.pt')
     on_split = [accuracy(load_model(supernet, arch=arch)[0], split.batches(256), progress=False)['top1']
                 for arch, _ in random_archs]
     assert best['top1'] >= statistics.median(on_split)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
+import search_data
 import nni_patches
 import experiment
 import search
@@ -67,7 +67,7 @@ def test_balanced_search_on_imbalanced_data_ranks_by_balanced_accuracy_and_names
     assert header[:2] == [metric_label('top1'), metric_label('balanced')] == \
         ['top-1 on the search split (%)', 'balanced accuracy on the search split (%)']
     # The search split: up to 100 training images per class (all 160 here: every class is smaller), shuffled.
-    labels = data.CachedSplit(output / 'search-data.pt').labels
+    labels = search_data.CachedSplit(output / 'search-data.pt').labels
     assert torch.bincount(labels).tolist() == [13, 21, 86, 40]  # diagonal, disc, horizontal, vertical
     assert labels.tolist() != sorted(labels.tolist())
     assert ('ranked by balanced accuracy on the search split: training images, up to 100 per class (160 images, '
@@ -80,10 +80,11 @@ def test_balanced_search_on_imbalanced_data_ranks_by_balanced_accuracy_and_names
 
 def test_cached_search_split_is_shuffled_once_with_a_fixed_seed(imbalanced, tmp_path):
     folder, _ = imbalanced
-    split = data.search_split('folder', folder, 32, 52, seed=0)
+    split = search_data.search_split('folder', folder, 32, 52, seed=0)
     for name, seed in (('plain', None), ('shuffled', 0), ('again', 0)):
-        data.write_cache(split, 'folder', tmp_path / f'{name}.pt', shuffle_seed=seed)
-    plain, shuffled, again = (data.CachedSplit(tmp_path / f'{name}.pt') for name in ('plain', 'shuffled', 'again'))
+        search_data.write_cache(split, 'folder', tmp_path / f'{name}.pt', shuffle_seed=seed)
+    plain, shuffled, again = (search_data.CachedSplit(tmp_path / f'{name}.pt')
+                              for name in ('plain', 'shuffled', 'again'))
     assert plain.labels.tolist() == sorted(plain.labels.tolist())  # ImageFolder order: class by class
     assert torch.equal(shuffled.labels, again.labels) and torch.equal(shuffled.images, again.images)
     # The same (image, label) pairs, in another order.

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import samplers
 import finetune
 import scratch
 from conftest import GOLDEN
@@ -393,7 +394,7 @@ def test_a_layer_unused_after_a_validation_is_still_decayed_and_moved_unless_ski
                          callbacks=[Snapshot()], default_root_dir=tmp_path)
     trainer_ref.append(trainer)
     module.set_model(build_supernet(space_kwargs))
-    trainer.fit(module, data.build_loader(train, 32, 0, drop_last=True), data.build_loader(val, 32, 0))
+    trainer.fit(module, samplers.build_loader(train, 32, 0, drop_last=True), samplers.build_loader(val, 32, 0))
     after = module.model.blocks.blocks[-1].fc1.weight.detach()
     assert trainer.global_step == 6 and 'before' in deepest
     assert torch.equal(after, deepest['before']) == skip
