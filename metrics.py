@@ -70,12 +70,6 @@ def kendall(first: list[float], second: list[float], resamples: int = 1000) -> d
             'high': taus[int(0.975 * len(taus)) - 1], 'n': len(first)}
 
 
-def kendall_null_sd(n: int) -> float:
-    """Standard deviation of Kendall's tau between two independent rankings of ``n`` items (no ties):
-    sqrt(2 (2n + 5) / (9 n (n - 1))), the spread of a tau that measures nothing."""
-    return math.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1)))
-
-
 def paired_difference(first: torch.Tensor, second: torch.Tensor) -> tuple[float, float]:
     """Top-1 of ``first`` minus ``second`` on the same images, with its paired standard error (points)."""
     diff = first.float() - second.float()

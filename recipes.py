@@ -20,11 +20,11 @@ SCRATCH = {
     # tens of epochs, no Mixup/CutMix; small images get crops and flips only (data.py).
     'small': dict(epochs=50, warmup=3, base_lr=8e-3, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
                   smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=64, schedule='step'),
-    # Sized for a laptop CPU: 2e-3 at batch 32.
+    # Sized for a laptop CPU: base_lr x 32 / 512 = 2e-3 at its batch 32.
     'digits': dict(epochs=40, warmup=2, base_lr=3.2e-2, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
                    smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=32, schedule='step'),
-    # Small images: no Mixup/CutMix or RandAugment (they slow a short run down), flips only (data.py);
-    # batch 128 (1.5e-3) trains 1.4x the images per second of batch 64 on a 2-core CPU; 26 epochs take 18 minutes.
+    # Small images: no Mixup/CutMix or RandAugment (they slow a short run down), flips only (data.py); batch 128
+    # (1.5e-3): more images per second than 64 on a small CPU (bench/results/recipes-notes.md).
     'fashion-mnist': dict(epochs=26, warmup=2, base_lr=6e-3, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
                           smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=128, schedule='step'),
 }

@@ -49,7 +49,6 @@ from utils import UserError, atomic_write_json, atomic_write_text, check_writabl
     read_json, set_up_precision
 
 import torch
-from torch.utils.data import Dataset
 
 CHECK = ('spread', 'control')
 QUICK = dict(subnets=12, test_images=2000, control_draws=3, finetune_subnets=4, seeds=2, population=4, generations=2,
@@ -104,18 +103,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# --------------------------------------------------------------------------------------------
-# Evaluating subnets with inherited weights
-# --------------------------------------------------------------------------------------------
-
-def test_split(dataset: str, datapath: str | None, img_size: int, images: int | None) -> Dataset:
-    """The test split, or a fixed class-balanced subset of ``images`` of it."""
-    test = data.build_dataset(dataset, datapath, 'test', img_size)
-    if images is None or images >= len(test):
-        return test
-    return data.balanced_subset(test, images, seed=0)
-
-
 class Evaluator:
     """Inherited top-1 of subnets of one supernet on the search and test splits, each split decoded once into a
     cache in the output folder; per-image results kept for paired comparisons."""
@@ -136,7 +123,9 @@ class Evaluator:
                 raise UserError(f'--datapath {args.datapath} has no train/ folder: the study ranks on training images '
                                 'held apart from the test (val/) images; give the dataset root holding train/ and val/')
             split = data.search_split(args.dataset, args.datapath, img_size) if name == 'search' else \
-                test_split(args.dataset, args.datapath, img_size, args.test_images)
+                data.build_dataset(args.dataset, args.datapath, 'test', img_size)
+            if name == 'test' and args.test_images is not None and args.test_images < len(split):
+                split = data.balanced_subset(split, args.test_images, seed=0)  # fixed and class-balanced
             classes = len(getattr(split, 'dataset', split).classes)
             data.check_classes(args.dataset, classes, self.space_kwargs, 'supernet')
             data.write_cache(split, args.dataset, path, num_workers=args.num_workers, desc=f'caching the {name} split')
@@ -225,10 +214,6 @@ def control(supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any
     result['draws'] = {'taus': taus, 'mean': mean, 'se': se}
     return result
 
-
-# --------------------------------------------------------------------------------------------
-# Training and searching through the scripts, as a user runs them
-# --------------------------------------------------------------------------------------------
 
 def run_script(command: list[str], log: list[str], done: bool = False) -> None:
     """Run one of the scripts as a user would (``done``: its result is already there; only logged)."""
@@ -407,10 +392,6 @@ def pick(evaluator: Evaluator, args: argparse.Namespace, spread_part: Mapping[st
             'in_budget_random_median_test_top1': statistics.median(r['test_top1'] for r in inside),
             'in_budget_random': len(inside), 'commands': commands}
 
-
-# --------------------------------------------------------------------------------------------
-# The script
-# --------------------------------------------------------------------------------------------
 
 def check_study_folder(output: Path, fingerprint: Mapping[str, Any]) -> None:
     """An output folder holds the study of one supernet on one data set: its caches and parts are reused."""

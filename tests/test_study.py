@@ -4,6 +4,7 @@ search.py at equal candidates."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 
@@ -13,7 +14,7 @@ import data
 import scratch
 import study
 import torch
-from metrics import binomial_se, kendall, kendall_null_sd, paired_difference
+from metrics import binomial_se, kendall, paired_difference
 from space import AutoformerSpace, build_supernet, complete_space_kwargs, count_params, extreme_arch
 from utils import UserError
 
@@ -39,6 +40,12 @@ def quick_study(fashion_supernet, tmp_path_factory):
         study.main(['--weights', fashion_supernet.name, '--dataset', 'fashion-mnist', '--quick', '--num-workers', '0',
                     '--parts', 'spread,control,evolution', '--seeds', '1', '--output', os.path.relpath(output)])
     return output
+
+
+def kendall_null_sd(n: int) -> float:
+    """Standard deviation of Kendall's tau between two independent rankings of ``n`` items (no ties):
+    sqrt(2 (2n + 5) / (9 n (n - 1))), the spread of a tau that measures nothing."""
+    return math.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1)))
 
 
 def read(output, part):
