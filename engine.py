@@ -373,8 +373,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
 
 
 def training_data(run: TrainingRun, space_kwargs: Mapping[str, Any], kind: str) -> tuple[Any, Any, dict[str, str]]:
-    """The training and validation splits, checked against the space and each other, and the note on validation
-    images held out of the training images (printed once; recorded with the weights and metrics)."""
+    """Both splits, checked, and the note on validation images held out of the training images (printed once)."""
     train_set = data.build_dataset(run.dataset, run.datapath, 'train', space_kwargs['img_size'], training=True)
     val_set = data.build_dataset(run.dataset, run.datapath, 'val', space_kwargs['img_size'])
     data.check_classes(run.dataset, len(train_set.classes), space_kwargs, kind)
@@ -391,8 +390,8 @@ def training_data(run: TrainingRun, space_kwargs: Mapping[str, Any], kind: str) 
 
 
 def epoch_plan(run: TrainingRun, train_set: Any, processes: int) -> tuple[int, int]:
-    """How often each image is read an epoch (the official repeated augmentation runs under DDP only; balanced
-    sampling draws its own epoch instead), and the optimizer steps of an epoch."""
+    """The reads of each image an epoch, and the optimizer steps of an epoch."""
+    # The official repeated augmentation runs under DDP only; balanced sampling draws its own epoch instead.
     repeats = data.REPEATS if run.repeated_aug and processes > 1 and not run.balanced_sampling else 1
     drawn = len(train_set) // processes * processes if run.balanced_sampling else len(train_set)
     steps_per_epoch = check_batches(drawn, run.batch_size, processes, repeats)
@@ -420,21 +419,18 @@ def training_loaders(run: TrainingRun, train_set: Any, val_set: Any, processes: 
 
 def model_to_train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mapping[str, torch.Tensor] | None,
                    arch: Mapping[str, Any] | None) -> nn.Module:
-    """The supernet, or the one subnet of ``arch``: retrained from scratch it gets the official init, as the
-    supernet does; compiled in place (the state dict keeps its keys, so checkpoints and weights files stay the
-    same). The supernet compiles its one graph for every arch itself (SupernetModule)."""
+    """The supernet, or the one subnet of ``arch``."""
     training_space = {**space_kwargs, 'drop_path_rate': run.drop_path}
     supernet = AutoformerSpace(**training_space).freeze(arch) if arch else build_supernet(training_space)
-    if arch and pretrained is None:
+    if arch and pretrained is None:  # retrained from scratch: the official init, as the supernet's
         init_weights(supernet)
-    if run.compile and arch:
-        supernet.compile()
+    if run.compile and arch:  # the supernet compiles its one graph for every arch itself (SupernetModule)
+        supernet.compile()  # in place: the state dict keeps its keys, so checkpoints and weights files stay the same
     return supernet
 
 
 def fit(evaluator: Any, supernet: nn.Module, module: Any, folder: RunFolder, kind: str, processes: int) -> Any:
-    """Train: a stop by Ctrl-C or SIGTERM, a lost DDP peer, a run without one finite step and DDP ranks that
-    disagree each end in one clear error. Returns the trainer."""
+    """Train; a stop by a signal, a lost DDP peer, no finite step or DDP ranks that disagree end in one error."""
     from lightning import check_ranks_agree, lost_peers_reported, raise_if_stopped
 
     with lost_peers_reported(processes):
@@ -455,8 +451,7 @@ def fit(evaluator: Any, supernet: nn.Module, module: Any, folder: RunFolder, kin
 def save_trained(supernet: nn.Module, module: Any, checkpoints: Any, folder: RunFolder, kind: str,
                  space_kwargs: Mapping[str, Any], arch: Mapping[str, Any] | None,
                  described: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The last epoch's weights (and their EMA average), refused when not finite, and the best epoch's; returns
-    what :func:`lightning.write_best_weights` records of the best."""
+    """The last epoch's weights (and their EMA average) unless not finite, and the best epoch's (returns its record)."""
     from lightning import write_best_weights
 
     weights, stored_arch = folder.weights(kind), arch and canonical_arch(arch)

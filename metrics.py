@@ -56,18 +56,15 @@ def kendall(first: list[float], second: list[float], resamples: int = 1000) -> d
     tau, p_value = kendalltau(first, second)
     if math.isnan(tau):
         return {'tau': None, 'p': None, 'low': None, 'high': None, 'n': len(first)}
-    if resamples == 0:
-        return {'tau': float(tau), 'p': float(p_value), 'low': None, 'high': None, 'n': len(first)}
-    rng = random.Random(0)
-    taus = []
+    rng, taus = random.Random(0), []
     for _ in range(resamples):
         picks = [rng.randrange(len(first)) for _ in first]
         resampled = kendalltau([first[i] for i in picks], [second[i] for i in picks])[0]
         if not math.isnan(resampled):
             taus.append(resampled)
     taus.sort()
-    return {'tau': float(tau), 'p': float(p_value), 'low': taus[int(0.025 * len(taus))],
-            'high': taus[int(0.975 * len(taus)) - 1], 'n': len(first)}
+    low, high = (taus[int(0.025 * len(taus))], taus[int(0.975 * len(taus)) - 1]) if resamples else (None, None)
+    return {'tau': float(tau), 'p': float(p_value), 'low': low, 'high': high, 'n': len(first)}
 
 
 def paired_difference(first: torch.Tensor, second: torch.Tensor) -> tuple[float, float]:

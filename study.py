@@ -180,12 +180,9 @@ def spread(evaluator: Evaluator, args: argparse.Namespace) -> dict[str, Any]:
 
     archs = study_archs(evaluator.space_kwargs, args.subnets, args.seed)
     records = [evaluator.record(arch, label) for label, arch in tqdm(archs, desc='subnets')]
-    return {'records': records, **rankings(records)}
-
-
-def rankings(records: list[dict[str, Any]]) -> dict[str, Any]:
     search, test = [r['search_top1'] for r in records], [r['test_top1'] for r in records]
-    return {'tau_search_test': kendall(search, test), 'tau_params_test': kendall([r['params'] for r in records], test)}
+    return {'records': records, 'tau_search_test': kendall(search, test),
+            'tau_params_test': kendall([r['params'] for r in records], test)}
 
 
 def control(supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any], args: argparse.Namespace,
@@ -293,11 +290,6 @@ def finetune(evaluator: Evaluator, args: argparse.Namespace, spread_part: Mappin
     return result
 
 
-def search_candidates(output: Path) -> list[dict[str, Any]]:
-    """A search's candidate records in the order they finished."""
-    return sorted((read_json(path) for path in SearchFolder(output).records()), key=lambda r: r['finished'])
-
-
 def run_search(strategy: str, seed: int, budget: float, args: argparse.Namespace, log: list[str]) -> Path:
     """One ``search.py`` run (one process, no web UI), resumed when an earlier study was interrupted in it."""
     output = args.output / 'searches' / f'{strategy}-seed{seed}-{budget:.4g}M-{args.population}x{args.generations}'
@@ -332,7 +324,8 @@ def evolution(evaluator: Evaluator, args: argparse.Namespace, budget: float) -> 
     for seed in range(args.seeds):
         for strategy in ('autoformer', 'random'):
             output = run_search(strategy, seed, budget, args, commands)
-            candidates = search_candidates(output)
+            candidates = sorted((read_json(path) for path in SearchFolder(output).records()),
+                                key=lambda r: r['finished'])  # its candidate records in the order they finished
             best = read_json(SearchFolder(output).best)
             curve = [max(r['top1'] for r in candidates[:i + 1]) for i in range(len(candidates))]
             runs.append({'strategy': strategy, 'seed': seed, 'curve': curve, 'best_arch': best['arch'],

@@ -126,9 +126,6 @@ def plot(output: Path) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    def save(fig, name: str) -> None:
-        save_figure(fig, output / f'{name}.png')
-
     if (output / 'spread.json').is_file():
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, marker in (('spread', 'o'), ('control', 'x')):
@@ -138,7 +135,7 @@ def plot(output: Path) -> None:
                            label='trained supernet' if name == 'spread' else 'permuted (control)')
         ax.set(xlabel='parameters (M)', ylabel='inherited test top-1 (%)')
         ax.legend()
-        save(fig, 'spread')
+        save_figure(fig, output / 'spread.png')
     if (output / 'evolution.json').is_file():
         fig, ax = plt.subplots(figsize=(6, 4))
         for run in read_json(output / 'evolution.json')['runs']:
@@ -146,7 +143,7 @@ def plot(output: Path) -> None:
                     else 'C1', alpha=0.8, label=f'{run["strategy"]}' if run['seed'] == 0 else None)
         ax.set(xlabel='candidates evaluated', ylabel='best search top-1 so far (%)')
         ax.legend()
-        save(fig, 'evolution')
+        save_figure(fig, output / 'evolution.png')
 
 
 def summary_line(name: str, result: Mapping[str, Any]) -> str:
