@@ -454,7 +454,7 @@ def save_trained(supernet: nn.Module, module: Any, checkpoints: Any, folder: Run
     """The last epoch's weights (and their EMA average) unless not finite, and the best epoch's (returns its record)."""
     from lightning import write_best_weights
 
-    weights, stored_arch = folder.weights(kind), arch and canonical_arch(arch)
+    weights, stored_arch = folder.weights(kind), canonical_arch(arch) if arch else None
     check_finite(supernet.state_dict(), f'the trained {kind} (not written to {weights})')
     save_weights(weights, supernet.state_dict(), space_kwargs, arch=stored_arch, data=described)
     if module.ema is not None:

@@ -244,7 +244,9 @@ def test_ema_decay_writes_an_averaged_supernet(tmp_path):
     averaged, ema_meta = read_weights(tmp_path / 'supernet-ema.pth')
     assert ema_meta['space'] == meta['space'] and averaged.keys() == weights.keys()
     assert any(not torch.equal(weights[k], averaged[k]) for k in weights)
-    assert json.loads((tmp_path / 'metrics.json').read_text())['val_acc_max'] > above_chance()
+    # One epoch: the averaged weights validated above chance by two binomial standard errors (a model at chance
+    # passes 1 time in 44); the four-error margin of learning is the other tests' (more epochs).
+    assert json.loads((tmp_path / 'metrics.json').read_text())['val_acc_max'] > above_chance(k=2)
 
 
 def official_decayed_names(official: dict[str, torch.Tensor]) -> set[str]:
