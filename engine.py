@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import data
-from checkpoints import check_finite, save_weights
+from checkpoints import check_finite, load_checked, save_weights
 from metrics import confusion_counts, running_value, summarize
-from space import AutoformerSpace, build_supernet, canonical_arch, init_weights
+from space import AutoformerSpace, build_supernet, canonical_arch, init_weights, set_active_arch
 from utils import (AUTOCAST, COMPILE_ON_CPU, UserError, atomic_write_json, check_output_folder, check_writable,
                    default_precision, json_form, lock_output, read_json, remove_unfinished_writes, set_up_precision)
 
@@ -237,13 +237,12 @@ RECIPE_FLAGS = ('batch_size', 'learning_rate', 'min_lr', 'warmup_lr', 'warmup', 
 
 
 def validate_inherited(space_kwargs: Mapping[str, Any], pretrained: Mapping[str, torch.Tensor],
-                       arch: Mapping[str, Any] | None, archs: Mapping[str, Mapping[str, Any]],
-                       val_loader: DataLoader) -> dict[str, float]:
-    """Validation of the inherited weights before the first epoch: the baseline a fine-tune improves on
-    (a new classifier head starts at chance)."""
-    from checkpoints import load_checked
-    from space import set_active_arch
+                       arch: Mapping[str, Any] | None, val_loader: DataLoader) -> dict[str, float]:
+    """Validation of the inherited weights before the first epoch, of the archs training validates: the baseline a
+    fine-tune improves on (a new classifier head starts at chance)."""
+    from lightning import validation_archs
 
+    archs = {'subnet': arch} if arch else validation_archs(space_kwargs)
     model = AutoformerSpace(**space_kwargs).freeze(arch) if arch else build_supernet(space_kwargs)
     load_checked(model, pretrained, 'the pretrained weights', optional=('head.',))
     before = {}
@@ -324,7 +323,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
            arch: Mapping[str, Any] | None, fingerprint: Mapping[str, Any] | None = None) -> Path:
     import pytorch_lightning as pl  # here: the search's warm workers import this module and never train
 
-    from lightning import SupernetModule, add_checkpoints_and_logger, build_evaluator, validation_archs
+    from lightning import SupernetModule, add_checkpoints_and_logger, build_evaluator
 
     folder, kind = RunFolder(Path(run.output)), 'subnet' if arch else 'supernet'
     pl.seed_everything(run.seed, workers=True, verbose=False)
@@ -346,10 +345,8 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
                                              folder.last_checkpoint, folder.logs)
     evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs,
                                 str(folder.last_checkpoint) if run.resume else None)
-    before = None
-    if pretrained is not None and not run.resume and is_first_process():
-        archs = {'subnet': arch} if arch else validation_archs(space_kwargs)
-        before = validate_inherited(space_kwargs, pretrained, arch, archs, val_loader)
+    before = validate_inherited(space_kwargs, pretrained, arch, val_loader) \
+        if pretrained is not None and not run.resume and is_first_process() else None
     supernet = model_to_train(run, space_kwargs, pretrained, arch)
     trainer = fit(evaluator, supernet, module, folder, kind, processes)
     substituted = int(trainer.strategy.reduce(torch.tensor(data.undecodable_count(train_set)), reduce_op='sum'))

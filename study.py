@@ -26,6 +26,7 @@ The check (the default ``--parts spread,control``) reads only ``--weights`` and 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -346,13 +347,11 @@ def widest_within(space_kwargs: Mapping[str, Any], budget: float) -> dict[str, A
     """What a person would pick by hand: the same layer everywhere, the widest embedding, then the widest
     MLP and the most heads, then the most layers, that fit ``budget`` (M params)."""
     choices = arch_choices(space_kwargs)
-    for embed in sorted(choices['embed_dim'], reverse=True):
-        for ratio in sorted(choices['mlp_ratio_0'], reverse=True):
-            for heads in sorted(choices['num_head_0'], reverse=True):
-                for depth in sorted(choices['depth'], reverse=True):
-                    arch = make_arch(embed, [ratio] * depth, [heads] * depth)
-                    if count_params(arch, **space_kwargs) / 1e6 <= budget:
-                        return arch
+    for embed, ratio, heads, depth in itertools.product(*(sorted(choices[key], reverse=True) for key in
+                                                          ('embed_dim', 'mlp_ratio_0', 'num_head_0', 'depth'))):
+        arch = make_arch(embed, [ratio] * depth, [heads] * depth)
+        if count_params(arch, **space_kwargs) / 1e6 <= budget:
+            return arch
     return None
 
 
