@@ -32,7 +32,7 @@ RETRAIN = {name: dict(epochs=300, warmup=5) for name in ('imagenet', 'cifar10')}
 DEFAULT_PRESETS = {'digits': 'demo', 'fashion-mnist': 'fashion', 'small': 'demo'}  # by recipe; else tiny
 
 # The learning rate is base_lr x global batch / 512 (the official rule, as scratch.py's) unless --learning-rate
-# gives it: 5e-4 at the default batch 128 on 4 GPUs, as the seed's command line.
+# gives it: 5e-4 at the default batch 128 on 4 GPUs.
 _IMAGENET = dict(_PAPER, epochs=100, warmup=5, base_lr=5e-4)
 FINETUNE = {
     'imagenet': _IMAGENET,
