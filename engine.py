@@ -1,19 +1,17 @@
 """DeiT's "train and eval functions": the accuracy loop shared by evaluate.py, the search's candidates
-(candidates.py) and study.py, and the training driver of scratch.py and finetune.py (the LightningModule it
-drives is in lightning.py).
+(candidates.py) and study.py, and the training driver of scratch.py and finetune.py, in steps: data, loaders,
+the model, the fit, the files written (the LightningModule, its checkpoints and what a stopped trainer means are in
+lightning.py).
 """
 from __future__ import annotations
 
 import logging
 import os
-import shlex
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn as nn
@@ -23,10 +21,10 @@ from tqdm import tqdm
 import data
 import folders
 import samplers
-from checkpoints import check_finite, save_weights
+from checkpoints import check_finite, load_checked, save_weights
 from metrics import confusion_counts, running_value, summarize
-from space import AutoformerSpace, build_supernet, canonical_arch, init_weights
-from utils import (AUTOCAST, COMPILE_ON_CPU, Stopped, UserError, atomic_write_json, check_output_folder, check_writable,
+from space import AutoformerSpace, build_supernet, canonical_arch, init_weights, set_active_arch
+from utils import (AUTOCAST, COMPILE_ON_CPU, UserError, atomic_write_json, check_output_folder, check_writable,
                    default_precision, json_form, lock_output, read_json, remove_unfinished_writes, set_up_precision)
 
 if TYPE_CHECKING:
@@ -170,10 +168,6 @@ class TrainingRun:
     compile: bool
 
 
-# --------------------------------------------------------------------------------------------
-# The training driver shared by scratch.py and finetune.py
-# --------------------------------------------------------------------------------------------
-
 def check_launcher(num_nodes: int) -> None:
     """Several machines need a launcher that tells each one its rank; without one, every machine would
     wait forever for the others."""
@@ -218,57 +212,11 @@ def training_devices(run: TrainingRun) -> tuple[bool, int]:
     return use_gpu, gpus if use_gpu else run.cpu_processes
 
 
-def raise_if_stopped(trainer: 'pl.Trainer', folder: RunFolder, error: BaseException) -> None:
-    """:class:`utils.Stopped` with the command that continues, when Ctrl-C or SIGTERM stopped ``trainer``. On
-    SIGTERM sent to the whole process group the loader's workers die too, and their error is this stop as well;
-    any other error (Lightning marks the trainer interrupted by it too) is left as it is."""
-    sigterm = trainer._signal_connector.received_sigterm
-    if not (sigterm or trainer.interrupted and isinstance(error, (KeyboardInterrupt, SystemExit))):
-        return
-    argv = [arg for arg in sys.argv if arg != '--resume']
-    if '--output' not in argv and not any(arg.startswith('--output=') for arg in argv):
-        argv += ['--output', str(folder.root)]
-    command = ' '.join(shlex.quote(arg) for arg in ['python', *argv, '--resume'])
-    name, number = ('SIGTERM', signal.SIGTERM) if sigterm else ('SIGINT', signal.SIGINT)
-    raise Stopped(f'training stopped by {name} in epoch {trainer.current_epoch}; the checkpoints of the epochs it '
-                  f'finished are in {folder.checkpoints}. Continue with: {command}', 128 + number) from None
-
-
-def check_ranks_agree(trainer: pl.Trainer, supernet: nn.Module) -> None:
-    """Refuse to go on if DDP ranks ended with different weights (compares a digest of every tensor)."""
-    digest = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()])
-                          for t in supernet.state_dict().values()]).flatten().to(trainer.strategy.root_device)
-    gathered = trainer.strategy.all_gather(digest)
-    if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
-        raise RuntimeError('DDP ranks ended with different supernet weights')
-    if trainer.is_global_zero:
-        print(f'DDP: all {len(gathered)} ranks hold identical supernet weights')
-
-
 def is_first_process() -> bool:
     """True in the process a user started, false in the other DDP ranks (Lightning's own launcher,
     torchrun and SLURM all set one of these)."""
     return all(os.environ.get(name, '0') == '0'
                for name in ('RANK', 'LOCAL_RANK', 'NODE_RANK', 'GROUP_RANK', 'SLURM_PROCID'))
-
-
-# What gloo (and a lost rendezvous store) raise in the survivors when a process or machine of the run dies.
-LOST_PEER = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'NCCL communicator was aborted')
-
-
-@contextmanager
-def lost_peers_reported(processes: int) -> Iterator[None]:
-    """Turn the error a DDP rank gets when another rank's process or machine dies (at its next collective, within
-    seconds) into one line, instead of a traceback from every surviving process."""
-    try:
-        yield
-    except RuntimeError as err:
-        cause = next((phrase for phrase in LOST_PEER if phrase in str(err)), None)
-        if processes == 1 or (cause is None and not isinstance(err, torch.distributed.DistNetworkError)):
-            raise
-        raise UserError(f'lost contact with another training process ({cause or str(err).splitlines()[0]}): a '
-                        'machine or process of this run stopped; start the run again on every machine with --resume '
-                        'to continue from its last checkpoint') from None
 
 
 def check_run_output(folder: RunFolder, resume: bool, fingerprint: Mapping[str, Any]) -> None:
@@ -291,13 +239,12 @@ RECIPE_FLAGS = ('batch_size', 'learning_rate', 'min_lr', 'warmup_lr', 'warmup', 
 
 
 def validate_inherited(space_kwargs: Mapping[str, Any], pretrained: Mapping[str, torch.Tensor],
-                       arch: Mapping[str, Any] | None, archs: Mapping[str, Mapping[str, Any]],
-                       val_loader: DataLoader) -> dict[str, float]:
-    """Validation of the inherited weights before the first epoch: the baseline a fine-tune improves on
-    (a new classifier head starts at chance)."""
-    from checkpoints import load_checked
-    from space import set_active_arch
+                       arch: Mapping[str, Any] | None, val_loader: DataLoader) -> dict[str, float]:
+    """Validation of the inherited weights before the first epoch, of the archs training validates: the baseline a
+    fine-tune improves on (a new classifier head starts at chance)."""
+    from lightning import validation_archs
 
+    archs = {'subnet': arch} if arch else validation_archs(space_kwargs)
     model = AutoformerSpace(**space_kwargs).freeze(arch) if arch else build_supernet(space_kwargs)
     load_checked(model, pretrained, 'the pretrained weights', optional=('head.',))
     before = {}
@@ -310,26 +257,6 @@ def validate_inherited(space_kwargs: Mapping[str, Any], pretrained: Mapping[str,
     print('before training, inherited weights' + head + ': '
           + ', '.join(f'{key} {value:.2f}' for key, value in before.items()), flush=True)
     return before
-
-
-def write_best_weights(checkpoints: Any, folder: RunFolder, kind: str, space_kwargs: Mapping[str, Any],
-                       arch: Mapping[str, Any] | None, described: Mapping[str, Any]) -> dict[str, Any] | None:
-    """``<kind>-best.pth``: the weights of the epoch with the best validation (``best.ckpt``, by balanced
-    accuracy; the EMA weights when they were validated) beside the last epoch's ``<kind>.pth``."""
-    path = Path(checkpoints.best_model_path or '')
-    if not path.is_file():
-        return None
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-    state = checkpoint['state_dict']
-    prefix = 'ema.module.' if any(key.startswith('ema.module.') for key in state) else '_model.'
-    weights = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-    target = folder.weights(f'{kind}-best')
-    save_weights(target, weights, space_kwargs, arch=arch, data=described)
-    best = {'epoch': checkpoint['epoch'], checkpoints.monitor: float(checkpoints.best_model_score),
-            'weights': target.name}
-    print(f'wrote {target}: the best epoch by {checkpoints.monitor} (epoch {best["epoch"]}, '
-          f'{best[checkpoints.monitor]:.2f}); {folder.weights(kind).name} holds the last epoch')
-    return best
 
 
 def peak_learning_rate(run: TrainingRun, processes: int) -> float:
@@ -398,35 +325,83 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
            arch: Mapping[str, Any] | None, fingerprint: Mapping[str, Any] | None = None) -> Path:
     import pytorch_lightning as pl  # here: the search's warm workers import this module and never train
 
-    from lightning import AtomicCheckpointIO, SupernetModule, build_evaluator, validation_archs
+    from lightning import SupernetModule, add_checkpoints_and_logger, build_evaluator
 
-    folder = RunFolder(Path(run.output))
+    folder, kind = RunFolder(Path(run.output)), 'subnet' if arch else 'supernet'
     pl.seed_everything(run.seed, workers=True, verbose=False)
     trainer_kwargs, processes = trainer_settings(run)
     if run.compile and arch is None and trainer_kwargs['accelerator'] == 'cpu' and is_first_process():
         print(COMPILE_ON_CPU.format(what='step'))
+    train_set, val_set, held_out = training_data(run, space_kwargs, kind)
+    repeats, steps_per_epoch = epoch_plan(run, train_set, processes)
+    if fingerprint is not None:
+        atomic_write_json(fingerprint, folder.record)
+    train_loader, val_loader = training_loaders(run, train_set, val_set, processes, repeats)
+    module = SupernetModule(
+        space_kwargs, learning_rate=peak_learning_rate(run, processes), min_lr=run.min_lr, warmup_lr=run.warmup_lr,
+        weight_decay=run.weight_decay, epochs=run.epochs, warmup_epochs=run.warmup, steps_per_epoch=steps_per_epoch,
+        smoothing=run.smoothing, mixup=run.mixup, cutmix=run.cutmix, ema_decay=run.ema_decay or 0.0,
+        rel_pos_decay=run.rel_pos_decay, seed=run.seed, schedule=run.schedule, skip_unsampled=run.skip_unsampled,
+        pretrained=pretrained, arch=arch, compile=run.compile)
+    checkpoints = add_checkpoints_and_logger(trainer_kwargs, 'val_balanced_subnet' if arch else 'val_balanced_max',
+                                             folder.last_checkpoint, folder.logs)
+    evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs,
+                                str(folder.last_checkpoint) if run.resume else None)
+    before = validate_inherited(space_kwargs, pretrained, arch, val_loader) \
+        if pretrained is not None and not run.resume and is_first_process() else None
+    supernet = model_to_train(run, space_kwargs, pretrained, arch)
+    trainer = fit(evaluator, supernet, module, folder, kind, processes)
+    substituted = int(trainer.strategy.reduce(torch.tensor(folders.undecodable_count(train_set)), reduce_op='sum'))
+    if trainer.is_global_zero:
+        described = {**data.description(run.dataset, run.datapath, space_kwargs['img_size'], train_set.classes),
+                     **held_out}
+        best = save_trained(supernet, module, checkpoints, folder, kind, space_kwargs, arch, described)
+        per_class = say_per_class(module, train_set.classes)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        atomic_write_json({'epochs': trainer.current_epoch, **metrics, 'per_class': per_class,
+                           'classes': list(train_set.classes), 'undecodable_images': substituted,
+                           'undecodable_val_images': folders.undecodable_count(val_set), **held_out,
+                           **({'best': best} if best else {}), **({'before_training': before} if before else {})},
+                          folder.metrics)
+        if substituted:
+            print(f'{substituted} undecodable training images were replaced by the next image (see the warning '
+                  'above for the first)', file=sys.stderr)
+        print(f'wrote {folder.weights(kind)}; '
+              + ', '.join(f'{k} {v:.2f}' for k, v in metrics.items() if k.startswith('val_')))
+    return folder.weights(kind)
+
+
+def training_data(run: TrainingRun, space_kwargs: Mapping[str, Any], kind: str) -> tuple[Any, Any, dict[str, str]]:
+    """Both splits, checked, and the note on validation images held out of the training images (printed once)."""
     train_set = data.build_dataset(run.dataset, run.datapath, 'train', space_kwargs['img_size'], training=True)
     val_set = data.build_dataset(run.dataset, run.datapath, 'val', space_kwargs['img_size'])
-    kind, stored_arch = ('subnet', canonical_arch(arch)) if arch else ('supernet', None)
     data.check_classes(run.dataset, len(train_set.classes), space_kwargs, kind)
     if list(val_set.classes) != list(train_set.classes):  # a class missing from val/ would shift every label
         raise UserError(f'the validation classes of {run.dataset} differ from its training classes '
                         f'({len(val_set.classes)} against {len(train_set.classes)}, first difference: '
                         f'{next(iter(set(val_set.classes) ^ set(train_set.classes)), "their order")}): give val/ the '
                         'same class folders as train/')
-    # Validation images held out of the training images: printed once and recorded with the weights and metrics.
     held_out = {'validation': folders.held_out_note(run.dataset, run.datapath, len(train_set), len(val_set))} \
         if folders.carves_validation(run.dataset, run.datapath) else {}
     if held_out and is_first_process():
         print(held_out['validation'], flush=True)
+    return train_set, val_set, held_out
+
+
+def epoch_plan(run: TrainingRun, train_set: Any, processes: int) -> tuple[int, int]:
+    """The reads of each image an epoch, and the optimizer steps of an epoch."""
     # The official repeated augmentation runs under DDP only; balanced sampling draws its own epoch instead.
     repeats = samplers.REPEATS if run.repeated_aug and processes > 1 and not run.balanced_sampling else 1
     drawn = len(train_set) // processes * processes if run.balanced_sampling else len(train_set)
     steps_per_epoch = check_batches(drawn, run.batch_size, processes, repeats)
     if is_first_process():
         say_imbalance(train_set, run.balanced_sampling)
-    if fingerprint is not None:
-        atomic_write_json(fingerprint, folder.record)
+    return repeats, steps_per_epoch
+
+
+def training_loaders(run: TrainingRun, train_set: Any, val_set: Any, processes: int,
+                     repeats: int) -> tuple[DataLoader, DataLoader]:
+    """This rank's share of the training images, shuffled, and of the validation images, in order."""
     if repeats > 1 and is_first_process():
         print(f'repeated augmentation: {samplers.images_per_rank(len(train_set), processes, repeats) * processes} '
               f'images an epoch across {processes} processes, each {repeats} times (--no-repeated-aug turns it off)')
@@ -437,42 +412,31 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
                                          balanced=run.balanced_sampling)
     train_loader = samplers.build_loader(train_set, run.batch_size, run.num_workers, drop_last=True,
                                          sampler=train_sampler, generator=torch.Generator().manual_seed(run.seed))
-    val_loader = samplers.build_loader(val_set, run.batch_size, run.num_workers,
-                                       sampler=samplers.RankSampler(val_set, shuffle=False))
-    module = SupernetModule(
-        space_kwargs, learning_rate=peak_learning_rate(run, processes),
-        min_lr=run.min_lr,
-        warmup_lr=run.warmup_lr, weight_decay=run.weight_decay, epochs=run.epochs, warmup_epochs=run.warmup,
-        steps_per_epoch=steps_per_epoch, smoothing=run.smoothing, mixup=run.mixup,
-        cutmix=run.cutmix, ema_decay=run.ema_decay or 0.0, rel_pos_decay=run.rel_pos_decay, seed=run.seed,
-        schedule=run.schedule, skip_unsampled=run.skip_unsampled, pretrained=pretrained, arch=arch,
-        compile=run.compile)
-    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=folder.checkpoints, filename='best', mode='max',
-                                               monitor='val_balanced_subnet' if arch else 'val_balanced_max')
-    # last.ckpt after every epoch: Lightning 2.6's save_last writes it only when the best improved, so a run
-    # stopped after epochs without a new best resumed from the last one that had one.
-    last = pl.callbacks.ModelCheckpoint(dirpath=folder.checkpoints, filename=folder.last_checkpoint.stem,
-                                        enable_version_counter=False)
-    # The CSV logger starts a new version per (resumed) run: no log is overwritten.
-    trainer_kwargs.update(callbacks=[checkpoints, last], plugins=[AtomicCheckpointIO()],
-                          logger=pl.loggers.CSVLogger(folder.root, name=folder.logs.name))
-    evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs,
-                                str(folder.last_checkpoint) if run.resume else None)
-    before = None
-    if pretrained is not None and not run.resume and is_first_process():
-        archs = {'subnet': arch} if arch else validation_archs(space_kwargs)
-        before = validate_inherited(space_kwargs, pretrained, arch, archs, val_loader)
+    return train_loader, samplers.build_loader(val_set, run.batch_size, run.num_workers,
+                                           sampler=samplers.RankSampler(val_set, shuffle=False))
+
+
+def model_to_train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mapping[str, torch.Tensor] | None,
+                   arch: Mapping[str, Any] | None) -> nn.Module:
+    """The supernet, or the one subnet of ``arch``."""
     training_space = {**space_kwargs, 'drop_path_rate': run.drop_path}
     supernet = AutoformerSpace(**training_space).freeze(arch) if arch else build_supernet(training_space)
     if arch and pretrained is None:  # retrained from scratch: the official init, as the supernet's
         init_weights(supernet)
     if run.compile and arch:  # the supernet compiles its one graph for every arch itself (SupernetModule)
         supernet.compile()  # in place: the state dict keeps its keys, so checkpoints and weights files stay the same
+    return supernet
+
+
+def fit(evaluator: Any, supernet: nn.Module, module: Any, folder: RunFolder, kind: str, processes: int) -> Any:
+    """Train; a stop by a signal, a lost DDP peer, no finite step or DDP ranks that disagree end in one error."""
+    from lightning import check_ranks_agree, lost_peers_reported, raise_if_stopped
+
     with lost_peers_reported(processes):
         try:
             evaluator.evaluate(supernet)
         except (SystemExit, KeyboardInterrupt, RuntimeError) as error:  # Lightning's graceful stop on Ctrl-C or SIGTERM
-            raise_if_stopped(evaluator.trainer, folder, error)
+            raise_if_stopped(evaluator.trainer, folder.root, folder.checkpoints, error)
             raise
         trainer = evaluator.trainer
         if trainer.global_step == module.skipped_together:
@@ -480,31 +444,31 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
                             f'batch was trained; {folder.weights(kind)} not written')
         if processes > 1:
             check_ranks_agree(trainer, supernet)
-    substituted = int(trainer.strategy.reduce(torch.tensor(folders.undecodable_count(train_set)), reduce_op='sum'))
-    weights = folder.weights(kind)
-    if trainer.is_global_zero:
-        check_finite(supernet.state_dict(), f'the trained {kind} (not written to {weights})')
-        described = {**data.description(run.dataset, run.datapath, space_kwargs['img_size'], train_set.classes),
-                     **held_out}
-        save_weights(weights, supernet.state_dict(), space_kwargs, arch=stored_arch, data=described)
-        if module.ema is not None:
-            save_weights(folder.ema_weights(kind), module.ema.module.state_dict(), space_kwargs, arch=stored_arch,
-                         data=described)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        best = write_best_weights(checkpoints, folder, kind, space_kwargs, stored_arch, described)
-        per_class = {name: summarize(confusion)['per_class']
-                     for name, confusion in getattr(module, 'val_confusions', {}).items() if confusion.sum() > 0}
-        if per_class:
-            print('per-class validation top-1 of the last epoch: ' + '; '.join(
-                f'{name}: ' + ', '.join(f'{cls} {acc:.1f}' for cls, acc in zip(train_set.classes, accs)
-                                        if acc is not None) for name, accs in per_class.items()))
-        atomic_write_json({'epochs': trainer.current_epoch, **metrics, 'per_class': per_class,
-                           'classes': list(train_set.classes), 'undecodable_images': substituted,
-                           'undecodable_val_images': folders.undecodable_count(val_set), **held_out,
-                           **({'best': best} if best else {}), **({'before_training': before} if before else {})},
-                          folder.metrics)
-        if substituted:
-            print(f'{substituted} undecodable training images were replaced by the next image (see the warning '
-                  'above for the first)', file=sys.stderr)
-        print(f'wrote {weights}; ' + ', '.join(f'{k} {v:.2f}' for k, v in metrics.items() if k.startswith('val_')))
-    return weights
+    return trainer
+
+
+def save_trained(supernet: nn.Module, module: Any, checkpoints: Any, folder: RunFolder, kind: str,
+                 space_kwargs: Mapping[str, Any], arch: Mapping[str, Any] | None,
+                 described: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The last epoch's weights (and their EMA average) unless not finite, and the best epoch's (returns its record)."""
+    from lightning import write_best_weights
+
+    weights, stored_arch = folder.weights(kind), canonical_arch(arch) if arch else None
+    check_finite(supernet.state_dict(), f'the trained {kind} (not written to {weights})')
+    save_weights(weights, supernet.state_dict(), space_kwargs, arch=stored_arch, data=described)
+    if module.ema is not None:
+        save_weights(folder.ema_weights(kind), module.ema.module.state_dict(), space_kwargs, arch=stored_arch,
+                     data=described)
+    return write_best_weights(checkpoints, folder.weights(f'{kind}-best'), weights, space_kwargs, stored_arch,
+                              described)
+
+
+def say_per_class(module: Any, classes: list[str]) -> dict[str, list[float | None]]:
+    """The last epoch's per-class validation top-1 of each validated arch, printed on one line."""
+    per_class = {name: summarize(confusion)['per_class']
+                 for name, confusion in getattr(module, 'val_confusions', {}).items() if confusion.sum() > 0}
+    if per_class:
+        print('per-class validation top-1 of the last epoch: ' + '; '.join(
+            f'{name}: ' + ', '.join(f'{cls} {acc:.1f}' for cls, acc in zip(classes, accs) if acc is not None)
+            for name, accs in per_class.items()))
+    return per_class

@@ -1,5 +1,6 @@
 """The Lightning evaluator that trains an AutoFormer supernet (weight entanglement) or one fixed subnet,
-DeiT's recipe; the driver that runs it for scratch.py and finetune.py is ``engine.train_supernet``.
+DeiT's recipe, with its checkpoints and what a trainer stopped by a signal or a lost DDP peer means; the driver
+that runs it for scratch.py and finetune.py is ``engine.train_supernet``.
 
 Every training step samples one architecture uniformly and updates the slices it uses. The
 supernet is NNI's ``RandomOneShot`` mutation of :class:`space.AutoformerSpace`; the sampling is
@@ -20,10 +21,15 @@ import logging
 import math
 import os
 import random
+import shlex
+import signal
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 import torch.nn as nn
 from nni.nas.evaluator.pytorch import Lightning, LightningModule, Trainer
@@ -33,11 +39,11 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3, accuracy
 
 import nni_patches  # noqa: F401  its warning filters (NNI's evaluator on Lightning)
-from checkpoints import check_finite, load_checked
+from checkpoints import check_finite, load_checked, save_weights
 from masked_supernet import MaskedSupernet
 from metrics import confusion_counts, running_value
 from space import SEARCHED, AutoformerSpace, extreme_arch, preset_name, sample_arch, set_active_arch
-from utils import SCHEDULES, atomic_torch_save, seed_for
+from utils import SCHEDULES, Stopped, UserError, atomic_torch_save, seed_for
 
 _logger = logging.getLogger(__name__)
 
@@ -346,3 +352,85 @@ def build_evaluator(module: SupernetModule, train_loader, val_loader, trainer_kw
     trainer = Trainer(**trainer_kwargs)
     return Lightning(module, trainer, train_dataloaders=train_loader, val_dataloaders=val_loader,
                      fit_kwargs={'ckpt_path': ckpt_path} if ckpt_path else None)
+
+
+def add_checkpoints_and_logger(trainer_kwargs: dict[str, Any], monitor: str, last_checkpoint: Path,
+                               logs: Path) -> pl.callbacks.ModelCheckpoint:
+    """Checkpoint callbacks, the atomic checkpoint writer and the CSV logger into ``trainer_kwargs``; returns the
+    best.ckpt callback (the best epoch by ``monitor``), beside ``last_checkpoint``."""
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=last_checkpoint.parent, filename='best', mode='max',
+                                               monitor=monitor)
+    # last.ckpt after every epoch: Lightning 2.6's save_last writes it only when the best improved, so a run
+    # stopped after epochs without a new best resumed from the last one that had one.
+    last = pl.callbacks.ModelCheckpoint(dirpath=last_checkpoint.parent, filename=last_checkpoint.stem,
+                                        enable_version_counter=False)
+    # The CSV logger starts a new version per (resumed) run: no log is overwritten.
+    trainer_kwargs.update(callbacks=[checkpoints, last], plugins=[AtomicCheckpointIO()],
+                          logger=pl.loggers.CSVLogger(logs.parent, name=logs.name))
+    return checkpoints
+
+
+def write_best_weights(checkpoints: pl.callbacks.ModelCheckpoint, target: Path, last: Path,
+                       space_kwargs: Mapping[str, Any], arch: Mapping[str, Any] | None,
+                       described: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``target`` (``<kind>-best.pth``): the weights of the epoch with the best validation (``best.ckpt``, by
+    balanced accuracy; the EMA weights when they were validated) beside the last epoch's ``last``."""
+    path = Path(checkpoints.best_model_path or '')
+    if not path.is_file():
+        return None
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    state = checkpoint['state_dict']
+    prefix = 'ema.module.' if any(key.startswith('ema.module.') for key in state) else '_model.'
+    weights = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    save_weights(target, weights, space_kwargs, arch=arch, data=described)
+    best = {'epoch': checkpoint['epoch'], checkpoints.monitor: float(checkpoints.best_model_score),
+            'weights': target.name}
+    print(f'wrote {target}: the best epoch by {checkpoints.monitor} (epoch {best["epoch"]}, '
+          f'{best[checkpoints.monitor]:.2f}); {last.name} holds the last epoch')
+    return best
+
+
+def raise_if_stopped(trainer: Trainer, output: Path, checkpoints: Path, error: BaseException) -> None:
+    """:class:`utils.Stopped` with the command that continues, when Ctrl-C or SIGTERM stopped ``trainer``. On
+    SIGTERM sent to the whole process group the loader's workers die too, and their error is this stop as well;
+    any other error (Lightning marks the trainer interrupted by it too) is left as it is."""
+    sigterm = trainer._signal_connector.received_sigterm
+    if not (sigterm or trainer.interrupted and isinstance(error, (KeyboardInterrupt, SystemExit))):
+        return
+    argv = [arg for arg in sys.argv if arg != '--resume']
+    if '--output' not in argv and not any(arg.startswith('--output=') for arg in argv):
+        argv += ['--output', str(output)]
+    command = ' '.join(shlex.quote(arg) for arg in ['python', *argv, '--resume'])
+    name, number = ('SIGTERM', signal.SIGTERM) if sigterm else ('SIGINT', signal.SIGINT)
+    raise Stopped(f'training stopped by {name} in epoch {trainer.current_epoch}; the checkpoints of the epochs it '
+                  f'finished are in {checkpoints}. Continue with: {command}', 128 + number) from None
+
+
+def check_ranks_agree(trainer: Trainer, supernet: nn.Module) -> None:
+    """Refuse to go on if DDP ranks ended with different weights (compares a digest of every tensor)."""
+    digest = torch.stack([torch.stack([t.double().sum(), t.double().square().sum()])
+                          for t in supernet.state_dict().values()]).flatten().to(trainer.strategy.root_device)
+    gathered = trainer.strategy.all_gather(digest)
+    if not all(torch.equal(gathered[0], other) for other in gathered[1:]):
+        raise RuntimeError('DDP ranks ended with different supernet weights')
+    if trainer.is_global_zero:
+        print(f'DDP: all {len(gathered)} ranks hold identical supernet weights')
+
+
+# What gloo (and a lost rendezvous store) raise in the survivors when a process or machine of the run dies.
+LOST_PEER = ('Connection closed by peer', 'Connection reset by peer', 'Broken pipe', 'NCCL communicator was aborted')
+
+
+@contextmanager
+def lost_peers_reported(processes: int) -> Iterator[None]:
+    """Turn the error a DDP rank gets when another rank's process or machine dies (at its next collective, within
+    seconds) into one line, instead of a traceback from every surviving process."""
+    try:
+        yield
+    except RuntimeError as err:
+        cause = next((phrase for phrase in LOST_PEER if phrase in str(err)), None)
+        if processes == 1 or (cause is None and not isinstance(err, torch.distributed.DistNetworkError)):
+            raise
+        raise UserError(f'lost contact with another training process ({cause or str(err).splitlines()[0]}): a '
+                        'machine or process of this run stopped; start the run again on every machine with --resume '
+                        'to continue from its last checkpoint') from None

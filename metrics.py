@@ -1,9 +1,12 @@
 """What a confusion matrix says: top-1, balanced accuracy (the mean of the per-class accuracies), per-class
-accuracy; and how uncertain a top-1 is. Shared by the accuracy loop (engine.py), Lightning's validation
-(lightning.py), the search (search.py) and the study (study.py)."""
+accuracy; and how uncertain a measure is: a top-1's binomial standard error, a mean's, a paired difference's, a
+Kendall tau's interval. One module, so that the training, the search and the study compute a figure and its
+spread one way."""
 from __future__ import annotations
 
 import math
+import random
+import statistics
 from typing import Any
 
 import torch
@@ -43,3 +46,39 @@ def summarize(confusion: torch.Tensor, top5_hits: int | None = None) -> dict[str
     return {'top1': 100 * confusion.trace().item() / total,
             'top5': 100 * top5_hits / total if top5_hits is not None and classes > 5 else None,
             'balanced': sum(present) / len(present), 'per_class': per_class, 'confusion': confusion.tolist()}
+
+
+def kendall(first: list[float], second: list[float], resamples: int = 1000) -> dict[str, float | None]:
+    """Kendall tau-b with its two-sided p-value (scipy) and a bootstrap 95% interval over the pairs; tau is
+    None when one side is constant (no ranking at all)."""
+    from scipy.stats import kendalltau
+
+    tau, p_value = kendalltau(first, second)
+    if math.isnan(tau):
+        return {'tau': None, 'p': None, 'low': None, 'high': None, 'n': len(first)}
+    rng, taus = random.Random(0), []
+    for _ in range(resamples):
+        picks = [rng.randrange(len(first)) for _ in first]
+        resampled = kendalltau([first[i] for i in picks], [second[i] for i in picks])[0]
+        if not math.isnan(resampled):
+            taus.append(resampled)
+    taus.sort()
+    low, high = (taus[int(0.025 * len(taus))], taus[int(0.975 * len(taus)) - 1]) if resamples else (None, None)
+    return {'tau': float(tau), 'p': float(p_value), 'low': low, 'high': high, 'n': len(first)}
+
+
+def paired_difference(first: torch.Tensor, second: torch.Tensor) -> tuple[float, float]:
+    """Top-1 of ``first`` minus ``second`` on the same images, with its paired standard error (points)."""
+    diff = first.float() - second.float()
+    return 100 * diff.mean().item(), 100 * diff.std().item() / math.sqrt(len(diff))
+
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """The mean and its standard error; None for one value (no spread is measured, not a spread of 0)."""
+    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
+
+
+def plus_minus(mean: float, se: float | None, digits: int = 2) -> str:
+    """``mean ± se``, or ``mean (one run: no standard error)``."""
+    spread = f' ± {se:.{digits}f}' if se is not None else ' (one run: no standard error)'
+    return f'{mean:.{digits}f}{spread}'

@@ -9,24 +9,22 @@ from utils import UserError
 
 # The learning rate is base_lr x global batch / 512 (the official rule) unless --learning-rate gives it. The
 # schedule is the official per-epoch cosine for the long runs; the short runs of the small data sets step it
-# every step (a per-epoch warmup would hold a 1-epoch run at --warmup-lr).
+# every step (a per-epoch warmup would hold a 1-epoch run at --warmup-lr). Every recipe keeps the paper's floor
+# rates, weight decay and label smoothing; the paper's augmentation (Mixup, CutMix, drop path) is for the long runs.
+_COMMON = dict(min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05, smoothing=0.1)
+_PAPER = dict(_COMMON, mixup=0.8, cutmix=1.0, drop_path=0.1, batch_size=128, schedule='epoch')
+_SHORT = dict(_COMMON, mixup=0.0, cutmix=0.0, drop_path=0.0, schedule='step')
 SCRATCH = {
-    # The paper's (DeiT's) for ImageNet.
-    'imagenet': dict(epochs=500, warmup=20, base_lr=5e-4, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                     smoothing=0.1, mixup=0.8, cutmix=1.0, drop_path=0.1, batch_size=128, schedule='epoch'),
-    'cifar10': dict(epochs=300, warmup=20, base_lr=5e-4, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                    smoothing=0.1, mixup=0.8, cutmix=1.0, drop_path=0.1, batch_size=128, schedule='epoch'),
+    'imagenet': dict(_PAPER, epochs=500, warmup=20, base_lr=5e-4),  # the paper's (DeiT's)
+    'cifar10': dict(_PAPER, epochs=300, warmup=20, base_lr=5e-4),
     # A folder of few or small images (choose_recipe), on the 32 px demo space: a rate that learns in
     # tens of epochs, no Mixup/CutMix; small images get crops and flips only (data.py).
-    'small': dict(epochs=50, warmup=3, base_lr=8e-3, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                  smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=64, schedule='step'),
-    # Sized for a laptop CPU: 2e-3 at batch 32.
-    'digits': dict(epochs=40, warmup=2, base_lr=3.2e-2, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                   smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=32, schedule='step'),
-    # Small images: no Mixup/CutMix or RandAugment (they slow a short run down), flips only (data.py);
-    # batch 128 (1.5e-3) trains 1.4x the images per second of batch 64 on a 2-core CPU; 26 epochs take 18 minutes.
-    'fashion-mnist': dict(epochs=26, warmup=2, base_lr=6e-3, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                          smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=128, schedule='step'),
+    'small': dict(_SHORT, epochs=50, warmup=3, base_lr=8e-3, batch_size=64),
+    # Sized for a laptop CPU: base_lr x 32 / 512 = 2e-3 at its batch 32.
+    'digits': dict(_SHORT, epochs=40, warmup=2, base_lr=3.2e-2, batch_size=32),
+    # Small images: no Mixup/CutMix or RandAugment (they slow a short run down), flips only (data.py); batch 128
+    # (1.5e-3): more images per second than 64 on a small CPU (bench/results/recipes-notes.md).
+    'fashion-mnist': dict(_SHORT, epochs=26, warmup=2, base_lr=6e-3, batch_size=128),
 }
 # Retraining one subnet (scratch.py --arch), the official --mode retrain: its script's defaults, 300 epochs and
 # 5 of warmup, where the supernet recipe is the paper's (the small data sets' recipes stay as they are).
@@ -34,18 +32,14 @@ RETRAIN = {name: dict(epochs=300, warmup=5) for name in ('imagenet', 'cifar10')}
 DEFAULT_PRESETS = {'digits': 'demo', 'fashion-mnist': 'fashion', 'small': 'demo'}  # by recipe; else tiny
 
 # The learning rate is base_lr x global batch / 512 (the official rule, as scratch.py's) unless --learning-rate
-# gives it: 5e-4 at the default batch 128 on 4 GPUs, as the seed's command line.
-_IMAGENET = dict(epochs=100, warmup=5, base_lr=5e-4, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                 smoothing=0.1, mixup=0.8, cutmix=1.0, drop_path=0.1, batch_size=128, schedule='epoch')
+# gives it: 5e-4 at the default batch 128 on 4 GPUs.
+_IMAGENET = dict(_PAPER, epochs=100, warmup=5, base_lr=5e-4)
 FINETUNE = {
     'imagenet': _IMAGENET,
     'cifar10': _IMAGENET,
-    'small': dict(epochs=30, warmup=2, base_lr=4e-3, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                  smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=64, schedule='step'),
-    'digits': dict(epochs=5, warmup=1, base_lr=4e-3, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                   smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=64, schedule='step'),
-    'fashion-mnist': dict(epochs=1, warmup=0, base_lr=1.6e-3, min_lr=1e-5, warmup_lr=1e-6, weight_decay=0.05,
-                          smoothing=0.1, mixup=0.0, cutmix=0.0, drop_path=0.0, batch_size=64, schedule='step'),
+    'small': dict(_SHORT, epochs=30, warmup=2, base_lr=4e-3, batch_size=64),
+    'digits': dict(_SHORT, epochs=5, warmup=1, base_lr=4e-3, batch_size=64),
+    'fashion-mnist': dict(_SHORT, epochs=1, warmup=0, base_lr=1.6e-3, batch_size=64),
 }
 
 

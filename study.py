@@ -26,8 +26,8 @@ The check (the default ``--parts spread,control``) reads only ``--weights`` and 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import math
 import random
 import statistics
 import subprocess
@@ -44,17 +44,15 @@ import search_data
 from checkpoints import load_supernet_file, read_weights
 from candidates import SearchFolder
 from engine import RunFolder, evaluate
-from metrics import binomial_se
-from plots import save_figure
+from metrics import kendall, mean_se, paired_difference
 from space import (AutoformerSpace, arch_choices, arch_key, count_params, extreme_arch, make_arch, preset_name,
                    sample_arch, inherited_subnet)
+from study_report import PARTS, plot, report, summary_line
 from utils import UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, pick_device, \
     read_json, set_up_precision
 
 import torch
-from torch.utils.data import Dataset
 
-PARTS = ('spread', 'control', 'finetune', 'evolution', 'pick')
 CHECK = ('spread', 'control')
 QUICK = dict(subnets=12, test_images=2000, control_draws=3, finetune_subnets=4, seeds=2, population=4, generations=2,
              finetune_epochs=1, retrain_epochs=1)
@@ -108,61 +106,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# --------------------------------------------------------------------------------------------
-# Statistics
-# --------------------------------------------------------------------------------------------
-
-def kendall(first: list[float], second: list[float], resamples: int = 1000) -> dict[str, float | None]:
-    """Kendall tau-b with its two-sided p-value (scipy) and a bootstrap 95% interval over the pairs; tau is
-    None when one side is constant (no ranking at all)."""
-    from scipy.stats import kendalltau
-
-    tau, p_value = kendalltau(first, second)
-    if math.isnan(tau):
-        return {'tau': None, 'p': None, 'low': None, 'high': None, 'n': len(first)}
-    if resamples == 0:
-        return {'tau': float(tau), 'p': float(p_value), 'low': None, 'high': None, 'n': len(first)}
-    rng = random.Random(0)
-    taus = []
-    for _ in range(resamples):
-        picks = [rng.randrange(len(first)) for _ in first]
-        resampled = kendalltau([first[i] for i in picks], [second[i] for i in picks])[0]
-        if not math.isnan(resampled):
-            taus.append(resampled)
-    taus.sort()
-    return {'tau': float(tau), 'p': float(p_value), 'low': taus[int(0.025 * len(taus))],
-            'high': taus[int(0.975 * len(taus)) - 1], 'n': len(first)}
-
-
-def paired_difference(first: torch.Tensor, second: torch.Tensor) -> tuple[float, float]:
-    """Top-1 of ``first`` minus ``second`` on the same images, with its paired standard error (points)."""
-    diff = first.float() - second.float()
-    return 100 * diff.mean().item(), 100 * diff.std().item() / math.sqrt(len(diff))
-
-
-def mean_se(values: list[float]) -> tuple[float, float | None]:
-    """The mean and its standard error; None for one value (no spread is measured, not a spread of 0)."""
-    return statistics.fmean(values), (statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None)
-
-
-def plus_minus(mean: float, se: float | None, digits: int = 2) -> str:
-    """``mean ± se``, or ``mean (one run: no standard error)``."""
-    spread = f' ± {se:.{digits}f}' if se is not None else ' (one run: no standard error)'
-    return f'{mean:.{digits}f}{spread}'
-
-
-# --------------------------------------------------------------------------------------------
-# Evaluating subnets with inherited weights
-# --------------------------------------------------------------------------------------------
-
-def test_split(dataset: str, datapath: str | None, img_size: int, images: int | None) -> Dataset:
-    """The test split, or a fixed class-balanced subset of ``images`` of it."""
-    test = data.build_dataset(dataset, datapath, 'test', img_size)
-    if images is None or images >= len(test):
-        return test
-    return samplers.balanced_subset(test, images, seed=0)
-
-
 class Evaluator:
     """Inherited top-1 of subnets of one supernet on the search and test splits, each split decoded once into a
     cache in the output folder; per-image results kept for paired comparisons."""
@@ -182,7 +125,9 @@ class Evaluator:
                 raise UserError(f'--datapath {args.datapath} has no train/ folder: the study ranks on training images '
                                 'held apart from the test (val/) images; give the dataset root holding train/ and val/')
             split = search_data.search_split(args.dataset, args.datapath, img_size) if name == 'search' else \
-                test_split(args.dataset, args.datapath, img_size, args.test_images)
+                data.build_dataset(args.dataset, args.datapath, 'test', img_size)
+            if name == 'test' and args.test_images is not None and args.test_images < len(split):
+                split = samplers.balanced_subset(split, args.test_images, seed=0)  # fixed and class-balanced
             classes = len(getattr(split, 'dataset', split).classes)
             data.check_classes(args.dataset, classes, self.space_kwargs, 'supernet')
             search_data.write_cache(split, args.dataset, path, num_workers=args.num_workers,
@@ -238,12 +183,9 @@ def spread(evaluator: Evaluator, args: argparse.Namespace) -> dict[str, Any]:
 
     archs = study_archs(evaluator.space_kwargs, args.subnets, args.seed)
     records = [evaluator.record(arch, label) for label, arch in tqdm(archs, desc='subnets')]
-    return {'records': records, **rankings(records)}
-
-
-def rankings(records: list[dict[str, Any]]) -> dict[str, Any]:
     search, test = [r['search_top1'] for r in records], [r['test_top1'] for r in records]
-    return {'tau_search_test': kendall(search, test), 'tau_params_test': kendall([r['params'] for r in records], test)}
+    return {'records': records, 'tau_search_test': kendall(search, test),
+            'tau_params_test': kendall([r['params'] for r in records], test)}
 
 
 def control(supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any], args: argparse.Namespace,
@@ -272,10 +214,6 @@ def control(supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any
     result['draws'] = {'taus': taus, 'mean': mean, 'se': se}
     return result
 
-
-# --------------------------------------------------------------------------------------------
-# Training and searching through the scripts, as a user runs them
-# --------------------------------------------------------------------------------------------
 
 def run_script(command: list[str], log: list[str], done: bool = False) -> None:
     """Run one of the scripts as a user would (``done``: its result is already there; only logged)."""
@@ -355,11 +293,6 @@ def finetune(evaluator: Evaluator, args: argparse.Namespace, spread_part: Mappin
     return result
 
 
-def search_candidates(output: Path) -> list[dict[str, Any]]:
-    """A search's candidate records in the order they finished."""
-    return sorted((read_json(path) for path in SearchFolder(output).records()), key=lambda r: r['finished'])
-
-
 def run_search(strategy: str, seed: int, budget: float, args: argparse.Namespace, log: list[str]) -> Path:
     """One ``search.py`` run (one process, no web UI), resumed when an earlier study was interrupted in it."""
     output = args.output / 'searches' / f'{strategy}-seed{seed}-{budget:.4g}M-{args.population}x{args.generations}'
@@ -394,7 +327,8 @@ def evolution(evaluator: Evaluator, args: argparse.Namespace, budget: float) -> 
     for seed in range(args.seeds):
         for strategy in ('autoformer', 'random'):
             output = run_search(strategy, seed, budget, args, commands)
-            candidates = search_candidates(output)
+            candidates = sorted((read_json(path) for path in SearchFolder(output).records()),
+                                key=lambda r: r['finished'])  # its candidate records in the order they finished
             best = read_json(SearchFolder(output).best)
             curve = [max(r['top1'] for r in candidates[:i + 1]) for i in range(len(candidates))]
             runs.append({'strategy': strategy, 'seed': seed, 'curve': curve, 'best_arch': best['arch'],
@@ -415,13 +349,11 @@ def widest_within(space_kwargs: Mapping[str, Any], budget: float) -> dict[str, A
     """What a person would pick by hand: the same layer everywhere, the widest embedding, then the widest
     MLP and the most heads, then the most layers, that fit ``budget`` (M params)."""
     choices = arch_choices(space_kwargs)
-    for embed in sorted(choices['embed_dim'], reverse=True):
-        for ratio in sorted(choices['mlp_ratio_0'], reverse=True):
-            for heads in sorted(choices['num_head_0'], reverse=True):
-                for depth in sorted(choices['depth'], reverse=True):
-                    arch = make_arch(embed, [ratio] * depth, [heads] * depth)
-                    if count_params(arch, **space_kwargs) / 1e6 <= budget:
-                        return arch
+    for embed, ratio, heads, depth in itertools.product(*(sorted(choices[key], reverse=True) for key in
+                                                          ('embed_dim', 'mlp_ratio_0', 'num_head_0', 'depth'))):
+        arch = make_arch(embed, [ratio] * depth, [heads] * depth)
+        if count_params(arch, **space_kwargs) / 1e6 <= budget:
+            return arch
     return None
 
 
@@ -454,144 +386,6 @@ def pick(evaluator: Evaluator, args: argparse.Namespace, spread_part: Mapping[st
             'in_budget_random_median_test_top1': statistics.median(r['test_top1'] for r in inside),
             'in_budget_random': len(inside), 'commands': commands}
 
-
-# --------------------------------------------------------------------------------------------
-# The report
-# --------------------------------------------------------------------------------------------
-
-def format_tau(result: Mapping[str, Any] | None) -> str:
-    if not result:
-        return 'not run'
-    if result['tau'] is None:
-        return f'undefined: every subnet scored the same (n={result["n"]})'
-    return (f'{result["tau"]:.3f} (95% bootstrap {result["low"]:.2f} to {result["high"]:.2f}, p={result["p"]:.2g}, '
-            f'n={result["n"]})')
-
-
-def control_tau(part: Mapping[str, Any]) -> str:
-    """The control's measure: the mean tau over its permutations, each listed."""
-    draws = part.get('draws')
-    if not draws or draws['mean'] is None:
-        return format_tau(part['tau_search_trained_test'])
-    each = ', '.join('undefined' if tau is None else f'{tau:.2f}' for tau in draws['taus'])
-    measure = 'mean ± standard error' if draws['se'] is not None else 'mean'
-    return f'{plus_minus(draws["mean"], draws["se"], 3)} ({measure} over {len(draws["taus"])} permutations: {each})'
-
-
-def spread_lines(part: Mapping[str, Any], title: str) -> list[str]:
-    records = part['records']
-    by_label = {r['label']: r for r in records if r['label'] != 'random'}
-    randoms = [r['test_top1'] for r in records if r['label'] == 'random']
-    images = records[0]['test_images']
-    lines = [f'## {title}', '', f'{len(records)} subnets, inherited weights; test top-1 on {images} test images '
-             f'(standard error about {binomial_se(statistics.fmean(randoms), images):.2f} points each), search '
-             f'top-1 on the {records[0]["search_images"]} images of the search split.', '',
-             '| subnet | params (M) | search top-1 (%) | test top-1 (%) |', '|---|---|---|---|']
-    for label, record in by_label.items():
-        lines.append(f'| {label} | {record["params"]:.3f} | {record["search_top1"]:.2f} | {record["test_top1"]:.2f} |')
-    lines += [f'| {len(randoms)} random: min / median / max | | | {min(randoms):.2f} / '
-              f'{statistics.median(randoms):.2f} / {max(randoms):.2f} |', '']
-    if 'tau_search_trained_test' in part:  # the control
-        return lines + [
-            '- Kendall tau, its search top-1 against the trained supernet\'s test top-1 (the measure above with a '
-            f'broken supernet; near zero when the ranking comes from what the supernet learned): '
-            f'{control_tau(part)}; this permutation alone: {format_tau(part["tau_search_trained_test"])}',
-            f'- Kendall tau, its search top-1 against its own test top-1: {format_tau(part["tau_search_test"])} '
-            '(two splits agree on any fixed set of networks, meaningless ones too: agreement alone does not show '
-            'that a supernet is good)', '']
-    return lines + [f'- Kendall tau, search top-1 against test top-1: {format_tau(part["tau_search_test"])}',
-                    f'- Kendall tau, parameter count against test top-1 (no supernet needed): '
-                    f'{format_tau(part["tau_params_test"])}', '']
-
-
-def report(output: Path) -> str:
-    parts = {name: read_json(output / f'{name}.json') for name in PARTS if (output / f'{name}.json').is_file()}
-    study = read_json(output / 'study.json')
-    lines = [f'# Search study: {study["dataset"]}', '', f'Supernet `{study["weights"]}`; written by '
-             f'`python study.py {" ".join(study["argv"])}`. Figures are as measured; each comes with its spread.', '']
-    if 'spread' in parts:
-        lines += spread_lines(parts['spread'], 'Spread and ranking (trained supernet)')
-        lines += ['![test top-1 against parameters](spread.png)', '']
-    if 'control' in parts:
-        lines += spread_lines(parts['control'], 'Negative control: the same supernet, every tensor permuted')
-    if 'finetune' in parts:
-        part = parts['finetune']
-        lines += ['## Inherited against fine-tuned', '', '| params (M) | inherited test top-1 (%) | fine-tuned (%) |',
-                  '|---|---|---|']
-        lines += [f'| {r["params"]:.3f} | {r["test_top1"]:.2f} | {r["finetuned_top1"]:.2f} |' for r in part['records']]
-        lines += ['', f'- Kendall tau, inherited test top-1 against fine-tuned: '
-                  f'{format_tau(part["tau_inherited_finetuned"])}',
-                  f'- Kendall tau, search top-1 (what the search ranks by) against fine-tuned: '
-                  f'{format_tau(part.get("tau_search_finetuned"))}']
-        if 'control_tau_search_finetuned' in part:
-            lines.append(f'- the same for the permuted supernet (negative control): '
-                         f'{format_tau(part["control_tau_search_finetuned"])}')
-        lines.append('')
-    if 'evolution' in parts:
-        part = parts['evolution']
-        lines += [f'## Evolution against random search ({part["budget"]:.3f}M params at most, {part["candidates"]} '
-                  f'candidates each, {len(part["runs"]) // 2} seeds)', '',
-                  '| strategy | best search top-1 at equal candidates (%) | test top-1 of its pick (%) | range over '
-                  'seeds |', '|---|---|---|---|']
-        for strategy, row in part['summary'].items():
-            (search, search_se), (test, test_se) = row['search_top1_at_equal'], row['test_top1_of_pick']
-            lines.append(f'| {strategy} | {plus_minus(search, search_se)} | {plus_minus(test, test_se)} | '
-                         f'{row["test_top1_range"][0]:.2f} to {row["test_top1_range"][1]:.2f} |')
-        lines += ['', '± is the standard error over seeds.', '', '![best so far](evolution.png)', '']
-    if 'pick' in parts:
-        part = parts['pick']
-        lines += [f'## The pick against the alternatives ({part["budget"]:.3f}M params at most)', '',
-                  '| subnet | params (M) | inherited (%) | fine-tuned (%) | retrained (%) |', '|---|---|---|---|---|']
-        lines += [f'| {r["label"]} | {r["params"]:.3f} | {r["inherited"]:.2f} | {r["fine-tuned"]:.2f} | '
-                  f'{r["retrained"]:.2f} |' for r in part['rows']]
-        lines += ['', f'The median of the {part["in_budget_random"]} random subnets inside the budget: '
-                  f'{part["in_budget_random_median_test_top1"]:.2f}% inherited.']
-        lines += [f'The {second["label"]} subnet is the {first["label"]} subnet here (one arch, two roles).'
-                  for i, first in enumerate(part['rows']) for second in part['rows'][i + 1:]
-                  if arch_key(first['arch']) == arch_key(second['arch'])]
-        lines += ['',
-                  'Searched minus each alternative, test top-1 points ± paired standard error (same test images):', '']
-        for other, kinds in part['searched_minus'].items():
-            lines.append(f'- {other}: ' + ', '.join(f'{kind} {diff:+.2f} ± {se:.2f}'
-                                                   for kind, (diff, se) in kinds.items()))
-        lines.append('')
-    commands = [c for part in parts.values() for c in part.get('commands', [])]
-    if commands:
-        lines += ['## Commands the study ran', '', '```', *commands, '```', '']
-    return '\n'.join(lines)
-
-
-def plot(output: Path) -> None:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
-    def save(fig, name: str) -> None:
-        save_figure(fig, output / f'{name}.png')
-
-    if (output / 'spread.json').is_file():
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, marker in (('spread', 'o'), ('control', 'x')):
-            if (output / f'{name}.json').is_file():
-                records = read_json(output / f'{name}.json')['records']
-                ax.scatter([r['params'] for r in records], [r['test_top1'] for r in records], marker=marker, s=16,
-                           label='trained supernet' if name == 'spread' else 'permuted (control)')
-        ax.set(xlabel='parameters (M)', ylabel='inherited test top-1 (%)')
-        ax.legend()
-        save(fig, 'spread')
-    if (output / 'evolution.json').is_file():
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for run in read_json(output / 'evolution.json')['runs']:
-            ax.plot(range(1, len(run['curve']) + 1), run['curve'], color='C0' if run['strategy'] == 'autoformer'
-                    else 'C1', alpha=0.8, label=f'{run["strategy"]}' if run['seed'] == 0 else None)
-        ax.set(xlabel='candidates evaluated', ylabel='best search top-1 so far (%)')
-        ax.legend()
-        save(fig, 'evolution')
-
-
-# --------------------------------------------------------------------------------------------
-# The script
-# --------------------------------------------------------------------------------------------
 
 def check_study_folder(output: Path, fingerprint: Mapping[str, Any]) -> None:
     """An output folder holds the study of one supernet on one data set: its caches and parts are reused."""
@@ -653,21 +447,6 @@ def run_parts(args: argparse.Namespace, supernet: Mapping[str, torch.Tensor], sp
 
     for name in args.parts:
         part(name)
-
-
-def summary_line(name: str, result: Mapping[str, Any]) -> str:
-    if name == 'spread':
-        return f'spread: tau(search, test) {format_tau(result["tau_search_test"])}'
-    if name == 'control':
-        return f'control: tau(search, trained test) {control_tau(result)}'
-    if name == 'finetune':
-        return f'finetune: tau(inherited, fine-tuned) {format_tau(result["tau_inherited_finetuned"])}'
-    if name == 'evolution':
-        return 'evolution: pick test top-1 ' + ', '.join(
-            f'{strategy} {plus_minus(*row["test_top1_of_pick"])}'
-            for strategy, row in result['summary'].items())
-    return 'pick: searched minus ' + ', '.join(f'{other} {kinds["inherited"][0]:+.2f} ± {kinds["inherited"][1]:.2f}'
-                                              for other, kinds in result['searched_minus'].items())
 
 
 if __name__ == '__main__':

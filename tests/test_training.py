@@ -26,6 +26,12 @@ ROOT = Path(__file__).parent.parent
 FAST = ['--dataset', 'digits', '--num-workers', '0', '--warmup', '0']
 
 
+def above_chance(images: int | None = None, k: float = 4) -> float:
+    """The top-1 (%) a digits model must beat to have learned: chance (10%) plus ``k`` binomial standard errors
+    of ``images`` images (default: the validation split); k = 4: a model at chance passes about once in 30,000."""
+    return 10 + k * binomial_se(10, images or len(data.build_dataset('digits', None, 'val', 32)))
+
+
 def run_script(*args, **kwargs):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, **kwargs)
 
@@ -34,10 +40,7 @@ def test_scratch_digits_learns_and_writes_checkpoints_and_weights(tmp_path):
     scratch.main([*FAST, '--epochs', '6', '--warmup', '1', '--output', str(tmp_path)])
     metrics = json.loads((tmp_path / 'metrics.json').read_text())
     assert metrics['epochs'] == 6
-    # learned: both extremes above chance (10%) by more than four binomial standard errors of the validation split
-    images = len(data.build_dataset('digits', None, 'val', 32))
-    above_chance = 10 + 4 * binomial_se(10, images)
-    assert metrics['val_acc_min'] > above_chance and metrics['val_acc_max'] > above_chance
+    assert metrics['val_acc_min'] > above_chance() and metrics['val_acc_max'] > above_chance()  # both learned
     assert (tmp_path / 'checkpoints' / 'last.ckpt').is_file() and (tmp_path / 'checkpoints' / 'best.ckpt').is_file()
     supernet = AutoformerSpace.load_supernet_weights(None, tmp_path / 'supernet.pth')
     assert supernet['patch_embed.weight'].shape[0] == 128
@@ -72,7 +75,7 @@ def read_trace(output: Path) -> dict[tuple[int, int], dict]:
 
 @pytest.mark.slow
 def test_ddp_ranks_share_each_steps_arch_draw_their_own_mixup_and_resume_exactly(tmp_path):
-    """Issue 24.1: every rank trains the step's arch, with its own Mixup/CutMix draws (seed + rank, as the
+    """Every rank trains the step's arch, with its own Mixup/CutMix draws (seed + rank, as the
     official run); a run extended by --resume draws and trains exactly what an uninterrupted one does (a constant
     learning rate, so that the first epoch does not depend on --epochs)."""
     args = ['scratch.py', *FAST, '--cpu-processes', '2', '--batch-size', '128', '--mixup', '0.8', '--cutmix', '1.0',
@@ -185,7 +188,7 @@ def test_finetune_at_another_input_size_resamples_the_position_embedding(tmp_pat
 
 
 def test_two_training_runs_into_one_output_are_refused_and_a_resume_must_match(tmp_path):
-    """Issue 13.3: the second of two runs into one --output is refused naming the first; a --resume with
+    """The second of two runs into one --output is refused naming the first; a --resume with
     another dataset than the run had is refused before the checkpoint is touched."""
     with lock_output(tmp_path, 'a training run'):
         with pytest.raises(UserError, match=r'is in use by a training run \(pid \d+ on '):
@@ -202,7 +205,7 @@ def test_two_training_runs_into_one_output_are_refused_and_a_resume_must_match(t
 
 
 def test_a_checkpoint_holding_nan_is_never_written(tmp_path):
-    """Issue 13.6: a diverged run stops with one line; the last good checkpoint stays."""
+    """A diverged run stops with one line; the last good checkpoint stays."""
     last = tmp_path / 'last.ckpt'
     last.write_bytes(b'the last good checkpoint')
     diverged = {'epoch': 3, 'state_dict': {'_model.head.weight': torch.tensor([1.0, float('nan')])}}
@@ -212,7 +215,7 @@ def test_a_checkpoint_holding_nan_is_never_written(tmp_path):
 
 
 def test_training_replaces_undecodable_images_and_counts_them(tmp_path):
-    """Issue 13.1, training side: batches keep their size, and metrics.json says how many files were replaced."""
+    """Undecodable images in training: batches keep their size, and metrics.json says how many were replaced."""
     root = tmp_path / 'data'
     for split in ('train', 'val'):
         write_image_folder(root / split, ['a', 'b'], 6, size=32)
@@ -242,7 +245,9 @@ def test_ema_decay_writes_an_averaged_supernet(tmp_path):
     averaged, ema_meta = read_weights(tmp_path / 'supernet-ema.pth')
     assert ema_meta['space'] == meta['space'] and averaged.keys() == weights.keys()
     assert any(not torch.equal(weights[k], averaged[k]) for k in weights)
-    assert json.loads((tmp_path / 'metrics.json').read_text())['val_acc_max'] > 10
+    # One epoch: the averaged weights validated above chance by two binomial standard errors (a model at chance
+    # passes 1 time in 44); the four-error margin of learning is the other tests' (more epochs).
+    assert json.loads((tmp_path / 'metrics.json').read_text())['val_acc_max'] > above_chance(k=2)
 
 
 def official_decayed_names(official: dict[str, torch.Tensor]) -> set[str]:
@@ -288,8 +293,9 @@ def test_finetune_arch_trains_the_searched_subnet_from_its_inherited_weights(tmp
     assert meta['arch'] == canonical_arch(arch) and meta['space']['search_embed_dim'] == [96, 112, 128]
     tuned = evaluate.main(['--weights', str(output / 'subnet.pth'), *test])  # the file alone: arch and space in it
     assert tuned['arch'] == canonical_arch(arch) and tuned['params'] == inherited['params']
-    assert tuned['top1'] >= inherited['top1'] - 0.6, (inherited['top1'], tuned['top1'])  # two of the 360 images
-    assert json.loads((output / 'metrics.json').read_text())['val_acc_subnet'] > 50
+    # Fine-tuning loses no more than two binomial standard errors of the inherited top-1 on these test images.
+    assert tuned['top1'] >= inherited['top1'] - 2 * binomial_se(inherited['top1'], inherited['images'])
+    assert json.loads((output / 'metrics.json').read_text())['val_acc_subnet'] > above_chance()
     with pytest.raises(UserError, match='already holds a training run'):
         finetune.main(['--weights', str(digits_supernet), '--arch', str(best), *FAST, '--output', str(output)])
 
@@ -307,8 +313,7 @@ def test_scratch_arch_retrains_one_subnet_and_resumes_it(tmp_path):
     assert json.loads((tmp_path / 'metrics.json').read_text())['epochs'] == 2
     results = evaluate.main(['--weights', str(tmp_path / 'subnet.pth'), '--dataset', 'digits', '--num-workers', '0',
                              '--output', str(tmp_path / 'evaluated'), '--export'])
-    # Chance is 10%: two epochs from scratch must clear it by three binomial standard errors of the test set.
-    assert results['arch'] == json.loads(arch) and results['top1'] > 10 + 3 * binomial_se(10, results['images'])
+    assert results['arch'] == json.loads(arch) and results['top1'] > above_chance(results['images'])
     export = tmp_path / 'evaluated' / 'export'
     scripted = torch.jit.load(export / 'subnet.torchscript.pt')
     assert scripted(torch.zeros(1, 3, 32, 32)).shape == (1, 10) and (export / 'subnet.onnx').is_file()
@@ -345,7 +350,7 @@ def train_one_step(module, optimizer, arch, images, targets):
 @pytest.mark.fast
 @pytest.mark.parametrize('skip', [False, True])
 def test_unsampled_layers_are_decayed_and_moved_as_in_the_official_run_unless_skipped(skip):
-    """Issue 24.2: a layer used in one step and not in the next keeps a zero gradient (torch 1.7's zero_grad, the
+    """A layer used in one step and not in the next keeps a zero gradient (torch 1.7's zero_grad, the
     official run's), so AdamW decays it and moves it by momentum; --skip-unsampled leaves it alone."""
     from lightning import SupernetModule
     from space import build_supernet, complete_space_kwargs, extreme_arch
@@ -445,7 +450,7 @@ def test_a_step_non_finite_on_one_ddp_rank_is_skipped_on_every_rank(tmp_path):
 @pytest.mark.fast
 @pytest.mark.parametrize('epochs, warmup', [(300, 5), (12, 3), (4, 0)])
 def test_the_epoch_schedule_is_the_official_runs_timm_cosine(epochs, warmup):
-    """Issue 24.3: --schedule epoch gives every step of an epoch the learning rate the official run trains that
+    """--schedule epoch gives every step of an epoch the learning rate the official run trains that
     epoch at: timm's CosineLRScheduler as timm 0.3.2's create_scheduler builds it for --sched cosine, stepped with
     step(epoch) after each epoch as supernet_train.py does."""
     from timm.scheduler import CosineLRScheduler
@@ -475,7 +480,7 @@ def test_the_epoch_schedule_is_the_official_runs_timm_cosine(epochs, warmup):
 
 @pytest.mark.fast
 def test_scratch_arch_defaults_to_the_official_retrain_recipe(capsys):
-    """Issue 24.3: retraining one subnet defaults to 300 epochs with 5 of warmup (the official --mode retrain),
+    """Retraining one subnet defaults to 300 epochs with 5 of warmup (the official --mode retrain),
     the supernet to the paper's 500 and 20; the small datasets keep their own recipe; --help says which."""
     imagenet = ['--dataset', 'imagenet', '--datapath', 'unread']
     supernet, retrain = scratch.parse_args(imagenet), scratch.parse_args([*imagenet, '--arch', 'autoformer-tiny'])
