@@ -16,6 +16,7 @@ import math
 import numbers
 import os
 import pickle
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -193,12 +194,18 @@ def fashion_mnist_folder(datapath: str | os.PathLike | None) -> Path:
     """The folder holding Fashion-MNIST's IDX files (each plain or .gz): ``datapath``, its ``FashionMNIST/raw/``
     or ``raw/``; without ``datapath``, Debian's ``/usr/share/datasets/fashion-mnist``."""
     root = datapath_root('fashion-mnist', datapath, FASHION_EXPECTS) if datapath else FASHION_SYSTEM_PATH
-    for folder in (root, root / 'FashionMNIST' / 'raw', root / 'raw'):
-        if all(_idx_file(folder, name) for pair in FASHION_FILES.values() for name in pair):
-            return folder
+    folder = _fashion_mnist_files(root)
+    if folder is not None:
+        return folder
     where = f'--datapath {root}' if datapath else f'{FASHION_SYSTEM_PATH} (no --datapath given)'
     raise UserError(f'{where} lacks Fashion-MNIST: install it with apt-get install dataset-fashion-mnist, or pass '
                     f'--datapath {FASHION_EXPECTS}; nothing is downloaded')
+
+
+def _fashion_mnist_files(root: Path) -> Path | None:
+    """The folder of ``root`` that holds every Fashion-MNIST IDX file: itself, ``FashionMNIST/raw/`` or ``raw/``."""
+    return next((folder for folder in (root, root / 'FashionMNIST' / 'raw', root / 'raw')
+                 if all(_idx_file(folder, name) for pair in FASHION_FILES.values() for name in pair)), None)
 
 
 def _idx_file(folder: Path, name: str) -> Path | None:
@@ -260,13 +267,31 @@ def _fashion_mnist(datapath: str | os.PathLike | None, split: str, img_size: int
 
 
 def dataset_name(dataset: str | None, datapath: str | None) -> str:
-    """``--dataset``, else what ``datapath`` holds: torchvision's CIFAR-10 folder, else ImageNet; digits
-    without a folder."""
+    """``--dataset``, else what ``datapath`` holds: torchvision's CIFAR-10 folder, Fashion-MNIST's IDX files,
+    ImageNet (every class folder a WordNet id), or any other folder of class folders; digits without a folder.
+    A folder that holds none of them is refused: its kind is never guessed."""
     if dataset:
         return dataset
     if not datapath:
         return 'digits'
-    return 'cifar10' if (_cifar_folder(Path(datapath).expanduser()) / 'batches.meta').is_file() else 'imagenet'
+    root = Path(datapath).expanduser()
+    if not root.is_dir():
+        raise UserError(f'--datapath {datapath} does not exist or is not a folder: give the folder of the dataset')
+    if (_cifar_folder(root) / 'batches.meta').is_file():
+        return 'cifar10'
+    if _fashion_mnist_files(root) is not None:
+        return 'fashion-mnist'
+    classes = [entry.name for entry in os.scandir(root / 'train' if (root / 'train').is_dir() else root)
+               if entry.is_dir() and not entry.name.startswith('.')]
+    if classes and all(WORDNET_ID.fullmatch(name) for name in classes):
+        return 'imagenet'
+    if classes:
+        return 'folder'
+    raise UserError(f'--datapath {datapath} holds no CIFAR-10 batches, Fashion-MNIST files or class folders (in it '
+                    'or in its train/): pass --dataset, or point --datapath at the dataset\'s folder')
+
+
+WORDNET_ID = re.compile(r'n\d{8}')  # ImageNet's class folders, e.g. n01440764
 
 
 def build_dataset(dataset: str, datapath: str | os.PathLike | None, split: str, img_size: int,

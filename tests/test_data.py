@@ -166,9 +166,23 @@ def test_cifar10_folder_is_detected_without_dataset(tmp_path):
     """The README's CIFAR search passes only --datapath."""
     folder = write_cifar10(tmp_path, n_train_per_batch=2, n_test=3)
     assert data.dataset_name(None, str(tmp_path)) == data.dataset_name(None, str(folder)) == 'cifar10'
-    write_image_folder(tmp_path / 'imagenet' / 'train', ['n01'], 1)
+    write_image_folder(tmp_path / 'imagenet' / 'train', ['n01440764', 'n01443537'], 1)
     assert data.dataset_name(None, str(tmp_path / 'imagenet')) == 'imagenet'
     assert data.dataset_name(None, None) == 'digits' and data.dataset_name('folder', str(folder)) == 'folder'
+
+
+def test_a_folder_without_dataset_is_detected_or_refused(tmp_path):
+    """Class folders that are not ImageNet's WordNet ids are a folder dataset (its recipe, not ImageNet's), whether
+    in train/ or not; a folder holding no dataset, or none at all, is refused."""
+    write_image_folder(tmp_path / 'cells' / 'train', ['cracked', 'intact'], 1)
+    write_image_folder(tmp_path / 'flat', ['cat', 'dog'], 1)
+    assert data.dataset_name(None, str(tmp_path / 'cells')) == data.dataset_name(None, str(tmp_path / 'flat')) \
+        == 'folder'
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(UserError, match='holds no CIFAR-10 batches, Fashion-MNIST files or class folders'):
+        data.dataset_name(None, str(tmp_path / 'empty'))
+    with pytest.raises(UserError, match='does not exist'):
+        data.dataset_name(None, str(tmp_path / 'missing'))
 
 
 def test_loader_with_workers(tmp_path):
