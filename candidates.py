@@ -180,7 +180,7 @@ class CandidateEvaluator:
         latency = read_json(folder.latency).get(arch_key(arch)) if folder.latency.is_file() else None
         record = {'arch': arch, 'params': count_params(arch, **self.space_kwargs) / 1e6,
                   'flops': count_flops(arch, **self.space_kwargs) / 1e9, 'latency': latency,
-                  'top1': metrics['top1'], 'balanced': metrics['balanced'], 'per_class': metrics['per_class'],
+                  'top1': metrics['top1'], 'balanced': metrics['balanced'], 'per_class': dict(zip(self.split.classes, metrics['per_class'])),
                   'split': SEARCH_SPLIT, 'measured_on': self.measured_on, 'images': metrics['images'],
                   'seconds': time.perf_counter() - start,
                   'finished': time.time()}  # the order candidates finished in: best-so-far curves
@@ -248,7 +248,7 @@ def read_results(output: Path, metric: str = 'top1') -> list[dict]:
 # candidates.csv: (column header, record key); the headers name the split the accuracies are measured on
 CSV_COLUMNS = [(metric_label('top1'), 'top1'), (metric_label('balanced'), 'balanced'), ('params (M)', 'params'),
                ('FLOPs (G)', 'flops'), ('latency (ms)', 'latency'), ('seconds', 'seconds'),
-               ('per-class accuracy on the search split (%)', 'per_class'), ('arch', 'arch')]
+               ('per-class accuracy on the search split (%), by class name', 'per_class'), ('arch', 'arch')]
 
 
 def write_results(output: Path, metric: str = 'top1') -> list[dict]:

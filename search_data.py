@@ -106,8 +106,9 @@ def write_cache(split: Dataset, dataset: str, path: str | os.PathLike, batch_siz
     if shuffle_seed is not None:  # in place, one image at a time: a second copy of the split may not fit
         order = torch.randperm(filled, generator=torch.Generator().manual_seed(shuffle_seed))
         images, labels = _permuted(images, order), labels[order]
+    classes = list(getattr(split, 'classes', None) or getattr(getattr(split, 'dataset', None), 'classes', []))
     atomic_torch_save({'images': images, 'labels': labels, 'mean': normalization(dataset)[0],
-                       'std': normalization(dataset)[1]}, path)
+                       'std': normalization(dataset)[1], 'classes': classes}, path)
 
 
 def _permuted(images: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -135,6 +136,8 @@ class CachedSplit(Dataset):
     def __init__(self, path: str | os.PathLike) -> None:
         cache = torch_load(path, 'search data cache', mmap=True)  # the workers of a search share one copy
         self.images, self.labels = cache['images'], cache['labels']
+        # the class names every per-class figure is given with (a cache written before they were kept: the labels)
+        self.classes = cache.get('classes') or [str(label) for label in range(int(self.labels.max()) + 1)]
         self.mean = torch.tensor(cache['mean']).view(3, 1, 1) * 255
         self.std = torch.tensor(cache['std']).view(3, 1, 1) * 255
         self._device_copy: tuple[torch.device, tuple[torch.Tensor, ...]] | None = None
