@@ -180,7 +180,8 @@ class CandidateEvaluator:
         latency = read_json(folder.latency).get(arch_key(arch)) if folder.latency.is_file() else None
         record = {'arch': arch, 'params': count_params(arch, **self.space_kwargs) / 1e6,
                   'flops': count_flops(arch, **self.space_kwargs) / 1e9, 'latency': latency,
-                  'top1': metrics['top1'], 'balanced': metrics['balanced'], 'per_class': dict(zip(self.split.classes, metrics['per_class'])),
+                  'top1': metrics['top1'], 'balanced': metrics['balanced'],
+                  'per_class': dict(zip(self.split.classes, metrics['per_class'])),
                   'split': SEARCH_SPLIT, 'measured_on': self.measured_on, 'images': metrics['images'],
                   'seconds': time.perf_counter() - start,
                   'finished': time.time()}  # the order candidates finished in: best-so-far curves

@@ -327,6 +327,34 @@ def split_read(dataset: str, datapath: str | os.PathLike | None, split: str) -> 
     return folder.name if folder != root else f'all of {root} (no split folders)'
 
 
+def reads_training_images(dataset: str, datapath: str | os.PathLike | None, split: str) -> bool:
+    """Whether ``split`` holds the images training reads: the training split itself, or a folder's only folder."""
+    if dataset in TENSOR_DATASETS or dataset == 'cifar10':
+        return split == 'train'
+    root = datapath_root(dataset, datapath)
+    return split_folder(dataset, root, split) == split_folder(dataset, root, 'train')
+
+
+def optimism(trained_on: Mapping[str, Any] | None, dataset: str, datapath: str | os.PathLike | None,
+             split: str) -> str | None:
+    """Why a figure of weights trained as ``trained_on`` says (the data and the split their best epoch was chosen
+    on, stored with them) is optimistic on ``split`` of this data, or None when it is not."""
+    here = str(Path(datapath).expanduser().resolve()) if datapath else None
+    if not trained_on or (trained_on.get('dataset'), trained_on.get('datapath')) != (dataset, here):
+        return None
+    if reads_training_images(dataset, datapath, split):
+        return 'these images include the ones the weights were trained on: the figure is optimistic'
+    if trained_on.get('best_chosen_on') == split_read(dataset, datapath, split):
+        return ('these weights are the epoch that scored best on this same split: the figure is optimistic; '
+                'report it on a split that chose nothing')
+    return None
+
+
+def trained_on(dataset: str, datapath: str | os.PathLike | None) -> dict[str, Any]:
+    """What weights files store of the data they were trained on, for :func:`optimism`."""
+    return {'dataset': dataset, 'datapath': str(Path(datapath).expanduser().resolve()) if datapath else None}
+
+
 def num_classes(dataset: str, datapath: str | os.PathLike | None) -> int:
     """The number of classes, without scanning the images (cheap even for ImageNet)."""
     if dataset in ('digits', 'cifar10', 'fashion-mnist'):

@@ -354,8 +354,9 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
     substituted = int(trainer.strategy.reduce(torch.tensor(folders.undecodable_count(train_set)), reduce_op='sum'))
     if trainer.is_global_zero:
         described = {**data.description(run.dataset, run.datapath, space_kwargs['img_size'], train_set.classes),
-                     **held_out}
-        best = save_trained(supernet, module, checkpoints, folder, kind, space_kwargs, arch, described)
+                     **held_out, 'trained_on': data.trained_on(run.dataset, run.datapath)}
+        best = save_trained(supernet, module, checkpoints, folder, kind, space_kwargs, arch, described,
+                            data.split_read(run.dataset, run.datapath, 'val'))
         per_class = say_per_class(module, train_set.classes)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         atomic_write_json({'epochs': trainer.current_epoch, **metrics, 'per_class': per_class,
@@ -449,8 +450,9 @@ def fit(evaluator: Any, supernet: nn.Module, module: Any, folder: RunFolder, kin
 
 def save_trained(supernet: nn.Module, module: Any, checkpoints: Any, folder: RunFolder, kind: str,
                  space_kwargs: Mapping[str, Any], arch: Mapping[str, Any] | None,
-                 described: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The last epoch's weights (and their EMA average) unless not finite, and the best epoch's (returns its record)."""
+                 described: Mapping[str, Any], validated_on: str) -> dict[str, Any] | None:
+    """The last epoch's weights (and their EMA average) unless not finite, and the best epoch's (returns its record,
+    which says the split it was chosen on: a figure on that split from those weights is optimistic)."""
     from lightning import write_best_weights
 
     weights, stored_arch = folder.weights(kind), canonical_arch(arch) if arch else None
@@ -459,8 +461,9 @@ def save_trained(supernet: nn.Module, module: Any, checkpoints: Any, folder: Run
     if module.ema is not None:
         save_weights(folder.ema_weights(kind), module.ema.module.state_dict(), space_kwargs, arch=stored_arch,
                      data=described)
-    return write_best_weights(checkpoints, folder.weights(f'{kind}-best'), weights, space_kwargs, stored_arch,
-                              described)
+    best = write_best_weights(checkpoints, folder.weights(f'{kind}-best'), weights, space_kwargs, stored_arch,
+                              {**described, 'trained_on': {**described['trained_on'], 'best_chosen_on': validated_on}})
+    return best and {**best, 'chosen_on': f'{validated_on} (a figure on it from these weights is optimistic)'}
 
 
 def say_per_class(module: Any, classes: list[str]) -> dict[str, list[float | None]]:

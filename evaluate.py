@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> dict:
     results = {'weights': args.weights, 'dataset': args.dataset, 'split': read, 'arch': arch,
                'params': count_params(arch, **space_kwargs), 'flops': count_flops(arch, **space_kwargs),
                'classes': list(dataset.classes), **metrics}
+    optimistic = data.optimism((described or {}).get('trained_on'), args.dataset, args.datapath, args.split)
+    if optimistic:
+        results['optimistic'] = optimistic
     print(describe(results))
     if args.output:
         atomic_write_json(results, Path(args.output) / 'results.json')
@@ -114,7 +117,8 @@ def describe(results: dict) -> str:
             f"{results['params'] / 1e6:.2f}M  FLOPs {results['flops'] / 1e9:.3f}G  {results['images']} images  "
             f"{results['images_per_s']:.1f} images/s"
             + (f"  ({results['skipped']} undecodable images left out)" if results['skipped'] else '')
-            + f'\nper-class top-1: {per_class}')
+            + f'\nper-class top-1: {per_class}'
+            + (f"\nwarning: {results['optimistic']}" if results.get('optimistic') else ''))
 
 
 if __name__ == '__main__':
