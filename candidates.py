@@ -21,7 +21,8 @@ from checkpoints import read_weights
 from engine import evaluate
 from masked_supernet import MaskedSupernet
 from plots import save_figure
-from space import arch_key, build_supernet, count_flops, count_params, inherited_subnet, typed_arch
+from arch import arch_key, count_flops, count_params, typed_arch
+from space import build_supernet, inherited_subnet
 from failures import FOLDER as FAILURES, record_failure
 from utils import UserError, atomic_write_json, atomic_write_text, pick_device, read_json
 

@@ -44,9 +44,10 @@ from candidates import (METRICS, SEARCH_SPLIT, TIE_BREAK, SearchFolder, evaluate
                         write_results)
 from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_precision_args, from_flags,
                  parse_checked, run_main, space_arg)
-from checkpoints import export_standalone, load_supernet_file, save_weights
+from checkpoints import export_standalone, save_weights
 from metrics import binomial_se
-from space import AutoformerSpace, arch_key, canonical_arch, inherited_subnet, sub_state_dict
+from arch import arch_key, canonical_arch
+from space import AutoformerSpace, inherited_subnet, load_supernet_file, sub_state_dict
 from strategy import Budget, SearchLedger, StrategySettings, build_strategy
 from utils import (COMPILE_ON_CPU, UserError, atomic_path, atomic_write_json, check_output_folder, check_writable,
                    json_form, lock_output, read_json, remove_unfinished_writes, set_up_precision)

@@ -22,7 +22,8 @@ from nni.nas.strategy.base import Strategy
 from nni.nas.strategy.middleware import Chain, Filter, StrategyMiddleware
 
 from candidates import METRICS, final_metrics, rank_key, ranking, read_record
-from space import AutoformerSpace, arch_choices, arch_key, count_flops, count_params, extreme_arch, sample_arch
+from arch import arch_choices, arch_key, count_flops, count_params, extreme_arch, sample_arch
+from space import AutoformerSpace
 from failures import first_failure
 from utils import UserError, atomic_write_json, read_json
 

@@ -39,13 +39,13 @@ from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_
                  space_arg)
 import data
 import recipes
-from checkpoints import load_supernet_file, read_weights
+from checkpoints import read_weights
 from candidates import SearchFolder
 from engine import RunFolder, evaluate
 from metrics import binomial_se
 from plots import save_figure
-from space import (AutoformerSpace, arch_choices, arch_key, count_params, extreme_arch, make_arch, preset_name,
-                   sample_arch, inherited_subnet)
+from arch import arch_choices, arch_key, count_params, extreme_arch, make_arch, preset_name, sample_arch
+from space import AutoformerSpace, inherited_subnet, load_supernet_file
 from utils import UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, pick_device, \
     read_json, set_up_precision
 

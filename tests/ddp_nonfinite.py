@@ -13,7 +13,8 @@ import torch
 import data
 import engine
 from lightning import SupernetModule
-from space import AutoformerSpace, build_supernet, complete_space_kwargs
+from arch import complete_space_kwargs
+from space import AutoformerSpace, build_supernet
 
 STEPS, NON_FINITE_STEP = 5, 2
 
