@@ -137,11 +137,8 @@ def matmul_with_bucket_columns(left: torch.Tensor, right: torch.Tensor, members:
 
 
 class MutableQKV(ParametrizedModule, nn.Linear, wraps=nn.Linear):
-    """The q, k, v projection. Frozen, it is a plain ``nn.Linear`` whose output rows are q; k; v.
-
-    In the supernet (:class:`MixedQKV`) its weight rows are interleaved and its bias is not,
-    exactly as the official ``qkv_super``.
-    """
+    """The q, k, v projection. Frozen, it is a plain ``nn.Linear`` whose output rows are q; k; v. In the supernet
+    (:class:`MixedQKV`) its weight rows are interleaved and its bias is not, exactly as the official ``qkv_super``."""
 
 
 class MixedPrefixLinear(MixedLinear):

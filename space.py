@@ -169,6 +169,7 @@ class AutoformerSpace(ModelSpace):
     preset = staticmethod(preset_space)  # the constructor keywords of a preset: tiny, small, base, ...
     searched_arch = staticmethod(searched_arch)  # the arch of AutoFormer-T/S/B: autoformer-tiny (or tiny), ...
 
+    # The load_* classmethods call the loading functions below the class, which build the class.
     @classmethod
     def load_searched_model(cls, name: str, weights: str | Path | None = None) -> nn.Module:
         """AutoFormer-T/S/B as a plain module. ``weights``: None (random init), a file, or ``'nni'`` (download).
