@@ -21,7 +21,8 @@ from engine import evaluate
 from masked_supernet import MaskedSupernet
 from plots import save_figure
 from search_data import CachedSplit
-from space import arch_key, build_supernet, count_flops, count_params, inherited_subnet, typed_arch
+from arch import arch_key, count_flops, count_params, typed_arch
+from space import build_supernet, inherited_subnet
 from failures import FOLDER as FAILURES, record_failure
 from utils import UserError, atomic_write_json, atomic_write_text, pick_device, read_json
 from workers import file_identity, read_spec
@@ -34,7 +35,7 @@ class SearchFolder:
 
     @property
     def candidates(self) -> Path:
-        """One record per finished candidate, named by :func:`space.arch_key`."""
+        """One record per finished candidate, named by :func:`arch.arch_key`."""
         return self.root / 'candidates'
 
     def record(self, arch: Mapping[str, Any]) -> Path:
@@ -97,7 +98,7 @@ INTERMEDIATE_RESULTS = 20  # per candidate at most: the web UI's chart, not one 
 # search split (the record's "measured_on" says what that holds), not on the validation split.
 METRICS = {'top1': 'top-1', 'balanced': 'balanced accuracy'}
 RECORD_METRICS = ('top1', 'balanced', 'per_class')  # a record without them is re-evaluated, never ranked as 0
-TIE_BREAK = 'the higher metric first; on a tie, fewer parameters, then the arch key (space.arch_key)'
+TIE_BREAK = 'the higher metric first; on a tie, fewer parameters, then the arch key (arch.arch_key)'
 SEARCH_SPLIT = 'search'
 
 

@@ -5,11 +5,11 @@ Reading one checks everything a file can get wrong (code to run, damaged archive
 that is no space, tensors that are not plain floating-point weights, NaN) and says so in one line.
 Official AutoFormer (Cream) and NNI-hub supernets are detected from their keys and converted to
 this project's layout; wider supernets are sliced to the space. Also: NNI's download of its
-published weights and the standalone TorchScript / ONNX export of a subnet.
+published weights and the standalone TorchScript / ONNX export of a subnet. Loading a file into a
+model (``load_supernet_file``, ``load_model``) is ``space.py``'s, which builds the models.
 """
 from __future__ import annotations
 
-import json
 import urllib.error
 from pathlib import Path
 from typing import Any, Mapping
@@ -17,42 +17,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from space import (DEFAULTS, SEARCH_KEYS, SEARCHED, AutoformerSpace, build_supernet, complete_arch,
-                   preset_name, complete_space_kwargs, space_problem, sub_state_dict)
+from arch import DEFAULTS, SEARCH_KEYS, complete_space_kwargs, preset_space, space_problem
 from utils import UserError, atomic_path, atomic_torch_save, atomic_write_json, torch_load
-
-__all__ = ['load_supernet_file', 'save_weights', 'read_weights', 'resolve_space', 'load_model', 'fit_to_space',
-           'detect_layout', 'to_project_layout', 'convert_nni_subnet', 'check_weight_tensors', 'check_finite',
-           'load_checked', 'nni_download', 'export_standalone', 'supernet_shapes']
-
-
-def supernet_shapes(space_kwargs: Mapping[str, Any]) -> dict[str, torch.Size]:
-    """Shape of every tensor of the supernet of a space (built on the meta device: no memory, no init)."""
-    with torch.device('meta'):
-        return {k: v.shape for k, v in build_supernet(space_kwargs).state_dict().items()}
-
-
-def load_supernet_file(path: str | Path, name: str | Mapping[str, Any] | None = None, layout: str | None = None
-                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """A supernet file read once: its weights in this project's layout, fitted to its space; the space;
-    and what the file stores beside the weights (empty for official and NNI hub files).
-
-    ``name``: a preset, constructor kwargs, or None for the space stored in the file (else tiny).
-    """
-    if path == 'nni':
-        size = name if isinstance(name, str) else preset_name(complete_space_kwargs(**name)) if name else 'tiny'
-        if size not in SEARCHED:
-            raise UserError(f"'nni' downloads NNI's supernets of the tiny, small and base presets, not of "
-                            f"{'this space' if size is None else size}: pass --name tiny|small|base, or a weights file")
-        path = nni_download(f'autoformer-{size}-supernet')
-    state_dict, meta = read_weights(path)
-    if is_subnet(state_dict):
-        raise UserError(f'{path} holds the weights of one subnet, not a supernet: pass the supernet file it was '
-                        'sliced or trained from (evaluate.py reads a subnet file alone)')
-    space_kwargs = resolve_space(name, meta.get('space'), path)
-    label = name if isinstance(name, str) else 'the space'
-    converted = to_project_layout(state_dict, layout or detect_layout(state_dict, path))
-    return fit_to_space(converted, supernet_shapes(space_kwargs), label, path), space_kwargs, meta
 
 
 def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
@@ -80,7 +46,7 @@ def resolve_space(name: str | Mapping[str, Any] | None, stored: Mapping[str, Any
     if isinstance(name, Mapping):  # an explicit space (--space-file): the weights are fitted to it by shape
         return complete_space_kwargs(**name)
     if stored is None:
-        return complete_space_kwargs(**AutoformerSpace.preset(name or 'tiny'))
+        return complete_space_kwargs(**preset_space(name or 'tiny'))
     if not isinstance(stored, Mapping) or set(stored) - set(DEFAULTS) or set(SEARCH_KEYS) - set(stored):
         unknown = sorted(set(stored) - set(DEFAULTS)) if isinstance(stored, Mapping) else type(stored).__name__
         raise UserError(f'{path}: its stored space is not a space ({unknown}): the file is damaged or not '
@@ -90,55 +56,13 @@ def resolve_space(name: str | Mapping[str, Any] | None, stored: Mapping[str, Any
         raise UserError(f'{path}: its stored space is unusable ({problem}): the file is damaged; convert or '
                         'train it again')
     if name is not None:
-        preset = AutoformerSpace.preset(name)
+        preset = preset_space(name)
         for key in SEARCH_KEYS:
             if list(preset[key]) != list(stored[key]):
                 raise UserError(f'{path} holds weights of another space ({key}={list(stored[key])}), '
                                 f'not of preset {name} ({key}={list(preset[key])}); drop --name or pass the '
                                 'matching weights')
     return complete_space_kwargs(**stored)
-
-
-def load_model(weights: str | Path | None, name: str | Mapping[str, Any] | None = None,
-               arch: Mapping[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any], dict | None]:
-    """A frozen subnet with its weights: ``(model, arch, space_kwargs, data)``, ``data`` the classes and
-    preprocessing stored with the weights (None when the file has none).
-
-    ``weights``: None (random init), ``'nni'`` (NNI's AutoFormer-T/S/B download), a subnet file
-    (this project's or NNI hub's layout) or a supernet file in any layout, sliced to ``arch``.
-    Without ``arch``, the arch stored in a subnet file or the preset's searched arch is used.
-    """
-    raw, meta = read_weights(weights) if weights not in (None, 'nni') else ({}, {})
-    space_kwargs = resolve_space(name, meta.get('space'), weights)
-    if isinstance(arch, str):  # smallest or largest
-        arch = complete_arch(arch, space_kwargs)
-    size = name if isinstance(name, str) else preset_name(space_kwargs)
-    if raw and is_subnet(raw):
-        file_arch = meta.get('arch') or _searched_arch_of(size, weights)
-        if arch is not None and complete_arch(arch, space_kwargs) != complete_arch(file_arch, space_kwargs):
-            raise UserError(f'{weights} holds the weights of one subnet ({json.dumps(file_arch)}); '
-                            'pass a supernet weights file to evaluate another arch')
-        arch, state_dict = file_arch, convert_nni_subnet(raw)
-    else:
-        arch = arch or _searched_arch_of(size, weights)
-        if weights == 'nni':
-            state_dict = convert_nni_subnet(torch_load(nni_download(f'autoformer-{size}-subnet'), 'NNI subnet'))
-        elif raw:
-            supernet = AutoformerSpace.load_supernet_weights(space_kwargs, weights)
-            state_dict = sub_state_dict(supernet, complete_arch(arch, space_kwargs))
-        else:
-            state_dict = None
-    model = AutoformerSpace(**space_kwargs).freeze(arch)
-    if state_dict is not None:
-        load_checked(model, state_dict, str(weights))
-    return model, dict(arch), space_kwargs, meta.get('data')
-
-
-def _searched_arch_of(size: str | None, weights: Any) -> dict[str, Any]:
-    if size not in SEARCHED:
-        raise UserError(f'there is no pre-searched arch for the {size or "given"} space: say which subnet to use '
-                        'with --arch (JSON text or file)')
-    return AutoformerSpace.searched_arch(size)
 
 
 def is_subnet(state_dict: Mapping[str, torch.Tensor]) -> bool:

@@ -20,7 +20,8 @@ from typing import Any, Callable, Mapping, TypeVar
 import nni_patches  # first: its warning filters must be in place before NNI is imported
 import torch
 
-from space import EXTREMES, PRESETS, SEARCHED, AutoformerSpace, SpaceError, complete_space_kwargs, is_number, make_arch
+from arch import EXTREMES, PRESETS, SEARCHED, SpaceError, complete_space_kwargs, is_number, make_arch
+from space import AutoformerSpace
 from utils import AUTOCAST, SCHEDULES, UserError
 
 T = TypeVar('T')

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from checkpoints import save_weights
 from cli import add_name_arg, parse_checked, run_main, space_arg, space_kwargs_of
-from space import AutoformerSpace, complete_arch, sub_state_dict
+from arch import complete_arch
+from space import AutoformerSpace, sub_state_dict
 from utils import UserError
 
 

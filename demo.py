@@ -26,7 +26,7 @@ from candidates import SearchFolder
 from checkpoints import read_weights
 from engine import RunFolder
 from plots import save_figure
-from space import extreme_arch, canonical_arch
+from arch import canonical_arch, extreme_arch
 from utils import UserError, atomic_write_text, read_json
 
 ROOT = Path(__file__).resolve().parent

@@ -23,7 +23,8 @@ import folders
 import samplers
 from checkpoints import check_finite, load_checked, save_weights
 from metrics import confusion_counts, running_value, summarize
-from space import AutoformerSpace, build_supernet, canonical_arch, init_weights, set_active_arch
+from arch import canonical_arch
+from space import AutoformerSpace, build_supernet, init_weights, set_active_arch
 from utils import (AUTOCAST, COMPILE_ON_CPU, UserError, atomic_write_json, check_output_folder, check_writable,
                    default_precision, json_form, lock_output, read_json, remove_unfinished_writes, set_up_precision)
 

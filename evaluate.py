@@ -15,9 +15,10 @@ from cli import (add_data_args, add_device_arg, add_name_arg, add_precision_args
 import data
 import samplers
 from engine import evaluate
-from checkpoints import export_standalone, load_model
+from checkpoints import export_standalone
 from plots import plot_confusion
-from space import count_flops, count_params
+from arch import count_flops, count_params
+from space import load_model
 from utils import UserError, atomic_write_json, pick_device, set_up_precision
 
 

@@ -21,7 +21,8 @@ from nni.nas.strategy import Random
 
 from candidates import METRICS
 from remote import remote_machines
-from space import AutoformerSpace, arch_key, canonical_arch
+from arch import arch_key, canonical_arch
+from space import AutoformerSpace
 from strategy import SearchLedger
 from utils import UserError
 from workers import SPEC_ENV, TRIAL_SCRIPT, alive, stop_process

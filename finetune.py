@@ -26,8 +26,8 @@ from cli import (add_arch_arg, add_name_arg, add_training_args, check_recipe, fr
 import data
 import recipes
 from engine import TrainingRun, train_supernet
-from checkpoints import load_supernet_file
-from space import complete_arch, complete_space_kwargs, sub_state_dict
+from arch import complete_arch, complete_space_kwargs, sub_state_dict
+from space import load_supernet_file
 
 
 

@@ -42,7 +42,8 @@ import nni_patches  # noqa: F401  its warning filters (NNI's evaluator on Lightn
 from checkpoints import check_finite, load_checked, save_weights
 from masked_supernet import MaskedSupernet
 from metrics import confusion_counts, running_value
-from space import SEARCHED, AutoformerSpace, extreme_arch, preset_name, sample_arch, set_active_arch
+from arch import SEARCHED, extreme_arch, preset_name, sample_arch
+from space import AutoformerSpace, set_active_arch
 from utils import SCHEDULES, Stopped, UserError, atomic_torch_save, seed_for
 
 _logger = logging.getLogger(__name__)

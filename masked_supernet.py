@@ -29,7 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from space import HEAD_DIM, SDPA_DEVICES, AutoformerSpace, SpaceError, complete_arch, layer_dims
+from arch import SpaceError, complete_arch, layer_dims
+from layers import HEAD_DIM, SDPA_DEVICES
+from space import AutoformerSpace
 
 __all__ = ['MaskedSupernet']
 

@@ -34,7 +34,7 @@ Patches, each undone when it has served unless said:
   without importing NNI: a copy of the protocol, not a patch, but tied to the same version.
 
 Warnings: the filters below drop three harmless ones NNI 3.0 prints on torch 2.14 and Lightning 2
-(``space.py`` filters what importing and building the space print itself, so that it can be copied alone).
+(``layers.py`` and ``space.py`` filter what importing and building the space print, so they can be copied without it).
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from cli import (add_arch_arg, add_name_arg, add_training_args, check_recipe, fr
 import data
 import recipes
 from engine import TrainingRun, train_supernet
-from space import SEARCHED, complete_arch, complete_space_kwargs
+from arch import SEARCHED, complete_arch, complete_space_kwargs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -33,7 +33,7 @@ import data
 import search_data
 from candidates import (METRICS, SEARCH_SPLIT, TIE_BREAK, CandidateEvaluator, SearchFolder, evaluate_from_spec,
                         evaluate_in_process, plot_pareto, write_results)
-from checkpoints import export_standalone, load_supernet_file, save_weights
+from checkpoints import export_standalone, save_weights
 from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_precision_args, from_flags,
                  parse_checked, run_main, space_arg)
 from experiment import (ExperimentSettings, Interrupted, SearchExperiment, experiment_config, new_experiment,
@@ -41,7 +41,8 @@ from experiment import (ExperimentSettings, Interrupted, SearchExperiment, exper
 from failures import first_failure
 from metrics import binomial_se
 from remote import read_machines
-from space import canonical_arch, inherited_subnet, sub_state_dict
+from arch import canonical_arch
+from space import inherited_subnet, load_supernet_file, sub_state_dict
 from strategy import Budget, SearchLedger, StrategySettings, build_strategy
 from utils import (COMPILE_ON_CPU, UserError, atomic_write_json, check_output_folder, check_writable, json_form,
                    lock_output, pick_device, read_json, remove_unfinished_writes, set_up_precision)

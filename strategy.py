@@ -22,7 +22,8 @@ from nni.nas.strategy.base import Strategy
 from nni.nas.strategy.middleware import Chain, Filter, StrategyMiddleware
 
 from candidates import METRICS, final_metrics, rank_key, ranking, read_record
-from space import AutoformerSpace, arch_choices, arch_key, count_flops, count_params, extreme_arch, sample_arch
+from arch import arch_choices, arch_key, count_flops, count_params, extreme_arch, sample_arch
+from space import AutoformerSpace
 from failures import first_failure
 from utils import UserError, atomic_write_json, read_json
 
@@ -279,7 +280,7 @@ REPEAT_LINES = 20  # repeats shown in the terminal (an evolution that keeps re-p
 
 
 class SearchLedger(StrategyMiddleware):
-    """Between the strategy and NNI's engine: counts distinct candidates (archs by :func:`space.arch_key`) and
+    """Between the strategy and NNI's engine: counts distinct candidates (archs by :func:`arch.arch_key`) and
     stops at the planned number of them; answers a candidate recorded in ``output`` by a stopped run of this
     search from its record without a trial, and a proposal that repeats a candidate of this run (an arch equal
     to an earlier one but for the labels of unused layers) from that candidate's result, not counted; waits for

@@ -41,12 +41,12 @@ import data
 import recipes
 import samplers
 import search_data
-from checkpoints import load_supernet_file, read_weights
+from checkpoints import read_weights
 from candidates import SearchFolder
 from engine import RunFolder, evaluate
 from metrics import kendall, mean_se, paired_difference
-from space import (AutoformerSpace, arch_choices, arch_key, count_params, extreme_arch, make_arch, preset_name,
-                   sample_arch, inherited_subnet)
+from arch import arch_choices, arch_key, count_params, extreme_arch, make_arch, preset_name, sample_arch
+from space import AutoformerSpace, inherited_subnet, load_supernet_file
 from study_report import PARTS, plot, report, summary_line
 from utils import UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, pick_device, \
     read_json, set_up_precision

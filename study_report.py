@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 from metrics import binomial_se, plus_minus
 from plots import save_figure
-from space import arch_key
+from arch import arch_key
 from utils import read_json
 
 PARTS = ('spread', 'control', 'finetune', 'evolution', 'pick')

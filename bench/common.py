@@ -16,8 +16,9 @@ from typing import Callable, ContextManager
 import torch
 
 import cli  # noqa: F401  (quiets NNI 3.0's known warnings, as in the scripts)
-import space
-from space import PRESETS, AutoformerSpace, complete_space_kwargs
+import layers
+from arch import PRESETS, complete_space_kwargs
+from space import AutoformerSpace
 
 OURS, OFFICIAL = 'ours', 'official formulation'
 
@@ -51,7 +52,7 @@ def add_timing_args(parser: argparse.ArgumentParser, unit: str) -> None:
                         help="torch.compile's mode for --compiled (reduce-overhead: CUDA graphs)")
     parser.add_argument('--attention', action='store_true',
                         help="also time ours with the other attention path than the device's default (SDPA against "
-                             'explicit matmuls: space.SDPA_DEVICES)')
+                             'explicit matmuls: layers.SDPA_DEVICES)')
 
 
 COMPILED, STATIC = 'ours, one compiled graph', 'static compiled ViT (largest subnet)'
@@ -75,13 +76,13 @@ OTHER_ATTENTION = 'ours, other attention path'
 
 @contextlib.contextmanager
 def other_attention(device: torch.device):
-    """Ours with the attention path the device does not use by default (``space.SDPA_DEVICES`` toggled)."""
-    fused = device.type in space.SDPA_DEVICES
-    space.SDPA_DEVICES.discard(device.type) if fused else space.SDPA_DEVICES.add(device.type)
+    """Ours with the attention path the device does not use by default (``layers.SDPA_DEVICES`` toggled)."""
+    fused = device.type in layers.SDPA_DEVICES
+    layers.SDPA_DEVICES.discard(device.type) if fused else layers.SDPA_DEVICES.add(device.type)
     try:
         yield
     finally:
-        space.SDPA_DEVICES.add(device.type) if fused else space.SDPA_DEVICES.discard(device.type)
+        layers.SDPA_DEVICES.add(device.type) if fused else layers.SDPA_DEVICES.discard(device.type)
 
 
 def with_other_attention(function: Callable[[], object], device: torch.device) -> Callable[[], object]:

@@ -25,7 +25,8 @@ from common import (COMPILED, OFFICIAL, OTHER_ATTENTION, OURS, add_timing_args, 
                     interleaved_seconds, interleaved_summary, peak_memory, preset_space, set_up, with_other_attention)
 from masked_supernet import MaskedSupernet  # noqa: E402
 from reference import in_official_formulation  # noqa: E402
-from space import AutoformerSpace, build_supernet, count_flops, extreme_arch, set_active_arch  # noqa: E402
+from arch import count_flops, extreme_arch  # noqa: E402
+from space import AutoformerSpace, build_supernet, set_active_arch  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

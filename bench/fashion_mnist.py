@@ -59,8 +59,9 @@ def main() -> None:
     import data
     import samplers
     from engine import RunFolder, evaluate
-    from checkpoints import load_model, read_weights
-    from space import complete_space_kwargs, count_params, extreme_arch
+    from checkpoints import read_weights
+    from arch import complete_space_kwargs, count_params, extreme_arch
+    from space import load_model
 
     folder = RunFolder(Path(args.output))
     weights = str(folder.weights('supernet'))

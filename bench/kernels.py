@@ -22,8 +22,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import cli  # noqa: F401,E402  (quiets NNI 3.0's known warnings, as in the scripts)
 from reference import direct_rpe  # noqa: E402
-from space import (Attention, AutoformerSpace, SlicedLinear, build_supernet, sample_arch,  # noqa: E402
-                   set_active_arch, complete_space_kwargs)
+from arch import complete_space_kwargs, sample_arch  # noqa: E402
+from layers import Attention, SlicedLinear  # noqa: E402
+from space import AutoformerSpace, build_supernet, set_active_arch  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -28,7 +28,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from common import add_timing_args, compiled, preset_space, set_up  # noqa: E402
 from masked_supernet import MaskedSupernet  # noqa: E402
-from space import build_supernet, sample_arch  # noqa: E402
+from arch import sample_arch  # noqa: E402
+from space import build_supernet  # noqa: E402
 from reference import official_formulation  # noqa: E402
 from train_step import random_batch, training_step  # noqa: E402
 

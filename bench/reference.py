@@ -2,7 +2,7 @@
 
 The official ``AttentionSuper`` scales ``q @ k^T`` and, through ``RelativePosition2D_super``,
 gathers an (N, N, head_dim) table per layer for keys and another for values on every forward and
-multiplies through them; ``direct_rpe()`` swaps that into :class:`space.RelativePosition2D`. The
+multiplies through them; ``direct_rpe()`` swaps that into :class:`layers.RelativePosition2D`. The
 official ``LinearSuper`` / ``qkv_super`` slice their weights with autograd (as NNI's
 ``MixedLinear`` does); ``official_formulation()`` swaps in both, so the two can be timed side by side.
 """
@@ -14,9 +14,9 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-# space first: it silences NNI's harmless torch-version warnings before nni is imported.
-import space
-from space import MixedPrefixLinear, MixedQKV, RelativePosition2D, official_qkv_slice
+# layers first: it silences NNI's harmless torch-version warnings before nni is imported.
+import layers
+from layers import MixedPrefixLinear, MixedQKV, RelativePosition2D, official_qkv_slice
 from nni.nas.oneshot.pytorch.supermodule.operation import MixedLinear
 
 
@@ -58,14 +58,14 @@ def direct_attend(module: RelativePosition2D, attn: torch.Tensor, v: torch.Tenso
 @contextlib.contextmanager
 def direct_rpe() -> Iterator[None]:
     """Run every :class:`RelativePosition2D` with the official (direct) formulation inside the block."""
-    saved = RelativePosition2D.logits, RelativePosition2D.attend, set(space.SDPA_DEVICES)
+    saved = RelativePosition2D.logits, RelativePosition2D.attend, set(layers.SDPA_DEVICES)
     RelativePosition2D.logits, RelativePosition2D.attend = direct_logits, direct_attend
-    space.SDPA_DEVICES.clear()  # the explicit attention path, where the direct formulation sits
+    layers.SDPA_DEVICES.clear()  # the explicit attention path, where the direct formulation sits
     try:
         yield
     finally:
         RelativePosition2D.logits, RelativePosition2D.attend, devices = saved
-        space.SDPA_DEVICES.update(devices)
+        layers.SDPA_DEVICES.update(devices)
 
 
 def qkv_sliced_by_autograd(module: MixedQKV, in_features: int, out_features: int,

@@ -25,7 +25,8 @@ import search_data  # noqa: E402
 import search  # noqa: E402
 from engine import evaluate  # noqa: E402
 from checkpoints import save_weights  # noqa: E402
-from space import AutoformerSpace, build_supernet, complete_space_kwargs, inherited_subnet  # noqa: E402
+from arch import complete_space_kwargs  # noqa: E402
+from space import AutoformerSpace, build_supernet, inherited_subnet  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

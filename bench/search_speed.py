@@ -25,7 +25,8 @@ import candidates  # noqa: E402
 import search_data  # noqa: E402
 from checkpoints import save_weights  # noqa: E402
 from common import positive_int, preset_space  # noqa: E402
-from space import build_supernet, sample_arch  # noqa: E402
+from arch import sample_arch  # noqa: E402
+from space import build_supernet  # noqa: E402
 from utils import AUTOCAST  # noqa: E402
 
 

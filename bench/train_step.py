@@ -29,8 +29,8 @@ from common import (COMPILED, OFFICIAL, OTHER_ATTENTION, OURS, STATIC, add_timin
                     with_other_attention)
 from masked_supernet import MaskedSupernet  # noqa: E402
 from reference import in_official_formulation  # noqa: E402
-from space import (AutoformerSpace, build_supernet, count_flops, extreme_arch, init_weights, sample_arch,  # noqa: E402
-                   set_active_arch)
+from arch import count_flops, extreme_arch, sample_arch  # noqa: E402
+from space import AutoformerSpace, build_supernet, init_weights, set_active_arch  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -14,7 +14,8 @@ import data
 import samplers
 import engine
 from lightning import SupernetModule
-from space import AutoformerSpace, build_supernet, complete_space_kwargs
+from arch import complete_space_kwargs
+from space import AutoformerSpace, build_supernet
 
 STEPS, NON_FINITE_STEP = 5, 2
 

@@ -24,7 +24,8 @@ import study
 from cli import run_main
 from fixtures import within, write_cifar10, write_image_folder
 from checkpoints import save_weights
-from space import AutoformerSpace, build_supernet, make_arch, complete_space_kwargs
+from arch import complete_space_kwargs, make_arch
+from space import AutoformerSpace, build_supernet
 
 ROOT = Path(__file__).parent.parent
 SCRIPTS = {'evaluate': evaluate, 'scratch': scratch, 'finetune': finetune, 'search': search, 'demo': demo,

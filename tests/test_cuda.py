@@ -14,8 +14,8 @@ import torch
 import engine
 from checkpoints import save_weights
 from masked_supernet import MaskedSupernet
-from space import (AutoformerSpace, build_supernet, complete_space_kwargs, extreme_arch, sample_arch,
-                   set_active_arch)
+from arch import complete_space_kwargs, extreme_arch, sample_arch
+from space import AutoformerSpace, build_supernet, set_active_arch
 
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (bench/gpu.sh runs these)')
 CUDA = [pytest.mark.cuda, NEEDS_CUDA]

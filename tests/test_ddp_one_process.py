@@ -10,7 +10,8 @@ import data
 import samplers
 import engine
 from lightning import SupernetModule, build_evaluator
-from space import AutoformerSpace, build_supernet, complete_space_kwargs
+from arch import complete_space_kwargs
+from space import AutoformerSpace, build_supernet
 
 DEMO = complete_space_kwargs(**AutoformerSpace.preset('demo'))
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU (bench/gpu.sh runs these)')

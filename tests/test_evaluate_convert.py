@@ -10,8 +10,9 @@ import convert
 import evaluate
 from conftest import GOLDEN
 from fixtures import official_tiny_checkpoint, write_cifar10, write_image_folder
-from checkpoints import is_subnet, load_model, read_weights, save_weights
-from space import AutoformerSpace, SpaceError, sub_state_dict
+from checkpoints import is_subnet, read_weights, save_weights
+from arch import SpaceError
+from space import AutoformerSpace, load_model, sub_state_dict
 from utils import UserError
 
 ROOT = Path(__file__).parent.parent
@@ -179,7 +180,8 @@ def test_a_space_file_works_for_conversion_evaluation_and_search(tmp_path):
     """A demo supernet converted under an official-format file of narrower choices: the file's space is
     stored with the weights and read back by evaluate.py without the YAML, and search.py searches it."""
     import search
-    from space import build_supernet, complete_space_kwargs
+    from arch import complete_space_kwargs
+    from space import build_supernet
     demo = complete_space_kwargs(**AutoformerSpace.preset('demo'))
     save_weights(tmp_path / 'demo.pth', build_supernet(demo).state_dict(), demo)
     yaml_file = tmp_path / 'supernet-demo.yaml'

@@ -10,14 +10,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / 'bench'))
 from reference import direct_rpe  # noqa: E402
 from fixtures import norm_relative_error  # noqa: E402
-import space  # noqa: E402
-from space import Attention, SlicedLinear, official_qkv_slice, qkv_rows  # noqa: E402
+import layers  # noqa: E402
+from layers import Attention, SlicedLinear, official_qkv_slice, qkv_rows  # noqa: E402
 
 
 @pytest.fixture(params=['explicit', 'fused'])
 def attention_path(request, monkeypatch):
     """Each test below once per attention path: the explicit matmuls and SDPA (CUDA's default) on the CPU."""
-    monkeypatch.setattr(space, 'SDPA_DEVICES', {'cpu'} if request.param == 'fused' else set())
+    monkeypatch.setattr(layers, 'SDPA_DEVICES', {'cpu'} if request.param == 'fused' else set())
     return request.param
 
 
@@ -118,13 +118,14 @@ def test_attention_under_bf16_autocast_runs_forward_and_backward_near_the_direct
 def test_fused_supernet_equals_the_direct_formulation_for_every_depth_and_head_count(name, monkeypatch):
     """Float64, forward and every gradient: each depth with each head count of the space, all other
     choices drawn at random; SDPA with the relative positions as columns against the direct formulation."""
-    from space import AutoformerSpace, build_supernet, complete_space_kwargs, make_arch, set_active_arch
-    monkeypatch.setattr(space, 'SDPA_DEVICES', {'cpu'})
+    from arch import complete_space_kwargs, make_arch
+    from space import AutoformerSpace, build_supernet, set_active_arch
+    monkeypatch.setattr(layers, 'SDPA_DEVICES', {'cpu'})
     space_kwargs = complete_space_kwargs(**AutoformerSpace.preset(name), drop_path_rate=0.0)
     torch.manual_seed(0)
     supernet = build_supernet(space_kwargs).double()
     for module in supernet.modules():  # training-scale tables, not init's
-        if isinstance(module, space.RelativePosition2D):
+        if isinstance(module, layers.RelativePosition2D):
             torch.nn.init.normal_(module.embeddings_table_v)
             torch.nn.init.normal_(module.embeddings_table_h)
     images = torch.randn(1 if name == 'tiny' else 2, 3, space_kwargs['img_size'], space_kwargs['img_size'],

@@ -9,8 +9,8 @@ from torch._dynamo.testing import CompileCounter
 from conftest import GOLDEN
 from fixtures import max_relative_error
 from masked_supernet import MaskedSupernet
-from space import (AutoformerSpace, SpaceError, build_supernet, complete_space_kwargs, extreme_arch, sample_arch,
-                   set_active_arch)
+from arch import SpaceError, complete_space_kwargs, extreme_arch, sample_arch
+from space import AutoformerSpace, build_supernet, set_active_arch
 
 pytestmark = pytest.mark.fast  # make test-fast
 

@@ -23,8 +23,8 @@ from checkpoints import load_checked, save_weights
 from cli import from_flags, load_json_arg
 from conftest import GOLDEN
 from fixtures import within
-from space import (AutoformerSpace, SpaceError, build_supernet, canonical_arch, check_arch, complete_space_kwargs,
-                   count_params)
+from arch import SpaceError, canonical_arch, check_arch, complete_space_kwargs, count_params
+from space import AutoformerSpace, build_supernet
 from utils import UserError, torch_load
 
 ROOT = Path(__file__).parent.parent

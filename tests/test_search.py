@@ -17,9 +17,10 @@ import samplers
 import search_data
 import evaluate
 import search
-from checkpoints import load_model, read_weights
+from checkpoints import read_weights
 from engine import evaluate as accuracy
-from space import arch_key, count_flops, count_params, extreme_arch, sample_arch
+from arch import arch_key, count_flops, count_params, extreme_arch, sample_arch
+from space import load_model
 from strategy import Budget
 from conftest import free_port
 from fixtures import web_ui_trials

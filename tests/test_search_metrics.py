@@ -21,8 +21,8 @@ from candidates import TIE_BREAK, metric_label, ranked
 from checkpoints import save_weights
 from conftest import free_port
 from fixtures import IMBALANCED_SHARES, web_ui_trials, write_imbalanced_folder
-from space import (AutoformerSpace, arch_key, build_supernet, canonical_arch, complete_space_kwargs, count_params,
-                   extreme_arch)
+from arch import arch_key, canonical_arch, complete_space_kwargs, count_params, extreme_arch
+from space import AutoformerSpace, build_supernet
 from strategy import AutoformerEvolution
 from utils import UserError
 

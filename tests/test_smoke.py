@@ -16,7 +16,7 @@ import search
 import study
 from checkpoints import read_weights
 from fixtures import official_tiny_checkpoint
-from space import canonical_arch, count_params, make_arch
+from arch import canonical_arch, count_params, make_arch
 
 pytestmark = pytest.mark.fast
 

@@ -7,7 +7,8 @@ import torch
 
 import search
 import strategy
-from space import AutoformerSpace, arch_choices, arch_key, complete_space_kwargs, count_params
+from arch import arch_choices, arch_key, complete_space_kwargs, count_params
+from space import AutoformerSpace
 
 pytestmark = pytest.mark.fast  # make test-fast
 

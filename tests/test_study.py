@@ -15,7 +15,8 @@ import scratch
 import study
 import torch
 from metrics import binomial_se, kendall, paired_difference
-from space import AutoformerSpace, build_supernet, complete_space_kwargs, count_params, extreme_arch
+from arch import complete_space_kwargs, count_params, extreme_arch
+from space import AutoformerSpace, build_supernet
 from utils import UserError
 
 installed = pytest.mark.skipif(not data.FASHION_SYSTEM_PATH.is_dir(),

@@ -262,7 +262,8 @@ def official_decayed_names(official: dict[str, torch.Tensor]) -> set[str]:
 def test_weight_decay_groups_are_those_of_the_official_run(golden, rel_pos_decay):
     from checkpoints import to_project_layout
     from lightning import SupernetModule
-    from space import build_supernet, complete_space_kwargs
+    from arch import complete_space_kwargs
+    from space import build_supernet
     official = torch.load(GOLDEN / 'small-official.pth', weights_only=True)['model']
     expected = set(to_project_layout({name: official[name] for name in official_decayed_names(official)}, 'official'))
     space_kwargs = complete_space_kwargs(**golden[0])
@@ -281,7 +282,7 @@ def test_weight_decay_groups_are_those_of_the_official_run(golden, rel_pos_decay
 
 def test_finetune_arch_trains_the_searched_subnet_from_its_inherited_weights(tmp_path, digits_supernet):
     import evaluate
-    from space import canonical_arch, make_arch
+    from arch import canonical_arch, make_arch
     arch = make_arch(112, [3.5, 4.0, 3.0], [2, 1, 2])
     best = tmp_path / 'best.json'
     best.write_text(json.dumps({'arch': arch, 'top1': 0.0}))  # as search.py writes it
@@ -302,7 +303,7 @@ def test_finetune_arch_trains_the_searched_subnet_from_its_inherited_weights(tmp
 
 def test_scratch_arch_retrains_one_subnet_and_resumes_it(tmp_path):
     import evaluate
-    from space import make_arch
+    from arch import make_arch
     arch = json.dumps(make_arch(96, [3.0, 3.0], [1, 1]))
     args = [*FAST, '--arch', arch, '--warmup', '0', '--output', str(tmp_path)]
     scratch.main([*args, '--epochs', '1'])
@@ -325,7 +326,7 @@ def test_scratch_arch_retrains_one_subnet_and_resumes_it(tmp_path):
 @pytest.mark.slow
 def test_compile_of_a_fixed_arch_keeps_outputs_and_state_dict_keys():
     """``--compile`` compiles the subnet in place (``nn.Module.compile``): same outputs, same weights file keys."""
-    from space import make_arch
+    from arch import make_arch
     space_kwargs = AutoformerSpace.preset('demo')
     model = AutoformerSpace(**space_kwargs).freeze(make_arch(96, [3.0, 3.5], [1, 2])).eval()
     images = torch.randn(4, 3, 32, 32)
@@ -353,7 +354,8 @@ def test_unsampled_layers_are_decayed_and_moved_as_in_the_official_run_unless_sk
     """A layer used in one step and not in the next keeps a zero gradient (torch 1.7's zero_grad, the
     official run's), so AdamW decays it and moves it by momentum; --skip-unsampled leaves it alone."""
     from lightning import SupernetModule
-    from space import build_supernet, complete_space_kwargs, extreme_arch
+    from arch import complete_space_kwargs, extreme_arch
+    from space import build_supernet
     space_kwargs = complete_space_kwargs(**AutoformerSpace.preset('demo'))
     module = SupernetModule(space_kwargs, learning_rate=1e-3, warmup_epochs=0, epochs=1, mixup=0, cutmix=0,
                             skip_unsampled=skip)
@@ -378,7 +380,8 @@ def test_a_layer_unused_after_a_validation_is_still_decayed_and_moved_unless_ski
     import pytorch_lightning as pl
 
     import lightning
-    from space import build_supernet, complete_space_kwargs, extreme_arch
+    from arch import complete_space_kwargs, extreme_arch
+    from space import build_supernet
     space_kwargs = complete_space_kwargs(**AutoformerSpace.preset('demo'))
     trainer_ref = []
     monkeypatch.setattr(lightning, 'sample_arch', lambda space, rng: extreme_arch(
@@ -455,7 +458,8 @@ def test_the_epoch_schedule_is_the_official_runs_timm_cosine(epochs, warmup):
     step(epoch) after each epoch as supernet_train.py does."""
     from timm.scheduler import CosineLRScheduler
     from lightning import SupernetModule
-    from space import build_supernet, complete_space_kwargs
+    from arch import complete_space_kwargs
+    from space import build_supernet
     lr, warmup_lr, min_lr, steps_per_epoch = 1e-3, 1e-6, 1e-5, 3
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
     official = CosineLRScheduler(optimizer, t_initial=epochs, lr_min=min_lr, cycle_mul=1.0, cycle_decay=0.1,
