@@ -348,9 +348,10 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
     parser.add_argument('--no-repeated-aug', dest='repeated_aug', action='store_false',
                         help='under DDP, read each training image once an epoch instead of 3 times across the '
                              "processes (the official run's repeated augmentation)")
-    parser.add_argument('--balanced-sampling', action='store_true',
-                        help='draw each class equally often (with replacement) for imbalanced data; validation '
-                             'reports balanced accuracy (val_balanced_*) either way')
+    parser.add_argument('--balanced-sampling', action=argparse.BooleanOptionalAction, default=None,
+                        help='draw each class equally often (with replacement); default: on when the largest class '
+                             'holds 3x the images of the smallest or more. Validation reports balanced accuracy '
+                             '(val_balanced_*) either way')
     parser.add_argument('--skip-unsampled', action='store_true',
                         help="AdamW skips the layers a step's arch does not use (their gradients are None). By "
                              'default, as in the official run, a layer used once keeps a zero gradient, so every '

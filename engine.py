@@ -5,6 +5,7 @@ lightning.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -143,7 +144,7 @@ class TrainingRun:
     batch_size: int
     learning_rate: float | None
     base_lr: float
-    balanced_sampling: bool
+    balanced_sampling: bool | None  # None: decided from the data (with_balanced_default)
     min_lr: float
     warmup_lr: float
     weight_decay: float
@@ -277,20 +278,22 @@ def run_fingerprint(run: TrainingRun, space_kwargs: Mapping[str, Any]) -> dict[s
             'precision': run.precision or default_precision(use_gpu)}
 
 
-# Classes this uneven (the largest over the smallest) get a hint to sample them evenly.
-IMBALANCE_HINT = 3.0
+# Classes this uneven (the largest over the smallest) are sampled evenly unless --no-balanced-sampling says not to.
+IMBALANCED = 3.0
 
 
-def say_imbalance(train_set: Any, balanced: bool) -> None:
-    """One line on imbalanced training classes: what a top-1 then hides, and the flag that evens them out."""
+def with_balanced_default(run: TrainingRun, train_set: Any) -> TrainingRun:
+    """``run`` with --balanced-sampling decided: as given, else on for imbalanced classes, said in one line."""
     largest, smallest = samplers.imbalance(train_set)
-    if balanced:
-        print(f'balanced sampling: each class drawn equally often (the classes hold {smallest:.1f}% to '
-              f'{largest:.1f}% of the training images)', flush=True)
-    elif largest >= IMBALANCE_HINT * smallest:
-        print(f'the training classes are imbalanced ({smallest:.1f}% to {largest:.1f}% of the images): watch the '
-              'balanced accuracy (val_balanced_*), not top-1 alone; --balanced-sampling draws each class equally '
-              'often', flush=True)
+    shares = f'the classes hold {smallest:.1f}% to {largest:.1f}% of the training images'
+    if run.balanced_sampling is None and largest >= IMBALANCED * smallest:
+        run = dataclasses.replace(run, balanced_sampling=True)
+        if is_first_process():
+            print(f'imbalanced classes ({shares}): each is drawn equally often (--no-balanced-sampling draws the '
+                  'images as they are); the best epoch is chosen by balanced accuracy', flush=True)
+    elif run.balanced_sampling and is_first_process():
+        print(f'balanced sampling: each class drawn equally often ({shares})', flush=True)
+    return dataclasses.replace(run, balanced_sampling=bool(run.balanced_sampling))
 
 
 def check_batches(train_size: int, batch_size: int, processes: int, repeats: int = 1) -> int:
@@ -326,7 +329,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
            arch: Mapping[str, Any] | None, fingerprint: Mapping[str, Any] | None = None) -> Path:
     import pytorch_lightning as pl  # here: the search's warm workers import this module and never train
 
-    from lightning import SupernetModule, add_checkpoints_and_logger, build_evaluator
+    from lightning import SupernetModule, TimeEstimate, add_checkpoints_and_logger, build_evaluator
 
     folder, kind = RunFolder(Path(run.output)), 'subnet' if arch else 'supernet'
     pl.seed_everything(run.seed, workers=True, verbose=False)
@@ -334,6 +337,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
     if run.compile and arch is None and trainer_kwargs['accelerator'] == 'cpu' and is_first_process():
         print(COMPILE_ON_CPU.format(what='step'))
     train_set, val_set, held_out = training_data(run, space_kwargs, kind)
+    run = with_balanced_default(run, train_set)
     repeats, steps_per_epoch = epoch_plan(run, train_set, processes)
     if fingerprint is not None:
         atomic_write_json(fingerprint, folder.record)
@@ -346,6 +350,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
         pretrained=pretrained, arch=arch, compile=run.compile)
     checkpoints = add_checkpoints_and_logger(trainer_kwargs, 'val_balanced_subnet' if arch else 'val_balanced_max',
                                              folder.last_checkpoint, folder.logs)
+    trainer_kwargs['callbacks'].append(TimeEstimate(steps_per_epoch, run.epochs))
     evaluator = build_evaluator(module, train_loader, val_loader, trainer_kwargs,
                                 str(folder.last_checkpoint) if run.resume else None)
     before = validate_inherited(space_kwargs, pretrained, arch, val_loader) \
@@ -396,8 +401,6 @@ def epoch_plan(run: TrainingRun, train_set: Any, processes: int) -> tuple[int, i
     repeats = samplers.REPEATS if run.repeated_aug and processes > 1 and not run.balanced_sampling else 1
     drawn = len(train_set) // processes * processes if run.balanced_sampling else len(train_set)
     steps_per_epoch = check_batches(drawn, run.batch_size, processes, repeats)
-    if is_first_process():
-        say_imbalance(train_set, run.balanced_sampling)
     return repeats, steps_per_epoch
 
 

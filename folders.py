@@ -46,9 +46,11 @@ EXPECTS = {
 }
 _logger = logging.getLogger(__name__)
 IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-# Inputs this small (CIFAR-sized and below) get the small-image transform: ImageNet's RandomResizedCrop
-# (down to 8% of the image) and its centre crop would leave a few pixels of each image.
-SMALL_IMAGE = 32
+# Inputs this small get the small-image transform, the whole image resized: ImageNet's RandomResizedCrop (down to 8%
+# of the image) would crop a small detail out of most training views, and its centre crop would cut the border.
+SMALL_IMAGE = 96
+# The decoded, resized images of a split are kept in memory (each loader process its own) when they fit in this.
+CACHE_BYTES = 2 << 30
 AUTO_AUGMENT = 'rand-m9-mstd0.5-inc1'  # DeiT's RandAugment
 
 
@@ -174,6 +176,8 @@ class SafeImageFolder(ImageFolder):
         self.substitute = substitute
         self.undecodable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
         self._warned = False
+        self.resize: Callable | None = None  # set: the images are decoded and resized once, then kept
+        self._resized: dict[int, Image.Image] = {}
 
     def keep(self, indices: list[int]) -> None:
         """Only the images at ``indices`` (a split held out of the folder, or what it left), before any is read:
@@ -201,12 +205,14 @@ class SafeImageFolder(ImageFolder):
             position = (index + offset) % len(self.samples)
             path, target = self.samples[position]
             try:
-                image = self.loader(path)
+                image = self._resized[position] if position in self._resized else self.loader(path)
             except _DECODE_ERRORS as err:
                 self._flag(position, path, err)
                 if not self.substitute:
                     return None
                 continue
+            if self.resize is not None and position not in self._resized:
+                image = self._resized[position] = self.resize(image)
             return self.transform(image), target
         raise UserError(f'no image under {self.root} can be decoded: the files are corrupt or not images')
 
@@ -343,10 +349,18 @@ def train_transform(img_size: int, grayscale: bool = False) -> Callable:
 def small_image_transform(img_size: int, training: bool) -> Callable:
     """CIFAR's recipe: the whole image resized to the input, a crop shifted by up to 1/8 of it and a mirror in
     training (a no-op resize for CIFAR-10 at 32 px)."""
-    steps = [transforms.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC)]
-    if training:
-        steps += [transforms.RandomCrop(img_size, padding=max(img_size // 8, 1)), transforms.RandomHorizontalFlip()]
-    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return transforms.Compose([small_image_resize(img_size), small_image_augment(img_size, training)])
+
+
+def small_image_resize(img_size: int) -> Callable:
+    return transforms.Resize((img_size, img_size), interpolation=InterpolationMode.BICUBIC)
+
+
+def small_image_augment(img_size: int, training: bool) -> Callable:
+    """What the small-image transform does after its resize (the same every epoch, so it can be cached)."""
+    steps = [transforms.RandomCrop(img_size, padding=max(img_size // 8, 1)), transforms.RandomHorizontalFlip()]
+    return transforms.Compose((steps if training else [])
+                              + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def image_transform(img_size: int, training: bool, grayscale: bool = False) -> Callable:
@@ -373,6 +387,8 @@ def split_images(dataset: str, datapath: str | os.PathLike | None, split: str, i
     grayscale = training and img_size > SMALL_IMAGE and profile_folder(dataset, datapath).grayscale
     class_folder_names(root)
     images = SafeImageFolder(root, image_transform(img_size, training, grayscale), substitute=training)
+    if img_size <= SMALL_IMAGE and len(images) * 3 * img_size ** 2 <= CACHE_BYTES:
+        images.transform, images.resize = small_image_augment(img_size, training), small_image_resize(img_size)
     counts = np.bincount(images.targets, minlength=len(images.classes))
     empty = [name for name, count in zip(images.classes, counts) if count == 0]
     if empty:

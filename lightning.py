@@ -24,6 +24,7 @@ import random
 import shlex
 import signal
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -284,7 +285,8 @@ class SupernetModule(LightningModule):
             confusion = self.trainer.strategy.reduce(confusion, reduce_op='sum').view(classes, classes)
             self.val_confusions[name] = confusion.cpu()
             if confusion.sum() > 0:
-                self.log(f'val_balanced_{name}', running_value(confusion.double(), 'balanced'), sync_dist=False)
+                self.log(f'val_balanced_{name}', running_value(confusion.double(), 'balanced'), sync_dist=False,
+                         prog_bar=name != 'searched')
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []
@@ -435,3 +437,25 @@ def lost_peers_reported(processes: int) -> Iterator[None]:
         raise UserError(f'lost contact with another training process ({cause or str(err).splitlines()[0]}): a '
                         'machine or process of this run stopped; start the run again on every machine with --resume '
                         'to continue from its last checkpoint') from None
+
+
+class TimeEstimate(pl.Callback):
+    """One line, once, with the time an epoch of training takes and what is left of the run, measured on steps after
+    the first two (which warm the caches, and compile with --compile); validation comes on top."""
+
+    def __init__(self, steps_per_epoch: int, epochs: int, steps: int = 10) -> None:
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        self.steps = min(steps, steps_per_epoch - 3)
+        self.start: float | None = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.steps < 1 or not trainer.is_global_zero:
+            return
+        if self.start is None:
+            self.start = time.perf_counter() if args[-1] == 2 else None  # args[-1]: the batch's index in its epoch
+        elif args[-1] == 2 + self.steps:
+            epoch = (time.perf_counter() - self.start) / self.steps * self.steps_per_epoch
+            left = self.epochs - trainer.current_epoch
+            print(f'\ntime: about {epoch:.0f} s an epoch of training, {epoch * left / 60:.1f} min for the {left} '
+                  f'epochs left (measured on {self.steps} steps; validation comes on top)', flush=True)
+            self.steps = 0

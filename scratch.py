@@ -15,6 +15,7 @@ from pathlib import Path
 from cli import (add_arch_arg, add_name_arg, add_training_args, check_recipe, from_flags, load_arch_arg, parse_checked,
                  recipe_parser, run_main, space_arg, space_kwargs_of)
 import data
+import folders
 import recipes
 from engine import TrainingRun, train_supernet
 from arch import SEARCHED, complete_arch, complete_space_kwargs
@@ -55,6 +56,11 @@ def main(argv: list[str] | None = None) -> None:
     space_kwargs['num_labels'] = data.num_classes(args.dataset, args.datapath)
     if args.img_size:
         space_kwargs['img_size'] = args.img_size
+    elif args.recipe == 'small' and args.dataset == 'folder' and args.space_file is None and not args.arch:
+        side = folders.profile_folder(args.dataset, args.datapath).side
+        space_kwargs['img_size'], space_kwargs['patch_size'] = recipes.input_size(side)
+        print(f"input: images of about {side} px resized to {space_kwargs['img_size']} px, patches of "
+              f"{space_kwargs['patch_size']} px (--img-size sets another size)", flush=True)
     space_kwargs = complete_space_kwargs(**space_kwargs)
     arch = complete_arch(load_arch_arg(args.arch), space_kwargs) if args.arch else None
     train_supernet(from_flags(TrainingRun, args, output=Path(args.output)), space_kwargs, arch=arch)
