@@ -119,6 +119,9 @@ NOT_EMPTY = ('output', 'arch', 'weights', 'datapath', 'input', 'subnet_output', 
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse the first flag whose value breaks its rule (unset flags, None, are not checked)."""
+    datapath = getattr(args, 'datapath', None)
+    if datapath and not Path(datapath).expanduser().exists():
+        raise UserError(f'--datapath {datapath} does not exist: give the folder of the dataset')
     for name in NOT_EMPTY:
         if getattr(args, name, None) is not None and not str(getattr(args, name)).strip():
             raise UserError(f'--{name.replace("_", "-")} is empty: give a value or leave the flag out')

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import folders
-from utils import UserError
 
 # The learning rate is base_lr x global batch / 512 (the official rule) unless --learning-rate gives it. The
 # schedule is the official per-epoch cosine for the long runs; the short runs of the small data sets step it
@@ -52,10 +51,7 @@ def choose_recipe(dataset: str, datapath: str | None) -> tuple[str, str]:
     """The recipe that fits the data, and why: a dataset's own, else (a folder) from its size and images."""
     if dataset != 'folder':
         return dataset, f'the {dataset} recipe'
-    try:
-        profile = folders.profile_folder(dataset, datapath)
-    except UserError:
-        return 'imagenet', 'the paper\'s recipe (the folder could not be read yet)'  # refused when it is read
+    profile = folders.profile_folder(dataset, datapath)  # a folder that cannot be read is refused here, first
     described = f'{profile.train_images} training images of about {profile.side} px'
     if profile.train_images < SMALL_DATA_IMAGES or profile.side <= SMALL_DATA_SIDE:
         return 'small', f'{described}: fewer than {SMALL_DATA_IMAGES} images or sides of {SMALL_DATA_SIDE} px or less'
