@@ -112,8 +112,7 @@ class MatmulWithBucketColumns(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, left: torch.Tensor, right: torch.Tensor, members: torch.Tensor,
-                transpose: bool) -> torch.Tensor:
+    def forward(ctx, left: torch.Tensor, right: torch.Tensor, members: torch.Tensor, transpose: bool) -> torch.Tensor:
         full = with_bucket_columns(right, members)
         ctx.save_for_backward(left, full)
         ctx.transpose, ctx.width = transpose, right.shape[-1]
@@ -309,10 +308,7 @@ class Attention(nn.Module):
 
     def explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The attention matrix written out (the official formulation's shape of computation)."""
-        if self.rpe:
-            attn = self.rel_pos_embed_k.logits(q, k, self.scale)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = self.rel_pos_embed_k.logits(q, k, self.scale) if self.rpe else (q * self.scale) @ k.transpose(-2, -1)
         attn = self.attn_drop(attn.softmax(dim=-1))
         return self.rel_pos_embed_v.attend(attn, v) if self.rpe else attn @ v
 

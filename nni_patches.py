@@ -84,7 +84,9 @@ def replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
         setattr(owner, name, original)
 
 
-def _tolerant_tuner_channel() -> type:
+def tolerant_tuner_channel() -> Any:
+    """The block in which NNI's execution engine is built with ``TolerantTunerChannel``."""
+    from nni.nas.execution import training_service
     from nni.runtime.tuner_command_channel import TunerCommandChannel
     from nni.runtime.tuner_command_channel.command_type import CommandType
 
@@ -97,24 +99,13 @@ def _tolerant_tuner_channel() -> type:
                 if command_type not in (CommandType.ImportData, CommandType.AddCustomizedTrialJob):
                     return command_type, data
 
-    return TolerantTunerChannel
+    return replaced(training_service, 'TunerCommandChannel', TolerantTunerChannel)
 
 
-def tolerant_tuner_channel() -> Any:
-    """The block in which NNI's execution engine is built with :class:`TolerantTunerChannel`."""
-    from nni.nas.execution import training_service
-
-    return replaced(training_service, 'TunerCommandChannel', _tolerant_tuner_channel())
-
-
-def _prctl() -> Callable | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (AttributeError, OSError):
-        return None  # not Linux: an orphan manager is stopped by the next --resume instead
-
-
-_PRCTL = _prctl()  # looked up here: loading a library between fork and exec can deadlock
+try:  # looked up here: loading a library between fork and exec can deadlock
+    _PRCTL: Callable | None = ctypes.CDLL(None, use_errno=True).prctl
+except (AttributeError, OSError):
+    _PRCTL = None  # not Linux: an orphan manager is stopped by the next --resume instead
 PR_SET_PDEATHSIG = 1
 
 
