@@ -1,11 +1,10 @@
 """Weights files: safe reading, atomic writing, the official and NNI-hub layouts, fitting to a space.
 
-Every weights file this project writes is ``{'space': constructor kwargs, 'state_dict': ..., ['arch': ...]}``.
-Reading one checks everything a file can get wrong (code to run, damaged archives, a stored space
-that is no space, tensors that are not plain floating-point weights, NaN) and says so in one line.
-Official AutoFormer (Cream) and NNI-hub supernets are detected from their keys and converted to
-this project's layout; wider supernets are sliced to the space. Also: NNI's download of its
-published weights and the standalone TorchScript / ONNX export of a subnet. Loading a file into a
+Every weights file this project writes is ``{'space': constructor kwargs, 'state_dict': ..., ['arch': ...]}``. Reading
+one checks everything a file can get wrong (code to run, damaged archives, a stored space that is no space, tensors that
+are not plain floating-point weights, NaN) and says so in one line. Official AutoFormer (Cream) and NNI-hub supernets
+are detected from their keys and converted to this project's layout; wider supernets are sliced to the space. Also:
+NNI's download of its published weights and the standalone TorchScript / ONNX export of a subnet. Loading a file into a
 model (``load_supernet_file``, ``load_model``) is ``space.py``'s, which builds the models.
 """
 from __future__ import annotations

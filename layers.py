@@ -58,10 +58,9 @@ class SlicedLinear(torch.autograd.Function):
     ``F.linear(inputs, weight[rows, :in_features], bias[:len(rows)])`` (``weight[:rows, :in_features]`` and
     ``bias[:rows]`` when ``rows`` is a count), values and gradients.
 
-    ``rows``: the number of leading rows, or a tensor of row indices. The weight gradient is
-    written straight into one full-size tensor; slicing in autograd makes the block's gradient,
-    then a zero tensor per slice to copy it into, and for qkv's interleaved rows three of them
-    summed. The gain is memory traffic; ``bench/kernels.py`` times both ways.
+    ``rows``: the number of leading rows, or a tensor of row indices. The weight gradient is written straight into one
+    full-size tensor; slicing in autograd makes the block's gradient, then a zero tensor per slice to copy it into, and
+    for qkv's interleaved rows three of them summed. The gain is memory traffic; ``bench/kernels.py`` times both ways.
     """
 
     @staticmethod
@@ -172,11 +171,10 @@ class MixedQKV(MixedOperation, nn.Linear):
 class RelativePosition2D(nn.Module):
     """AutoFormer's 2-D relative position encoding, computed without N x N x head_dim tensors.
 
-    Plainly: ``r(i, j) = table_v[dv(i, j)] + table_h[dh(i, j)]``, with dv, dh the clipped row and column distances
-    (row 0 of each table for pairs with the class token), added to the keys' logits as ``q_i . r(i, j)`` and to the
-    values as ``sum_j attn_ij r(i, j)``. Every key of one grid row shares dv and of one grid column dh, so the encoding
-    of key j is picked by a fixed 0/1 vector ``e_j`` (its class / row / column bucket) and each query's table row per
-    bucket:
+    Plainly: ``r(i, j) = table_v[dv(i, j)] + table_h[dh(i, j)]``, with dv, dh the clipped row and column distances (row
+    0 of each table for pairs with the class token), added to the keys' logits as ``q_i . r(i, j)`` and to the values as
+    ``sum_j attn_ij r(i, j)``. Every key of one grid row shares dv and of one grid column dh, so the encoding of key j
+    is picked by a fixed 0/1 vector ``e_j`` (its class / row / column bucket) and each query's table row per bucket:
 
     * keys: ``q . r(i, j) = a_i . e_j`` where ``a_i`` gathers ``q_i . table`` per bucket, so the
       logits are one matmul ``[q, a] @ [k, e]^T``;

@@ -2,13 +2,12 @@
 DeiT's recipe, with its checkpoints and what a trainer stopped by a signal or a lost DDP peer means; the driver
 that runs it for scratch.py and finetune.py is ``engine.train_supernet``.
 
-Every training step samples one architecture uniformly and updates the slices it uses. The
-supernet is NNI's ``RandomOneShot`` mutation of :class:`space.AutoformerSpace`; the sampling is
-done here, from ``(seed, step)``, so that every DDP rank trains the same subnet in a step and a
-resumed run samples exactly what an uninterrupted one would. The rest of a step's randomness (data
-augmentation, Mixup/CutMix, drop path) is drawn per rank, as the official run seeds each process with
-``seed + rank``. Validation reports top-1 of fixed subnets: the smallest, the largest and, for a preset,
-the pre-searched one.
+Every training step samples one architecture uniformly and updates the slices it uses. The supernet is NNI's
+``RandomOneShot`` mutation of :class:`space.AutoformerSpace`; the sampling is done here, from ``(seed, step)``, so that
+every DDP rank trains the same subnet in a step and a resumed run samples exactly what an uninterrupted one would. The
+rest of a step's randomness (data augmentation, Mixup/CutMix, drop path) is drawn per rank, as the official run seeds
+each process with ``seed + rank``. Validation reports top-1 of fixed subnets: the smallest, the largest and, for a
+preset, the pre-searched one.
 
 Setting the environment variable ``AUTOFORMER_TRACE`` (to anything but empty or 0) makes every rank append
 one JSON line per training step to ``<output>/trace/rank-<global rank>.jsonl``: the step, epoch, arch,

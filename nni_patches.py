@@ -26,10 +26,9 @@ Patches, each undone when it has served unless said:
 * NNI's "Web portal URLs" log line (logger ``nni.experiment``, a logging filter while a search runs with
   ``--web-ui-host loopback``; :func:`loopback_portal_urls`): NNI lists an address of every interface, which
   ``loopback.js`` keeps from serving; the line keeps the loopback URL only.
-* ``search.SearchExperiment`` overrides ``NasExperiment.load_checkpoint`` (resumed from the candidate records,
-  not NNI's pickled strategy state, which torch >= 2.6 refuses to unpickle) and
-  ``_send_space_to_nni_manager`` (NNI 3.0's ``nnictl view`` refuses a NAS experiment whose stored config
-  has a search space).
+* ``search.SearchExperiment`` overrides ``NasExperiment.load_checkpoint`` (resumed from the candidate records, not NNI's
+  pickled strategy state, which torch >= 2.6 refuses to unpickle) and ``_send_space_to_nni_manager`` (NNI 3.0's
+  ``nnictl view`` refuses a NAS experiment whose stored config has a search space).
 * ``trial.TrialChannel`` speaks NNI 3.0's HTTP trial command channel (``nni.runtime.trial_command_channel.v3``)
   without importing NNI: a copy of the protocol, not a patch, but tied to the same version.
 

@@ -63,12 +63,11 @@ class SupernetCheckpoint:
 
 @torch.no_grad()
 def init_weights(model: nn.Module) -> nn.Module:
-    """The official supernet's initialisation (``_init_weights``): every linear layer's weight from a
-    truncated normal of std 0.02 and a zero bias, LayerNorms 1 / 0. The class token, the position
-    embedding and the relative-position tables are drawn with std 0.02 where they are made; the patch
-    embedding keeps PyTorch's default, as in the official code. :func:`build_supernet` applies it; a
-    subnet retrained from scratch gets it from the training driver (a frozen subnet usually receives
-    weights, so building one does not pay for it)."""
+    """The official supernet's initialisation (``_init_weights``): every linear layer's weight from a truncated normal
+    of std 0.02 and a zero bias, LayerNorms 1 / 0. The class token, the position embedding and the relative-position
+    tables are drawn with std 0.02 where they are made; the patch embedding keeps PyTorch's default, as in the official
+    code. :func:`build_supernet` applies it; a subnet retrained from scratch gets it from the training driver (a frozen
+    subnet usually receives weights, so building one does not pay for it)."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.trunc_normal_(module.weight, std=.02)
@@ -167,10 +166,9 @@ class AutoformerSpace(ModelSpace):
                               layout: str | None = None) -> dict[str, torch.Tensor]:
         """Supernet weights in this project's layout, fitted to the space ``name``.
 
-        ``name``: a preset, constructor kwargs, or None for the space stored in the file.
-        ``path`` may hold this project's layout, an official AutoFormer checkpoint or NNI hub's
-        supernet; ``'nni'`` downloads NNI's. ``layout`` (official, nni, project) is detected from
-        the keys when not given.
+        ``name``: a preset, constructor kwargs, or None for the space stored in the file. ``path`` may hold this
+        project's layout, an official AutoFormer checkpoint or NNI hub's supernet; ``'nni'`` downloads NNI's. ``layout``
+        (official, nni, project) is detected from the keys when not given.
         """
         return load_supernet_file(path, name, layout)[0]
 
