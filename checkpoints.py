@@ -65,9 +65,8 @@ def resolve_space(name: str | Mapping[str, Any] | None, stored: Mapping[str, Any
 
 
 def is_subnet(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    if 'patch_embed_super.proj.weight' in state_dict:  # an official supernet: its blocks are not nested either
-        return False
-    return 'blocks.0.attn.qkv.weight' in state_dict or 'blocks.0.attn.q.weight' in state_dict
+    return 'patch_embed_super.proj.weight' not in state_dict and (  # an official supernet's blocks are not nested
+        'blocks.0.attn.qkv.weight' in state_dict or 'blocks.0.attn.q.weight' in state_dict)
 
 
 def unwrap_state_dict(checkpoint: Any, path: Any = '') -> dict[str, torch.Tensor]:

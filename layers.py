@@ -187,10 +187,8 @@ class RelativePosition2D(nn.Module):
     def __init__(self, head_dim: int, length: int) -> None:
         super().__init__()
         self.length = length
-        self.embeddings_table_v = nn.Parameter(torch.empty(2 * length + 2, head_dim))
-        self.embeddings_table_h = nn.Parameter(torch.empty(2 * length + 2, head_dim))
-        nn.init.trunc_normal_(self.embeddings_table_v, std=.02)
-        nn.init.trunc_normal_(self.embeddings_table_h, std=.02)
+        self.embeddings_table_v = nn.Parameter(nn.init.trunc_normal_(torch.empty(2 * length + 2, head_dim), std=.02))
+        self.embeddings_table_h = nn.Parameter(nn.init.trunc_normal_(torch.empty(2 * length + 2, head_dim), std=.02))
         self._bucket_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def buckets(self, num_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

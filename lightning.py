@@ -256,12 +256,11 @@ class SupernetModule(LightningModule):
             return
         images, targets = batch
         model = self.ema.module if self.ema is not None else self.model
-        classes = self.space_kwargs['num_labels']
         for name, arch in self.val_archs.items():
             logits = model(images) if self.arch is not None else self.run_arch(arch, images, model)
             top1 = accuracy(logits, targets, topk=(1,))[0]
             self.log(f'val_acc_{name}', top1, prog_bar=name != 'searched', sync_dist=True, batch_size=len(targets))
-            self.confusions[name] += confusion_counts(targets, logits.argmax(dim=1), classes)
+            self.confusions[name] += confusion_counts(targets, logits.argmax(dim=1), self.space_kwargs['num_labels'])
 
     def on_validation_epoch_end(self) -> None:
         """Balanced accuracy (the mean of the per-class accuracies) beside top-1: on imbalanced data a model

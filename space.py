@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -51,11 +52,10 @@ def _drop_mixed_op_nested_mutable_warning(record: logging.LogRecord) -> bool:
 logging.getLogger('nni.nas.nn.pytorch.base').addFilter(_drop_mixed_op_nested_mutable_warning)
 
 
+@dataclass(eq=False)  # compared by identity and hashable, as a plain class
 class SupernetCheckpoint:
     """A trained supernet with ``.model`` and ``.sub_state_dict(arch)``, as NNI's hub's strategy checkpoints."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    model: nn.Module
 
     def sub_state_dict(self, arch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return sub_state_dict(self.model.state_dict(), arch)
