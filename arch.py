@@ -193,11 +193,10 @@ _LAYER_LABEL = re.compile(r'(mlp_ratio|num_head)_\d+')
 def _check_label(arch: Mapping[str, Any], label: str, allowed: list) -> None:
     if label not in arch:
         raise SpaceError(f'arch is missing the label {label!r} (allowed values: {allowed})')
-    value = arch[label]
-    if label.startswith('mlp_ratio') and not is_number(value) or not label.startswith('mlp_ratio') and not \
-            _is_int(value, least=-2**63):
-        kind = 'a number' if label.startswith('mlp_ratio') else 'an integer'
-        raise SpaceError(f'arch value {label}={value!r} must be {kind} (allowed values: {allowed})')
+    value, ratio = arch[label], label.startswith('mlp_ratio')
+    if not (is_number(value) if ratio else _is_int(value, least=-2**63)):
+        raise SpaceError(f'arch value {label}={value!r} must be {"a number" if ratio else "an integer"} '
+                         f'(allowed values: {allowed})')
     if value not in allowed:
         raise SpaceError(f'arch value {label}={value!r} is outside the space (allowed values: {allowed})')
 

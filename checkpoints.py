@@ -1,11 +1,10 @@
 """Weights files: safe reading, atomic writing, the official and NNI-hub layouts, fitting to a space.
 
-Every weights file this project writes is ``{'space': constructor kwargs, 'state_dict': ..., ['arch': ...]}``.
-Reading one checks everything a file can get wrong (code to run, damaged archives, a stored space
-that is no space, tensors that are not plain floating-point weights, NaN) and says so in one line.
-Official AutoFormer (Cream) and NNI-hub supernets are detected from their keys and converted to
-this project's layout; wider supernets are sliced to the space. Also: NNI's download of its
-published weights and the standalone TorchScript / ONNX export of a subnet. Loading a file into a
+Every weights file this project writes is ``{'space': constructor kwargs, 'state_dict': ..., ['arch': ...]}``. Reading
+one checks everything a file can get wrong (code to run, damaged archives, a stored space that is no space, tensors that
+are not plain floating-point weights, NaN) and says so in one line. Official AutoFormer (Cream) and NNI-hub supernets
+are detected from their keys and converted to this project's layout; wider supernets are sliced to the space. Also:
+NNI's download of its published weights and the standalone TorchScript / ONNX export of a subnet. Loading a file into a
 model (``load_supernet_file``, ``load_model``) is ``space.py``'s, which builds the models.
 """
 from __future__ import annotations
@@ -66,9 +65,8 @@ def resolve_space(name: str | Mapping[str, Any] | None, stored: Mapping[str, Any
 
 
 def is_subnet(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    if 'patch_embed_super.proj.weight' in state_dict:  # an official supernet: its blocks are not nested either
-        return False
-    return 'blocks.0.attn.qkv.weight' in state_dict or 'blocks.0.attn.q.weight' in state_dict
+    return 'patch_embed_super.proj.weight' not in state_dict and (  # an official supernet's blocks are not nested
+        'blocks.0.attn.qkv.weight' in state_dict or 'blocks.0.attn.q.weight' in state_dict)
 
 
 def unwrap_state_dict(checkpoint: Any, path: Any = '') -> dict[str, torch.Tensor]:
@@ -103,7 +101,7 @@ def to_project_layout(state_dict: Mapping[str, torch.Tensor], layout: str) -> di
     if layout == 'official':
         return {_official_key(k): v for k, v in state_dict.items()}
     if layout == 'nni':
-        return _nni_to_project(state_dict)
+        return convert_nni_subnet(state_dict, interleave=True)
     raise UserError(f'unknown checkpoint layout {layout!r}: choose official, nni or project')
 
 
@@ -117,31 +115,17 @@ def _official_key(key: str) -> str:
     return key
 
 
-def _nni_to_project(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """NNI hub keeps q, k, v apart; a supernet's per-head rows interleave, its biases concatenate."""
-    result = {}
-    for key, tensor in state_dict.items():
-        prefix, _, name = key.rpartition('.attn.')
-        if name in ('k.weight', 'v.weight', 'k.bias', 'v.bias'):
-            continue
-        if name == 'q.weight':
-            q, k, v = (state_dict[f'{prefix}.attn.{p}.weight'] for p in 'qkv')
-            result[f'{prefix}.attn.qkv.weight'] = torch.stack([q, k, v], dim=1).flatten(0, 1)
-        elif name == 'q.bias':
-            result[f'{prefix}.attn.qkv.bias'] = torch.cat([state_dict[f'{prefix}.attn.{p}.bias'] for p in 'qkv'])
-        else:
-            result[key] = tensor
-    return result
-
-
-def convert_nni_subnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An NNI hub subnet (separate q/k/v linears) as this project's subnet (one q;k;v linear)."""
+def convert_nni_subnet(state_dict: Mapping[str, torch.Tensor], interleave: bool = False) -> dict[str, torch.Tensor]:
+    """NNI hub keeps q, k, v apart: an NNI hub subnet as this project's subnet (one q;k;v linear), or with
+    ``interleave`` a supernet, whose per-head weight rows interleave; the biases concatenate in both."""
     result = {}
     for key, tensor in state_dict.items():
         prefix, _, name = key.rpartition('.attn.')
         if name in ('q.weight', 'q.bias'):
             kind = name.split('.')[1]
-            result[f'{prefix}.attn.qkv.{kind}'] = torch.cat([state_dict[f'{prefix}.attn.{p}.{kind}'] for p in 'qkv'])
+            parts = [state_dict[f'{prefix}.attn.{p}.{kind}'] for p in 'qkv']
+            joined = torch.stack(parts, dim=1).flatten(0, 1) if interleave and kind == 'weight' else torch.cat(parts)
+            result[f'{prefix}.attn.qkv.{kind}'] = joined
         elif name not in ('k.weight', 'v.weight', 'k.bias', 'v.bias'):
             result[key] = tensor
     return result

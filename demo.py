@@ -47,10 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_stage(name: str, args: list[str], times: dict[str, float]) -> None:
-    command = [sys.executable, *args]
     print(f'\n== {name}: python {" ".join(args)}', flush=True)
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT)
+    result = subprocess.run([sys.executable, *args], cwd=ROOT)
     if result.returncode != 0:
         raise UserError(f'the demo\'s {name} stage failed (exit status {result.returncode}); its output is above')
     times[name] = time.perf_counter() - start

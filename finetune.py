@@ -30,7 +30,6 @@ from arch import complete_arch, complete_space_kwargs, sub_state_dict
 from space import load_supernet_file
 
 
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser, dataset, _, recipe = recipe_parser(argv, recipes.FINETUNE, 'finetune', __doc__)
     add_name_arg(parser, 'preset of --weights (default: the space stored with them, else tiny)')

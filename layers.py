@@ -58,10 +58,9 @@ class SlicedLinear(torch.autograd.Function):
     ``F.linear(inputs, weight[rows, :in_features], bias[:len(rows)])`` (``weight[:rows, :in_features]`` and
     ``bias[:rows]`` when ``rows`` is a count), values and gradients.
 
-    ``rows``: the number of leading rows, or a tensor of row indices. The weight gradient is
-    written straight into one full-size tensor; slicing in autograd makes the block's gradient,
-    then a zero tensor per slice to copy it into, and for qkv's interleaved rows three of them
-    summed. The gain is memory traffic; ``bench/kernels.py`` times both ways.
+    ``rows``: the number of leading rows, or a tensor of row indices. The weight gradient is written straight into one
+    full-size tensor; slicing in autograd makes the block's gradient, then a zero tensor per slice to copy it into, and
+    for qkv's interleaved rows three of them summed. The gain is memory traffic; ``bench/kernels.py`` times both ways.
     """
 
     @staticmethod
@@ -112,8 +111,7 @@ class MatmulWithBucketColumns(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, left: torch.Tensor, right: torch.Tensor, members: torch.Tensor,
-                transpose: bool) -> torch.Tensor:
+    def forward(ctx, left: torch.Tensor, right: torch.Tensor, members: torch.Tensor, transpose: bool) -> torch.Tensor:
         full = with_bucket_columns(right, members)
         ctx.save_for_backward(left, full)
         ctx.transpose, ctx.width = transpose, right.shape[-1]
@@ -173,11 +171,10 @@ class MixedQKV(MixedOperation, nn.Linear):
 class RelativePosition2D(nn.Module):
     """AutoFormer's 2-D relative position encoding, computed without N x N x head_dim tensors.
 
-    Plainly: ``r(i, j) = table_v[dv(i, j)] + table_h[dh(i, j)]``, with dv, dh the clipped row and column distances
-    (row 0 of each table for pairs with the class token), added to the keys' logits as ``q_i . r(i, j)`` and to the
-    values as ``sum_j attn_ij r(i, j)``. Every key of one grid row shares dv and of one grid column dh, so the encoding
-    of key j is picked by a fixed 0/1 vector ``e_j`` (its class / row / column bucket) and each query's table row per
-    bucket:
+    Plainly: ``r(i, j) = table_v[dv(i, j)] + table_h[dh(i, j)]``, with dv, dh the clipped row and column distances (row
+    0 of each table for pairs with the class token), added to the keys' logits as ``q_i . r(i, j)`` and to the values as
+    ``sum_j attn_ij r(i, j)``. Every key of one grid row shares dv and of one grid column dh, so the encoding of key j
+    is picked by a fixed 0/1 vector ``e_j`` (its class / row / column bucket) and each query's table row per bucket:
 
     * keys: ``q . r(i, j) = a_i . e_j`` where ``a_i`` gathers ``q_i . table`` per bucket, so the
       logits are one matmul ``[q, a] @ [k, e]^T``;
@@ -190,10 +187,8 @@ class RelativePosition2D(nn.Module):
     def __init__(self, head_dim: int, length: int) -> None:
         super().__init__()
         self.length = length
-        self.embeddings_table_v = nn.Parameter(torch.empty(2 * length + 2, head_dim))
-        self.embeddings_table_h = nn.Parameter(torch.empty(2 * length + 2, head_dim))
-        nn.init.trunc_normal_(self.embeddings_table_v, std=.02)
-        nn.init.trunc_normal_(self.embeddings_table_h, std=.02)
+        self.embeddings_table_v = nn.Parameter(nn.init.trunc_normal_(torch.empty(2 * length + 2, head_dim), std=.02))
+        self.embeddings_table_h = nn.Parameter(nn.init.trunc_normal_(torch.empty(2 * length + 2, head_dim), std=.02))
         self._bucket_cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def buckets(self, num_tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -309,10 +304,7 @@ class Attention(nn.Module):
 
     def explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The attention matrix written out (the official formulation's shape of computation)."""
-        if self.rpe:
-            attn = self.rel_pos_embed_k.logits(q, k, self.scale)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = self.rel_pos_embed_k.logits(q, k, self.scale) if self.rpe else (q * self.scale) @ k.transpose(-2, -1)
         attn = self.attn_drop(attn.softmax(dim=-1))
         return self.rel_pos_embed_v.attend(attn, v) if self.rpe else attn @ v
 

@@ -2,13 +2,12 @@
 DeiT's recipe, with its checkpoints and what a trainer stopped by a signal or a lost DDP peer means; the driver
 that runs it for scratch.py and finetune.py is ``engine.train_supernet``.
 
-Every training step samples one architecture uniformly and updates the slices it uses. The
-supernet is NNI's ``RandomOneShot`` mutation of :class:`space.AutoformerSpace`; the sampling is
-done here, from ``(seed, step)``, so that every DDP rank trains the same subnet in a step and a
-resumed run samples exactly what an uninterrupted one would. The rest of a step's randomness (data
-augmentation, Mixup/CutMix, drop path) is drawn per rank, as the official run seeds each process with
-``seed + rank``. Validation reports top-1 of fixed subnets: the smallest, the largest and, for a preset,
-the pre-searched one.
+Every training step samples one architecture uniformly and updates the slices it uses. The supernet is NNI's
+``RandomOneShot`` mutation of :class:`space.AutoformerSpace`; the sampling is done here, from ``(seed, step)``, so that
+every DDP rank trains the same subnet in a step and a resumed run samples exactly what an uninterrupted one would. The
+rest of a step's randomness (data augmentation, Mixup/CutMix, drop path) is drawn per rank, as the official run seeds
+each process with ``seed + rank``. Validation reports top-1 of fixed subnets: the smallest, the largest and, for a
+preset, the pre-searched one.
 
 Setting the environment variable ``AUTOFORMER_TRACE`` (to anything but empty or 0) makes every rank append
 one JSON line per training step to ``<output>/trace/rank-<global rank>.jsonl``: the step, epoch, arch,
@@ -54,13 +53,6 @@ _logger = logging.getLogger(__name__)
 # third entry, 'rel_pos_embed', matched no parameter name, so the relative-position tables are decayed
 # (``rel_pos_decay=False``, ``--no-rel-pos-decay``, exempts them as the entry meant to).
 NO_DECAY = ('cls_token.cls_token', 'pos_embed.pos_embed')
-
-
-def decays(name: str, param: torch.Tensor, rel_pos_decay: bool = True) -> bool:
-    """Whether the parameter ``name`` is in the weight-decay group."""
-    if param.ndim <= 1 or name in NO_DECAY:
-        return False
-    return rel_pos_decay or 'rel_pos_embed' not in name
 
 
 class RecordingMixup(Mixup):
@@ -125,11 +117,10 @@ class SupernetModule(LightningModule):
         self.arch = dict(arch) if arch else None
         self.val_archs = {'subnet': self.arch} if arch else validation_archs(space_kwargs)
         self.pretrained = pretrained
-        num_classes = space_kwargs['num_labels']
         if schedule not in SCHEDULES:
             raise ValueError(f'schedule {schedule!r}: use one of {", ".join(SCHEDULES)}')
         self.mixup = RecordingMixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=smoothing,
-                                    num_classes=num_classes) if mixup > 0 or cutmix > 0 else None
+                                    num_classes=space_kwargs['num_labels']) if mixup > 0 or cutmix > 0 else None
         self.criterion = SoftTargetCrossEntropy() if self.mixup else \
             LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss()
         self.ema: ModelEmaV3 | None = None
@@ -185,8 +176,7 @@ class SupernetModule(LightningModule):
         else:
             logits = self.model(images)
         loss = self.criterion(logits, targets)
-        finite = bool(torch.isfinite(loss))
-        everywhere = finite
+        finite = everywhere = bool(torch.isfinite(loss))
         if self.world_size() > 1:  # every rank skips the step if one must (see skip_together)
             everywhere = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if not everywhere:
@@ -245,9 +235,7 @@ class SupernetModule(LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.skipping:  # AdamW skips every parameter without a gradient: nothing moves
             self.skipping = False
-            for group in optimizer.param_groups:
-                for param in group['params']:
-                    param.grad = None
+            optimizer.zero_grad(set_to_none=True)
             return
         # Lightning sets every gradient to None before each validation (on_validation_model_zero_grad), and a
         # checkpoint holds no gradients: either would make AdamW skip a layer the steps since then have not used,
@@ -269,12 +257,11 @@ class SupernetModule(LightningModule):
             return
         images, targets = batch
         model = self.ema.module if self.ema is not None else self.model
-        classes = self.space_kwargs['num_labels']
         for name, arch in self.val_archs.items():
             logits = model(images) if self.arch is not None else self.run_arch(arch, images, model)
             top1 = accuracy(logits, targets, topk=(1,))[0]
             self.log(f'val_acc_{name}', top1, prog_bar=name != 'searched', sync_dist=True, batch_size=len(targets))
-            self.confusions[name] += confusion_counts(targets, logits.argmax(dim=1), classes)
+            self.confusions[name] += confusion_counts(targets, logits.argmax(dim=1), self.space_kwargs['num_labels'])
 
     def on_validation_epoch_end(self) -> None:
         """Balanced accuracy (the mean of the per-class accuracies) beside top-1: on imbalanced data a model
@@ -289,11 +276,12 @@ class SupernetModule(LightningModule):
                          prog_bar=name != 'searched')
 
     def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
             if param.requires_grad:
-                (decay if decays(name, param, self.hparams.rel_pos_decay) else no_decay).append(param)
-        hp = self.hparams
+                decays = param.ndim > 1 and name not in NO_DECAY and (hp.rel_pos_decay or 'rel_pos_embed' not in name)
+                (decay if decays else no_decay).append(param)
         # Base lr 1: the schedule gives absolute values (also when the peak lr is 0).
         optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': hp.weight_decay},
                                        {'params': no_decay, 'weight_decay': 0.0}], lr=1.0, fused=True)

@@ -1,7 +1,6 @@
-"""What a confusion matrix says: top-1, balanced accuracy (the mean of the per-class accuracies), per-class
-accuracy; and how uncertain a measure is: a top-1's binomial standard error, a mean's, a paired difference's, a
-Kendall tau's interval. One module, so that the training, the search and the study compute a figure and its
-spread one way."""
+"""What a confusion matrix says: top-1, balanced accuracy (the mean of the per-class accuracies), per-class accuracy;
+and how uncertain a measure is: a top-1's binomial standard error, a mean's, a paired difference's, a Kendall tau's
+interval. One module, so that the training, the search and the study compute a figure and its spread one way."""
 from __future__ import annotations
 
 import math

@@ -26,10 +26,9 @@ Patches, each undone when it has served unless said:
 * NNI's "Web portal URLs" log line (logger ``nni.experiment``, a logging filter while a search runs with
   ``--web-ui-host loopback``; :func:`loopback_portal_urls`): NNI lists an address of every interface, which
   ``loopback.js`` keeps from serving; the line keeps the loopback URL only.
-* ``search.SearchExperiment`` overrides ``NasExperiment.load_checkpoint`` (resumed from the candidate records,
-  not NNI's pickled strategy state, which torch >= 2.6 refuses to unpickle) and
-  ``_send_space_to_nni_manager`` (NNI 3.0's ``nnictl view`` refuses a NAS experiment whose stored config
-  has a search space).
+* ``search.SearchExperiment`` overrides ``NasExperiment.load_checkpoint`` (resumed from the candidate records, not NNI's
+  pickled strategy state, which torch >= 2.6 refuses to unpickle) and ``_send_space_to_nni_manager`` (NNI 3.0's
+  ``nnictl view`` refuses a NAS experiment whose stored config has a search space).
 * ``trial.TrialChannel`` speaks NNI 3.0's HTTP trial command channel (``nni.runtime.trial_command_channel.v3``)
   without importing NNI: a copy of the protocol, not a patch, but tied to the same version.
 
@@ -84,7 +83,9 @@ def replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
         setattr(owner, name, original)
 
 
-def _tolerant_tuner_channel() -> type:
+def tolerant_tuner_channel() -> Any:
+    """The block in which NNI's execution engine is built with ``TolerantTunerChannel``."""
+    from nni.nas.execution import training_service
     from nni.runtime.tuner_command_channel import TunerCommandChannel
     from nni.runtime.tuner_command_channel.command_type import CommandType
 
@@ -97,24 +98,13 @@ def _tolerant_tuner_channel() -> type:
                 if command_type not in (CommandType.ImportData, CommandType.AddCustomizedTrialJob):
                     return command_type, data
 
-    return TolerantTunerChannel
+    return replaced(training_service, 'TunerCommandChannel', TolerantTunerChannel)
 
 
-def tolerant_tuner_channel() -> Any:
-    """The block in which NNI's execution engine is built with :class:`TolerantTunerChannel`."""
-    from nni.nas.execution import training_service
-
-    return replaced(training_service, 'TunerCommandChannel', _tolerant_tuner_channel())
-
-
-def _prctl() -> Callable | None:
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (AttributeError, OSError):
-        return None  # not Linux: an orphan manager is stopped by the next --resume instead
-
-
-_PRCTL = _prctl()  # looked up here: loading a library between fork and exec can deadlock
+try:  # looked up here: loading a library between fork and exec can deadlock
+    _PRCTL: Callable | None = ctypes.CDLL(None, use_errno=True).prctl
+except (AttributeError, OSError):
+    _PRCTL = None  # not Linux: an orphan manager is stopped by the next --resume instead
 PR_SET_PDEATHSIG = 1
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -51,11 +52,10 @@ def _drop_mixed_op_nested_mutable_warning(record: logging.LogRecord) -> bool:
 logging.getLogger('nni.nas.nn.pytorch.base').addFilter(_drop_mixed_op_nested_mutable_warning)
 
 
+@dataclass(eq=False)  # compared by identity and hashable, as a plain class
 class SupernetCheckpoint:
     """A trained supernet with ``.model`` and ``.sub_state_dict(arch)``, as NNI's hub's strategy checkpoints."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    model: nn.Module
 
     def sub_state_dict(self, arch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return sub_state_dict(self.model.state_dict(), arch)
@@ -63,12 +63,11 @@ class SupernetCheckpoint:
 
 @torch.no_grad()
 def init_weights(model: nn.Module) -> nn.Module:
-    """The official supernet's initialisation (``_init_weights``): every linear layer's weight from a
-    truncated normal of std 0.02 and a zero bias, LayerNorms 1 / 0. The class token, the position
-    embedding and the relative-position tables are drawn with std 0.02 where they are made; the patch
-    embedding keeps PyTorch's default, as in the official code. :func:`build_supernet` applies it; a
-    subnet retrained from scratch gets it from the training driver (a frozen subnet usually receives
-    weights, so building one does not pay for it)."""
+    """The official supernet's initialisation (``_init_weights``): every linear layer's weight from a truncated normal
+    of std 0.02 and a zero bias, LayerNorms 1 / 0. The class token, the position embedding and the relative-position
+    tables are drawn with std 0.02 where they are made; the patch embedding keeps PyTorch's default, as in the official
+    code. :func:`build_supernet` applies it; a subnet retrained from scratch gets it from the training driver (a frozen
+    subnet usually receives weights, so building one does not pay for it)."""
     for module in model.modules():
         if isinstance(module, nn.Linear):
             nn.init.trunc_normal_(module.weight, std=.02)
@@ -94,11 +93,8 @@ class AutoformerSpace(ModelSpace):
     search_depth : the candidate depths (layers past a subnet's depth are skipped).
     img_size : the input's side in pixels; a multiple of ``patch_size``.
     patch_size : the side of the square patches the convolutional stem embeds.
-    in_channels : the input's channels.
     num_labels : the classes of the head (0: no head, the pooled features come out).
-    qkv_bias : whether the q / k / v projection has a bias.
     drop_rate : dropout after the position embedding and in the MLPs.
-    attn_drop_rate : dropout of the attention weights.
     drop_path_rate : stochastic depth of the deepest layer (linear from 0 at the first).
     pre_norm : LayerNorm before attention and MLP (and a final LayerNorm), as the official code.
     global_pooling : mean of the patch tokens as the feature, else the class token.
@@ -108,27 +104,13 @@ class AutoformerSpace(ModelSpace):
     rpe_length : the clip distance of the relative positions (default ``img_size // patch_size``).
     """
 
-    def __init__(
-        self,
-        search_embed_dim: tuple[int, ...] = (192, 216, 240),
-        search_mlp_ratio: tuple[float, ...] = (3.0, 3.5, 4.0),
-        search_num_heads: tuple[int, ...] = (3, 4),
-        search_depth: tuple[int, ...] = (12, 13, 14),
-        img_size: int = 224,
-        patch_size: int = 16,
-        in_channels: int = 3,
-        num_labels: int = 1000,
-        qkv_bias: bool = True,
-        drop_rate: float = 0.,
-        attn_drop_rate: float = 0.,
-        drop_path_rate: float = 0.1,
-        pre_norm: bool = True,
-        global_pooling: bool = True,
-        absolute_position: bool = True,
-        qk_scale: float | None = None,
-        rpe: bool = True,
-        rpe_length: int | None = None,
-    ) -> None:
+    def __init__(self, search_embed_dim: tuple[int, ...] = (192, 216, 240),
+                 search_mlp_ratio: tuple[float, ...] = (3.0, 3.5, 4.0), search_num_heads: tuple[int, ...] = (3, 4),
+                 search_depth: tuple[int, ...] = (12, 13, 14), img_size: int = 224, patch_size: int = 16,
+                 in_channels: int = 3, num_labels: int = 1000, qkv_bias: bool = True, drop_rate: float = 0.,
+                 attn_drop_rate: float = 0., drop_path_rate: float = 0.1, pre_norm: bool = True,
+                 global_pooling: bool = True, absolute_position: bool = True, qk_scale: float | None = None,
+                 rpe: bool = True, rpe_length: int | None = None) -> None:
         super().__init__()
         self.space_kwargs = complete_space_kwargs(**{k: v for k, v in locals().items() if k in DEFAULTS})
         rpe_length = self.space_kwargs['rpe_length']
@@ -151,8 +133,7 @@ class AutoformerSpace(ModelSpace):
             qkv_bias=qkv_bias, qk_scale=qk_scale, attn_drop=attn_drop_rate, rpe=rpe, rpe_length=rpe_length,
         ), depth)
         self.norm = MutableLayerNorm(embed_dim) if pre_norm else nn.Identity()
-        self.head = MutableLinear(in_features=embed_dim, out_features=num_labels) if num_labels > 0 \
-            else nn.Identity()
+        self.head = MutableLinear(in_features=embed_dim, out_features=num_labels) if num_labels > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
@@ -185,10 +166,9 @@ class AutoformerSpace(ModelSpace):
                               layout: str | None = None) -> dict[str, torch.Tensor]:
         """Supernet weights in this project's layout, fitted to the space ``name``.
 
-        ``name``: a preset, constructor kwargs, or None for the space stored in the file.
-        ``path`` may hold this project's layout, an official AutoFormer checkpoint or NNI hub's
-        supernet; ``'nni'`` downloads NNI's. ``layout`` (official, nni, project) is detected from
-        the keys when not given.
+        ``name``: a preset, constructor kwargs, or None for the space stored in the file. ``path`` may hold this
+        project's layout, an official AutoFormer checkpoint or NNI hub's supernet; ``'nni'`` downloads NNI's. ``layout``
+        (official, nni, project) is detected from the keys when not given.
         """
         return load_supernet_file(path, name, layout)[0]
 
@@ -248,12 +228,6 @@ def inherited_subnet(supernet_state_dict: Mapping[str, torch.Tensor], arch: Mapp
     return model
 
 
-def supernet_shapes(space_kwargs: Mapping[str, Any]) -> dict[str, torch.Size]:
-    """Shape of every tensor of the supernet of a space (built on the meta device: no memory, no init)."""
-    with torch.device('meta'):
-        return {k: v.shape for k, v in build_supernet(space_kwargs).state_dict().items()}
-
-
 def load_supernet_file(path: str | Path, name: str | Mapping[str, Any] | None = None, layout: str | None = None
                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """A supernet file read once: its weights in this project's layout, fitted to its space; the space;
@@ -274,7 +248,9 @@ def load_supernet_file(path: str | Path, name: str | Mapping[str, Any] | None = 
     space_kwargs = resolve_space(name, meta.get('space'), path)
     label = name if isinstance(name, str) else 'the space'
     converted = to_project_layout(state_dict, layout or detect_layout(state_dict, path))
-    return fit_to_space(converted, supernet_shapes(space_kwargs), label, path), space_kwargs, meta
+    with torch.device('meta'):  # the supernet's shapes only: no memory, no init
+        shapes = {k: v.shape for k, v in build_supernet(space_kwargs).state_dict().items()}
+    return fit_to_space(converted, shapes, label, path), space_kwargs, meta
 
 
 def _searched_arch_of(size: str | None, weights: Any) -> dict[str, Any]:

@@ -30,10 +30,6 @@ from utils import UserError, atomic_write_json, read_json
 _logger = logging.getLogger(__name__)
 
 
-# --------------------------------------------------------------------------------------------
-# Budgets
-# --------------------------------------------------------------------------------------------
-
 class Budget:
     """Parameter (M), FLOPs (G) and latency (ms) limits; latency measured once per arch and cached in a file."""
 
@@ -41,19 +37,16 @@ class Budget:
                  max_params: float | None = None, max_flops: float | None = None, max_latency: float | None = None,
                  latency_device: str = 'cpu', latency_batch_size: int = 1, latency_file: Path | None = None) -> None:
         self.space_kwargs = dict(space_kwargs)
-        self.min_params, self.max_params, self.max_flops, self.max_latency = min_params, max_params, max_flops, \
-            max_latency
-        self.latency_device, self.latency_batch_size = latency_device, latency_batch_size
-        self.latency_file = latency_file
+        self.min_params, self.max_params, self.max_flops = min_params, max_params, max_flops
+        self.max_latency, self.latency_device = max_latency, latency_device
+        self.latency_batch_size, self.latency_file = latency_batch_size, latency_file
         self._latency: dict[str, float] = read_json(latency_file) \
             if latency_file is not None and latency_file.is_file() else {}
 
     def describe(self) -> str:
-        parts = [f'params >= {self.min_params}M' if self.min_params is not None else '',
-                 f'params <= {self.max_params}M' if self.max_params is not None else '',
-                 f'FLOPs <= {self.max_flops}G' if self.max_flops is not None else '',
-                 f'latency <= {self.max_latency}ms' if self.max_latency is not None else '']
-        return ', '.join(p for p in parts if p) or 'none'
+        limits = (('params >=', self.min_params, 'M'), ('params <=', self.max_params, 'M'),
+                  ('FLOPs <=', self.max_flops, 'G'), ('latency <=', self.max_latency, 'ms'))
+        return ', '.join(f'{what} {value}{unit}' for what, value, unit in limits if value is not None) or 'none'
 
     def fits(self, arch: Mapping[str, Any]) -> bool:
         params = count_params(arch, **self.space_kwargs) / 1e6
@@ -112,10 +105,6 @@ def measure_latency(model: torch.nn.Module, img_size: int, batch_size: int, devi
             times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 
-
-# --------------------------------------------------------------------------------------------
-# The paper's evolution as an NNI strategy
-# --------------------------------------------------------------------------------------------
 
 OFFSPRING_ATTEMPTS = 10  # proposals per wanted mutant or crossover child, as in the official evolution.py
 CROSSOVER_REDRAWS = 50  # parent pairs drawn for one crossover until their depths match (official)
@@ -196,10 +185,9 @@ class AutoformerEvolution(Strategy):
         depth = int(parent['depth'])
         if self.rng.random() < self.param_mutation_prob:
             new_depth = self.rng.choice(self.choices['depth'])
-            for i in range(depth, new_depth):
-                child[f'mlp_ratio_{i}'] = self.rng.choice(self.choices[f'mlp_ratio_{i}'])
-            for i in range(depth, new_depth):
-                child[f'num_head_{i}'] = self.rng.choice(self.choices[f'num_head_{i}'])
+            for gene in ('mlp_ratio', 'num_head'):  # every new MLP ratio, then every new head count
+                for i in range(depth, new_depth):
+                    child[f'{gene}_{i}'] = self.rng.choice(self.choices[f'{gene}_{i}'])
             depth = child['depth'] = new_depth
         for gene in ('mlp_ratio', 'num_head'):
             for i in range(depth):

@@ -250,9 +250,8 @@ def train_subnet(script: str, arch: Mapping[str, Any], args: argparse.Namespace,
             recipes.choose_recipe(args.dataset, args.datapath and str(args.datapath))[0]]
         command += ['--epochs', str(epochs), '--warmup', str(min(recipe['warmup'], epochs - 1))]
     folder = RunFolder(output)
-    done = folder.weights('subnet').is_file()
     command += ['--resume'] if folder.interrupted('subnet') else []
-    run_script(command, log, done)
+    run_script(command, log, done=folder.weights('subnet').is_file())
     return folder.weights('subnet')
 
 
@@ -313,11 +312,6 @@ def run_search(strategy: str, seed: int, budget: float, args: argparse.Namespace
         command += ['--resume']
     run_script(command, log, done=finished)
     return output
-
-
-def default_budget(spread_part: Mapping[str, Any]) -> float:
-    """The median parameter count of the random subnets: half of the space is inside it."""
-    return statistics.median(r['params'] for r in spread_part['records'] if r['label'] == 'random')
 
 
 def evolution(evaluator: Evaluator, args: argparse.Namespace, budget: float) -> dict[str, Any]:
@@ -387,15 +381,6 @@ def pick(evaluator: Evaluator, args: argparse.Namespace, spread_part: Mapping[st
             'in_budget_random': len(inside), 'commands': commands}
 
 
-def check_study_folder(output: Path, fingerprint: Mapping[str, Any]) -> None:
-    """An output folder holds the study of one supernet on one data set: its caches and parts are reused."""
-    recorded = read_json(output / 'study.json') if (output / 'study.json').is_file() else None
-    if recorded is not None and recorded['fingerprint'] != fingerprint:
-        changed = [key for key in fingerprint if recorded['fingerprint'].get(key) != fingerprint[key]]
-        raise UserError(f'{output} holds the study of another supernet or data set (its {", ".join(changed)} '
-                        'differ): choose another --output')
-
-
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     supernet, space_kwargs, _ = load_supernet_file(args.weights, space_arg(args))
@@ -408,7 +393,12 @@ def main(argv: list[str] | None = None) -> Path:
                    'test_images': args.test_images}
     check_writable(args.output)
     with lock_output(args.output, 'a study'):
-        check_study_folder(args.output, fingerprint)
+        # an output folder holds the study of one supernet on one data set: its caches and parts are reused
+        recorded = read_json(args.output / 'study.json') if (args.output / 'study.json').is_file() else None
+        if recorded is not None and recorded['fingerprint'] != fingerprint:
+            changed = [key for key in fingerprint if recorded['fingerprint'].get(key) != fingerprint[key]]
+            raise UserError(f'{args.output} holds the study of another supernet or data set (its '
+                            f'{", ".join(changed)} differ): choose another --output')
         atomic_write_json({'fingerprint': fingerprint, 'dataset': args.dataset, 'weights': args.weights,
                            'argv': sys.argv[1:] if argv is None else argv}, args.output / 'study.json')
         run_parts(args, supernet, space_kwargs)
@@ -423,8 +413,10 @@ def run_parts(args: argparse.Namespace, supernet: Mapping[str, torch.Tensor], sp
     evaluator = Evaluator(supernet, space_kwargs, args)
     results: dict[str, dict[str, Any]] = {}
 
-    def budget() -> float:
-        return args.max_params if args.max_params is not None else default_budget(part('spread'))
+    def budget() -> float:  # by default the median parameter count of the random subnets: half the space is inside
+        if args.max_params is not None:
+            return args.max_params
+        return statistics.median(r['params'] for r in part('spread')['records'] if r['label'] == 'random')
 
     compute: dict[str, Callable[[], dict[str, Any]]] = {
         'spread': lambda: spread(evaluator, args),

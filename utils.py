@@ -153,18 +153,18 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """Save with ``torch.save`` so that ``path`` is never half-written."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)  # serialise first: a full disk then shows as an OSError from the write
-    try:
-        with atomic_path(path) as tmp:
-            tmp.write_bytes(buffer.getbuffer())
-    except OSError as err:
-        raise UserError(f'cannot write {path}: {err.strerror or err}') from None
+    atomic_write_bytes(buffer.getbuffer(), path)
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Write text so that ``path`` is never half-written."""
+    atomic_write_bytes(text.encode(), path)
+
+
+def atomic_write_bytes(data: bytes | memoryview, path: str | os.PathLike) -> None:
+    """Write ``data`` so that ``path`` is never half-written; a full disk or a read-only folder in one line."""
     try:
         with atomic_path(path) as tmp:
-            tmp.write_text(text)
+            tmp.write_bytes(data)
     except OSError as err:
         raise UserError(f'cannot write {path}: {err.strerror or err}') from None
 
@@ -204,9 +204,7 @@ SCHEDULES = ('epoch', 'step')
 def default_precision(cuda: bool) -> str:
     """Mixed precision on CUDA, as the official AMP: ``bf16-mixed`` where the GPU has bf16, else ``16-mixed``;
     fp32 on the CPU, where autocast is slower."""
-    if not cuda:
-        return '32-true'
-    return 'bf16-mixed' if torch.cuda.is_bf16_supported() else '16-mixed'
+    return ('bf16-mixed' if torch.cuda.is_bf16_supported() else '16-mixed') if cuda else '32-true'
 
 
 def set_up_precision(precision: str | None, tf32: bool, cuda: bool, doing: str) -> str:
