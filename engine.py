@@ -278,21 +278,18 @@ def run_fingerprint(run: TrainingRun, space_kwargs: Mapping[str, Any]) -> dict[s
             'precision': run.precision or default_precision(use_gpu)}
 
 
-# Classes this uneven (the largest over the smallest) are sampled evenly unless --no-balanced-sampling says not to.
-IMBALANCED = 3.0
-
-
 def with_balanced_default(run: TrainingRun, train_set: Any) -> TrainingRun:
     """``run`` with --balanced-sampling decided: as given, else on for imbalanced classes, said in one line."""
-    largest, smallest = samplers.imbalance(train_set)
-    shares = f'the classes hold {smallest:.1f}% to {largest:.1f}% of the training images'
-    if run.balanced_sampling is None and largest >= IMBALANCED * smallest:
+    uneven = samplers.imbalanced(train_set)
+    if run.balanced_sampling is None and uneven:
         run = dataclasses.replace(run, balanced_sampling=True)
         if is_first_process():
-            print(f'imbalanced classes ({shares}): each is drawn equally often (--no-balanced-sampling draws the '
+            print(f'imbalanced classes ({uneven}): each is drawn equally often (--no-balanced-sampling draws the '
                   'images as they are); the best epoch is chosen by balanced accuracy', flush=True)
     elif run.balanced_sampling and is_first_process():
-        print(f'balanced sampling: each class drawn equally often ({shares})', flush=True)
+        largest, smallest = samplers.imbalance(train_set)
+        print(f'balanced sampling: each class drawn equally often (the classes hold {smallest:.1f}% to '
+              f'{largest:.1f}% of the training images)', flush=True)
     return dataclasses.replace(run, balanced_sampling=bool(run.balanced_sampling))
 
 

@@ -119,6 +119,18 @@ def imbalance(dataset: Dataset) -> tuple[float, float]:
     return 100 * counts.max().item() / counts.sum().item(), 100 * counts.min().item() / counts.sum().item()
 
 
+# Classes this uneven (the largest over the smallest) are evened out by default: sampled equally often in training,
+# and candidates ranked by balanced accuracy in a search. A top-1 then mostly measures the largest classes.
+IMBALANCED = 3.0
+
+
+def imbalanced(dataset: Dataset) -> str | None:
+    """What makes ``dataset``'s classes imbalanced (:data:`IMBALANCED`), said for a line of output; None if not."""
+    largest, smallest = imbalance(dataset)
+    return f'the classes hold {smallest:.1f}% to {largest:.1f}% of the training images' \
+        if largest >= IMBALANCED * smallest else None
+
+
 def images_per_rank(train_size: int, processes: int, repeats: int) -> int:
     """Training images each of ``processes`` ranks reads in an epoch (what :class:`RankSampler` gives)."""
     if processes == 1:

@@ -30,6 +30,7 @@ import torch
 from nni.nas.evaluator import FunctionalEvaluator
 
 import data
+import samplers
 import search_data
 from candidates import (METRICS, SEARCH_SPLIT, TIE_BREAK, CandidateEvaluator, SearchFolder, evaluate_from_spec,
                         evaluate_in_process, plot_pareto, write_results)
@@ -83,9 +84,10 @@ def add_strategy_args(parser: argparse.ArgumentParser) -> None:
                         help="NNI's Random, NNI's RegularizedEvolution, or the paper's evolution (each refuses the "
                              "flags of the others)")
     parser.add_argument('--evolution', action='store_true', help='same as --strategy evolution (seed CLI)')
-    parser.add_argument('--metric', choices=list(METRICS), default='top1',
+    parser.add_argument('--metric', choices=list(METRICS), default=None,
                         help='what candidates are ranked by on the search split: top1 or balanced (the mean of the '
-                             'per-class accuracies, for imbalanced data); default top1')
+                             'per-class accuracies); default: balanced for a folder of imbalanced classes (3x), '
+                             'else top1')
     parser.add_argument('--trials', '--evolution-cycles', dest='trials', type=int, default=None,
                         help='random and evolution: distinct candidates to evaluate (default 100); refused with '
                              'autoformer, which evaluates --population x --generations')
@@ -156,6 +158,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     derived: dict[str, Any] = {'strategy': 'evolution' if flags.evolution else flags.strategy,
                                'dataset': data.dataset_name(flags.dataset, flags.datapath)}
     derived.update(strategy_settings(argparse.Namespace(**{**vars(flags), **derived})))
+    derived['metric'] = flags.metric or default_metric(derived['dataset'], flags.datapath)
     if derived.get('evolution_sample_size', 0) > derived.get('evolution_population_size', 0):
         print(f"--evolution-sample-size {derived['evolution_sample_size']} > --evolution-population-size "
               f"{derived['evolution_population_size']}: using {derived['evolution_population_size']}", flush=True)
@@ -165,6 +168,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     settings = argparse.Namespace(**{**vars(flags), **derived})
     settings.planned = planned_candidates(settings)
     return settings
+
+
+def default_metric(dataset: str, datapath: str | None) -> str:
+    """Balanced accuracy for a folder whose training classes are imbalanced (said in one line), else top-1."""
+    uneven = samplers.imbalanced(data.build_dataset(dataset, datapath, 'train', 32)) if dataset == 'folder' else None
+    if uneven:
+        print(f'imbalanced classes ({uneven}): candidates are ranked by balanced accuracy (--metric top1 ranks '
+              'by top-1)', flush=True)
+    return 'balanced' if uneven else 'top1'
 
 
 def strategy_settings(flags: argparse.Namespace) -> dict[str, Any]:

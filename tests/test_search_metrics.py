@@ -75,7 +75,11 @@ def test_balanced_search_on_imbalanced_data_ranks_by_balanced_accuracy_and_names
     assert 'warning: the search split holds 160 images: a top-1 on it has a standard error of up to 4.0 points' in out
     # A resumed search must rank as it did: another --metric is another search.
     with pytest.raises(UserError, match=r"with another metric \('balanced', now 'top1'\)"):
-        search.main([a for a in args if a not in ('--metric', 'balanced')] + ['--resume'])
+        search.main([a for a in args if a not in ('--metric', 'balanced')] + ['--metric', 'top1', '--resume'])
+    # Without --metric, a folder of imbalanced classes is ranked by balanced accuracy, said in one line.
+    assert search.parse_args(args[:args.index('--metric')]).metric == 'balanced'
+    assert 'imbalanced classes (the classes hold' in capsys.readouterr().out
+    assert search.parse_args(['--dataset', 'digits']).metric == 'top1'
 
 
 def test_cached_search_split_is_shuffled_once_with_a_fixed_seed(imbalanced, tmp_path):
