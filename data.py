@@ -328,8 +328,9 @@ def split_read(dataset: str, datapath: str | os.PathLike | None, split: str) -> 
 
 
 def reads_training_images(dataset: str, datapath: str | os.PathLike | None, split: str) -> bool:
-    """Whether ``split`` holds the images training reads: the training split itself, or a folder's only folder."""
-    if dataset in TENSOR_DATASETS or dataset == 'cifar10':
+    """Whether ``split`` holds the images training reads: the training split itself, or a folder's only folder
+    (whose validation images, held out of training, are not)."""
+    if dataset in TENSOR_DATASETS or dataset == 'cifar10' or split == 'val' and carves_validation(dataset, datapath):
         return split == 'train'
     root = datapath_root(dataset, datapath)
     return split_folder(dataset, root, split) == split_folder(dataset, root, 'train')

@@ -493,3 +493,28 @@ def test_ddp_ranks_split_the_images_without_repeated_augmentation():
     assert len(orders[0][1] + orders[1][1]) - len(set(orders[0][1] + orders[1][1])) == 1  # one pad to even shards
     validation = orders_of_two_ranks(repeats=samplers.REPEATS, shuffle=False)  # validation never repeats
     assert sorted(validation[0][1] + validation[1][1]) == sorted([*range(1257), 0])
+
+
+def test_small_inputs_decode_each_image_once(tmp_path):
+    """Inputs of 96 px or less keep each decoded, resized image: a later epoch reads no file (here: none left)."""
+    root = write_image_folder(tmp_path / 'images', ['a', 'b'], 2, size=40)
+    images = folders.split_images('folder', root, 'train', 32, training=True)
+    first = [images[i][0] for i in range(len(images))]
+    for path, _ in images.samples:
+        os.remove(path)
+    assert [images[i][0].shape for i in range(len(images))] == [image.shape for image in first] == [(3, 32, 32)] * 4
+    assert not images.undecodable.any()
+
+
+def test_a_figure_on_the_images_that_trained_or_chose_the_weights_says_it_is_optimistic(tmp_path):
+    split = write_image_folder(tmp_path / 'split' / 'train', ['a', 'b'], 3).parent
+    write_image_folder(split / 'val', ['a', 'b'], 2)
+    chose = {**data.trained_on('folder', split), 'best_chosen_on': data.split_read('folder', split, 'val')}
+    assert 'trained on' in data.optimism(chose, 'folder', split, 'train')
+    assert 'scored best on this same split' in data.optimism(chose, 'folder', split, 'val')
+    assert data.optimism(data.trained_on('folder', split), 'folder', split, 'val') is None  # the last epoch's
+    assert data.optimism(chose, 'folder', tmp_path / 'elsewhere', 'val') is None
+    flat = write_image_folder(tmp_path / 'flat', ['a', 'b'], 20)  # validated on 10% held out of it
+    chose = {**data.trained_on('folder', flat), 'best_chosen_on': data.split_read('folder', flat, 'val')}
+    assert 'trained on' in data.optimism(chose, 'folder', flat, 'test')  # the whole folder
+    assert 'scored best' in data.optimism(chose, 'folder', flat, 'val')

@@ -10,6 +10,7 @@ from timm.data.auto_augment import RandAugment
 
 import data
 import folders
+import recipes
 import samplers
 import evaluate
 import finetune
@@ -132,3 +133,8 @@ def test_training_on_a_folder_of_class_folders_validates_on_images_held_out_of_i
     assert json.loads((output / 'metrics.json').read_text())['validation'] == line
     assert json.loads((output / 'run.json').read_text())['held_out_validation'] is True
     assert torch.load(output / 'supernet.pth', weights_only=True)['data']['validation'] == line
+
+
+def test_the_small_recipe_keeps_the_detail_of_large_images():
+    assert [recipes.input_size(side) for side in (28, 32, 50, 70, 300)] == [(32, 8), (32, 8), (48, 6), (64, 8),
+                                                                            (96, 12)]
