@@ -60,7 +60,7 @@ def test_a_warmup_as_long_as_the_run_is_refused(folder):
 def test_grayscale_images_get_no_colour_augmentation(folder, tmp_path):
     def augments_colour(root) -> bool:
         folders.profile_folder.cache_clear()
-        transform = data.build_dataset('folder', str(root), 'train', 64, training=True).transform
+        transform = data.build_dataset('folder', str(root), 'train', 128, training=True).transform  # > SMALL_IMAGE
         return any(isinstance(step, RandAugment) for step in transform.transforms)
 
     assert not augments_colour(folder)

@@ -483,10 +483,10 @@ def test_the_epoch_schedule_is_the_official_runs_timm_cosine(epochs, warmup):
 
 
 @pytest.mark.fast
-def test_scratch_arch_defaults_to_the_official_retrain_recipe(capsys):
+def test_scratch_arch_defaults_to_the_official_retrain_recipe(capsys, tmp_path):
     """Retraining one subnet defaults to 300 epochs with 5 of warmup (the official --mode retrain),
     the supernet to the paper's 500 and 20; the small datasets keep their own recipe; --help says which."""
-    imagenet = ['--dataset', 'imagenet', '--datapath', 'unread']
+    imagenet = ['--dataset', 'imagenet', '--datapath', str(tmp_path)]  # parsed, never read
     supernet, retrain = scratch.parse_args(imagenet), scratch.parse_args([*imagenet, '--arch', 'autoformer-tiny'])
     assert (supernet.epochs, supernet.warmup, retrain.epochs, retrain.warmup) == (500, 20, 300, 5)
     assert retrain.schedule == supernet.schedule == 'epoch'

@@ -1,0 +1,74 @@
+"""The optimizer on the layers a step did not sample, measured over seeds: the official behaviour (AdamW decays and
+moves every layer used once, sampled or not) against ``--skip-unsampled`` (it leaves them alone), each trained with
+a recipe's defaults, its smallest and largest subnets evaluated on the test split.
+
+    python bench/unsampled_seeds.py --dataset digits --seeds 0 1 2      # writes bench/results/unsampled-digits.md
+    python bench/unsampled_seeds.py --dataset fashion-mnist --seeds 0 1
+
+Prints and writes the table (mean and its standard error over the seeds); asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from arch import extreme_arch  # noqa: E402
+from checkpoints import read_weights  # noqa: E402
+
+WAYS = {'official': [], 'skip-unsampled': ['--skip-unsampled']}
+
+
+def run(dataset: str, seed: int, flags: list[str], output: Path) -> dict[str, float]:
+    """Train with the recipe's defaults, then the test top-1 of the smallest and the largest subnet."""
+    start = time.perf_counter()
+    if not (output / 'supernet.pth').is_file():
+        subprocess.run([sys.executable, 'scratch.py', '--dataset', dataset, '--seed', str(seed), *flags, '--output',
+                        str(output)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    figures = {'minutes': (time.perf_counter() - start) / 60}
+    space = read_weights(output / 'supernet.pth')[1]['space']
+    for name, pick in (('smallest', min), ('largest', max)):
+        subprocess.run([sys.executable, 'evaluate.py', '--weights', str(output / 'supernet.pth'), '--dataset', dataset,
+                        '--arch', json.dumps(extreme_arch(space, pick)), '--split', 'test', '--output',
+                        str(output / name)], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        figures[name] = json.loads((output / name / 'results.json').read_text())['top1']
+    return figures
+
+
+def mean_se(values: list[float]) -> str:
+    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float('nan')
+    return f'{statistics.mean(values):.2f} ± {se:.2f}'
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--dataset', default='digits', help='digits or fashion-mnist (their recipes)')
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    parser.add_argument('--work', default='outputs/unsampled-seeds')
+    args = parser.parse_args()
+    work = Path(args.work).resolve() / args.dataset
+    results = {way: [run(args.dataset, seed, flags, work / f'{way}-{seed}') for seed in args.seeds]
+               for way, flags in WAYS.items()}
+    lines = [f'# AdamW on unsampled layers, {args.dataset}, seeds {" ".join(map(str, args.seeds))} '
+             f'(`python bench/unsampled_seeds.py --dataset {args.dataset} --seeds {" ".join(map(str, args.seeds))}`)',
+             '', 'Test top-1 of the smallest and the largest subnet of a supernet trained with the recipe\'s defaults; '
+             'mean ± standard error over the seeds, then each seed.', '',
+             '| way | smallest | largest | per seed (smallest / largest) | minutes per run |', '|---|---|---|---|---|']
+    for way, runs in results.items():
+        lines.append(f"| {way} | {mean_se([r['smallest'] for r in runs])} | {mean_se([r['largest'] for r in runs])} | "
+                     + ', '.join(f"{r['smallest']:.2f} / {r['largest']:.2f}" for r in runs)
+                     + f" | {statistics.mean(r['minutes'] for r in runs):.1f} |")
+    report = ROOT / 'bench' / 'results' / f'unsampled-{args.dataset}.md'
+    report.write_text('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+    main()
