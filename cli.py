@@ -355,10 +355,11 @@ def add_training_args(parser: argparse.ArgumentParser, recipe: Mapping[str, Any]
                         help='draw each class equally often (with replacement); default: on when the largest class '
                              'holds 3x the images of the smallest or more. Validation reports balanced accuracy '
                              '(val_balanced_*) either way')
-    parser.add_argument('--skip-unsampled', action='store_true',
-                        help="AdamW skips the layers a step's arch does not use (their gradients are None). By "
-                             'default, as in the official run, a layer used once keeps a zero gradient, so every '
-                             'step decays it and moves it by momentum, sampled or not')
+    parser.add_argument('--skip-unsampled', action=argparse.BooleanOptionalAction,
+                        default=recipe.get('skip_unsampled', False),
+                        help="AdamW skips the layers a step's arch does not use (their gradients are None); without "
+                             'it, as in the official run, a layer used once keeps a zero gradient, so every step '
+                             "decays it and moves it by momentum, sampled or not (default: the recipe's, %(default)s)")
     parser.add_argument('--no-rel-pos-decay', dest='rel_pos_decay', action='store_false',
                         help='exempt the relative-position tables from weight decay (the official run decays '
                              "them: its exempt list's 'rel_pos_embed' matched no parameter name)")
