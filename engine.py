@@ -372,7 +372,17 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
                   'above for the first)', file=sys.stderr)
         print(f'wrote {folder.weights(kind)}; '
               + ', '.join(f'{k} {v:.2f}' for k, v in metrics.items() if k.startswith('val_')))
+    leave_process_group(trainer)
     return folder.weights(kind)
+
+
+def leave_process_group(trainer: Any) -> None:
+    """Every rank waits for the first to finish writing, then leaves the process group: a rank whose gloo group was
+    torn down at interpreter exit while a peer still used it was aborted ('terminate called without an active
+    exception'), failing its launcher."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        trainer.strategy.barrier('training written')
+        torch.distributed.destroy_process_group()
 
 
 def training_data(run: TrainingRun, space_kwargs: Mapping[str, Any], kind: str) -> tuple[Any, Any, dict[str, str]]:

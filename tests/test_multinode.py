@@ -1,4 +1,4 @@
-"""Issue 24.4: a simulated two-machine run. Two ``torchrun`` launchers on this machine (one per "node", one process
+"""A simulated two-machine run. Two ``torchrun`` launchers on this machine (one per "node", one process
 each, gloo on the CPU, rendezvous on 127.0.0.1) train the digits supernet with ``scratch.py --num-nodes 2``: the
 command README.md's "Several GPUs and several machines" gives, with 127.0.0.1 for the first machine's address."""
 import json

@@ -121,7 +121,7 @@ def test_finetune_validates_before_its_first_epoch_and_keeps_the_best_epoch(trai
 
 
 def test_training_on_a_folder_of_class_folders_validates_on_images_held_out_of_it(tmp_path, capsys):
-    """Issue 33.3: no val/ folder: training validates on a seeded tenth of each class, never on the images it
+    """No val/ folder: training validates on a seeded tenth of each class, never on the images it
     trains on, says so once and records it with the run."""
     folder = write_image_folder(tmp_path / 'flat', ['a', 'b'], 10, size=8)
     output = tmp_path / 'run'

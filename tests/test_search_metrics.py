@@ -1,4 +1,4 @@
-"""What a search's numbers measure (issue 23): the ranking metric, the split every figure names, ties, the
+"""What a search's numbers measure: the ranking metric, the split every figure names, ties, the
 shuffled search split, the distinct-candidate count, refused strategy flags and the web-UI hint. Searches here
 run on untrained supernets (what they rank does not matter, only what the files and lines say), in one process."""
 from __future__ import annotations

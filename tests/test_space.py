@@ -166,7 +166,7 @@ class EvalPayload:
 @pytest.mark.parametrize('content', [{'model': Payload()}, {'state_dict': SystemPayload()},
                                      {'state_dict': EvalPayload()}, SystemPayload()])
 def test_checkpoint_needing_pickle_code_is_refused_without_unsafe_advice(tmp_path, golden, capfd, content):
-    """Issue 13.14: the message says the file needs to run code and is refused; it never advises
+    """The message says the file needs to run code and is refused; it never advises
     weights_only=False (or allow-listing the code)."""
     space_kwargs, _, _ = golden
     path = tmp_path / 'evil.pth'
