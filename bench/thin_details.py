@@ -30,17 +30,22 @@ ROOT = Path(__file__).resolve().parent.parent
 CLASSES = {'intact': 0.58, 'crack': 0.27, 'crossed': 0.11, 'spots': 0.04}
 
 
-def cell(rng: np.random.Generator, side: int) -> Image.Image:
+# What varies between cells besides the defects: brightness slope, blotches (up to this many) and pixel noise.
+CLUTTER = {'high': (40, 4, 9), 'low': (10, 0, 5)}
+
+
+def cell(rng: np.random.Generator, side: int, clutter: str = 'high') -> Image.Image:
     """A defect-free cell: uneven brightness, three busbars, faint fingers, noise and a few dark blotches."""
+    slope, blotches, noise = CLUTTER[clutter]
     y, x = np.mgrid[0:side, 0:side].astype(np.float32) / side
-    pixels = 150 + 40 * rng.uniform(-1, 1) * (x - 0.5) + 40 * rng.uniform(-1, 1) * (y - 0.5)
+    pixels = 150 + slope * rng.uniform(-1, 1) * (x - 0.5) + slope * rng.uniform(-1, 1) * (y - 0.5)
     pixels += 8 * np.sin(2 * np.pi * x * rng.integers(20, 30))  # fingers
     for bar in np.linspace(0.2, 0.8, 3) + rng.uniform(-0.02, 0.02, 3):
         pixels[np.abs(y - bar) < 0.012] -= 45  # busbars
-    for _ in range(rng.integers(0, 4)):  # blotches: wide and soft, unlike a defect
+    for _ in range(rng.integers(0, blotches + 1)):  # blotches: wide and soft, unlike a defect
         cy, cx, radius = rng.uniform(0, 1, 2).tolist() + [rng.uniform(0.05, 0.15)]
         pixels -= 25 * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / radius ** 2)
-    pixels += rng.normal(0, 9, pixels.shape)
+    pixels += rng.normal(0, noise, pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode='L')
 
 
@@ -52,8 +57,8 @@ def crack(draw: ImageDraw.ImageDraw, rng: np.random.Generator, side: int) -> Non
     draw.line([(cx - dx, cy - dy), (cx + dx, cy + dy)], fill=int(rng.uniform(40, 70)), width=2)
 
 
-def image_of(kind: str, rng: np.random.Generator, side: int) -> Image.Image:
-    image = cell(rng, side)
+def image_of(kind: str, rng: np.random.Generator, side: int, clutter: str = 'high') -> Image.Image:
+    image = cell(rng, side, clutter)
     draw = ImageDraw.Draw(image)
     if kind in ('crack', 'crossed'):
         crack(draw, rng, side)
@@ -67,7 +72,7 @@ def image_of(kind: str, rng: np.random.Generator, side: int) -> Image.Image:
     return image
 
 
-def write_data(root: Path, images: int, side: int, seed: int) -> Path:
+def write_data(root: Path, images: int, side: int, seed: int, clutter: str = 'high') -> Path:
     """``root/{train,val}/<class>/<i>.png``: ``images`` training images and a quarter as many for validation."""
     rng = np.random.default_rng(seed)
     for split, count in (('train', images), ('val', images // 4)):
@@ -75,7 +80,7 @@ def write_data(root: Path, images: int, side: int, seed: int) -> Path:
             folder = root / split / kind
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(max(round(count * share), 4)):
-                image_of(kind, rng, side).save(folder / f'{i}.png')
+                image_of(kind, rng, side, clutter).save(folder / f'{i}.png')
     return root
 
 
@@ -107,16 +112,20 @@ def main() -> None:
     parser.add_argument('--images', type=int, default=2000, help='training images (val/: a quarter as many)')
     parser.add_argument('--side', type=int, default=300, help='image side in pixels')
     parser.add_argument('--epochs', type=int, default=None, help="training epochs (default: the recipe's)")
+    parser.add_argument('--clutter', choices=list(CLUTTER), default='high',
+                        help='what varies between cells besides the defects (brightness slope, blotches, noise)')
     parser.add_argument('--work', default='outputs/thin-details', help='folder of the data and the runs')
     parser.add_argument('--report', default=str(ROOT / 'bench' / 'results' / 'thin-details.md'))
     args = parser.parse_args()
     work = Path(args.work).resolve()
-    data = work / f'data-{args.images}-{args.side}'
+    data = work / f'data-{args.images}-{args.side}' if args.clutter == 'high' else \
+        work / f'data-{args.images}-{args.side}-{args.clutter}'
     if not (data / 'val').is_dir():
-        write_data(data, args.images, args.side, seed=0)
+        write_data(data, args.images, args.side, seed=0, clutter=args.clutter)
     extra = ['--epochs', str(args.epochs), '--warmup', '1'] if args.epochs else []
-    runs = {'defaults': train(data, work / 'run', extra),
-            'shuffled labels': train(shuffled_copy(data, work / 'control-data', 1), work / 'control', extra)}
+    runs = {'defaults': train(data, work / f'run-{args.clutter}', extra),
+            'shuffled labels': train(shuffled_copy(data, work / f'control-data-{args.clutter}', 1),
+                                     work / f'control-{args.clutter}', extra)}
     write_report(Path(args.report), runs, args)
 
 
