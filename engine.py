@@ -290,6 +290,9 @@ def with_balanced_default(run: TrainingRun, train_set: Any) -> TrainingRun:
         largest, smallest = samplers.imbalance(train_set)
         print(f'balanced sampling: each class drawn equally often (the classes hold {smallest:.1f}% to '
               f'{largest:.1f}% of the training images)', flush=True)
+    elif uneven and is_first_process():
+        print(f'imbalanced classes ({uneven}), drawn as they are (--no-balanced-sampling): watch the balanced '
+              'accuracy (val_balanced_*), not top-1 alone', flush=True)
     return dataclasses.replace(run, balanced_sampling=bool(run.balanced_sampling))
 
 
