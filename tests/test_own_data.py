@@ -138,3 +138,15 @@ def test_training_on_a_folder_of_class_folders_validates_on_images_held_out_of_i
 def test_the_small_recipe_keeps_the_detail_of_large_images():
     assert [recipes.input_size(side) for side in (28, 32, 50, 70, 300)] == [(32, 8), (32, 8), (48, 6), (64, 8),
                                                                             (96, 12)]
+
+
+def test_defaults_on_imbalanced_images_say_what_they_chose(folder, tmp_path, capsys):
+    """The input size from the images, balanced sampling for imbalanced classes, the time an epoch takes: each said
+    in one line by a run given no flag about them."""
+    scratch.main(['--dataset', 'folder', '--datapath', str(folder), '--epochs', '1', '--warmup', '0',
+                  '--num-workers', '0', '--output', str(tmp_path / 'run')])
+    out = capsys.readouterr().out
+    assert out.count('input: images of about 40 px resized to 32 px, patches of 8 px') == 1
+    assert out.count('imbalanced classes (the classes hold 8.0% to 54.0% of the training images): each is drawn '
+                     'equally often (--no-balanced-sampling') == 1
+    assert out.count('time: about ') == 1 and 's an epoch of training' in out
