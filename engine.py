@@ -281,19 +281,19 @@ def run_fingerprint(run: TrainingRun, space_kwargs: Mapping[str, Any]) -> dict[s
 def with_balanced_default(run: TrainingRun, train_set: Any) -> TrainingRun:
     """``run`` with --balanced-sampling decided: as given, else on for imbalanced classes, said in one line."""
     uneven = samplers.imbalanced(train_set)
-    if run.balanced_sampling is None and uneven:
-        run = dataclasses.replace(run, balanced_sampling=True)
-        if is_first_process():
+    balanced = bool(uneven) if run.balanced_sampling is None else run.balanced_sampling
+    if is_first_process():
+        if balanced and run.balanced_sampling is None:
             print(f'imbalanced classes ({uneven}): each is drawn equally often (--no-balanced-sampling draws the '
                   'images as they are); the best epoch is chosen by balanced accuracy', flush=True)
-    elif run.balanced_sampling and is_first_process():
-        largest, smallest = samplers.imbalance(train_set)
-        print(f'balanced sampling: each class drawn equally often (the classes hold {smallest:.1f}% to '
-              f'{largest:.1f}% of the training images)', flush=True)
-    elif uneven and is_first_process():
-        print(f'imbalanced classes ({uneven}), drawn as they are (--no-balanced-sampling): watch the balanced '
-              'accuracy (val_balanced_*), not top-1 alone', flush=True)
-    return dataclasses.replace(run, balanced_sampling=bool(run.balanced_sampling))
+        elif balanced:
+            largest, smallest = samplers.imbalance(train_set)
+            print(f'balanced sampling: each class drawn equally often (the classes hold {smallest:.1f}% to '
+                  f'{largest:.1f}% of the training images)', flush=True)
+        elif uneven:
+            print(f'imbalanced classes ({uneven}), drawn as they are (--no-balanced-sampling): watch the balanced '
+                  'accuracy (val_balanced_*), not top-1 alone', flush=True)
+    return dataclasses.replace(run, balanced_sampling=balanced)
 
 
 def check_batches(train_size: int, batch_size: int, processes: int, repeats: int = 1) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -45,14 +46,12 @@ from remote import read_machines
 from arch import canonical_arch
 from space import inherited_subnet, load_supernet_file, sub_state_dict
 from strategy import Budget, SearchLedger, StrategySettings, build_strategy
-from utils import (COMPILE_ON_CPU, UserError, atomic_write_json, check_output_folder, check_writable, json_form,
-                   lock_output, pick_device, read_json, remove_unfinished_writes, set_up_precision)
-from workers import file_identity, start_workers, stop_all_workers, write_spec
+from utils import (COMPILE_ON_CPU, UserError, atomic_path, atomic_write_json, check_output_folder, check_writable,
+                   json_form, lock_output, pick_device, read_json, remove_unfinished_writes, set_up_precision)
+from workers import file_identity, spec_of, start_workers, stop_all_workers
 
 
-# --------------------------------------------------------------------------------------------
 # The settings: flags checked, defaults filled in, devices resolved; never changed afterwards
-# --------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -242,14 +241,14 @@ def resolve_devices(flags: argparse.Namespace) -> Devices:
 
 
 def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
-    """The search's settings: the checked flags with the devices resolved."""
+    """The search's settings: the checked flags with the devices resolved, and what the experiment takes of them."""
     flags = parse_args(argv)
-    return argparse.Namespace(**{**vars(flags), **asdict(resolve_devices(flags))})
+    settings = argparse.Namespace(**{**vars(flags), **asdict(resolve_devices(flags))})
+    settings.experiment = from_flags(ExperimentSettings, settings)
+    return settings
 
 
-# --------------------------------------------------------------------------------------------
 # The search: settings -> supernet -> split -> strategy over the candidates -> results
-# --------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> dict:
     settings = parse_settings(argv)
@@ -257,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     data.check_classes(settings.dataset, data.num_classes(settings.dataset, settings.datapath), space_kwargs,
                        'supernet')
     resumed = resumed_experiment(settings.output) if settings.resume else None
-    experiment = new_experiment(from_flags(ExperimentSettings, settings), space_kwargs, resumed)
+    experiment = new_experiment(settings.experiment, space_kwargs, resumed)
     output = Path(settings.output or f'outputs/search-{experiment.id}').resolve()
     check_writable(output)
     with lock_output(output, 'a search'):
@@ -301,13 +300,13 @@ def run_search(settings: argparse.Namespace, argv: list[str] | None, experiment:
         experiment.evaluator = FunctionalEvaluator(evaluate_in_process, candidates=CandidateEvaluator(
             supernet, space_kwargs, split, output, settings.batch_size, pick_device(settings.device),
             settings.precision, settings.metric, measured_on, settings.compile))
-    experiment.config = experiment_config(from_flags(ExperimentSettings, settings), spec)
+    experiment.config = experiment_config(settings.experiment, spec)
     ledger = SearchLedger(output, settings.planned, settings.metric)
     experiment.planned = ledger.planned
     experiment.strategy = build_strategy(from_flags(StrategySettings, settings), space_kwargs, budget, ledger)
     announce(experiment.id, settings, ledger.planned, budget, folder)
     try:
-        run_experiment(experiment, ledger, from_flags(ExperimentSettings, settings))
+        run_experiment(experiment, ledger, settings.experiment)
     except Interrupted as stop:
         stop_all_workers(spec)  # before best.json: a worker may still be writing a record
         return write_interrupted_results(experiment, output, supernet, space_kwargs, settings, str(stop))
@@ -318,14 +317,14 @@ def run_search(settings: argparse.Namespace, argv: list[str] | None, experiment:
     return best
 
 
-def cached_search_split(settings: argparse.Namespace, folder: SearchFolder, space_kwargs: Mapping[str, Any]
-                 ) -> search_data.CachedSplit:
+def cached_search_split(settings: argparse.Namespace, folder: SearchFolder,
+                        space_kwargs: Mapping[str, Any]) -> search_data.CachedSplit:
     """The search split, decoded once into the output folder's cache (kept by a resumed search)."""
     if not folder.search_data.is_file():
         split = search_data.search_split(settings.dataset, settings.datapath, space_kwargs['img_size'],
-                                  settings.search_images, settings.seed)
+                                         settings.search_images, settings.seed)
         search_data.write_cache(split, settings.dataset, folder.search_data, num_workers=settings.num_workers,
-                         shuffle_seed=settings.seed)
+                                shuffle_seed=settings.seed)
     return search_data.CachedSplit(folder.search_data)
 
 
@@ -334,7 +333,7 @@ def describe_search_split(split: search_data.CachedSplit, settings: argparse.Nam
     that a top-1 on it is uncertain by more than a point."""
     images = len(split.labels)
     measured_on = search_data.search_split_description(settings.dataset, settings.datapath, split.labels,
-                                                settings.search_images)
+                                                       settings.search_images)
     print(f'candidates are ranked by {METRICS[settings.metric]} on {measured_on}', flush=True)
     error = binomial_se(50.0, images)  # its largest, whatever the top-1
     if error > 1:
@@ -353,13 +352,16 @@ def worker_spec(settings: argparse.Namespace, folder: SearchFolder, supernet: Ma
     if json_form(meta.get('space')) != fingerprint['space']:
         weights = folder.root / 'supernet.pth'
         save_weights(weights, supernet, space_kwargs)
-    spec = write_spec(folder.worker_spec, weights=str(weights), weights_identity=file_identity(weights),
-                      cache=str(folder.search_data), output=str(folder.root), batch_size=settings.batch_size,
-                      device=settings.device, precision=settings.precision, workers=settings.concurrency,
-                      gpus=settings.gpus, metric=settings.metric, measured_on=measured_on, compile=settings.compile)
+    spec = spec_of(weights=str(weights), weights_identity=file_identity(weights), cache=str(folder.search_data),
+                   output=str(folder.root), batch_size=settings.batch_size, device=settings.device,
+                   precision=settings.precision, workers=settings.concurrency, gpus=settings.gpus,
+                   metric=settings.metric, measured_on=measured_on, compile=settings.compile)
+    with atomic_path(folder.worker_spec) as tmp:
+        os.chmod(tmp, 0o600)  # the token
+        tmp.write_text(json.dumps(spec, indent=2))
     if not settings.machine_list:  # each machine's first trial starts the workers there
-        start_workers(spec)
-    return spec
+        start_workers(folder.worker_spec)
+    return folder.worker_spec
 
 
 def announce(experiment_id: str, settings: argparse.Namespace, planned: int, budget: Budget,
@@ -371,7 +373,7 @@ def announce(experiment_id: str, settings: argparse.Namespace, planned: int, bud
     if recorded:
         print(f'{recorded} candidates already evaluated: answered from their records')
     if settings.engine == 'ts':
-        print(web_ui_hint(experiment_id, from_flags(ExperimentSettings, settings)))
+        print(web_ui_hint(experiment_id, settings.experiment))
 
 
 def search_fingerprint(settings: argparse.Namespace, space_kwargs: Mapping[str, Any]) -> dict[str, Any]:
@@ -410,9 +412,7 @@ def check_output(folder: SearchFolder, settings: argparse.Namespace, fingerprint
             stale.unlink(missing_ok=True)
 
 
-# --------------------------------------------------------------------------------------------
 # The results, ranked once
-# --------------------------------------------------------------------------------------------
 
 def write_interrupted_results(experiment: SearchExperiment, output: Path, supernet: Mapping[str, torch.Tensor],
                               space_kwargs: Mapping[str, Any], settings: argparse.Namespace, signal_name: str) -> dict:

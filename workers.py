@@ -149,17 +149,11 @@ def file_identity(path: Path) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns]
 
 
-def write_spec(path: Path, **spec: Any) -> Path:
+def spec_of(**spec: Any) -> dict[str, Any]:
     """The spec every worker of a search loads (its weights, split, device and output), with the search's pid and
-    machine, and a token only this user can read: a worker serves only trials that present it."""
-    from_parent = {'owner_pid': os.getpid(), 'host': machine_name(), 'token': secrets.token_hex(16),
-                   'idle_seconds': 3600}
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    tmp.write_text('')
-    os.chmod(tmp, 0o600)
-    tmp.write_text(json.dumps({**spec, **from_parent}, indent=2))
-    os.replace(tmp, path)
-    return path
+    machine, and a token: a worker serves only trials that present it (the file is for this user's eyes only)."""
+    return {**spec, 'owner_pid': os.getpid(), 'host': machine_name(), 'token': secrets.token_hex(16),
+            'idle_seconds': 3600}
 
 
 def start_workers(spec_path: Path) -> None:
