@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from layers import HEAD_DIM, official_qkv_slice
+from layers import HEAD_DIM, STEM_STRIDE, official_qkv_slice
 
 
 class SpaceError(ValueError):
@@ -55,7 +55,7 @@ DEFAULTS: dict[str, Any] = dict(
     search_embed_dim=(192, 216, 240), search_mlp_ratio=(3.0, 3.5, 4.0), search_num_heads=(3, 4),
     search_depth=(12, 13, 14), img_size=224, patch_size=16, in_channels=3, num_labels=1000, qkv_bias=True,
     drop_rate=0., attn_drop_rate=0., drop_path_rate=0.1, pre_norm=True, global_pooling=True,
-    absolute_position=True, qk_scale=None, rpe=True, rpe_length=None,
+    absolute_position=True, qk_scale=None, rpe=True, rpe_length=None, conv_stem=0,
 )
 
 
@@ -85,6 +85,11 @@ def space_problem(space_kwargs: Mapping[str, Any]) -> str | None:
         return f'img_size {space_kwargs["img_size"]} is smaller than patch_size {space_kwargs["patch_size"]}'
     if space_kwargs['img_size'] % space_kwargs['patch_size']:  # the patch conv would drop the border silently
         return f'img_size {space_kwargs["img_size"]} is not a multiple of patch_size {space_kwargs["patch_size"]}'
+    stem = space_kwargs['conv_stem']
+    if not _is_int(stem, 0) or stem == 1:
+        return f'conv_stem must be 0 (none) or a number of channels of 2 or more, got {stem!r}'
+    if stem and space_kwargs['patch_size'] % STEM_STRIDE:
+        return f'patch_size {space_kwargs["patch_size"]} is not a multiple of {STEM_STRIDE}, the conv_stem\'s stride'
     if not _is_int(space_kwargs['num_labels'], 0):
         return f'num_labels must be an integer of 0 or more, got {space_kwargs["num_labels"]!r}'
     for key in ('qkv_bias', 'pre_norm', 'global_pooling', 'absolute_position', 'rpe'):
@@ -244,13 +249,24 @@ def _num_patches(space_kwargs: Mapping[str, Any]) -> int:
     return (space_kwargs['img_size'] // space_kwargs['patch_size']) ** 2
 
 
+def _stem(space_kwargs: Mapping[str, Any]) -> tuple[list[tuple[int, int, int]], int]:
+    """The conv stem's convolutions (in, out, output side) and the patch embedding's input per token."""
+    stem, side, patch = space_kwargs['conv_stem'], space_kwargs['img_size'], space_kwargs['patch_size']
+    if not stem:
+        return [], space_kwargs['in_channels'] * patch ** 2
+    convs = [(space_kwargs['in_channels'], stem // 2, -(-side // 2)), (stem // 2, stem, -(-side // 4))]
+    return convs, stem * (patch // STEM_STRIDE) ** 2
+
+
 def count_params(arch: Mapping[str, Any], **space_kwargs: Any) -> int:
     """Parameters of a subnet by the official rule (``get_sampled_params_numel``); exact."""
     space_kwargs = complete_space_kwargs(**space_kwargs)
     check_arch(arch, space_kwargs)
     embed = arch['embed_dim']
     table_rows = 2 * space_kwargs['rpe_length'] + 2
-    total = embed * space_kwargs['in_channels'] * space_kwargs['patch_size'] ** 2 + embed       # patch embed
+    convs, per_token = _stem(space_kwargs)
+    total = sum(9 * c_in * c_out + 2 * c_out for c_in, c_out, _ in convs)              # stem: convs, BatchNorms
+    total += embed * per_token + embed                                                 # patch embed
     positions = _num_patches(space_kwargs) + 1 if space_kwargs['absolute_position'] else 0
     total += embed * (positions + 1)                                                   # class token, pos embed
     for e, q, hidden in layer_dims(arch):
@@ -275,7 +291,9 @@ def count_flops(arch: Mapping[str, Any], **space_kwargs: Any) -> int:
     patches = _num_patches(space_kwargs)
     tokens = patches + 1
     table_rows = 2 * space_kwargs['rpe_length'] + 2
-    total = patches * embed * space_kwargs['in_channels'] * space_kwargs['patch_size'] ** 2
+    convs, per_token = _stem(space_kwargs)
+    total = sum(side * side * 9 * c_in * c_out for c_in, c_out, side in convs)
+    total += patches * embed * per_token
     for e, q, hidden in layer_dims(arch):
         total += tokens * e * 3 * q + 2 * tokens * tokens * q + tokens * q * e     # qkv, qk^T, attn v, proj
         if space_kwargs['rpe']:
@@ -341,6 +359,8 @@ def sub_state_dict(supernet_state_dict: Mapping[str, torch.Tensor], arch: Mappin
         elif key == 'head.weight':
             result[key] = tensor[:, :embed]
         elif key == 'head.bias':
+            result[key] = tensor
+        elif key.startswith('stem.'):
             result[key] = tensor
         else:  # patch_embed.*, norm.*
             result[key] = tensor[:embed]

@@ -152,7 +152,8 @@ def fit_to_space(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, to
     result = {}
     for key, shape in shapes.items():
         tensor = state_dict[key]
-        exact = next((dims for suffix, dims in _EXACT_DIMS.items() if key.endswith(suffix)), ())
+        exact = range(tensor.dim()) if key.startswith('stem.') else next(
+            (dims for suffix, dims in _EXACT_DIMS.items() if key.endswith(suffix)), ())
         fits = tensor.dim() == len(shape) and all(
             have == need if d in exact else have >= need for d, (have, need) in enumerate(zip(tensor.shape, shape)))
         if not fits:

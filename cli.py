@@ -89,6 +89,7 @@ RULES: dict[str, Rule] = {
     # data and hardware
     # one process per core at most: a thousand DDP ranks or loader workers on a laptop exhaust its memory
     'batch_size': between(1, 1_000_000), 'num_workers': between(0, 2 * CORES), 'img_size': between(1, 1024),
+    'conv_stem': between(0, 4096),
     'gpus': at_least(0), 'cpu_processes': between(1, CORES), 'num_nodes': between(1, 100_000),
     'concurrency': between(1, 1024),
     'device': device,

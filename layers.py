@@ -26,6 +26,17 @@ HEAD_DIM = 64
 # flash / memory-efficient kernels keep no N x N tensor. Elsewhere the explicit matmuls, which are faster
 # on the CPU (bench/train_step.py --attention compares the two).
 SDPA_DEVICES = {'cuda'}
+STEM_STRIDE = 4  # the convolutional stem halves the side twice
+
+
+def build_conv_stem(in_channels: int, channels: int) -> nn.Sequential:
+    """Two 3x3 stride-2 convolutions, each with BatchNorm and ReLU (Xiao et al., "Early convolutions help
+    transformers see better", 2021), before the patch embedding: trained from scratch on a few thousand
+    images, a linear patch embedding misses a defect a few pixels wide that these see
+    (bench/results/thin-details.md). The same for every subnet, so its BatchNorm statistics fit them all."""
+    half = channels // 2
+    return nn.Sequential(nn.Conv2d(in_channels, half, 3, 2, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+                         nn.Conv2d(half, channels, 3, 2, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU())
 
 
 def official_qkv_slice(weight: torch.Tensor, bias: torch.Tensor | None, in_features: int,

@@ -90,7 +90,7 @@ class MaskedSupernet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         net = self.supernet
         embed_mask = self.embed_mask
-        x = F.conv2d(images, net.patch_embed.weight, net.patch_embed.bias, stride=net.patch_embed.stride)
+        x = F.conv2d(net.stem(images), net.patch_embed.weight, net.patch_embed.bias, stride=net.patch_embed.stride)
         x = x.flatten(2).transpose(1, 2) * embed_mask.to(x.dtype)
         cls_token = net.cls_token.cls_token * embed_mask
         x = torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # promoted as the sliced path's

@@ -32,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  f"{recipes.RETRAIN['imagenet']['epochs']} epochs with {recipes.RETRAIN['imagenet']['warmup']} of "
                  'warmup, with the imagenet and cifar10 recipes')
     add_training_args(parser, recipe)
+    parser.add_argument('--conv-stem', type=int, default=None, metavar='CHANNELS',
+                        help='channels of a convolutional stem before the patch embedding (0: none, the official '
+                             'model; default: 64 for a folder whose images the small recipe resizes to 64 or 96 px)')
     args = parse_checked(parser, argv)
     args.dataset = dataset
     check_recipe(args)
@@ -50,18 +53,29 @@ def retraining(argv: list[str] | None) -> bool:
     return pre.parse_known_args(argv)[0].arch is not None
 
 
+def input_of(args: argparse.Namespace) -> dict[str, int]:
+    """The space's input keywords the flags or the recipe set: a folder's small recipe chooses them from its images
+    (and says so), unless --img-size gives the size; --conv-stem sets the stem either way."""
+    chosen = {}
+    if args.img_size:
+        chosen['img_size'] = args.img_size
+    elif args.recipe == 'small' and args.dataset == 'folder' and args.space_file is None and not args.arch:
+        side = folders.profile_folder(args.dataset, args.datapath).side
+        chosen = dict(zip(('img_size', 'patch_size', 'conv_stem'), recipes.input_size(side)))
+        stem = chosen['conv_stem'] if args.conv_stem is None else args.conv_stem
+        print(f"input: images of about {side} px resized to {chosen['img_size']} px, "
+              f"{f'a convolutional stem of {stem} channels, ' if stem else ''}patches of {chosen['patch_size']} px "
+              '(--img-size sets another size, --conv-stem the stem)', flush=True)
+    if args.conv_stem is not None:
+        chosen['conv_stem'] = args.conv_stem
+    return chosen
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     space_kwargs = space_kwargs_of(space_arg(args))
     space_kwargs['num_labels'] = data.num_classes(args.dataset, args.datapath)
-    if args.img_size:
-        space_kwargs['img_size'] = args.img_size
-    elif args.recipe == 'small' and args.dataset == 'folder' and args.space_file is None and not args.arch:
-        side = folders.profile_folder(args.dataset, args.datapath).side
-        space_kwargs['img_size'], space_kwargs['patch_size'] = recipes.input_size(side)
-        print(f"input: images of about {side} px resized to {space_kwargs['img_size']} px, patches of "
-              f"{space_kwargs['patch_size']} px (--img-size sets another size)", flush=True)
-    space_kwargs = complete_space_kwargs(**space_kwargs)
+    space_kwargs = complete_space_kwargs(**{**space_kwargs, **input_of(args)})
     arch = complete_arch(load_arch_arg(args.arch), space_kwargs) if args.arch else None
     train_supernet(from_flags(TrainingRun, args, output=Path(args.output)), space_kwargs, arch=arch)
 

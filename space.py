@@ -31,7 +31,7 @@ from arch import (DEFAULTS, SEARCHED, complete_arch, complete_space_kwargs, coun
                   preset_name, preset_space, searched_arch, sub_state_dict)
 from checkpoints import (convert_nni_subnet, detect_layout, fit_to_space, is_subnet, load_checked, nni_download,
                          read_weights, resolve_space, to_project_layout)
-from layers import Block, MixedPrefixLinear, MixedQKV
+from layers import STEM_STRIDE, Block, MixedPrefixLinear, MixedQKV, build_conv_stem
 from utils import UserError, torch_load
 
 # Imported after layers.py, which imports NNI first with NNI's warnings about this torch version silenced.
@@ -92,7 +92,9 @@ class AutoformerSpace(ModelSpace):
     search_num_heads : the candidate head counts (one per layer; every head is 64 wide).
     search_depth : the candidate depths (layers past a subnet's depth are skipped).
     img_size : the input's side in pixels; a multiple of ``patch_size``.
-    patch_size : the side of the square patches the convolutional stem embeds.
+    patch_size : the side of the square patches of the input that become tokens.
+    conv_stem : channels of a convolutional stem (:func:`layers.build_conv_stem`) before the patch embedding, which
+        then embeds its map in patches of ``patch_size / 4``; 0 (the official model): none.
     num_labels : the classes of the head (0: no head, the pooled features come out).
     drop_rate : dropout after the position embedding and in the MLPs.
     drop_path_rate : stochastic depth of the deepest layer (linear from 0 at the first).
@@ -110,7 +112,7 @@ class AutoformerSpace(ModelSpace):
                  in_channels: int = 3, num_labels: int = 1000, qkv_bias: bool = True, drop_rate: float = 0.,
                  attn_drop_rate: float = 0., drop_path_rate: float = 0.1, pre_norm: bool = True,
                  global_pooling: bool = True, absolute_position: bool = True, qk_scale: float | None = None,
-                 rpe: bool = True, rpe_length: int | None = None) -> None:
+                 rpe: bool = True, rpe_length: int | None = None, conv_stem: int = 0) -> None:
         super().__init__()
         self.space_kwargs = complete_space_kwargs(**{k: v for k, v in locals().items() if k in DEFAULTS})
         rpe_length = self.space_kwargs['rpe_length']
@@ -120,7 +122,10 @@ class AutoformerSpace(ModelSpace):
         mlp_ratios = [nni.choice(f'mlp_ratio_{i}', list(search_mlp_ratio)) for i in range(max_depth)]
         num_heads = [nni.choice(f'num_head_{i}', list(search_num_heads)) for i in range(max_depth)]
 
-        self.patch_embed = MutableConv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.stem = build_conv_stem(in_channels, conv_stem) if conv_stem else nn.Identity()
+        embed_patch = patch_size // STEM_STRIDE if conv_stem else patch_size
+        self.patch_embed = MutableConv2d(conv_stem or in_channels, embed_dim, kernel_size=embed_patch,
+                                         stride=embed_patch)
         self.num_patches = (img_size // patch_size) ** 2
         self.global_pooling = global_pooling
         self.cls_token = ClassToken(embed_dim)
@@ -136,7 +141,7 @@ class AutoformerSpace(ModelSpace):
         self.head = MutableLinear(in_features=embed_dim, out_features=num_labels) if num_labels > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = self.patch_embed(self.stem(x)).flatten(2).transpose(1, 2)
         x = self.pos_drop(self.pos_embed(self.cls_token(x)))
         x = self.norm(self.blocks(x))
         x = x[:, 1:].mean(dim=1) if self.global_pooling else x[:, 0]

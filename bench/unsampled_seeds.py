@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from arch import extreme_arch  # noqa: E402
 from checkpoints import read_weights  # noqa: E402
 
-WAYS = {'official': [], 'skip-unsampled': ['--skip-unsampled']}
+WAYS = {'official': ['--no-skip-unsampled'], 'skip-unsampled': ['--skip-unsampled']}
 
 
 def run(dataset: str, seed: int, flags: list[str], output: Path) -> dict[str, float]:

@@ -19,6 +19,7 @@ DEMO = complete_space_kwargs(**AutoformerSpace.preset('demo'))
 # no qkv bias.
 DEMO_OTHER = complete_space_kwargs(**{**AutoformerSpace.preset('demo'), 'pre_norm': False, 'global_pooling': False,
                                       'absolute_position': False, 'rpe': False, 'qkv_bias': False})
+DEMO_STEM = complete_space_kwargs(**{**AutoformerSpace.preset('demo'), 'conv_stem': 16})
 
 
 def six_archs(space_kwargs: dict) -> list[dict]:
@@ -42,7 +43,7 @@ def logits_and_gradients(model, run_arch, arch, images, seed: int) -> tuple[torc
                              for name, p in params.named_parameters()}
 
 
-@pytest.mark.parametrize('space_kwargs', [DEMO, DEMO_OTHER], ids=['demo', 'every-switch-flipped'])
+@pytest.mark.parametrize('space_kwargs', [DEMO, DEMO_OTHER, DEMO_STEM], ids=['demo', 'every-switch-flipped', 'stem'])
 def test_logits_and_gradients_equal_the_sliced_supernet_in_float64(space_kwargs):
     torch.manual_seed(0)
     supernet = build_supernet({**space_kwargs, 'drop_path_rate': 0.2}).double().train()

@@ -136,8 +136,18 @@ def test_training_on_a_folder_of_class_folders_validates_on_images_held_out_of_i
 
 
 def test_the_small_recipe_keeps_the_detail_of_large_images():
-    assert [recipes.input_size(side) for side in (28, 32, 50, 70, 300)] == [(32, 8), (32, 8), (48, 6), (64, 8),
-                                                                            (96, 12)]
+    assert [recipes.input_size(side) for side in (28, 32, 50, 70, 300)] == [(32, 8, 0), (32, 8, 0), (48, 6, 0),
+                                                                            (64, 8, 64), (96, 12, 64)]
+
+
+def test_large_images_get_a_conv_stem_that_the_flag_turns_off(tmp_path, capsys):
+    large = write_imbalanced_folder(tmp_path, images=40, size=70)
+    args = scratch.parse_args(['--dataset', 'folder', '--datapath', str(large)])
+    assert scratch.input_of(args) == {'img_size': 64, 'patch_size': 8, 'conv_stem': 64}
+    assert 'resized to 64 px, a convolutional stem of 64 channels, patches of 8 px' in capsys.readouterr().out
+    args = scratch.parse_args(['--dataset', 'folder', '--datapath', str(large), '--conv-stem', '0'])
+    assert scratch.input_of(args)['conv_stem'] == 0
+    assert 'resized to 64 px, patches of 8 px' in capsys.readouterr().out
 
 
 def test_defaults_on_imbalanced_images_say_what_they_chose(folder, tmp_path, capsys):

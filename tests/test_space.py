@@ -10,7 +10,7 @@ from checkpoints import save_weights
 from conftest import GOLDEN
 from fixtures import max_relative_error
 from arch import (SpaceError, check_arch, complete_space_kwargs, count_flops, count_params, layer_dims, make_arch,
-                  sample_arch)
+                  extreme_arch, sample_arch)
 from space import AutoformerSpace, build_supernet, init_weights, set_active_arch, sub_state_dict
 from utils import UserError
 
@@ -98,6 +98,34 @@ def test_count_flops_matches_torch_flop_counter(golden):
         buckets = 2 + 2 * side + (-(66 + 2 * side) % 8)  # padded so that head dim + buckets is a multiple of 8
         bucket_columns = sum(2 * tokens * tokens * (q // 64) * buckets for _, q, _ in layer_dims(arch))
         assert counter.get_total_flops() == 2 * (count_flops(arch, **space_kwargs) + bucket_columns)
+
+
+def test_a_conv_stem_is_counted_sliced_and_stored_exactly():
+    """With a convolutional stem: the parameter and FLOP counts are the module's, and a subnet sliced from a
+    trained supernet (its BatchNorm statistics included) gives the supernet's logits."""
+    space_kwargs = complete_space_kwargs(**{**AutoformerSpace.preset('demo'), 'img_size': 64, 'conv_stem': 16})
+    supernet = build_supernet(space_kwargs)
+    set_active_arch(supernet, extreme_arch(space_kwargs, max))
+    supernet(torch.randn(4, 3, 64, 64))  # moves the BatchNorm statistics off their initial values
+    supernet.eval()
+    inputs = torch.randn(2, 3, 64, 64)
+    for seed in range(3):
+        arch = sample_arch(space_kwargs, random.Random(seed))
+        set_active_arch(supernet, arch)
+        subnet = AutoformerSpace(**space_kwargs).freeze(arch).eval()
+        subnet.load_state_dict(sub_state_dict(supernet.state_dict(), arch))
+        assert count_params(arch, **space_kwargs) == sum(p.numel() for p in subnet.parameters())
+        with torch.no_grad():
+            assert max_relative_error(supernet(inputs), subnet(inputs)) < 1e-5
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            subnet(inputs[:1])
+        side, tokens = 8, 65
+        buckets = 2 + 2 * side + (-(66 + 2 * side) % 8)
+        bucket_columns = sum(2 * tokens * tokens * (q // 64) * buckets for _, q, _ in layer_dims(arch))
+        assert counter.get_total_flops() == 2 * (count_flops(arch, **space_kwargs) + bucket_columns)
+    with pytest.raises(SpaceError, match='patch_size 6 is not a multiple of 4'):
+        complete_space_kwargs(**{**space_kwargs, 'patch_size': 6, 'img_size': 48})
 
 
 def test_arch_outside_the_space_is_refused_with_label_and_values(golden):
