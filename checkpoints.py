@@ -181,7 +181,8 @@ def check_weight_tensors(state_dict: Mapping[str, torch.Tensor], source: Any) ->
             kind = 'a meta tensor (no values)' if tensor.is_meta else f'a {tensor.layout} tensor'
             raise UserError(f'{source}: tensor {key} is {kind}, not plain weights: the file is damaged or '
                             'was not written as weights; save dense tensors')
-        if tensor.dtype not in WEIGHT_DTYPES:
+        batch_counter = key.endswith('.num_batches_tracked') and tensor.dtype == torch.int64  # the stem's BatchNorm
+        if tensor.dtype not in WEIGHT_DTYPES and not batch_counter:
             raise UserError(f'{source}: tensor {key} has dtype {tensor.dtype}, not floating point: these are not '
                             'usable weights (the file is damaged or was converted wrongly)')
     check_finite(state_dict, source)

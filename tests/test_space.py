@@ -11,7 +11,8 @@ from conftest import GOLDEN
 from fixtures import max_relative_error
 from arch import (SpaceError, check_arch, complete_space_kwargs, count_flops, count_params, layer_dims, make_arch,
                   extreme_arch, sample_arch)
-from space import AutoformerSpace, build_supernet, init_weights, set_active_arch, sub_state_dict
+from space import (AutoformerSpace, build_supernet, init_weights, load_supernet_file, set_active_arch,
+                   sub_state_dict)
 from utils import UserError
 
 pytestmark = pytest.mark.fast  # make test-fast
@@ -100,9 +101,10 @@ def test_count_flops_matches_torch_flop_counter(golden):
         assert counter.get_total_flops() == 2 * (count_flops(arch, **space_kwargs) + bucket_columns)
 
 
-def test_a_conv_stem_is_counted_sliced_and_stored_exactly():
-    """With a convolutional stem: the parameter and FLOP counts are the module's, and a subnet sliced from a
-    trained supernet (its BatchNorm statistics included) gives the supernet's logits."""
+def test_a_conv_stem_is_counted_sliced_and_stored_exactly(tmp_path):
+    """With a convolutional stem: the parameter and FLOP counts are the module's, a subnet sliced from a
+    trained supernet (its BatchNorm statistics included) gives the supernet's logits, and its weights file
+    (with BatchNorm's int64 batch counter) reads back as it was written."""
     space_kwargs = complete_space_kwargs(**{**AutoformerSpace.preset('demo'), 'img_size': 64, 'conv_stem': 16})
     supernet = build_supernet(space_kwargs)
     set_active_arch(supernet, extreme_arch(space_kwargs, max))
@@ -124,6 +126,9 @@ def test_a_conv_stem_is_counted_sliced_and_stored_exactly():
         buckets = 2 + 2 * side + (-(66 + 2 * side) % 8)
         bucket_columns = sum(2 * tokens * tokens * (q // 64) * buckets for _, q, _ in layer_dims(arch))
         assert counter.get_total_flops() == 2 * (count_flops(arch, **space_kwargs) + bucket_columns)
+    save_weights(tmp_path / 'stem.pth', supernet.state_dict(), space_kwargs)
+    state_dict, stored, _ = load_supernet_file(tmp_path / 'stem.pth')
+    assert stored['conv_stem'] == 16 and all(torch.equal(state_dict[k], v) for k, v in supernet.state_dict().items())
     with pytest.raises(SpaceError, match='patch_size 6 is not a multiple of 4'):
         complete_space_kwargs(**{**space_kwargs, 'patch_size': 6, 'img_size': 48})
 
