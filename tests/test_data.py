@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import data
 import folders
@@ -90,7 +91,7 @@ def test_undecodable_images_are_left_out_of_evaluation_and_replaced_in_training(
     # 'test': the whole folder (its train and val splits are held apart, test_a_folder_of_class_folders_...)
     dataset = data.build_dataset('folder', tmp_path, 'test', 32, training=training)
     assert dataset.classes == ['a', 'b'] and len(dataset) == 6 and data.num_classes('folder', tmp_path) == 2
-    with caplog.at_level(logging.WARNING, logger='folders'):
+    with caplog.at_level(logging.WARNING, logger='image_folder'):
         for _ in range(2):  # two epochs: still one warning
             batches = list(samplers.build_loader(dataset, 4, 0))
     images = torch.cat([images for images, _ in batches])
@@ -155,12 +156,13 @@ def test_fifo_and_symlink_loops_in_class_folders_are_left_out(tmp_path, caplog):
     (root / 'a' / 'broken.png').symlink_to(root / 'missing.png')
     outside = write_image_folder(tmp_path / 'elsewhere', ['x'], 1) / 'x'
     (root / 'b' / 'linked').symlink_to(outside)  # a link out of the dataset is followed
-    with caplog.at_level(logging.WARNING, logger='folders'):
+    with caplog.at_level(logging.WARNING, logger='image_folder'):
         dataset = within(20, lambda: data.build_dataset('folder', root, 'test', 16))
         labels = within(20, lambda: [label for _, batch in samplers.build_loader(dataset, 2, 0) for label in batch])
     assert sorted(int(label) for label in labels) == [0, 0, 1, 1, 1]
     assert sorted(Path(path).name for path, _ in dataset.samples) == ['0.png', '0.png', '0.png', '1.png', '1.png']
     assert any('left out 4 entries' in message for message in caplog.messages)
+    assert folders.IMG_EXTENSIONS == IMG_EXTENSIONS  # torchvision's, written out in folders.py
 
 
 def test_cifar10_folder_is_detected_without_dataset(tmp_path):
