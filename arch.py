@@ -1,8 +1,9 @@
-"""The rules of the AutoFormer space on plain dicts and tensors: presets, archs, counting, slicing.
+"""The rules of the AutoFormer space on plain dicts: presets, archs, counting.
 
 A space is its constructor keywords (``DEFAULTS``); an arch is a dict with ``embed_dim``, ``depth``, and per layer
-``mlp_ratio_{i}`` and ``num_head_{i}`` (NNI hub's labels). Checks that name the label and the allowed values, counts
-by the official rule, and the exact slicing of a subnet's weights from a supernet state dict. It builds no model.
+``mlp_ratio_{i}`` and ``num_head_{i}`` (NNI hub's labels). Checks that name the label and the allowed values, and
+counts by the official rule. It builds no model and imports no library (the scripts check their flags with it before
+torch loads); slicing a subnet's weights is ``checkpoints.py``'s.
 """
 from __future__ import annotations
 
@@ -14,9 +15,8 @@ import random
 import re
 from typing import Any, Callable, Mapping
 
-import torch
-
-from layers import HEAD_DIM, STEM_STRIDE, official_qkv_slice
+HEAD_DIM = 64  # the width of every attention head, as the official model
+STEM_STRIDE = 4  # the convolutional stem halves the side twice
 
 
 class SpaceError(ValueError):
@@ -59,7 +59,8 @@ DEFAULTS: dict[str, Any] = dict(
 )
 
 
-def _is_int(value: Any, least: int = 1) -> bool:
+def is_int(value: Any, least: int = 1) -> bool:
+    """An int (not a bool) of ``least`` or more."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
@@ -74,23 +75,23 @@ def space_problem(space_kwargs: Mapping[str, Any]) -> str | None:
     for key in ('search_embed_dim', 'search_num_heads', 'search_depth', 'search_mlp_ratio'):
         values = space_kwargs[key]
         ratios = key == 'search_mlp_ratio'
-        ok = (lambda v: is_number(v) and v > 0) if ratios else _is_int
+        ok = (lambda v: is_number(v) and v > 0) if ratios else is_int
         if not isinstance(values, (list, tuple)) or not values or not all(ok(v) for v in values):
             kind = 'positive numbers' if ratios else 'positive integers'
             return f'{key} must be a non-empty list of {kind}, got {values!r}'
     for key in ('img_size', 'patch_size', 'in_channels'):
-        if not _is_int(space_kwargs[key]):
+        if not is_int(space_kwargs[key]):
             return f'{key} must be a positive integer, got {space_kwargs[key]!r}'
     if space_kwargs['img_size'] < space_kwargs['patch_size']:
         return f'img_size {space_kwargs["img_size"]} is smaller than patch_size {space_kwargs["patch_size"]}'
     if space_kwargs['img_size'] % space_kwargs['patch_size']:  # the patch conv would drop the border silently
         return f'img_size {space_kwargs["img_size"]} is not a multiple of patch_size {space_kwargs["patch_size"]}'
     stem = space_kwargs['conv_stem']
-    if not _is_int(stem, 0) or stem == 1:
+    if not is_int(stem, 0) or stem == 1:
         return f'conv_stem must be 0 (none) or a number of channels of 2 or more, got {stem!r}'
     if stem and space_kwargs['patch_size'] % STEM_STRIDE:
         return f'patch_size {space_kwargs["patch_size"]} is not a multiple of {STEM_STRIDE}, the conv_stem\'s stride'
-    if not _is_int(space_kwargs['num_labels'], 0):
+    if not is_int(space_kwargs['num_labels'], 0):
         return f'num_labels must be an integer of 0 or more, got {space_kwargs["num_labels"]!r}'
     for key in ('qkv_bias', 'pre_norm', 'global_pooling', 'absolute_position', 'rpe'):
         if not isinstance(space_kwargs[key], bool):
@@ -101,7 +102,7 @@ def space_problem(space_kwargs: Mapping[str, Any]) -> str | None:
     scale = space_kwargs['qk_scale']
     if scale is not None and not (is_number(scale) and scale > 0):
         return f'qk_scale must be a positive number or null, got {space_kwargs["qk_scale"]!r}'
-    if space_kwargs['rpe_length'] is not None and not _is_int(space_kwargs['rpe_length']):
+    if space_kwargs['rpe_length'] is not None and not is_int(space_kwargs['rpe_length']):
         return f'rpe_length must be a positive integer or null, got {space_kwargs["rpe_length"]!r}'
     return None
 
@@ -199,7 +200,7 @@ def _check_label(arch: Mapping[str, Any], label: str, allowed: list) -> None:
     if label not in arch:
         raise SpaceError(f'arch is missing the label {label!r} (allowed values: {allowed})')
     value, ratio = arch[label], label.startswith('mlp_ratio')
-    if not (is_number(value) if ratio else _is_int(value, least=-2**63)):
+    if not (is_number(value) if ratio else is_int(value, least=-2**63)):
         raise SpaceError(f'arch value {label}={value!r} must be {"a number" if ratio else "an integer"} '
                          f'(allowed values: {allowed})')
     if value not in allowed:
@@ -300,68 +301,3 @@ def count_flops(arch: Mapping[str, Any], **space_kwargs: Any) -> int:
             total += 4 * tokens * q * table_rows                                   # rpe on keys and values
         total += 2 * tokens * e * hidden                                           # fc1, fc2
     return total + embed * space_kwargs['num_labels']
-
-
-def _check_arch_fits(state_dict: Mapping[str, torch.Tensor], arch: Mapping[str, Any]) -> None:
-    for label in ('embed_dim', 'depth'):
-        if label not in arch:
-            raise SpaceError(f'arch is missing the label {label!r}')
-        if not _is_int(arch[label]):
-            raise SpaceError(f'arch value {label}={arch[label]!r} must be a positive integer')
-    width = state_dict['patch_embed.weight'].shape[0]
-    depth = len({k.split('.')[2] for k in state_dict if k.startswith('blocks.blocks.')})
-    if not 0 < arch['embed_dim'] <= width:
-        raise SpaceError(f'arch value embed_dim={arch["embed_dim"]} does not fit a supernet {width} wide')
-    if not 0 < arch['depth'] <= depth:
-        raise SpaceError(f'arch value depth={arch["depth"]} does not fit a supernet of depth {depth}')
-    for i in range(arch['depth']):
-        prefix = f'blocks.blocks.{i}.'
-        for label, needed, rows in ((f'num_head_{i}', 3 * HEAD_DIM, state_dict[prefix + 'attn.qkv.weight'].shape[0]),
-                                    (f'mlp_ratio_{i}', arch['embed_dim'], state_dict[prefix + 'fc1.weight'].shape[0])):
-            if label not in arch:
-                raise SpaceError(f'arch is missing the label {label!r}')
-            if not is_number(arch[label]) or not 0 < needed * arch[label] <= rows:
-                raise SpaceError(f'arch value {label}={arch[label]!r} does not fit the supernet')
-
-
-def _slice_block_tensor(name: str, tensor: torch.Tensor, embed: int, q_dim: int, hidden: int) -> torch.Tensor:
-    if name == 'attn.qkv.weight':
-        return official_qkv_slice(tensor, None, embed, 3 * q_dim)[0]
-    if name == 'attn.qkv.bias':
-        return tensor[:3 * q_dim]
-    if name == 'attn.proj.weight':
-        return tensor[:embed, :q_dim]
-    if name.startswith('attn.rel_pos_embed'):
-        return tensor
-    if name == 'fc1.weight':
-        return tensor[:hidden, :embed]
-    if name == 'fc1.bias':
-        return tensor[:hidden]
-    if name == 'fc2.weight':
-        return tensor[:embed, :hidden]
-    return tensor[:embed]  # proj.bias, fc2.bias, layer norms
-
-
-def sub_state_dict(supernet_state_dict: Mapping[str, torch.Tensor], arch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The exact weights of ``space.freeze(arch)`` sliced from a supernet state dict (this project's layout)."""
-    _check_arch_fits(supernet_state_dict, arch)
-    dims = layer_dims(arch)
-    embed = arch['embed_dim']
-    result = {}
-    for key, tensor in supernet_state_dict.items():
-        if key.startswith('blocks.blocks.'):
-            index, rest = key[len('blocks.blocks.'):].split('.', 1)
-            if int(index) >= len(dims):
-                continue
-            result[f'blocks.{index}.{rest}'] = _slice_block_tensor(rest, tensor, *dims[int(index)])
-        elif key in ('cls_token.cls_token', 'pos_embed.pos_embed'):
-            result[key] = tensor[..., :embed]
-        elif key == 'head.weight':
-            result[key] = tensor[:, :embed]
-        elif key == 'head.bias':
-            result[key] = tensor
-        elif key.startswith('stem.'):
-            result[key] = tensor
-        else:  # patch_embed.*, norm.*
-            result[key] = tensor[:embed]
-    return {k: v.clone() for k, v in result.items()}

@@ -1,6 +1,6 @@
 """The search's candidates: one subnet evaluated with weights inherited from the supernet (the trial NNI runs
 in the search's process, or a warm worker of ``trial.py`` serves), its record, the results files and the
-Pareto plot. :class:`SearchFolder` names every file of a search's output folder.
+Pareto plot. ``outputs.SearchFolder`` names every file of a search's output folder.
 """
 from __future__ import annotations
 
@@ -17,86 +17,22 @@ import nni
 import torch
 
 from checkpoints import read_weights
+from devices import pick_device
 from engine import evaluate
 from masked_supernet import MaskedSupernet
+from metrics import METRICS
+from outputs import SearchFolder
 from plots import save_figure
 from search_data import CachedSplit
 from arch import arch_key, count_flops, count_params, typed_arch
 from space import build_supernet, inherited_subnet
-from failures import FOLDER as FAILURES, record_failure
-from utils import UserError, atomic_write_json, atomic_write_text, pick_device, read_json
+from failures import record_failure
+from utils import UserError, atomic_write_json, atomic_write_text, read_json
 from workers import file_identity, read_spec
-
-
-@dataclass(frozen=True)
-class SearchFolder:
-    """The files of one search's ``--output`` folder."""
-    root: Path
-
-    @property
-    def candidates(self) -> Path:
-        """One record per finished candidate, named by :func:`arch.arch_key`."""
-        return self.root / 'candidates'
-
-    def record(self, arch: Mapping[str, Any]) -> Path:
-        return self.candidates / f'{arch_key(arch)}.json'
-
-    def records(self) -> list[Path]:
-        return sorted(self.candidates.glob('*.json'))
-
-    @property
-    def failures(self) -> Path:
-        return self.root / FAILURES
-
-    @property
-    def latency(self) -> Path:
-        return self.root / 'latency.json'
-
-    @property
-    def worker_spec(self) -> Path:
-        return self.root / 'worker.json'
-
-    @property
-    def search_data(self) -> Path:
-        return self.root / 'search-data.pt'
-
-    @property
-    def best(self) -> Path:
-        return self.root / 'best.json'
-
-    @property
-    def experiment(self) -> Path:
-        """The experiment id, the command line and the fingerprint a resumed search must match."""
-        return self.root / 'experiment.json'
-
-    @property
-    def best_subnet(self) -> Path:
-        """The best candidate's inherited weights, a subnet file."""
-        return self.root / 'best-subnet.pth'
-
-    @property
-    def export(self) -> Path:
-        """``--export``'s standalone files of the best candidate."""
-        return self.root / 'export'
-
-    @property
-    def pareto(self) -> Path:
-        return self.root / 'pareto.png'
-
-    @property
-    def results_json(self) -> Path:
-        return self.root / 'candidates.json'
-
-    @property
-    def results_csv(self) -> Path:
-        return self.root / 'candidates.csv'
 
 
 INTERMEDIATE_RESULTS = 20  # per candidate at most: the web UI's chart, not one point per batch
 
-# What a search can rank by (--metric), as its results files and plot name it; every figure is measured on the
-# search split (the record's "measured_on" says what that holds), not on the validation split.
-METRICS = {'top1': 'top-1', 'balanced': 'balanced accuracy'}
 RECORD_METRICS = ('top1', 'balanced', 'per_class')  # a record without them is re-evaluated, never ranked as 0
 TIE_BREAK = 'the higher metric first; on a tie, fewer parameters, then the arch key (arch.arch_key)'
 SEARCH_SPLIT = 'search'

@@ -3,21 +3,77 @@
 Every weights file this project writes is ``{'space': constructor kwargs, 'state_dict': ..., ['arch': ...]}``. Reading
 one checks everything a file can get wrong (code to run, damaged archives, a stored space that is no space, tensors that
 are not plain floating-point weights, NaN) and says so in one line. Official AutoFormer (Cream) and NNI-hub supernets
-are detected from their keys and converted to this project's layout; wider supernets are sliced to the space. Also:
-NNI's download of its published weights and the standalone TorchScript / ONNX export of a subnet. Loading a file into a
-model (``load_supernet_file``, ``load_model``) is ``space.py``'s, which builds the models.
+are detected from their keys and converted to this project's layout; wider supernets are sliced to the space, a
+subnet's exact weights from a supernet (``sub_state_dict``), and the position embedding resampled to another input
+size. Also: NNI's download of its published weights and the standalone TorchScript / ONNX export of a subnet;
+``torch_load`` and ``atomic_torch_save`` serve every torch file (the search split's cache, Lightning's checkpoints).
+Loading a file into a model (``load_supernet_file``, ``load_model``) is ``space.py``'s, which builds the models.
 """
 from __future__ import annotations
 
+import io
+import math
+import os
+import pickle
+import re
 import urllib.error
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
 
-from arch import DEFAULTS, SEARCH_KEYS, complete_space_kwargs, preset_space, space_problem
-from utils import UserError, atomic_path, atomic_torch_save, atomic_write_json, torch_load
+from arch import (DEFAULTS, HEAD_DIM, SEARCH_KEYS, SpaceError, complete_space_kwargs, is_int, is_number, layer_dims,
+                  preset_space, space_problem)
+from layers import official_qkv_slice
+from utils import UserError, atomic_path, atomic_write_bytes, atomic_write_json
+
+
+def torch_load(path: str | os.PathLike, what: str = 'checkpoint', mmap: bool = False) -> Any:
+    """``torch.load`` with ``weights_only=True`` and a clear message for every way a file can be unusable.
+
+    ``mmap``: tensors stay in the file's pages, which the processes reading one file share.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_file():
+        raise UserError(f'{what} file {path} is not a regular file (a folder or a device): give the weights file')
+    if not path.is_file():
+        raise UserError(f'{what} file {path} does not exist (check the path, or convert/download the weights first)')
+    if path.stat().st_size == 0:
+        raise UserError(f'{what} file {path} is empty (0 bytes): the file was not written completely; '
+                        'download or convert it again')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        code = re.search(r'GLOBAL ([\w.]+)', str(err))
+        if code:  # a class or function to import and call: code from the file would run
+            raise UserError(f'{what} file {path} needs to run code to load (it calls {code.group(1)}), which is '
+                            'refused: a weights file must hold only tensors. Get a plain state dict '
+                            '(torch.save(model.state_dict(), path)) from its source') from None
+        raise UserError(f'{what} file {path} is corrupt or truncated ({unpickler_detail(err)}); '
+                        'download or convert it again') from None
+    except Exception as err:  # whatever a damaged archive makes the unpickler raise
+        raise UserError(f'{what} file {path} is corrupt or truncated ({type(err).__name__}: {err}); '
+                        'download or convert it again') from None
+
+
+def unpickler_detail(err: pickle.UnpicklingError) -> str:
+    """The line of torch's weights-only error that says what was wrong; never its advice to load with
+    ``weights_only=False``, which is no help for a damaged file and unsafe for a hostile one."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if 'WeightsUnpickler error:' in line:
+            return line[line.index('WeightsUnpickler error:'):]
+    useful = [line for line in lines if 'weights_only' not in line and not line.startswith('Check the documentation')]
+    return useful[0] if useful else type(err).__name__
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """Save with ``torch.save`` so that ``path`` is never half-written."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)  # serialise first: a full disk then shows as an OSError from the write
+    atomic_write_bytes(buffer.getbuffer(), path)
 
 
 def save_weights(path: str | Path, state_dict: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
@@ -161,6 +217,83 @@ def fit_to_space(state_dict: Mapping[str, torch.Tensor], shapes: Mapping[str, to
                             f'{tuple(shape)}: the checkpoint is for another space or preset')
         result[key] = tensor[tuple(slice(0, n) for n in shape)].clone()
     return result
+
+
+def adapt_to_input_size(state_dict: dict[str, torch.Tensor], img_size: int, patch_size: int) -> None:
+    """Resample the absolute position embedding to the patch grid of ``img_size`` (in place)."""
+    if 'pos_embed.pos_embed' not in state_dict:  # a space without absolute position embedding
+        return
+    pos = state_dict['pos_embed.pos_embed']
+    old_grid = math.isqrt(pos.shape[1] - 1)
+    new_grid = img_size // patch_size
+    if new_grid != old_grid:
+        state_dict['pos_embed.pos_embed'] = resample_abs_pos_embed(
+            pos, new_size=(new_grid, new_grid), old_size=(old_grid, old_grid), num_prefix_tokens=1)
+
+
+def _check_arch_fits(state_dict: Mapping[str, torch.Tensor], arch: Mapping[str, Any]) -> None:
+    for label in ('embed_dim', 'depth'):
+        if label not in arch:
+            raise SpaceError(f'arch is missing the label {label!r}')
+        if not is_int(arch[label]):
+            raise SpaceError(f'arch value {label}={arch[label]!r} must be a positive integer')
+    width = state_dict['patch_embed.weight'].shape[0]
+    depth = len({k.split('.')[2] for k in state_dict if k.startswith('blocks.blocks.')})
+    if not 0 < arch['embed_dim'] <= width:
+        raise SpaceError(f'arch value embed_dim={arch["embed_dim"]} does not fit a supernet {width} wide')
+    if not 0 < arch['depth'] <= depth:
+        raise SpaceError(f'arch value depth={arch["depth"]} does not fit a supernet of depth {depth}')
+    for i in range(arch['depth']):
+        prefix = f'blocks.blocks.{i}.'
+        for label, needed, rows in ((f'num_head_{i}', 3 * HEAD_DIM, state_dict[prefix + 'attn.qkv.weight'].shape[0]),
+                                    (f'mlp_ratio_{i}', arch['embed_dim'], state_dict[prefix + 'fc1.weight'].shape[0])):
+            if label not in arch:
+                raise SpaceError(f'arch is missing the label {label!r}')
+            if not is_number(arch[label]) or not 0 < needed * arch[label] <= rows:
+                raise SpaceError(f'arch value {label}={arch[label]!r} does not fit the supernet')
+
+
+def _slice_block_tensor(name: str, tensor: torch.Tensor, embed: int, q_dim: int, hidden: int) -> torch.Tensor:
+    if name == 'attn.qkv.weight':
+        return official_qkv_slice(tensor, None, embed, 3 * q_dim)[0]
+    if name == 'attn.qkv.bias':
+        return tensor[:3 * q_dim]
+    if name == 'attn.proj.weight':
+        return tensor[:embed, :q_dim]
+    if name.startswith('attn.rel_pos_embed'):
+        return tensor
+    if name == 'fc1.weight':
+        return tensor[:hidden, :embed]
+    if name == 'fc1.bias':
+        return tensor[:hidden]
+    if name == 'fc2.weight':
+        return tensor[:embed, :hidden]
+    return tensor[:embed]  # proj.bias, fc2.bias, layer norms
+
+
+def sub_state_dict(supernet_state_dict: Mapping[str, torch.Tensor], arch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The exact weights of ``space.freeze(arch)`` sliced from a supernet state dict (this project's layout)."""
+    _check_arch_fits(supernet_state_dict, arch)
+    dims = layer_dims(arch)
+    embed = arch['embed_dim']
+    result = {}
+    for key, tensor in supernet_state_dict.items():
+        if key.startswith('blocks.blocks.'):
+            index, rest = key[len('blocks.blocks.'):].split('.', 1)
+            if int(index) >= len(dims):
+                continue
+            result[f'blocks.{index}.{rest}'] = _slice_block_tensor(rest, tensor, *dims[int(index)])
+        elif key in ('cls_token.cls_token', 'pos_embed.pos_embed'):
+            result[key] = tensor[..., :embed]
+        elif key == 'head.weight':
+            result[key] = tensor[:, :embed]
+        elif key == 'head.bias':
+            result[key] = tensor
+        elif key.startswith('stem.'):
+            result[key] = tensor
+        else:  # patch_embed.*, norm.*
+            result[key] = tensor[:embed]
+    return {k: v.clone() for k, v in result.items()}
 
 
 def _is_extra_layer(key: str, shapes: Mapping[str, torch.Size]) -> bool:

@@ -4,7 +4,9 @@ flags several scripts take, and the checks they all run.
 Import it before NNI in a script: it imports ``nni_patches``, whose warning filters must precede
 NNI's imports, and ``run_main`` refuses an NNI other than the one patched. Each script parses with
 :func:`parse_checked`; a flag value outside its rule (one table, :data:`RULES`) is refused before a
-dataset or a weights file is read.
+dataset or a weights file is read. Neither imports torch, NNI, timm or Lightning (only a CUDA ``--latency-device``
+asks torch how many GPUs it sees): a script imports them once its flags are checked, so --help and a flag error
+answer at once.
 """
 from __future__ import annotations
 
@@ -13,16 +15,17 @@ import dataclasses
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, TypeVar
 
 import nni_patches  # first: its warning filters must be in place before NNI is imported
-import torch
-
-from arch import EXTREMES, PRESETS, SEARCHED, SpaceError, complete_space_kwargs, is_number, make_arch
-from space import AutoformerSpace
-from utils import AUTOCAST, SCHEDULES, UserError
+import folders
+from arch import (EXTREMES, PRESETS, SEARCHED, SpaceError, complete_space_kwargs, is_number, make_arch, preset_space,
+                  searched_arch)
+from recipes import choose_recipe, describe_recipes
+from utils import PRECISIONS, SCHEDULES, UserError, is_first_process
 
 T = TypeVar('T')
 
@@ -64,12 +67,12 @@ def number(low: float = 0.0, high: float = math.inf, high_open: bool = False) ->
     return rule
 
 
+# The devices this project runs on, as torch.device spells them (cuda:N: the GPU of that index).
+DEVICE = re.compile(r'(cpu|cuda|mps)(:(0|[1-9][0-9]*))?')
+
+
 def device(value: str) -> str | None:
-    try:
-        kind = torch.device(value).type
-    except RuntimeError:
-        kind = None
-    return None if kind in ('cpu', 'cuda', 'mps') else 'is not a device this runs on: use cpu, cuda or cuda:N'
+    return None if DEVICE.fullmatch(value) else 'is not a device this runs on: use cpu, cuda or cuda:N'
 
 
 def present_device(value: str) -> str | None:
@@ -77,7 +80,8 @@ def present_device(value: str) -> str | None:
     problem = device(value)
     if problem or not value.startswith('cuda'):
         return problem
-    index = torch.device(value).index or 0
+    import torch  # here: only a CUDA device given needs it
+    index = int(value.partition(':')[2] or 0)
     if index >= torch.cuda.device_count():
         return f'needs CUDA GPU {index}, and {torch.cuda.device_count()} are visible: measure where the GPU is'
     return None
@@ -165,7 +169,7 @@ def space_arg(args: argparse.Namespace) -> str | dict[str, Any] | None:
 
 def space_kwargs_of(space: str | Mapping[str, Any]) -> dict[str, Any]:
     """The constructor keywords of a :func:`space_arg`: the file's, or the preset's."""
-    return dict(space) if isinstance(space, Mapping) else AutoformerSpace.preset(space)
+    return dict(space) if isinstance(space, Mapping) else preset_space(space)
 
 
 def add_arch_arg(parser: argparse.ArgumentParser, doing: str, note: str = '') -> None:
@@ -216,7 +220,7 @@ def read_space_file(path: str, name: str | None = None) -> dict[str, Any]:
             raise UserError(f'--space-file {path}: SUPERNET: {official} {size!r} is smaller than the largest '
                             f'choice {max(space[key])} of SEARCH_SPACE:')
     try:
-        return complete_space_kwargs(**{**(AutoformerSpace.preset(name) if name else {}), **space})
+        return complete_space_kwargs(**{**(preset_space(name) if name else {}), **space})
     except SpaceError as err:
         raise UserError(f'--space-file {path}: {err}') from None
 
@@ -243,12 +247,11 @@ def _official_values(values: Any, what: str) -> tuple:
 
 def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None:
     """The data flags every script shares, with the same names and meaning."""
-    import data  # here: convert.py's --help needs no timm
-
-    parser.add_argument('--dataset', choices=data.DATASETS, default=None,
-                        help=f"default: cifar10 when --datapath holds {data.CIFAR_DIR}/ (or is it), imagenet for any "
-                             'other --datapath, the bundled digits without --datapath; fashion-mnist reads --datapath, '
-                             f'else {data.FASHION_SYSTEM_PATH} (Debian: apt-get install dataset-fashion-mnist)')
+    parser.add_argument('--dataset', choices=folders.DATASETS, default=None,
+                        help=f"default: cifar10 when --datapath holds {folders.CIFAR_DIR}/ (or is it), imagenet for "
+                             'any other --datapath, the bundled digits without --datapath; fashion-mnist reads '
+                             f'--datapath, else {folders.FASHION_SYSTEM_PATH} (Debian: apt-get install '
+                             'dataset-fashion-mnist)')
     parser.add_argument('--datapath', default=None, help='dataset folder (not needed for digits)')
     parser.add_argument('--batch-size', '--batch_size', dest='batch_size', type=int, default=batch_size,
                         help=f'images per batch (default {batch_size})')
@@ -261,15 +264,12 @@ def recipe_parser(argv: list[str] | None, recipes: Mapping[str, dict[str, Any]],
     """A training script's parser, the dataset its command line names, the recipe's name and the recipe (the
     flags' defaults, with ``output`` = ``outputs/<script>-<dataset>``). ``--dataset`` / ``--datapath`` /
     ``--recipe`` are read first; without ``--recipe`` the recipe is chosen from the data (and printed)."""
-    import data  # here: convert.py and evaluate's --help need no timm
-    from recipes import choose_recipe, describe_recipes
-
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument('--dataset', default=None)
     pre.add_argument('--datapath', default=None)
     pre.add_argument('--recipe', default=None)
     known = pre.parse_known_args(argv)[0]
-    dataset = data.dataset_name(known.dataset, known.datapath)
+    dataset = folders.dataset_name(known.dataset, known.datapath)
     if known.recipe in recipes:
         name, why = known.recipe, 'asked for with --recipe'
     else:  # an unknown name is refused by the full parser's choices
@@ -293,8 +293,6 @@ def check_recipe(args: argparse.Namespace) -> None:
     rate = (f'--learning-rate {args.learning_rate:g}' if args.learning_rate is not None else
             f'learning rate {args.base_lr:g} x global batch / 512 ({args.base_lr * args.batch_size / 512:g} at batch '
             f'{args.batch_size} on one process)')
-    from engine import is_first_process  # here: convert.py and evaluate's --help need no timm
-
     if is_first_process():  # once, not per DDP rank
         print(f'recipe {args.recipe} ({args.recipe_reason}): {args.epochs} epochs, warmup {args.warmup}, {rate}',
               flush=True)
@@ -314,7 +312,7 @@ def add_gpus_arg(parser: argparse.ArgumentParser, text: str) -> None:
 
 def add_precision_args(parser: argparse.ArgumentParser) -> None:
     """``--precision`` (Lightning's names) and ``--tf32``, the same in every script."""
-    parser.add_argument('--precision', default=None, choices=list(AUTOCAST),
+    parser.add_argument('--precision', default=None, choices=PRECISIONS,
                         help='numeric precision (default: bf16-mixed on CUDA GPUs that have bf16, else 16-mixed, '
                              'as the official AMP; 32-true on the CPU, where bf16-mixed runs slower)')
     parser.add_argument('--tf32', action='store_true',
@@ -407,7 +405,7 @@ def load_arch_arg(value: str) -> Any:
     ``best.json``, an entry of its ``candidates.json``), an official ``RETRAIN:`` YAML, the name of
     a released model (``autoformer-tiny|small|base``), or ``smallest|largest`` (of the space)."""
     if value in (f'autoformer-{size}' for size in SEARCHED):
-        return AutoformerSpace.searched_arch(value)
+        return searched_arch(value)
     if value in EXTREMES:  # resolved against the space once it is known (space.complete_arch)
         return value
     if value.lower().endswith(('.yaml', '.yml')):

@@ -12,10 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from checkpoints import save_weights
 from cli import add_name_arg, parse_checked, run_main, space_arg, space_kwargs_of
-from arch import complete_arch
-from space import AutoformerSpace, sub_state_dict
+from arch import complete_arch, searched_arch
 from utils import UserError
 
 
@@ -47,10 +45,13 @@ def main(argv: list[str] | None = None) -> None:
     for path in filter(None, [args.output, args.subnet_output]):
         if Path(path).exists() and not args.force:
             raise UserError(f'{path} already exists: pass --force to overwrite it, or choose another output')
+    # after the flags: --help and a flag error answer before torch loads (startup time)
+    from checkpoints import save_weights, sub_state_dict
+    from space import AutoformerSpace
     space = space_arg(args)
     space_kwargs = space_kwargs_of(space)
     if args.subnet_output:  # before anything is written: the released arch must be one of the space
-        arch = AutoformerSpace.searched_arch(args.name)
+        arch = searched_arch(args.name)
         complete_arch(arch, space_kwargs)
     supernet = AutoformerSpace.load_supernet_weights(space, args.input, layout=args.format)
     save_weights(args.output, supernet, space_kwargs)

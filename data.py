@@ -1,12 +1,13 @@
 """The datasets, by name: ``build_dataset(dataset, datapath, split, img_size, training)`` is a map-style dataset of
 ``(normalized float tensor CxHxW, int label)`` pairs with ``.classes``, and :func:`description` what weights files
-keep about it. Nothing is ever downloaded.
+keep about it. Nothing is ever downloaded. Which dataset a ``--datapath`` holds is ``folders.py``'s.
 
-``imagenet`` and ``folder`` are image folders (folders.py). ``cifar10``: torchvision's python batches in ``datapath``
-or its ``cifar-10-batches-py/``; ``val`` and ``test`` read test_batch. ``digits``: scikit-learn's bundled 8x8 digits,
-split once by class with ``train_test_split(random_state=0)``: 360 test, 180 val, 1,257 train. ``fashion-mnist``: the
-release's IDX files (gzipped or not) in ``datapath``, its ``FashionMNIST/raw/``, or without ``datapath`` Debian's
-``/usr/share/datasets/fashion-mnist``; ``val`` is a fixed class-balanced twelfth of the 60,000 training images.
+``imagenet`` and ``folder`` are image folders (image_folder.py). ``cifar10``: torchvision's python batches in
+``datapath`` or its ``cifar-10-batches-py/``; ``val`` and ``test`` read test_batch. ``digits``: scikit-learn's bundled
+8x8 digits, split once by class with ``train_test_split(random_state=0)``: 360 test, 180 val, 1,257 train.
+``fashion-mnist``: the release's IDX files (gzipped or not) in ``datapath``, its ``FashionMNIST/raw/``, or without
+``datapath`` Debian's ``/usr/share/datasets/fashion-mnist``; ``val`` is a fixed class-balanced twelfth of the 60,000
+training images.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import math
 import numbers
 import os
 import pickle
-import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -30,20 +30,16 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
-from folders import (HELD_OUT_PERCENT, IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE, SPLITS, build_folder_dataset,
-                     carves_validation, cifar_transform, class_folder_names, datapath_root, split_folder)
+from folders import (CIFAR_DIR, DATASETS, FASHION_FILES, FASHION_SYSTEM_PATH, HELD_OUT_PERCENT, SPLITS,
+                     carves_validation, cifar_folder, class_folder_names, datapath_root, fashion_mnist_files, idx_file,
+                     split_folder)
+from image_folder import IMAGENET_MEAN, IMAGENET_STD, SMALL_IMAGE, build_folder_dataset, cifar_transform
 from samplers import balanced_indices
 from utils import UserError
 
-DATASETS = ('imagenet', 'cifar10', 'digits', 'fashion-mnist', 'folder')
 TENSOR_DATASETS = ('digits', 'fashion-mnist')  # small grayscale images held as tensors, normalized by 0.5 / 0.5
-CIFAR_DIR = 'cifar-10-batches-py'
 CIFAR_TRAIN_FILES = tuple(f'data_batch_{i}' for i in range(1, 6))
 DIGITS_SPLIT_SIZES = {'train': 1257, 'val': 180, 'test': 360}
-# Fashion-MNIST: Debian's dataset-fashion-mnist installs the release's four IDX files here.
-FASHION_SYSTEM_PATH = Path('/usr/share/datasets/fashion-mnist')
-FASHION_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
-                 'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
 FASHION_CLASSES = ('T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag',
                    'Ankle boot')  # torchvision's FashionMNIST.classes
 # The validation split (what training validates and the search ranks on) is one twelfth of the training
@@ -101,10 +97,6 @@ def flip_half(batch: torch.Tensor) -> torch.Tensor:
     flip = torch.rand(len(batch)) < 0.5
     batch[flip] = batch[flip].flip(-1)
     return batch
-
-
-def _cifar_folder(root: Path) -> Path:
-    return root / CIFAR_DIR if (root / CIFAR_DIR).is_dir() else root
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -194,22 +186,12 @@ def fashion_mnist_folder(datapath: str | os.PathLike | None) -> Path:
     """The folder holding Fashion-MNIST's IDX files (each plain or .gz): ``datapath``, its ``FashionMNIST/raw/``
     or ``raw/``; without ``datapath``, Debian's ``/usr/share/datasets/fashion-mnist``."""
     root = datapath_root('fashion-mnist', datapath, FASHION_EXPECTS) if datapath else FASHION_SYSTEM_PATH
-    folder = _fashion_mnist_files(root)
+    folder = fashion_mnist_files(root)
     if folder is not None:
         return folder
     where = f'--datapath {root}' if datapath else f'{FASHION_SYSTEM_PATH} (no --datapath given)'
     raise UserError(f'{where} lacks Fashion-MNIST: install it with apt-get install dataset-fashion-mnist, or pass '
                     f'--datapath {FASHION_EXPECTS}; nothing is downloaded')
-
-
-def _fashion_mnist_files(root: Path) -> Path | None:
-    """The folder of ``root`` that holds every Fashion-MNIST IDX file: itself, ``FashionMNIST/raw/`` or ``raw/``."""
-    return next((folder for folder in (root, root / 'FashionMNIST' / 'raw', root / 'raw')
-                 if all(_idx_file(folder, name) for pair in FASHION_FILES.values() for name in pair)), None)
-
-
-def _idx_file(folder: Path, name: str) -> Path | None:
-    return next((path for path in (folder / name, folder / f'{name}.gz') if path.is_file()), None)
 
 
 def read_idx(path: Path, dims: int) -> torch.Tensor:
@@ -231,7 +213,7 @@ def read_idx(path: Path, dims: int) -> torch.Tensor:
 @lru_cache(maxsize=2)
 def _fashion_arrays(folder: Path, part: str) -> tuple[torch.Tensor, torch.Tensor]:
     image_name, label_name = FASHION_FILES[part]
-    images, labels = read_idx(_idx_file(folder, image_name), 3), read_idx(_idx_file(folder, label_name), 1).long()
+    images, labels = read_idx(idx_file(folder, image_name), 3), read_idx(idx_file(folder, label_name), 1).long()
     if len(images) != len(labels) or images.shape[1:] != (28, 28) or int(labels.max()) >= len(FASHION_CLASSES):
         raise UserError(f'{folder}: the {part} images ({tuple(images.shape)}) and labels ({len(labels)}, up to '
                         f'{int(labels.max())}) are not Fashion-MNIST\'s 28x28 images with one label in 0-9 each')
@@ -266,34 +248,6 @@ def _fashion_mnist(datapath: str | os.PathLike | None, split: str, img_size: int
     return TensorDataset(images, labels, augment, list(FASHION_CLASSES))
 
 
-def dataset_name(dataset: str | None, datapath: str | None) -> str:
-    """``--dataset``, else what ``datapath`` holds: torchvision's CIFAR-10 folder, Fashion-MNIST's IDX files,
-    ImageNet (every class folder a WordNet id), or any other folder of class folders; digits without a folder.
-    A folder that holds none of them is refused: its kind is never guessed."""
-    if dataset:
-        return dataset
-    if not datapath:
-        return 'digits'
-    root = Path(datapath).expanduser()
-    if not root.is_dir():
-        raise UserError(f'--datapath {datapath} does not exist or is not a folder: give the folder of the dataset')
-    if (_cifar_folder(root) / 'batches.meta').is_file():
-        return 'cifar10'
-    if _fashion_mnist_files(root) is not None:
-        return 'fashion-mnist'
-    classes = [entry.name for entry in os.scandir(root / 'train' if (root / 'train').is_dir() else root)
-               if entry.is_dir() and not entry.name.startswith('.')]
-    if classes and all(WORDNET_ID.fullmatch(name) for name in classes):
-        return 'imagenet'
-    if classes:
-        return 'folder'
-    raise UserError(f'--datapath {datapath} holds no CIFAR-10 batches, Fashion-MNIST files or class folders (in it '
-                    'or in its train/): pass --dataset, or point --datapath at the dataset\'s folder')
-
-
-WORDNET_ID = re.compile(r'n\d{8}')  # ImageNet's class folders, e.g. n01440764
-
-
 def build_dataset(dataset: str, datapath: str | os.PathLike | None, split: str, img_size: int,
                   training: bool = False) -> Dataset:
     """The ``split`` of ``dataset`` as ``(normalized CxHxW float tensor, int label)`` pairs, with ``.classes``."""
@@ -305,7 +259,7 @@ def build_dataset(dataset: str, datapath: str | os.PathLike | None, split: str, 
     if dataset == 'fashion-mnist':
         return _fashion_mnist(datapath, split, img_size, training)
     if dataset == 'cifar10':
-        return Cifar10(_cifar_folder(datapath_root(dataset, datapath, CIFAR_EXPECTS)), split,
+        return Cifar10(cifar_folder(datapath_root(dataset, datapath, CIFAR_EXPECTS)), split,
                        cifar_transform(img_size, training))
     return build_folder_dataset(dataset, datapath, split, img_size, training)
 
@@ -371,7 +325,7 @@ def class_names(dataset: str, datapath: str | os.PathLike | None) -> list[str]:
     if dataset == 'fashion-mnist':
         return list(FASHION_CLASSES)
     if dataset == 'cifar10':
-        return _cifar_class_names(_cifar_folder(datapath_root(dataset, datapath, CIFAR_EXPECTS)))
+        return _cifar_class_names(cifar_folder(datapath_root(dataset, datapath, CIFAR_EXPECTS)))
     root = datapath_root(dataset, datapath)
     return class_folder_names(next((root / s for s in SPLITS if (root / s).is_dir()), root))
 

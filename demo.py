@@ -22,9 +22,7 @@ import time
 from pathlib import Path
 
 from cli import parse_checked, run_main
-from candidates import SearchFolder
-from checkpoints import read_weights
-from engine import RunFolder
+from outputs import RunFolder, SearchFolder
 from plots import save_figure
 from arch import canonical_arch, extreme_arch
 from utils import UserError, atomic_write_text, read_json
@@ -85,6 +83,7 @@ def plot_training(log_folder: Path, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    from checkpoints import read_weights  # after the flags: --help and a flag error answer before torch loads
     output = Path(args.output).resolve()
     if args.fresh and output.exists():
         if not output.is_dir() or not {p.name for p in output.iterdir()} <= DEMO_FILES:
@@ -138,6 +137,7 @@ def main(argv: list[str] | None = None) -> Path:
 
 def finetune_searched(output: Path, supernet: Path, best: Path, times: dict[str, float]) -> RunFolder:
     """The searched subnet fine-tuned briefly from its inherited weights (finetune.py's digits recipe)."""
+    from checkpoints import read_weights  # here, after the flags: as main's (startup time)
     folder = RunFolder(output / 'finetune')
     subnet = folder.weights('subnet')
     searched = canonical_arch(read_json(best)['arch'])

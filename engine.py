@@ -21,13 +21,16 @@ from tqdm import tqdm
 
 import data
 import folders
+import image_folder
 import samplers
 from checkpoints import check_finite, load_checked, save_weights
+from devices import AUTOCAST, default_precision, set_up_precision
 from metrics import confusion_counts, running_value, summarize
 from arch import canonical_arch
+from outputs import RunFolder
 from space import AutoformerSpace, build_supernet, init_weights, set_active_arch
-from utils import (AUTOCAST, COMPILE_ON_CPU, UserError, atomic_write_json, check_output_folder, check_writable,
-                   default_precision, json_form, lock_output, read_json, remove_unfinished_writes, set_up_precision)
+from utils import (COMPILE_ON_CPU, UserError, atomic_write_json, check_output_folder, check_writable,
+                   is_first_process, json_form, lock_output, read_json, remove_unfinished_writes)
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -77,7 +80,7 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
     if device.type == 'cuda':
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start if start else 0.0
-    skipped = folders.undecodable_count(loader.dataset) if isinstance(loader, DataLoader) else 0
+    skipped = image_folder.undecodable_count(loader.dataset) if isinstance(loader, DataLoader) else 0
     if seen == 0:
         raise UserError('no image of the evaluation data could be decoded' if skipped else
                         'the evaluation data is empty')
@@ -88,47 +91,6 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = 'c
     if per_image:
         metrics['hits'] = torch.cat(hits)
     return metrics
-
-
-@dataclass(frozen=True)
-class RunFolder:
-    """The files of one training run's ``--output`` folder (scratch.py, finetune.py)."""
-    root: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        """Lightning's ``last.ckpt`` (what ``--resume`` continues) and ``best.ckpt``."""
-        return self.root / 'checkpoints'
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.checkpoints / 'last.ckpt'
-
-    def weights(self, kind: str) -> Path:
-        """The trained weights: ``supernet.pth``, or ``subnet.pth`` for one arch (``kind``)."""
-        return self.root / f'{kind}.pth'
-
-    def ema_weights(self, kind: str) -> Path:
-        return self.root / f'{kind}-ema.pth'
-
-    @property
-    def record(self) -> Path:
-        """What a resumed run must match (:func:`run_fingerprint`)."""
-        return self.root / 'run.json'
-
-    @property
-    def metrics(self) -> Path:
-        """The last epoch's metrics, written with the weights."""
-        return self.root / 'metrics.json'
-
-    @property
-    def logs(self) -> Path:
-        """Lightning's CSV logs, a ``version_N`` per (resumed) run."""
-        return self.root / 'logs'
-
-    def interrupted(self, kind: str) -> bool:
-        """A run that wrote a checkpoint but not its weights: ``--resume`` continues it."""
-        return self.last_checkpoint.is_file() and not self.weights(kind).is_file()
 
 
 @dataclass(frozen=True)
@@ -212,13 +174,6 @@ def training_devices(run: TrainingRun) -> tuple[bool, int]:
     gpus = int(torch.cuda.is_available()) if run.gpus is None else run.gpus
     use_gpu = gpus > 0 and torch.cuda.is_available()
     return use_gpu, gpus if use_gpu else run.cpu_processes
-
-
-def is_first_process() -> bool:
-    """True in the process a user started, false in the other DDP ranks (Lightning's own launcher,
-    torchrun and SLURM all set one of these)."""
-    return all(os.environ.get(name, '0') == '0'
-               for name in ('RANK', 'LOCAL_RANK', 'NODE_RANK', 'GROUP_RANK', 'SLURM_PROCID'))
 
 
 def check_run_output(folder: RunFolder, resume: bool, fingerprint: Mapping[str, Any]) -> None:
@@ -357,7 +312,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
         if pretrained is not None and not run.resume and is_first_process() else None
     supernet = model_to_train(run, space_kwargs, pretrained, arch)
     trainer = fit(evaluator, supernet, module, folder, kind, processes)
-    substituted = int(trainer.strategy.reduce(torch.tensor(folders.undecodable_count(train_set)), reduce_op='sum'))
+    substituted = int(trainer.strategy.reduce(torch.tensor(image_folder.undecodable_count(train_set)), reduce_op='sum'))
     if trainer.is_global_zero:
         described = {**data.description(run.dataset, run.datapath, space_kwargs['img_size'], train_set.classes),
                      **held_out, 'trained_on': data.trained_on(run.dataset, run.datapath)}
@@ -367,7 +322,7 @@ def _train(run: TrainingRun, space_kwargs: Mapping[str, Any], pretrained: Mappin
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         atomic_write_json({'epochs': trainer.current_epoch, **metrics, 'per_class': per_class,
                            'classes': list(train_set.classes), 'undecodable_images': substituted,
-                           'undecodable_val_images': folders.undecodable_count(val_set), **held_out,
+                           'undecodable_val_images': image_folder.undecodable_count(val_set), **held_out,
                            **({'best': best} if best else {}), **({'before_training': before} if before else {})},
                           folder.metrics)
         if substituted:

@@ -7,19 +7,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from cli import (add_data_args, add_device_arg, add_name_arg, add_precision_args, load_arch_arg, parse_checked,
                  run_main, space_arg)
-import data
-import samplers
-from engine import evaluate
-from checkpoints import export_standalone
+import folders
 from plots import plot_confusion
 from arch import count_flops, count_params
-from space import load_model
-from utils import UserError, atomic_write_json, pick_device, set_up_precision
+from utils import UserError, atomic_write_json
+
+if TYPE_CHECKING:
+    import torch
 
 
 MAX_PRINTED_CLASSES = 20  # more (ImageNet's 1000) only in results.json
@@ -35,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="arch to slice from a supernet: JSON text or a JSON file, also a search's best.json, "
                              "or the space's smallest|largest")
     add_data_args(parser)
-    parser.add_argument('--split', choices=data.SPLITS, default='test',
+    parser.add_argument('--split', choices=folders.SPLITS, default='test',
                         help="split to evaluate (ImageNet's test is its val folder)")
     add_device_arg(parser, 'device to evaluate on')
     add_precision_args(parser)
@@ -56,12 +54,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    # after the flags: --help and a flag error answer before torch loads (startup time)
+    import torch
+    import data
+    import samplers
+    from devices import pick_device, set_up_precision
+    from engine import evaluate
+    from space import load_model
     arch = load_arch_arg(args.arch) if args.arch else None
     weights = None if args.weights == 'none' else args.weights
     model, arch, space_kwargs, described = load_model(weights, space_arg(args), arch)
     if args.export and args.dataset is None and args.datapath is None:
         return export_only(model, arch, space_kwargs, described, args)
-    args.dataset = data.dataset_name(args.dataset, args.datapath)
+    args.dataset = folders.dataset_name(args.dataset, args.datapath)
     dataset = data.build_dataset(args.dataset, args.datapath, args.split, space_kwargs['img_size'])
     data.check_classes(args.dataset, len(dataset.classes), space_kwargs)
     loader = samplers.build_loader(dataset, args.batch_size, args.num_workers)
@@ -105,6 +110,7 @@ def export_only(model: torch.nn.Module, arch: dict, space_kwargs: dict, describe
 
 
 def export(model: torch.nn.Module, info: dict, space_kwargs: dict, described: dict, output: str) -> None:
+    from checkpoints import export_standalone  # here, after the flags: as main's imports (startup time)
     files = export_standalone(model, info, space_kwargs, Path(output) / 'export', described)
     print(f"exported {files['torchscript']} and {files['onnx']}, described in {files['info']}")
 

@@ -19,7 +19,7 @@ from nni.nas.evaluator import FunctionalEvaluator
 from nni.nas.experiment import NasExperiment, NasExperimentConfig
 from nni.nas.strategy import Random
 
-from candidates import METRICS
+from metrics import METRICS
 from remote import remote_machines
 from arch import arch_key, canonical_arch
 from space import AutoformerSpace

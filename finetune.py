@@ -15,19 +15,12 @@ asks for another: the absolute position embedding is then resampled (bicubic, as
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
-
-import torch
-from timm.layers import resample_abs_pos_embed
 
 from cli import (add_arch_arg, add_name_arg, add_training_args, check_recipe, from_flags, load_arch_arg, parse_checked,
                  recipe_parser, run_main, space_arg)
-import data
 import recipes
-from engine import TrainingRun, train_supernet
-from arch import complete_arch, complete_space_kwargs, sub_state_dict
-from space import load_supernet_file
+from arch import complete_arch, complete_space_kwargs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,20 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def adapt_to_input_size(state_dict: dict[str, torch.Tensor], img_size: int, patch_size: int) -> None:
-    """Resample the absolute position embedding to the patch grid of ``img_size`` (in place)."""
-    if 'pos_embed.pos_embed' not in state_dict:  # a space without absolute position embedding
-        return
-    pos = state_dict['pos_embed.pos_embed']
-    old_grid = math.isqrt(pos.shape[1] - 1)
-    new_grid = img_size // patch_size
-    if new_grid != old_grid:
-        state_dict['pos_embed.pos_embed'] = resample_abs_pos_embed(
-            pos, new_size=(new_grid, new_grid), old_size=(old_grid, old_grid), num_prefix_tokens=1)
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # after the flags: --help and a flag error answer before torch loads (startup time)
+    import data
+    from checkpoints import adapt_to_input_size, sub_state_dict
+    from engine import TrainingRun, train_supernet
+    from space import load_supernet_file
     pretrained, pretrained_space, _ = load_supernet_file(args.weights, space_arg(args))
     img_size = args.img_size or pretrained_space['img_size']
     space_kwargs = complete_space_kwargs(**{**pretrained_space, 'img_size': img_size,

@@ -1,4 +1,5 @@
-"""The layers of the AutoFormer space (NNI 3.0 mutables) and the fast ops under them; imports nothing from this project.
+"""The layers of the AutoFormer space (NNI 3.0 mutables) and the fast ops under them; imports only the head size
+(``arch.HEAD_DIM``) from this project.
 
 In the supernet, ``MixedQKV`` slices the largest qkv in the official layout, which NNI's mixed operations cannot.
 The fast ops each equal the plain formula their docstring gives (``bench/reference.py`` writes them out,
@@ -21,12 +22,12 @@ with warnings.catch_warnings():  # NNI 3.0 predates torch 2.14: one harmless war
     from nni.nas.nn.pytorch import MutableLayerNorm, MutableLinear, ParametrizedModule
     from nni.nas.oneshot.pytorch.supermodule.operation import MixedLinear, MixedOperation
 
-HEAD_DIM = 64
+from arch import HEAD_DIM
+
 # Device types whose attention runs through F.scaled_dot_product_attention (Attention.fused): on CUDA its
 # flash / memory-efficient kernels keep no N x N tensor. Elsewhere the explicit matmuls, which are faster
 # on the CPU (bench/train_step.py --attention compares the two).
 SDPA_DEVICES = {'cuda'}
-STEM_STRIDE = 4  # the convolutional stem halves the side twice
 
 
 def build_conv_stem(in_channels: int, channels: int) -> nn.Sequential:

@@ -39,12 +39,12 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3, accuracy
 
 import nni_patches  # noqa: F401  its warning filters (NNI's evaluator on Lightning)
-from checkpoints import check_finite, load_checked, save_weights
+from checkpoints import atomic_torch_save, check_finite, load_checked, save_weights
 from masked_supernet import MaskedSupernet
 from metrics import confusion_counts, running_value
 from arch import SEARCHED, extreme_arch, preset_name, sample_arch
 from space import AutoformerSpace, set_active_arch
-from utils import SCHEDULES, Stopped, UserError, atomic_torch_save, seed_for
+from utils import SCHEDULES, Stopped, UserError, seed_for
 
 _logger = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from arch import SpaceError, complete_arch, layer_dims
-from layers import HEAD_DIM, SDPA_DEVICES
+from arch import HEAD_DIM, SpaceError, complete_arch, layer_dims
+from layers import SDPA_DEVICES
 from space import AutoformerSpace
 
 __all__ = ['MaskedSupernet']

@@ -1,19 +1,25 @@
 """What a confusion matrix says: top-1, balanced accuracy (the mean of the per-class accuracies), per-class accuracy;
 and how uncertain a measure is: a top-1's binomial standard error, a mean's, a paired difference's, a Kendall tau's
-interval. One module, so that the training, the search and the study compute a figure and its spread one way."""
+interval. One module, so that the training, the search and the study compute a figure and its spread one way. It
+imports no torch itself, only works on the tensors it is given (search.py reads :data:`METRICS` checking its flags)."""
 from __future__ import annotations
 
 import math
 import random
 import statistics
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
+# What a search can rank by (--metric), as its results files and plot name it; every figure is measured on the
+# search split (the record's "measured_on" says what that holds), not on the validation split.
+METRICS = {'top1': 'top-1', 'balanced': 'balanced accuracy'}
 
 
 def confusion_counts(targets: torch.Tensor, predictions: torch.Tensor, classes: int) -> torch.Tensor:
     """The flattened (true class, predicted class) count matrix of one batch, on its device."""
-    return torch.bincount(targets * classes + predictions, minlength=classes * classes)
+    return (targets * classes + predictions).bincount(minlength=classes * classes)
 
 
 def binomial_se(top1: float, images: int) -> float:

@@ -46,6 +46,7 @@ import subprocess
 import time
 import warnings
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -64,11 +65,11 @@ warnings.filterwarnings('ignore', message='When using training service to spawn 
 
 
 def check_nni_version() -> None:
-    """Refuse, in one line, an NNI other than the one these patches were written for."""
-    import nni
-
-    if nni.__version__ != NNI_VERSION:
-        raise UserError(f'NNI {nni.__version__} is installed, but this project patches NNI {NNI_VERSION} '
+    """Refuse, in one line, an NNI other than the one these patches were written for. Its package metadata says
+    which: importing NNI would take a second before a script has even read its flags."""
+    installed = metadata.version('nni')
+    if installed != NNI_VERSION:
+        raise UserError(f'NNI {installed} is installed, but this project patches NNI {NNI_VERSION} '
                         f'(nni_patches.py): pip install nni=={NNI_VERSION}')
 
 

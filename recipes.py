@@ -1,11 +1,12 @@
 """The training recipes of scratch.py and finetune.py (the defaults of their flags), and the choice of
-one from the data: a dataset's own, or for a folder of images the paper's or the small-data one."""
+one from the data: a dataset's own, or for a folder of images the paper's or the small-data one; the size of the
+search split. Plain values (the scripts print them in --help before torch loads)."""
 from __future__ import annotations
 
 from typing import Any, Mapping
 
 import folders
-from layers import STEM_STRIDE
+from arch import STEM_STRIDE
 
 # The learning rate is base_lr x global batch / 512 (the official rule) unless --learning-rate gives it. The
 # schedule is the official per-epoch cosine for the long runs; the short runs of the small data sets step it
@@ -87,3 +88,6 @@ def describe_recipes(recipes: Mapping[str, Mapping[str, Any]], chosen: str, why:
     for name, recipe in recipes.items():
         lines.append(f'  {name}: ' + ', '.join(f'{key} {recipe[key]:g}' for key in RECIPE_KEYS if key in recipe))
     return '\n'.join(lines)
+
+
+SEARCH_IMAGES_PER_CLASS = 100  # the search split: the paper's subImageNet, 100 training images of each ImageNet class

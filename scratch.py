@@ -14,10 +14,8 @@ from pathlib import Path
 
 from cli import (add_arch_arg, add_name_arg, add_training_args, check_recipe, from_flags, load_arch_arg, parse_checked,
                  recipe_parser, run_main, space_arg, space_kwargs_of)
-import data
 import folders
 import recipes
-from engine import TrainingRun, train_supernet
 from arch import SEARCHED, complete_arch, complete_space_kwargs
 
 
@@ -73,6 +71,9 @@ def input_of(args: argparse.Namespace) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # after the flags: --help and a flag error answer before torch loads (startup time)
+    import data
+    from engine import TrainingRun, train_supernet
     space_kwargs = space_kwargs_of(space_arg(args))
     space_kwargs['num_labels'] = data.num_classes(args.dataset, args.datapath)
     space_kwargs = complete_space_kwargs(**{**space_kwargs, **input_of(args)})

@@ -25,30 +25,26 @@ import signal
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import torch
-from nni.nas.evaluator import FunctionalEvaluator
-
-import data
-import samplers
-import search_data
-from candidates import (METRICS, SEARCH_SPLIT, TIE_BREAK, CandidateEvaluator, SearchFolder, evaluate_from_spec,
-                        evaluate_in_process, plot_pareto, write_results)
-from checkpoints import export_standalone, save_weights
 from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_precision_args, from_flags,
                  parse_checked, run_main, space_arg)
-from experiment import (ExperimentSettings, Interrupted, SearchExperiment, experiment_config, new_experiment,
-                        nni_top_model, run_experiment, web_ui_hint)
+import folders
 from failures import first_failure
-from metrics import binomial_se
+from metrics import METRICS, binomial_se
+from outputs import SearchFolder
+from recipes import SEARCH_IMAGES_PER_CLASS
 from remote import read_machines
 from arch import canonical_arch
-from space import inherited_subnet, load_supernet_file, sub_state_dict
-from strategy import Budget, SearchLedger, StrategySettings, build_strategy
 from utils import (COMPILE_ON_CPU, UserError, atomic_path, atomic_write_json, check_output_folder, check_writable,
-                   json_form, lock_output, pick_device, read_json, remove_unfinished_writes, set_up_precision)
+                   json_form, lock_output, read_json, remove_unfinished_writes)
 from workers import file_identity, spec_of, start_workers, stop_all_workers
+
+if TYPE_CHECKING:  # the heavy modules load after the flags (startup time): each function that needs one imports it
+    import torch
+    from experiment import SearchExperiment
+    from search_data import CachedSplit
+    from strategy import Budget
 
 
 # The settings: flags checked, defaults filled in, devices resolved; never changed afterwards
@@ -58,7 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_name_arg(parser, 'preset of --weights (default: the space stored with them, else tiny)')
     parser.add_argument('--weights', default='weights/supernet-tiny.pth', help='trained supernet weights')
     add_data_args(parser, batch_size=256)
-    parser.add_argument('--search-images', type=int, default=None, help=search_data.SEARCH_IMAGES_HELP)
+    parser.add_argument('--search-images', type=int, default=None,
+                        help='training images to search on, the same number from every class that has them (default: '
+                             f"{SEARCH_IMAGES_PER_CLASS} per class, the paper's subImageNet; digits and fashion-mnist: "
+                             'their validation split)')
     add_strategy_args(parser)
     add_budget_args(parser)
     add_experiment_args(parser)
@@ -154,16 +153,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     flags = parse_checked(build_parser(), argv)
     if flags.resume and flags.output is None:
         raise UserError('--resume continues the search in --output: give the folder of the search to continue')
+    if flags.device not in (None, 'cpu', 'cuda'):
+        raise UserError(f'--device {flags.device}: search.py evaluates candidates on cpu or cuda and places its '
+                        'trials on GPUs itself (--gpus N spreads them)')
+    if flags.gpus == 0 and flags.device == 'cuda':
+        raise UserError('--device cuda with --gpus 0: give one GPU or more, or --device cpu')
     derived: dict[str, Any] = {'strategy': 'evolution' if flags.evolution else flags.strategy,
-                               'dataset': data.dataset_name(flags.dataset, flags.datapath)}
+                               'dataset': folders.dataset_name(flags.dataset, flags.datapath)}
     derived.update(strategy_settings(argparse.Namespace(**{**vars(flags), **derived})))
-    derived['metric'] = flags.metric or default_metric(derived['dataset'], flags.datapath)
+    derived['machine_list'], derived['manager_ip'] = (None, flags.manager_ip) if flags.machines is None else \
+        read_machines(flags.machines, flags.engine, flags.web_ui_host, flags.port, flags.manager_ip)
+    derived['metric'] = flags.metric or default_metric(derived['dataset'], flags.datapath)  # the data is read here
     if derived.get('evolution_sample_size', 0) > derived.get('evolution_population_size', 0):
         print(f"--evolution-sample-size {derived['evolution_sample_size']} > --evolution-population-size "
               f"{derived['evolution_population_size']}: using {derived['evolution_population_size']}", flush=True)
         derived['evolution_sample_size'] = derived['evolution_population_size']
-    derived['machine_list'], derived['manager_ip'] = (None, flags.manager_ip) if flags.machines is None else \
-        read_machines(flags.machines, flags.engine, flags.web_ui_host, flags.port, flags.manager_ip)
     settings = argparse.Namespace(**{**vars(flags), **derived})
     settings.planned = planned_candidates(settings)
     return settings
@@ -171,6 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def default_metric(dataset: str, datapath: str | None) -> str:
     """Balanced accuracy for a folder whose training classes are imbalanced (said in one line), else top-1."""
+    import data
+    import samplers
     uneven = samplers.imbalanced(data.build_dataset(dataset, datapath, 'train', 32)) if dataset == 'folder' else None
     if uneven:
         print(f'imbalanced classes ({uneven}): candidates are ranked by balanced accuracy (--metric top1 ranks '
@@ -212,14 +218,10 @@ class Devices:
 def resolve_devices(flags: argparse.Namespace) -> Devices:
     """CUDA whenever present (one GPU unless --gpus says more); the CPU with one line otherwise. With
     --machines, the machines' GPUs decide: CUDA when any lists ``gpus``, one trial per listed GPU."""
-    device, gpus = flags.device, flags.gpus
-    if device not in (None, 'cpu', 'cuda'):
-        raise UserError(f'--device {device}: search.py evaluates candidates on cpu or cuda and places its trials '
-                        'on GPUs itself (--gpus N spreads them)')
-    if gpus == 0:
-        if device == 'cuda':
-            raise UserError('--device cuda with --gpus 0: give one GPU or more, or --device cpu')
-        device = 'cpu'
+    import torch
+    from devices import set_up_precision
+    gpus = flags.gpus
+    device = 'cpu' if gpus == 0 else flags.device
     machines = flags.machine_list or []
     remote_gpus = [len(m.get('gpus') or []) for m in machines]
     cuda = any(remote_gpus) if machines else torch.cuda.is_available()
@@ -243,6 +245,7 @@ def resolve_devices(flags: argparse.Namespace) -> Devices:
 def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     """The search's settings: the checked flags with the devices resolved, and what the experiment takes of them."""
     flags = parse_args(argv)
+    from experiment import ExperimentSettings
     settings = argparse.Namespace(**{**vars(flags), **asdict(resolve_devices(flags))})
     settings.experiment = from_flags(ExperimentSettings, settings)
     return settings
@@ -252,10 +255,13 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     settings = parse_settings(argv)
+    import data
+    from experiment import new_experiment
+    from space import load_supernet_file
     supernet, space_kwargs, meta = load_supernet_file(settings.weights, space_arg(settings))  # the one read
     data.check_classes(settings.dataset, data.num_classes(settings.dataset, settings.datapath), space_kwargs,
                        'supernet')
-    resumed = resumed_experiment(settings.output) if settings.resume else None
+    resumed = SearchFolder(Path(settings.output).resolve()).experiment_id() if settings.resume else None
     experiment = new_experiment(settings.experiment, space_kwargs, resumed)
     output = Path(settings.output or f'outputs/search-{experiment.id}').resolve()
     check_writable(output)
@@ -263,23 +269,15 @@ def main(argv: list[str] | None = None) -> dict:
         return run_search(settings, argv, experiment, output, supernet, space_kwargs, meta)
 
 
-def resumed_experiment(output: str) -> str:
-    """The id of the search in ``output`` that ``--resume`` continues, read before a folder is made for nothing."""
-    folder = SearchFolder(Path(output).resolve())
-    if not folder.experiment.is_file():
-        raise UserError(f'--resume: {folder.root} holds no search to continue (no {folder.experiment.name}): pass '
-                        'the --output of that search')
-    experiment_id = read_json(folder.experiment).get('experiment_id')
-    if not isinstance(experiment_id, str) or not experiment_id:
-        raise UserError(f'{folder.experiment} is damaged (no experiment_id); delete the folder, or use another '
-                        '--output')
-    return experiment_id
-
-
 def run_search(settings: argparse.Namespace, argv: list[str] | None, experiment: SearchExperiment, output: Path,
                supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any], meta: Mapping[str, Any]) -> dict:
     """The search into a locked ``output``: its inputs checked and the split cached, the strategy run over the
     candidates, the results written."""
+    from nni.nas.evaluator import FunctionalEvaluator
+    from candidates import CandidateEvaluator, evaluate_from_spec, evaluate_in_process
+    from devices import pick_device
+    from experiment import Interrupted, experiment_config, run_experiment
+    from strategy import Budget, SearchLedger, StrategySettings, build_strategy
     folder = SearchFolder(output)
     fingerprint = search_fingerprint(settings, space_kwargs)
     check_output(folder, settings, fingerprint)
@@ -318,8 +316,9 @@ def run_search(settings: argparse.Namespace, argv: list[str] | None, experiment:
 
 
 def cached_search_split(settings: argparse.Namespace, folder: SearchFolder,
-                        space_kwargs: Mapping[str, Any]) -> search_data.CachedSplit:
+                        space_kwargs: Mapping[str, Any]) -> CachedSplit:
     """The search split, decoded once into the output folder's cache (kept by a resumed search)."""
+    import search_data
     if not folder.search_data.is_file():
         split = search_data.search_split(settings.dataset, settings.datapath, space_kwargs['img_size'],
                                          settings.search_images, settings.seed)
@@ -328,12 +327,12 @@ def cached_search_split(settings: argparse.Namespace, folder: SearchFolder,
     return search_data.CachedSplit(folder.search_data)
 
 
-def describe_search_split(split: search_data.CachedSplit, settings: argparse.Namespace) -> str:
+def describe_search_split(split: CachedSplit, settings: argparse.Namespace) -> str:
     """What the search split holds (each record's ``measured_on``), printed with a warning when it is so small
     that a top-1 on it is uncertain by more than a point."""
+    from search_data import search_split_description
     images = len(split.labels)
-    measured_on = search_data.search_split_description(settings.dataset, settings.datapath, split.labels,
-                                                       settings.search_images)
+    measured_on = search_split_description(settings.dataset, settings.datapath, split.labels, settings.search_images)
     print(f'candidates are ranked by {METRICS[settings.metric]} on {measured_on}', flush=True)
     error = binomial_se(50.0, images)  # its largest, whatever the top-1
     if error > 1:
@@ -348,6 +347,7 @@ def worker_spec(settings: argparse.Namespace, folder: SearchFolder, supernet: Ma
                 measured_on: str) -> Path:
     """What every warm worker loads, as this search decided it: the weights file it read (or, for an official or
     NNI-hub file or a --space-file over a stored space, the converted copy it writes), checked by size and time."""
+    from checkpoints import save_weights
     weights = Path(settings.weights).resolve()
     if json_form(meta.get('space')) != fingerprint['space']:
         weights = folder.root / 'supernet.pth'
@@ -366,6 +366,7 @@ def worker_spec(settings: argparse.Namespace, folder: SearchFolder, supernet: Ma
 
 def announce(experiment_id: str, settings: argparse.Namespace, planned: int, budget: Budget,
              folder: SearchFolder) -> None:
+    from experiment import web_ui_hint
     print(f'experiment {experiment_id}: {settings.strategy} search of {planned} distinct candidates on '
           f'{settings.device}, ranked by {METRICS[settings.metric]}, budget {budget.describe()}, results in '
           f'{folder.root}')
@@ -417,8 +418,9 @@ def check_output(folder: SearchFolder, settings: argparse.Namespace, fingerprint
 def write_interrupted_results(experiment: SearchExperiment, output: Path, supernet: Mapping[str, torch.Tensor],
                               space_kwargs: Mapping[str, Any], settings: argparse.Namespace, signal_name: str) -> dict:
     """best.json from the finished candidates, marked as interrupted, and the command that continues."""
+    from candidates import write_results
     records = write_results(output, settings.metric)
-    command = ' '.join(shlex.quote(a) for a in resume_argv(output))
+    command = ' '.join(shlex.quote(a) for a in SearchFolder(output).resume_argv())
     best: dict = {'interrupted': signal_name}
     if records:
         best = write_best(records, output, supernet, space_kwargs, settings, experiment.id,
@@ -429,25 +431,14 @@ def write_interrupted_results(experiment: SearchExperiment, output: Path, supern
     return best
 
 
-def resume_argv(output: Path) -> list[str]:
-    """The command that continues the search in ``output``: its own flags, ``--output`` and ``--resume``."""
-    argv = read_json(SearchFolder(output).experiment)['argv']
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == '--output':
-            skip = True
-        elif arg != '--resume' and not arg.startswith('--output='):
-            kept.append(arg)
-    return ['python', 'search.py', *kept, '--output', str(output), '--resume']
-
-
 def write_best(records: list[dict], output: Path, supernet: Mapping[str, torch.Tensor],
                space_kwargs: Mapping[str, Any], settings: argparse.Namespace, experiment_id: str,
                extra: dict) -> dict:
     """best.json (the first of the ranked ``records``, what it was ranked by and how ties were broken), its weights
     and the plot."""
+    import data
+    from candidates import SEARCH_SPLIT, TIE_BREAK, plot_pareto
+    from checkpoints import save_weights, sub_state_dict
     best = records[0]
     ties = sum(r[settings.metric] == best[settings.metric] for r in records) - 1
     best = {'split': SEARCH_SPLIT, **best, 'ranked_by': settings.metric, 'tie_break': TIE_BREAK, 'ties': ties,
@@ -464,6 +455,11 @@ def write_final_results(experiment: SearchExperiment, output: Path, supernet: Ma
                         space_kwargs: Mapping[str, Any], settings: argparse.Namespace) -> dict:
     """best.json (from the records, with NNI's top model beside it), its weights, the plot and, with
     --export, standalone files."""
+    import data
+    from candidates import write_results
+    from checkpoints import export_standalone
+    from experiment import nni_top_model
+    from space import inherited_subnet
     records = write_results(output, settings.metric)
     if not records:
         experiment.stop()

@@ -3,7 +3,7 @@ images it holds is one rule (:func:`search_source`), which the search, the study
 digits and Fashion-MNIST: their validation split, held out of training, never the test split; an ImageNet or
 ``folder`` ``--datapath`` without ``train/``: that folder itself (the best candidate's top-1 is then measured on the
 images that selected it: optimistic); otherwise, as the paper's subImageNet, a fixed class-balanced subset of the
-training split, :data:`SEARCH_IMAGES_PER_CLASS` images of each class or ``--search-images`` in all.
+training split, ``recipes.SEARCH_IMAGES_PER_CLASS`` images of each class or ``--search-images`` in all.
 """
 from __future__ import annotations
 
@@ -15,15 +15,14 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from checkpoints import atomic_torch_save, torch_load
 from data import TENSOR_DATASETS, build_dataset, normalization
-from folders import datapath_root, split_images
+from folders import datapath_root
+from image_folder import split_images
+from recipes import SEARCH_IMAGES_PER_CLASS
 from samplers import balanced_subset, build_loader, per_class_cap
-from utils import UserError, atomic_torch_save, torch_load
+from utils import UserError
 
-SEARCH_IMAGES_PER_CLASS = 100  # the paper's subImageNet: 100 training images of each ImageNet class
-SEARCH_IMAGES_HELP = ('training images to search on, the same number from every class that has them (default: '
-                      f"{SEARCH_IMAGES_PER_CLASS} per class, the paper's subImageNet; digits and fashion-mnist: their "
-                      'validation split)')
 
 
 def search_source(dataset: str, datapath: str | os.PathLike | None) -> str:
@@ -38,7 +37,7 @@ def search_source(dataset: str, datapath: str | os.PathLike | None) -> str:
 
 def search_images(max_images: int | None, classes: int) -> int:
     """How many training images a search split of ``classes`` classes takes: ``max_images`` (``--search-images``),
-    else :data:`SEARCH_IMAGES_PER_CLASS` of each class."""
+    else ``SEARCH_IMAGES_PER_CLASS`` of each class."""
     return max_images or SEARCH_IMAGES_PER_CLASS * classes
 
 

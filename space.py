@@ -12,8 +12,8 @@ Layouts:
 - subnet: the state dict of ``space.freeze(arch)``, a plain ViT whose ``qkv`` rows are q; k; v.
 
 This file owns ``AutoformerSpace`` and its public API, the supernet's build, init and active arch, and loading
-weights files into models. Layers are ``layers.py``'s; presets, arch rules, counting and ``sub_state_dict``
-``arch.py``'s; weights files ``checkpoints.py``'s. To use the space elsewhere, copy these files together:
+weights files into models. Layers are ``layers.py``'s; presets, arch rules and counting ``arch.py``'s; weights
+files and ``sub_state_dict`` ``checkpoints.py``'s. To use the space elsewhere, copy these files together:
 ``space.py``, ``layers.py``, ``arch.py``, ``checkpoints.py`` and ``utils.py``.
 """
 from __future__ import annotations
@@ -27,12 +27,12 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from arch import (DEFAULTS, SEARCHED, complete_arch, complete_space_kwargs, count_flops, count_params,
-                  preset_name, preset_space, searched_arch, sub_state_dict)
+from arch import (DEFAULTS, SEARCHED, STEM_STRIDE, complete_arch, complete_space_kwargs, count_flops, count_params,
+                  preset_name, preset_space, searched_arch)
 from checkpoints import (convert_nni_subnet, detect_layout, fit_to_space, is_subnet, load_checked, nni_download,
-                         read_weights, resolve_space, to_project_layout)
-from layers import STEM_STRIDE, Block, MixedPrefixLinear, MixedQKV, build_conv_stem
-from utils import UserError, torch_load
+                         read_weights, resolve_space, sub_state_dict, to_project_layout, torch_load)
+from layers import Block, MixedPrefixLinear, MixedQKV, build_conv_stem
+from utils import UserError
 
 # Imported after layers.py, which imports NNI first with NNI's warnings about this torch version silenced.
 import nni

@@ -21,7 +21,8 @@ from nni.nas.strategy import Random, RegularizedEvolution
 from nni.nas.strategy.base import Strategy
 from nni.nas.strategy.middleware import Chain, Filter, StrategyMiddleware
 
-from candidates import METRICS, final_metrics, rank_key, ranking, read_record
+from candidates import final_metrics, rank_key, ranking, read_record
+from metrics import METRICS
 from arch import arch_choices, arch_key, count_flops, count_params, extreme_arch, sample_arch
 from space import AutoformerSpace
 from failures import first_failure
@@ -273,7 +274,7 @@ class SearchLedger(StrategyMiddleware):
     search from its record without a trial, and a proposal that repeats a candidate of this run (an arch equal
     to an earlier one but for the labels of unused layers) from that candidate's result, not counted; waits for
     its own trials (no fixed patience); prints progress and the first failure's error. ``metric`` is what the
-    best and NNI's default metric are (see :data:`candidates.METRICS`)."""
+    best and NNI's default metric are (see :data:`metrics.METRICS`)."""
 
     def __init__(self, output: Path, planned: int, metric: str = 'top1') -> None:
         super().__init__()

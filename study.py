@@ -33,25 +33,21 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from cli import (add_data_args, add_device_arg, add_gpus_arg, add_name_arg, add_precision_args, parse_checked, run_main,
                  space_arg)
-import data
+import folders
 import recipes
-import samplers
-import search_data
-from checkpoints import read_weights
-from candidates import SearchFolder
-from engine import RunFolder, evaluate
 from metrics import kendall, mean_se, paired_difference
 from arch import arch_choices, arch_key, count_params, extreme_arch, make_arch, preset_name, sample_arch
-from space import AutoformerSpace, inherited_subnet, load_supernet_file
+from outputs import RunFolder, SearchFolder
 from study_report import PARTS, plot, report, summary_line
-from utils import UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, pick_device, \
-    read_json, set_up_precision
+from utils import UserError, atomic_write_json, atomic_write_text, check_writable, lock_output, read_json
 
-import torch
+if TYPE_CHECKING:  # the heavy modules load after the flags (startup time): each function that needs one imports it
+    import torch
+    from search_data import CachedSplit
 
 CHECK = ('spread', 'control')
 QUICK = dict(subnets=12, test_images=2000, control_draws=3, finetune_subnets=4, seeds=2, population=4, generations=2,
@@ -101,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown or not parts:
         raise UserError(f'--parts {args.parts}: use all or some of {", ".join(PARTS)}')
     args.parts = parts
-    args.dataset = data.dataset_name(args.dataset, args.datapath)
+    args.dataset = folders.dataset_name(args.dataset, args.datapath)
     args.output = Path(args.output or f'outputs/study-{args.dataset}')
     return args
 
@@ -112,12 +108,16 @@ class Evaluator:
 
     def __init__(self, supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any],
                  args: argparse.Namespace) -> None:
+        from devices import pick_device, set_up_precision
         self.supernet, self.space_kwargs, self.args = supernet, dict(space_kwargs), args
         self.device = pick_device(args.device)
         self.precision = set_up_precision(args.precision, args.tf32, self.device.type == 'cuda', 'evaluating')
         self.splits = {name: self._cache(name) for name in ('search', 'test')}
 
-    def _cache(self, name: str) -> search_data.CachedSplit:
+    def _cache(self, name: str) -> CachedSplit:
+        import data
+        import samplers
+        import search_data
         path = self.args.output / f'{name}-data.pt'
         if not path.is_file():
             img_size, args = self.space_kwargs['img_size'], self.args
@@ -138,6 +138,8 @@ class Evaluator:
                 subnet_weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Per-image top-1 hits of ``arch`` on a split (or on each of several, one model built): weights sliced
         from the supernet, or a subnet's own weights."""
+        from engine import evaluate
+        from space import AutoformerSpace, inherited_subnet
         if subnet_weights is None:
             model = inherited_subnet(self.supernet, arch, self.space_kwargs)
         else:
@@ -157,6 +159,7 @@ class Evaluator:
 
 def permuted(supernet: Mapping[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
     """Every tensor's entries shuffled: the trained supernet's weight statistics, none of what it learned."""
+    import torch
     generator = torch.Generator().manual_seed(seed)
     return {name: tensor.flatten()[torch.randperm(tensor.numel(), generator=generator)].view_as(tensor)
             if tensor.is_floating_point() else tensor for name, tensor in supernet.items()}
@@ -180,7 +183,6 @@ def study_archs(space_kwargs: Mapping[str, Any], count: int, seed: int) -> list[
 def spread(evaluator: Evaluator, args: argparse.Namespace) -> dict[str, Any]:
     """Inherited top-1 of the study's subnets on both splits, and the two ranking measures."""
     from tqdm import tqdm
-
     archs = study_archs(evaluator.space_kwargs, args.subnets, args.seed)
     records = [evaluator.record(arch, label) for label, arch in tqdm(archs, desc='subnets')]
     search, test = [r['search_top1'] for r in records], [r['test_top1'] for r in records]
@@ -196,7 +198,6 @@ def control(supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any
     its weights, so one permutation's tau is a single draw (the bootstrap over subnets misses that): the measure
     is the mean over ``--control-draws`` permutations, with its standard error."""
     from tqdm import tqdm
-
     evaluator = Evaluator(permuted(supernet, args.seed), space_kwargs, args)
     result = spread(evaluator, args)
     trained = {arch_key(r['arch']): r['test_top1'] for r in spread_part['records']}
@@ -218,7 +219,6 @@ def control(supernet: Mapping[str, torch.Tensor], space_kwargs: Mapping[str, Any
 def run_script(command: list[str], log: list[str], done: bool = False) -> None:
     """Run one of the scripts as a user would (``done``: its result is already there; only logged)."""
     import shlex
-
     printable = 'python ' + shlex.join(command[1:])
     log.append(printable)
     if done:
@@ -265,6 +265,7 @@ def retrain_space_flags(args: argparse.Namespace) -> list[str]:
 
 
 def trained_top1(evaluator: Evaluator, arch: Mapping[str, Any], path: Path) -> torch.Tensor:
+    from checkpoints import read_weights
     state_dict, _ = read_weights(path)
     return evaluator.correct(arch, 'test', state_dict)
 
@@ -383,6 +384,7 @@ def pick(evaluator: Evaluator, args: argparse.Namespace, spread_part: Mapping[st
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
+    from space import load_supernet_file
     supernet, space_kwargs, _ = load_supernet_file(args.weights, space_arg(args))
     args.space_kwargs = space_kwargs
     weights = Path(args.weights).resolve()

@@ -1,21 +1,16 @@
-"""Small helpers with no side effects at import: the user-error type, safe file I/O, device and precision."""
+"""Small helpers with no side effects at import and no heavy import (the scripts check their flags with them before
+torch loads): the user-error type, safe file I/O, locks, the names of the precisions and schedules."""
 from __future__ import annotations
 
 import fcntl
-import io
 import json
-import logging
 import os
-import pickle
-import re
 import socket
 import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
-
-import torch
 
 
 class UserError(Exception):
@@ -34,45 +29,6 @@ class Stopped(KeyboardInterrupt):
 # --compile of the supernet without a GPU: allowed (the results are the same), but its cost is said.
 COMPILE_ON_CPU = ('--compile on the CPU: compiling takes a minute or more, and every {what} then costs the largest '
                   "arch's arithmetic; it pays on GPUs, where Python and kernel launches bound a step")
-
-
-def torch_load(path: str | os.PathLike, what: str = 'checkpoint', mmap: bool = False) -> Any:
-    """``torch.load`` with ``weights_only=True`` and a clear message for every way a file can be unusable.
-
-    ``mmap``: tensors stay in the file's pages, which the processes reading one file share.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_file():
-        raise UserError(f'{what} file {path} is not a regular file (a folder or a device): give the weights file')
-    if not path.is_file():
-        raise UserError(f'{what} file {path} does not exist (check the path, or convert/download the weights first)')
-    if path.stat().st_size == 0:
-        raise UserError(f'{what} file {path} is empty (0 bytes): the file was not written completely; '
-                        'download or convert it again')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
-        code = re.search(r'GLOBAL ([\w.]+)', str(err))
-        if code:  # a class or function to import and call: code from the file would run
-            raise UserError(f'{what} file {path} needs to run code to load (it calls {code.group(1)}), which is '
-                            'refused: a weights file must hold only tensors. Get a plain state dict '
-                            '(torch.save(model.state_dict(), path)) from its source') from None
-        raise UserError(f'{what} file {path} is corrupt or truncated ({unpickler_detail(err)}); '
-                        'download or convert it again') from None
-    except Exception as err:  # whatever a damaged archive makes the unpickler raise
-        raise UserError(f'{what} file {path} is corrupt or truncated ({type(err).__name__}: {err}); '
-                        'download or convert it again') from None
-
-
-def unpickler_detail(err: pickle.UnpicklingError) -> str:
-    """The line of torch's weights-only error that says what was wrong; never its advice to load with
-    ``weights_only=False``, which is no help for a damaged file and unsafe for a hostile one."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    for line in lines:
-        if 'WeightsUnpickler error:' in line:
-            return line[line.index('WeightsUnpickler error:'):]
-    useful = [line for line in lines if 'weights_only' not in line and not line.startswith('Check the documentation')]
-    return useful[0] if useful else type(err).__name__
 
 
 def read_json(path: str | os.PathLike, expect: type = dict) -> Any:
@@ -149,13 +105,6 @@ def remove_unfinished_writes(folder: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """Save with ``torch.save`` so that ``path`` is never half-written."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)  # serialise first: a full disk then shows as an OSError from the write
-    atomic_write_bytes(buffer.getbuffer(), path)
-
-
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     atomic_write_bytes(text.encode(), path)
 
@@ -178,55 +127,17 @@ def atomic_write_json(obj: Any, path: str | os.PathLike) -> None:
     atomic_write_text(json.dumps(obj, indent=2) + '\n', path)
 
 
-def pick_device(requested: str | None = None) -> torch.device:
-    """The requested device, else CUDA when present; says so when it falls back to the CPU."""
-    if requested:
-        if requested.startswith('cuda') and not torch.cuda.is_available():
-            logging.getLogger(__name__).warning('--device %s asked for but no CUDA GPU is visible; using the CPU',
-                                                requested)
-            return torch.device('cpu')
-        device = torch.device(requested)
-        if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
-            raise UserError(f'--device {requested}: only {torch.cuda.device_count()} CUDA GPUs are visible')
-        return device
-    if torch.cuda.is_available():
-        return torch.device('cuda')
-    print('No CUDA GPU found: running on the CPU (slower).', file=sys.stderr)
-    return torch.device('cpu')
-
-
-AUTOCAST = {'32-true': None, 'bf16-mixed': torch.bfloat16, '16-mixed': torch.float16}
-
+# --precision: Lightning's names (devices.AUTOCAST gives their autocast dtypes).
+PRECISIONS = ('32-true', 'bf16-mixed', '16-mixed')
 # The learning-rate schedules of training (lightning.SupernetModule): the official per-epoch cosine, or per step.
 SCHEDULES = ('epoch', 'step')
 
 
-def default_precision(cuda: bool) -> str:
-    """Mixed precision on CUDA, as the official AMP: ``bf16-mixed`` where the GPU has bf16, else ``16-mixed``;
-    fp32 on the CPU, where autocast is slower."""
-    return ('bf16-mixed' if torch.cuda.is_bf16_supported() else '16-mixed') if cuda else '32-true'
-
-
-def set_up_precision(precision: str | None, tf32: bool, cuda: bool, doing: str) -> str:
-    """The precision to run in: ``precision`` (``--precision``), else :func:`default_precision`; ``doing``
-    names the work.
-
-    On CUDA it also turns on cuDNN autotuning (fixed input sizes) and, with ``--tf32``, TF32 tensor
-    cores for fp32 matmuls and convs (off by default: 10 mantissa bits move outputs by about 1e-3).
-    On the CPU, ``bf16-mixed`` runs CPU autocast (with a note: usually slower there); fp16 is refused.
-    """
-    precision = precision or default_precision(cuda)
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-        return precision
-    if precision == '16-mixed':
-        raise UserError('--precision 16-mixed needs CUDA: on the CPU pass bf16-mixed (CPU autocast) or 32-true')
-    if precision == 'bf16-mixed':
-        logging.getLogger(__name__).warning('--precision bf16-mixed on the CPU: %s under CPU autocast, usually '
-                                            'slower there than fp32', doing)
-    return precision
+def is_first_process() -> bool:
+    """True in the process a user started, false in the other DDP ranks (Lightning's own launcher,
+    torchrun and SLURM all set one of these)."""
+    return all(os.environ.get(name, '0') == '0'
+               for name in ('RANK', 'LOCAL_RANK', 'NODE_RANK', 'GROUP_RANK', 'SLURM_PROCID'))
 
 
 def check_output_folder(output: Path, resume: Any, run: str, held: list[Path], recorded: Mapping[str, Any] | None,

@@ -38,7 +38,7 @@ def parse_args() -> argparse.Namespace:
 
 def train(args: argparse.Namespace) -> float:
     """Wall seconds of the training run (measured now, or recorded by the run that trained it)."""
-    from engine import RunFolder
+    from outputs import RunFolder
 
     output = Path(args.output)
     record = output / 'bench-seconds.json'
@@ -58,7 +58,8 @@ def main() -> None:
     seconds = train(args)
     import data
     import samplers
-    from engine import RunFolder, evaluate
+    from engine import evaluate
+    from outputs import RunFolder
     from checkpoints import read_weights
     from arch import complete_space_kwargs, count_params, extreme_arch
     from space import load_model

@@ -1,4 +1,4 @@
-"""Scanning an image folder: folders.SafeImageFolder's walker (regular files only, each folder once) beside
+"""Scanning an image folder: image_folder.SafeImageFolder's walker (regular files only, each folder once) beside
 torchvision's make_dataset, on a generated tree of empty ``.jpg`` files.
 
     python bench/folder_scan.py --classes 100 --per-class 500 --repeats 3
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset  # noqa: E402
 
-import folders  # noqa: E402
+import image_folder  # noqa: E402
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
             start = time.perf_counter()
             theirs = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS)
             middle = time.perf_counter()
-            ours = folders.SafeImageFolder.make_dataset(None, root, class_to_idx)
+            ours = image_folder.SafeImageFolder.make_dataset(None, root, class_to_idx)
             end = time.perf_counter()
             print(f'scan {repeat}: torchvision {middle - start:.3f} s, ours {end - middle:.3f} s, '
                   f'ratio {(end - middle) / (middle - start):.2f}, {len(ours)} files, same list: {ours == theirs}')

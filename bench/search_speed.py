@@ -27,7 +27,7 @@ from checkpoints import save_weights  # noqa: E402
 from common import positive_int, preset_space  # noqa: E402
 from arch import sample_arch  # noqa: E402
 from space import build_supernet  # noqa: E402
-from utils import AUTOCAST  # noqa: E402
+from utils import PRECISIONS  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -39,7 +39,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--warmup', type=int, default=2, help='untimed candidates of each way first (compiling)')
     parser.add_argument('--batch-size', type=positive_int, default=256, help="images per batch (search.py's default)")
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='cpu or cuda')
-    parser.add_argument('--precision', choices=list(AUTOCAST), default=None,
+    parser.add_argument('--precision', choices=PRECISIONS, default=None,
                         help='default: mixed on CUDA, fp32 on the CPU (as search.py)')
     return parser.parse_args()
 

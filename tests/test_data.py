@@ -1,5 +1,5 @@
-"""Tests of data.py, folders.py and samplers.py: digits split, image folders with odd files, ImageNet layouts,
-CIFAR-10, the DDP sampler, bad input."""
+"""Tests of data.py, folders.py, image_folder.py and samplers.py: digits split, image folders with odd files,
+ImageNet layouts, CIFAR-10, the DDP sampler, bad input."""
 from __future__ import annotations
 
 import logging
@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 import data
 import folders
+import image_folder
 import samplers
 import search_data
 from engine import evaluate as engine_evaluate
@@ -78,9 +80,9 @@ def test_image_modes_decode_and_16_bit_is_rescaled(tmp_path):
     _write_odd_images(tmp_path)
     with Image.open(tmp_path / 'b' / 'grey16.png') as grey16:
         assert grey16.mode == 'I;16'
-    assert np.asarray(folders._load_rgb(str(tmp_path / 'b' / 'grey16.png'))).max() == 128
+    assert np.asarray(image_folder._load_rgb(str(tmp_path / 'b' / 'grey16.png'))).max() == 128
     for name in ('a/rgb.png', 'a/grey.png', 'a/cmyk.jpg', 'b/good.jpg'):
-        assert folders._load_rgb(str(tmp_path / name)).mode == 'RGB'
+        assert image_folder._load_rgb(str(tmp_path / name)).mode == 'RGB'
 
 
 @pytest.mark.parametrize('training', [False, True])
@@ -89,12 +91,12 @@ def test_undecodable_images_are_left_out_of_evaluation_and_replaced_in_training(
     # 'test': the whole folder (its train and val splits are held apart, test_a_folder_of_class_folders_...)
     dataset = data.build_dataset('folder', tmp_path, 'test', 32, training=training)
     assert dataset.classes == ['a', 'b'] and len(dataset) == 6 and data.num_classes('folder', tmp_path) == 2
-    with caplog.at_level(logging.WARNING, logger='folders'):
+    with caplog.at_level(logging.WARNING, logger='image_folder'):
         for _ in range(2):  # two epochs: still one warning
             batches = list(samplers.build_loader(dataset, 4, 0))
     images = torch.cat([images for images, _ in batches])
     assert images.shape == ((6 if training else 5), 3, 32, 32) and torch.isfinite(images).all()
-    assert dataset.skipped == [str(bad)] and folders.undecodable_count(dataset) == 1
+    assert dataset.skipped == [str(bad)] and image_folder.undecodable_count(dataset) == 1
     assert len(caplog.records) == 1 and str(bad) in caplog.messages[0]
 
 
@@ -118,7 +120,7 @@ def test_evaluation_counts_each_decodable_image_once_and_reports_the_skipped(tmp
     assert batches[-1] is None  # the last batch holds only a garbage file: left out whole
     labels = torch.cat([batch[1] for batch in batches if batch is not None])
     assert sorted(labels.tolist()) == sorted([0, 1, 2, 3, 4] * 4)
-    assert folders.undecodable_count(dataset) == 5
+    assert image_folder.undecodable_count(dataset) == 5
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 5))
     metrics = engine_evaluate(model, samplers.build_loader(dataset, 3, 2), progress=False)
     assert metrics['images'] == 20 and metrics['skipped'] == 5
@@ -129,7 +131,7 @@ def test_training_counts_the_images_it_substituted(tmp_path):
     dataset = data.build_dataset('folder', root, 'test', 16, training=True)
     batches = list(samplers.build_loader(dataset, 2, 2, sampler=samplers.RankSampler(dataset, shuffle=True)))
     assert sum(len(labels) for _, labels in batches) == 10  # batches keep their size
-    assert folders.undecodable_count(dataset) == 4
+    assert image_folder.undecodable_count(dataset) == 4
 
 
 def test_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch):
@@ -141,7 +143,7 @@ def test_decompression_bomb_is_skipped_and_counted(tmp_path, monkeypatch):
     for training in (False, True):
         dataset = data.build_dataset('folder', root, 'test', 16, training=training)
         images = torch.cat([images for images, _ in samplers.build_loader(dataset, 5, 0)])
-        assert len(images) == (5 if training else 4) and folders.undecodable_count(dataset) == 1
+        assert len(images) == (5 if training else 4) and image_folder.undecodable_count(dataset) == 1
 
 
 def test_fifo_and_symlink_loops_in_class_folders_are_left_out(tmp_path, caplog):
@@ -154,21 +156,22 @@ def test_fifo_and_symlink_loops_in_class_folders_are_left_out(tmp_path, caplog):
     (root / 'a' / 'broken.png').symlink_to(root / 'missing.png')
     outside = write_image_folder(tmp_path / 'elsewhere', ['x'], 1) / 'x'
     (root / 'b' / 'linked').symlink_to(outside)  # a link out of the dataset is followed
-    with caplog.at_level(logging.WARNING, logger='folders'):
+    with caplog.at_level(logging.WARNING, logger='image_folder'):
         dataset = within(20, lambda: data.build_dataset('folder', root, 'test', 16))
         labels = within(20, lambda: [label for _, batch in samplers.build_loader(dataset, 2, 0) for label in batch])
     assert sorted(int(label) for label in labels) == [0, 0, 1, 1, 1]
     assert sorted(Path(path).name for path, _ in dataset.samples) == ['0.png', '0.png', '0.png', '1.png', '1.png']
     assert any('left out 4 entries' in message for message in caplog.messages)
+    assert folders.IMG_EXTENSIONS == IMG_EXTENSIONS  # torchvision's, written out in folders.py
 
 
 def test_cifar10_folder_is_detected_without_dataset(tmp_path):
     """The README's CIFAR search passes only --datapath."""
     folder = write_cifar10(tmp_path, n_train_per_batch=2, n_test=3)
-    assert data.dataset_name(None, str(tmp_path)) == data.dataset_name(None, str(folder)) == 'cifar10'
+    assert folders.dataset_name(None, str(tmp_path)) == folders.dataset_name(None, str(folder)) == 'cifar10'
     write_image_folder(tmp_path / 'imagenet' / 'train', ['n01440764', 'n01443537'], 1)
-    assert data.dataset_name(None, str(tmp_path / 'imagenet')) == 'imagenet'
-    assert data.dataset_name(None, None) == 'digits' and data.dataset_name('folder', str(folder)) == 'folder'
+    assert folders.dataset_name(None, str(tmp_path / 'imagenet')) == 'imagenet'
+    assert folders.dataset_name(None, None) == 'digits' and folders.dataset_name('folder', str(folder)) == 'folder'
 
 
 def test_a_folder_without_dataset_is_detected_or_refused(tmp_path):
@@ -176,13 +179,13 @@ def test_a_folder_without_dataset_is_detected_or_refused(tmp_path):
     in train/ or not; a folder holding no dataset, or none at all, is refused."""
     write_image_folder(tmp_path / 'cells' / 'train', ['cracked', 'intact'], 1)
     write_image_folder(tmp_path / 'flat', ['cat', 'dog'], 1)
-    assert data.dataset_name(None, str(tmp_path / 'cells')) == data.dataset_name(None, str(tmp_path / 'flat')) \
+    assert folders.dataset_name(None, str(tmp_path / 'cells')) == folders.dataset_name(None, str(tmp_path / 'flat')) \
         == 'folder'
     (tmp_path / 'empty').mkdir()
     with pytest.raises(UserError, match='holds no CIFAR-10 batches, Fashion-MNIST files or class folders'):
-        data.dataset_name(None, str(tmp_path / 'empty'))
+        folders.dataset_name(None, str(tmp_path / 'empty'))
     with pytest.raises(UserError, match='does not exist'):
-        data.dataset_name(None, str(tmp_path / 'missing'))
+        folders.dataset_name(None, str(tmp_path / 'missing'))
 
 
 def test_loader_with_workers(tmp_path):
@@ -220,7 +223,7 @@ def test_a_folder_without_validation_images_holds_a_seeded_tenth_of_each_class_o
     assert not set(_paths(train)) & set(_paths(val))
     assert sorted(_paths(train) + _paths(val)) == sorted(str(path) for path in root.rglob('*.png'))
     assert np.bincount(val.targets).tolist() == [2, 1, 1] and np.bincount(train.targets).tolist() == [18, 8, 1]
-    assert train.classes == val.classes == ['a', 'b', 'c'] and folders.undecodable_count(train) == 0
+    assert train.classes == val.classes == ['a', 'b', 'c'] and image_folder.undecodable_count(train) == 0
     assert _paths(data.build_dataset('folder', root, 'val', 8)) == _paths(val)  # the same images on every call
     assert folders.carves_validation('folder', root) and folders.profile_folder('folder', root).train_images == 27
     search = search_data.search_split('folder', root, 8)
@@ -258,7 +261,7 @@ def test_imagenet_layouts(tmp_path):
 
 
 def test_imagenet_eval_transform_is_deit():
-    steps = folders.image_transform(224, training=False).transforms
+    steps = image_folder.image_transform(224, training=False).transforms
     assert steps[0].size == 256 and steps[1].size == (224, 224)
 
 
@@ -270,7 +273,7 @@ def test_small_images_keep_the_whole_image(training):
 
     pixels = np.zeros((32, 32, 3), dtype=np.uint8)
     pixels[:, :16] = 255  # left half white
-    transform = folders.image_transform(32, training=training)
+    transform = image_folder.image_transform(32, training=training)
     names = [type(step).__name__ for step in transform.transforms]
     assert 'RandomResizedCrop' not in names and 'CenterCrop' not in names
     torch.manual_seed(0)
@@ -281,7 +284,7 @@ def test_small_images_keep_the_whole_image(training):
 
 def test_training_transform_is_the_official_one_with_random_erasing_in_pixel_mode():
     from timm.data.random_erasing import RandomErasing
-    steps = folders.image_transform(224, training=True).transforms
+    steps = image_folder.image_transform(224, training=True).transforms
     erasing = [step for step in steps if isinstance(step, RandomErasing)]
     assert len(erasing) == 1 and erasing[0].mode == 'pixel' and erasing[0].probability == 0.25
     assert erasing[0].max_count == 1
@@ -316,7 +319,8 @@ def test_cifar10_pixels_match_file(tmp_path):
     folder = write_cifar10(tmp_path, 1, 2)
     raw = pickle.loads((folder / 'test_batch').read_bytes())[b'data'][1].reshape(3, 32, 32)
     image, _ = data.build_dataset('cifar10', tmp_path, 'test', 32)[1]
-    mean, std = torch.tensor(folders.IMAGENET_MEAN)[:, None, None], torch.tensor(folders.IMAGENET_STD)[:, None, None]
+    mean = torch.tensor(image_folder.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(image_folder.IMAGENET_STD)[:, None, None]
     assert torch.allclose(image * std + mean, torch.from_numpy(raw).float() / 255, atol=1e-5)
 
 
@@ -421,7 +425,7 @@ def test_imagenet_training_augmentation_survives_every_randaugment_draw():
     """rand-m9-mstd0.5-inc1 draws 0-bit posterize at times, which Pillow 11 refuses; it must not crash training."""
     from PIL import Image
 
-    transform = folders.image_transform(48, training=True)
+    transform = image_folder.image_transform(48, training=True)
     image = Image.new('RGB', (40, 40), (200, 100, 50))
     torch.manual_seed(0)
     for _ in range(300):
@@ -498,7 +502,7 @@ def test_ddp_ranks_split_the_images_without_repeated_augmentation():
 def test_small_inputs_decode_each_image_once(tmp_path):
     """Inputs of 96 px or less keep each decoded, resized image: a later epoch reads no file (here: none left)."""
     root = write_image_folder(tmp_path / 'images', ['a', 'b'], 2, size=40)
-    images = folders.split_images('folder', root, 'train', 32, training=True)
+    images = image_folder.split_images('folder', root, 'train', 32, training=True)
     first = [images[i][0] for i in range(len(images))]
     for path, _ in images.samples:
         os.remove(path)

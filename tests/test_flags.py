@@ -1,9 +1,13 @@
-"""One meaning per flag name: every script's parser against the README's flag table (the spec)."""
+"""One meaning per flag name: every script's parser against the README's flag table (the spec); --help and a flag
+error answer before the heavy libraries load."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import re
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -80,3 +84,36 @@ def test_the_readme_table_lists_every_flag_of_several_scripts_and_no_other(scrip
     assert shared <= set(table), f'flags of several scripts missing from the README table: {shared - set(table)}'
     unknown = set(table) - set(script_flags)
     assert not unknown, f'the README table names flags no script takes: {unknown}'
+
+
+# A flag value each script refuses, and the libraries that take seconds to import: none may load before it answers.
+BAD_FLAG = {'scratch': ['--epochs', '-1'], 'finetune': ['--epochs', '0'], 'evaluate': ['--dataset', 'nope'],
+            'search': ['--trials', '0'], 'study': ['--weights', 'w', '--subnets', '1'], 'convert': ['--format', 'nope'],
+            'demo': ['--port', '0']}
+HEAVY = {'torch', 'torchvision', 'timm', 'nni', 'lightning', 'pytorch_lightning'}
+RUN_AS_SCRIPTS = """
+import contextlib, io, json, runpy, sys
+results = []
+for script, argv in CASES:
+    sys.argv = [f'{script}.py', *argv]
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        try:
+            runpy.run_path(f'{script}.py', run_name='__main__')
+            code = None
+        except SystemExit as stop:
+            code = stop.code
+    results.append([script, argv, code, sorted({name.split('.')[0] for name in sys.modules} & HEAVY)])
+print(json.dumps(results))
+"""
+
+
+def test_help_and_a_flag_error_answer_before_any_heavy_library_loads():
+    """Every script, run as ``python <script>.py``, answers --help (exit 0) and a refused flag value (exit 2) with
+    none of torch, torchvision, timm, NNI or Lightning imported: they load once the flags are checked."""
+    cases = [(script, argv) for script in SCRIPTS for argv in (['--help'], BAD_FLAG[script])]
+    program = f'CASES = {cases!r}\nHEAVY = {HEAVY!r}\n{RUN_AS_SCRIPTS}'
+    result = subprocess.run([sys.executable, '-c', program], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for script, argv, code, heavy in json.loads(result.stdout):  # the first case that imports one is the culprit
+        expected = 0 if argv == ['--help'] else 2
+        assert (code, heavy) == (expected, []), f'{script}.py {" ".join(argv)}: exit {code}, imported {heavy}'

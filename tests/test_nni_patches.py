@@ -28,7 +28,7 @@ def test_the_installed_nni_is_the_patched_one():
 
 
 def test_another_nni_version_is_refused_in_one_line(monkeypatch):
-    monkeypatch.setattr(nni, '__version__', '3.1')
+    monkeypatch.setattr(nni_patches.metadata, 'version', lambda name: '3.1' if name == 'nni' else None)
     refusal = r'^NNI 3.1 is installed, but this project patches NNI 3.0 .*pip install nni==3.0$'
     with pytest.raises(UserError, match=refusal):
         nni_patches.check_nni_version()

@@ -10,6 +10,7 @@ from timm.data.auto_augment import RandAugment
 
 import data
 import folders
+import image_folder
 import recipes
 import samplers
 import evaluate
@@ -101,7 +102,7 @@ def test_export_without_data_names_the_classes_and_the_preprocessing(trained, tm
                    '--export'])
     info = json.loads((tmp_path / 'export' / 'subnet.json').read_text())
     assert info['classes'] == sorted(IMBALANCED_SHARES)
-    assert info['preprocessing']['mean'] == pytest.approx(list(folders.IMAGENET_MEAN))
+    assert info['preprocessing']['mean'] == pytest.approx(list(image_folder.IMAGENET_MEAN))
     assert info['preprocessing']['input_size'] == 32 and info['preprocessing']['resize'] == 32
     assert not (tmp_path / 'results.json').exists()  # nothing evaluated
 

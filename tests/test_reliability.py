@@ -19,20 +19,20 @@ import engine
 import lightning
 import scratch
 import search
-from checkpoints import load_checked, save_weights
+from checkpoints import load_checked, save_weights, torch_load
 from cli import from_flags, load_json_arg
 from conftest import GOLDEN
 from fixtures import within
 from arch import SpaceError, canonical_arch, check_arch, complete_space_kwargs, count_params
 from space import AutoformerSpace, build_supernet
-from utils import UserError, torch_load
+from utils import UserError
 
 ROOT = Path(__file__).parent.parent
 
 
 def test_atomic_save_survives_sigkill_at_any_moment(tmp_path):
     target = tmp_path / 'weights.pth'
-    writer = ("import sys, torch; sys.path.insert(0, '.'); from utils import atomic_torch_save\n"
+    writer = ("import sys, torch; sys.path.insert(0, '.'); from checkpoints import atomic_torch_save\n"
               "i = 0\n"
               "while True:\n"
               "    i += 1\n"
@@ -159,7 +159,7 @@ def test_gpus_without_a_gpu_fall_back_to_the_cpu_with_a_warning(caplog, monkeypa
 @pytest.mark.parametrize('cuda, bf16, expected', [(True, True, 'bf16-mixed'), (True, False, '16-mixed'),
                                                   (False, True, '32-true')])
 def test_precision_defaults_to_mixed_on_cuda_and_fp32_on_the_cpu(monkeypatch, cuda, bf16, expected):
-    from utils import set_up_precision
+    from devices import set_up_precision
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *args, **kwargs: bf16)
     monkeypatch.setattr(torch.backends.cudnn, 'benchmark', False)
     assert set_up_precision(None, False, cuda, 'training') == expected
@@ -168,7 +168,7 @@ def test_precision_defaults_to_mixed_on_cuda_and_fp32_on_the_cpu(monkeypatch, cu
 
 
 def test_fp16_on_the_cpu_is_refused_and_bf16_runs_cpu_autocast(caplog):
-    from utils import set_up_precision
+    from devices import set_up_precision
     with pytest.raises(UserError, match='--precision 16-mixed needs CUDA'):
         set_up_precision('16-mixed', False, False, 'training')
     with caplog.at_level(logging.WARNING):
