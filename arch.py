@@ -90,7 +90,8 @@ def space_problem(space_kwargs: Mapping[str, Any]) -> str | None:
     if not is_int(stem, 0) or stem == 1:
         return f'conv_stem must be 0 (none) or a number of channels of 2 or more, got {stem!r}'
     if stem and space_kwargs['patch_size'] % STEM_STRIDE:
-        return f'patch_size {space_kwargs["patch_size"]} is not a multiple of {STEM_STRIDE}, the conv_stem\'s stride'
+        return (f'patch_size {space_kwargs["patch_size"]} is not a multiple of {STEM_STRIDE}, the conv_stem\'s stride: '
+                'use no stem (conv_stem 0) or patches of a multiple of 4 px')
     if not is_int(space_kwargs['num_labels'], 0):
         return f'num_labels must be an integer of 0 or more, got {space_kwargs["num_labels"]!r}'
     for key in ('qkv_bias', 'pre_norm', 'global_pooling', 'absolute_position', 'rpe'):
