@@ -1,6 +1,7 @@
 import fcntl
 import json
 import os
+import signal
 import socket
 from pathlib import Path
 
@@ -19,6 +20,15 @@ def pytest_configure(config):
         threads = str(max(1, (os.cpu_count() or 1) // workers))
         os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = threads
         torch.set_num_threads(int(threads))
+
+
+@pytest.fixture(autouse=True)
+def sigint_raises_keyboard_interrupt():
+    """Every test starts with Python's own SIGINT handler, as a process started from a shell does. Code run in this
+    worker can leave SIGINT ignored (Lightning's Ctrl-C handling sets SIG_IGN, for one), and the processes a later
+    test starts inherit that and never see a SIGINT: a training stopped by SIGINT then ran to its end (seen once in
+    a full `make test`; reproduced by running the test with SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config, items):
