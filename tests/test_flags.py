@@ -96,24 +96,43 @@ import contextlib, io, json, runpy, sys
 results = []
 for script, argv in CASES:
     sys.argv = [f'{script}.py', *argv]
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
         try:
             runpy.run_path(f'{script}.py', run_name='__main__')
             code = None
         except SystemExit as stop:
             code = stop.code
-    results.append([script, argv, code, sorted({name.split('.')[0] for name in sys.modules} & HEAVY)])
+    results.append([script, argv, code, sorted({name.split('.')[0] for name in sys.modules} & HEAVY),
+                    output.getvalue()])
 print(json.dumps(results))
 """
+
+
+def run_as_scripts(cases: list[tuple[str, list[str]]]) -> list[list]:
+    """Each ``(script, argv)`` run as ``python <script>.py`` in one interpreter, in order: its exit status, the heavy
+    libraries loaded so far (the first case that loads one is the culprit) and what it printed."""
+    program = f'CASES = {cases!r}\nHEAVY = {HEAVY!r}\n{RUN_AS_SCRIPTS}'
+    result = subprocess.run([sys.executable, '-c', program], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout)
 
 
 def test_help_and_a_flag_error_answer_before_any_heavy_library_loads():
     """Every script, run as ``python <script>.py``, answers --help (exit 0) and a refused flag value (exit 2) with
     none of torch, torchvision, timm, NNI or Lightning imported: they load once the flags are checked."""
     cases = [(script, argv) for script in SCRIPTS for argv in (['--help'], BAD_FLAG[script])]
-    program = f'CASES = {cases!r}\nHEAVY = {HEAVY!r}\n{RUN_AS_SCRIPTS}'
-    result = subprocess.run([sys.executable, '-c', program], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    for script, argv, code, heavy in json.loads(result.stdout):  # the first case that imports one is the culprit
+    for script, argv, code, heavy, _ in run_as_scripts(cases):
         expected = 0 if argv == ['--help'] else 2
         assert (code, heavy) == (expected, []), f'{script}.py {" ".join(argv)}: exit {code}, imported {heavy}'
+
+
+def test_a_wrong_datapath_is_the_first_line_printed_before_any_heavy_library_loads(tmp_path):
+    """A mistyped ``--datapath`` is what every script that reads data says first (no recipe or space line before it),
+    and says before torch, NNI, timm or Lightning load (the seconds a user would wait for it)."""
+    missing = str(tmp_path / 'no-such-folder')
+    cases = [(script, ['--datapath', missing, *(['--weights', 'w'] if script in ('finetune', 'study') else [])])
+             for script in ('scratch', 'finetune', 'evaluate', 'search', 'study')]
+    for script, argv, code, heavy, printed in run_as_scripts(cases):
+        assert (code, heavy) == (2, []), f'{script}.py {" ".join(argv)}: exit {code}, imported {heavy}'
+        assert printed.splitlines()[0].startswith(f'error: --datapath {missing} does not exist'), (script, printed)
