@@ -18,8 +18,10 @@ _SHORT = dict(_COMMON, mixup=0.0, cutmix=0.0, drop_path=0.0, schedule='step')
 SCRATCH = {
     'imagenet': dict(_PAPER, epochs=500, warmup=20, base_lr=5e-4),  # the paper's (DeiT's)
     'cifar10': dict(_PAPER, epochs=300, warmup=20, base_lr=5e-4),
-    # A folder of few or small images (choose_recipe), on the 32 px demo space: a rate that learns in
-    # tens of epochs, no Mixup/CutMix; small images get crops and flips only (data.py).
+    # A folder of few or small images (choose_recipe), on the demo space at a size chosen from the images
+    # (input_size): a rate that learns in tens of epochs, no Mixup/CutMix; inputs up to 96 px get shifted crops and
+    # flips only (image_folder.py). Unsampled layers as the official run: the skip is within a standard error over
+    # 3 seeds on 300 px images (bench/results/unsampled-folder.md).
     'small': dict(_SHORT, epochs=50, warmup=3, base_lr=8e-3, batch_size=64),
     # Sized for a laptop CPU: base_lr x 32 / 512 = 2e-3 at its batch 32. Unsampled layers left alone: the smallest
     # subnet 1.85 points (2.6 standard errors) better over 3 seeds (bench/results/unsampled-digits.md).
