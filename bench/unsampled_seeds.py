@@ -75,7 +75,8 @@ def main() -> None:
              f'(`python bench/unsampled_seeds.py --dataset {args.dataset} --seeds {" ".join(map(str, args.seeds))}`)',
              '', f'{FIGURE[args.dataset == "folder"]} of the smallest and the largest subnet of a supernet trained '
              'with the recipe\'s defaults; mean ± standard error over the seeds, then each seed.', '',
-             '| way | smallest | largest | per seed (smallest / largest) | minutes of training per run |', '|---|---|---|---|---|']
+             '| way | smallest | largest | per seed (smallest / largest) | minutes of training per run |',
+             '|---|---|---|---|---|']
     for way, runs in results.items():
         lines.append(f"| {way} | {mean_se([r['smallest'] for r in runs])} | {mean_se([r['largest'] for r in runs])} | "
                      + ', '.join(f"{r['smallest']:.2f} / {r['largest']:.2f}" for r in runs)

@@ -321,7 +321,9 @@ def test_new_weights_follow_the_official_init(make):
     assert all(m.weight.eq(1).all() and not m.bias.any() for m in norms)
     tables = [p for n, p in model.named_parameters()
               if 'embeddings_table' in n or n.endswith(('cls_token', 'pos_embed'))]
-    assert tables and all(abs(p.std().item() - 0.02) < 0.003 for p in tables)
+    # A sample std of n normal draws has a standard error of std / sqrt(2(n - 1)); 6 of them for each of the ~60
+    # tensors fail a correct init with a probability under 1e-7 (the class token's 192 entries: +-0.006)
+    assert tables and all(abs(p.std().item() - 0.02) < 6 * 0.02 / (2 * (p.numel() - 1)) ** 0.5 for p in tables)
 
 
 def test_defaults_are_the_constructors_own():
