@@ -131,8 +131,10 @@ def test_a_wrong_datapath_is_the_first_line_printed_before_any_heavy_library_loa
     """A mistyped ``--datapath`` is what every script that reads data says first (no recipe or space line before it),
     and says before torch, NNI, timm or Lightning load (the seconds a user would wait for it)."""
     missing = str(tmp_path / 'no-such-folder')
-    cases = [(script, ['--datapath', missing, *(['--weights', 'w'] if script in ('finetune', 'study') else [])])
-             for script in ('scratch', 'finetune', 'evaluate', 'search', 'study')]
+    cases = [(script, [*dataset, '--datapath', missing, *(['--weights', 'w'] if script == 'study' else [])])
+             for script in ('scratch', 'finetune', 'evaluate', 'search', 'study')
+             for dataset in ([], ['--dataset', 'folder'])]
     for script, argv, code, heavy, printed in run_as_scripts(cases):
         assert (code, heavy) == (2, []), f'{script}.py {" ".join(argv)}: exit {code}, imported {heavy}'
-        assert printed.splitlines()[0].startswith(f'error: --datapath {missing} does not exist'), (script, printed)
+        first = (printed.splitlines() or ['(nothing printed)'])[0]
+        assert first.startswith(f'error: --datapath {missing} does not exist'), (script, argv, printed)

@@ -322,7 +322,7 @@ def test_new_weights_follow_the_official_init(make):
     tables = [p for n, p in model.named_parameters()
               if 'embeddings_table' in n or n.endswith(('cls_token', 'pos_embed'))]
     # A sample std of n normal draws has a standard error of std / sqrt(2(n - 1)); 6 of them for each of the ~60
-    # tensors fail a correct init with a probability under 1e-7 (the class token's 192 entries: +-0.006)
+    # tensors fail a correct init with a probability of about 1e-7 (the subnet's class token, 192 entries: +-0.006)
     assert tables and all(abs(p.std().item() - 0.02) < 6 * 0.02 / (2 * (p.numel() - 1)) ** 0.5 for p in tables)
 
 
