@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -74,15 +75,18 @@ def image_of(kind: str, rng: np.random.Generator, side: int, clutter: str = 'hig
 
 
 def write_data(root: Path, images: int, side: int, seed: int, clutter: str = 'high') -> Path:
-    """``root/{train,val}/<class>/<i>.png``: ``images`` training images and a quarter as many for validation."""
+    """``root/{train,val}/<class>/<i>.png``: ``images`` training images and a quarter as many for validation, written
+    under another name and renamed when whole (a run stopped while writing leaves no half folder to be reused)."""
+    partial = root.with_name(root.name + '.partial')
+    shutil.rmtree(partial, ignore_errors=True)
     rng = np.random.default_rng(seed)
     for split, count in (('train', images), ('val', images // 4)):
         for kind, share in CLASSES.items():
-            folder = root / split / kind
+            folder = partial / split / kind
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(max(round(count * share), 4)):
                 image_of(kind, rng, side, clutter).save(folder / f'{i}.png')
-    return root
+    return partial.rename(root)
 
 
 def shuffled_copy(root: Path, control: Path, seed: int) -> Path:
@@ -121,7 +125,7 @@ def main() -> None:
     work = Path(args.work).resolve()
     data = work / f'data-{args.images}-{args.side}' if args.clutter == 'high' else \
         work / f'data-{args.images}-{args.side}-{args.clutter}'
-    if not (data / 'val').is_dir():
+    if not data.is_dir():
         write_data(data, args.images, args.side, seed=0, clutter=args.clutter)
     extra = ['--epochs', str(args.epochs), '--warmup', '1'] if args.epochs else []
     runs = {'defaults': train(data, work / f'run-{args.clutter}', extra),

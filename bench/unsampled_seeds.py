@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -67,9 +66,8 @@ def main() -> None:
     data = ['--dataset', args.dataset]
     if args.dataset == 'folder':
         images = work / 'thin-details'
-        if not images.is_dir():  # written whole, then renamed: a run stopped while writing leaves no half folder
-            shutil.rmtree(images.with_name('thin-details.partial'), ignore_errors=True)
-            write_data(images.with_name('thin-details.partial'), 2000, 300, seed=0).rename(images)
+        if not images.is_dir():
+            write_data(images, 2000, 300, seed=0)
         data.extend(['--datapath', str(images)])
     results = {way: [run(data, seed, flags, work / f'{way}-{seed}') for seed in args.seeds]
                for way, flags in WAYS.items()}
