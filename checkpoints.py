@@ -287,9 +287,7 @@ def sub_state_dict(supernet_state_dict: Mapping[str, torch.Tensor], arch: Mappin
             result[key] = tensor[..., :embed]
         elif key == 'head.weight':
             result[key] = tensor[:, :embed]
-        elif key == 'head.bias':
-            result[key] = tensor
-        elif key.startswith('stem.'):
+        elif key == 'head.bias' or key.startswith('stem.'):
             result[key] = tensor
         else:  # patch_embed.*, norm.*
             result[key] = tensor[:embed]

@@ -154,9 +154,9 @@ def parse_checked(parser: argparse.ArgumentParser, argv: list[str] | None) -> ar
 # Flags several scripts share
 # --------------------------------------------------------------------------------------------
 
-def add_name_arg(parser: argparse.ArgumentParser, text: str, presets: Mapping[str, Any] = PRESETS) -> None:
+def add_name_arg(parser: argparse.ArgumentParser, text: str) -> None:
     """``--name``: a preset search space (``text`` is its help), and ``--space-file``: an official YAML."""
-    parser.add_argument('--name', choices=list(presets), default=None, help=text)
+    parser.add_argument('--name', choices=list(PRESETS), default=None, help=text)
     parser.add_argument('--space-file', default=None,
                         help="an official AutoFormer YAML (SUPERNET: / SEARCH_SPACE:) as the space's choices; "
                              "the rest (input size, patch, classes) from --name's preset")
@@ -259,30 +259,31 @@ def add_data_args(parser: argparse.ArgumentParser, batch_size: int = 64) -> None
                         default=min(8, os.cpu_count() or 1), help='data loading processes')
 
 
-def recipe_parser(argv: list[str] | None, recipes: Mapping[str, dict[str, Any]], script: str,
-                  description: str | None) -> tuple[argparse.ArgumentParser, str, str, dict[str, Any]]:
-    """A training script's parser, the dataset its command line names, the recipe's name and the recipe (the
-    flags' defaults, with ``output`` = ``outputs/<script>-<dataset>``). ``--dataset`` / ``--datapath`` /
-    ``--recipe`` are read first; without ``--recipe`` the recipe is chosen from the data (and printed)."""
+def recipe_parser(argv: list[str] | None, recipes: Mapping[str, dict[str, Any]], script: str, description: str | None,
+                  retrain: Mapping[str, dict[str, Any]] | None = None) -> tuple[argparse.ArgumentParser, dict]:
+    """A training script's parser (its ``dataset`` default the one the command line names) and the recipe (the
+    flags' defaults, with ``output`` = ``outputs/<script>-<dataset>``; with ``--arch``, ``retrain``'s values over
+    them). ``--dataset`` / ``--datapath`` / ``--recipe`` / ``--arch`` are read first; without ``--recipe`` the recipe
+    is chosen from the data (and printed)."""
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument('--dataset', default=None)
-    pre.add_argument('--datapath', default=None)
-    pre.add_argument('--recipe', default=None)
+    for flag in ('--dataset', '--datapath', '--recipe', '--arch'):
+        pre.add_argument(flag, default=None)
     known = pre.parse_known_args(argv)[0]
     dataset = folders.dataset_name(known.dataset, known.datapath)
     if known.recipe in recipes:
         name, why = known.recipe, 'asked for with --recipe'
     else:  # an unknown name is refused by the full parser's choices
         name, why = choose_recipe(dataset, known.datapath)
-    recipe = {**recipes[name], 'output': f'outputs/{script}-{dataset}'}
+    retrained = (retrain or {}).get(name, {}) if known.arch is not None else {}
+    recipe = {**recipes[name], **retrained, 'output': f'outputs/{script}-{dataset}'}
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=describe_recipes(recipes, name, why))
     add_data_args(parser, batch_size=recipe['batch_size'])
     parser.add_argument('--recipe', choices=list(recipes), default=name,
                         help='the training recipe: the defaults of the flags below (chosen from the data when not '
                              'given; each listed at the end)')
-    parser.set_defaults(base_lr=recipe['base_lr'], recipe_reason=why)
-    return parser, dataset, name, recipe
+    parser.set_defaults(base_lr=recipe['base_lr'], recipe_reason=why, dataset=dataset)
+    return parser, recipe
 
 
 def check_recipe(args: argparse.Namespace) -> None:

@@ -290,16 +290,15 @@ def reads_training_images(dataset: str, datapath: str | os.PathLike | None, spli
     return split_folder(dataset, root, split) == split_folder(dataset, root, 'train')
 
 
-def optimism(trained_on: Mapping[str, Any] | None, dataset: str, datapath: str | os.PathLike | None,
+def optimism(stored: Mapping[str, Any] | None, dataset: str, datapath: str | os.PathLike | None,
              split: str) -> str | None:
-    """Why a figure of weights trained as ``trained_on`` says (the data and the split their best epoch was chosen
-    on, stored with them) is optimistic on ``split`` of this data, or None when it is not."""
-    here = str(Path(datapath).expanduser().resolve()) if datapath else None
-    if not trained_on or (trained_on.get('dataset'), trained_on.get('datapath')) != (dataset, here):
+    """Why a figure of weights trained as ``stored`` says (their :func:`trained_on` and the split their best epoch was
+    chosen on, stored with them) is optimistic on ``split`` of this data, or None when it is not."""
+    if not stored or {key: stored.get(key) for key in ('dataset', 'datapath')} != trained_on(dataset, datapath):
         return None
     if reads_training_images(dataset, datapath, split):
         return 'these images include the ones the weights were trained on: the figure is optimistic'
-    if trained_on.get('best_chosen_on') == split_read(dataset, datapath, split):
+    if stored.get('best_chosen_on') == split_read(dataset, datapath, split):
         return ('these weights are the epoch that scored best on this same split: the figure is optimistic; '
                 'report it on a split that chose nothing')
     return None

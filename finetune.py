@@ -24,14 +24,13 @@ from arch import complete_arch, complete_space_kwargs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser, dataset, _, recipe = recipe_parser(argv, recipes.FINETUNE, 'finetune', __doc__)
+    parser, recipe = recipe_parser(argv, recipes.FINETUNE, 'finetune', __doc__)
     add_name_arg(parser, 'preset of --weights (default: the space stored with them, else tiny)')
     parser.add_argument('--weights', default='weights/supernet-tiny.pth',
                         help='pretrained supernet weights (any supported layout)')
     add_arch_arg(parser, 'fine-tune this one subnet')
     add_training_args(parser, recipe)
     args = parse_checked(parser, argv)
-    args.dataset = dataset
     check_recipe(args)
     return args
 

@@ -63,10 +63,8 @@ def dataset_name(dataset: str | None, datapath: str | None) -> str:
         return 'fashion-mnist'
     classes = [entry.name for entry in os.scandir(root / 'train' if (root / 'train').is_dir() else root)
                if entry.is_dir() and not entry.name.startswith('.')]
-    if classes and all(WORDNET_ID.fullmatch(name) for name in classes):
-        return 'imagenet'
     if classes:
-        return 'folder'
+        return 'imagenet' if all(WORDNET_ID.fullmatch(name) for name in classes) else 'folder'
     raise UserError(f'--datapath {datapath} holds no CIFAR-10 batches, Fashion-MNIST files or class folders (in it '
                     'or in its train/): pass --dataset, or point --datapath at the dataset\'s folder')
 
@@ -102,15 +100,12 @@ def _holds_images(folder: str) -> bool:
         return any(entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS) for entry in entries)
 
 
-def _holds_class_folders(root: Path) -> bool:
-    with os.scandir(root) as entries:
-        return any(entry.is_dir() and _holds_images(entry.path) for entry in entries)
-
-
 def _is_split_folder(root: Path) -> bool:
     """Whether an ImageNet ``datapath`` is one split folder itself, such as imagenet/val."""
-    has_splits = (root / 'train').is_dir() or (root / 'val').is_dir()  # never classes named train and val
-    return not has_splits and _holds_class_folders(root)
+    if (root / 'train').is_dir() or (root / 'val').is_dir():  # never classes named train and val
+        return False
+    with os.scandir(root) as entries:
+        return any(entry.is_dir() and _holds_images(entry.path) for entry in entries)
 
 
 def _imagenet_split(root: Path, split: str) -> Path:
@@ -209,6 +204,5 @@ def profile_folder(dataset: str, datapath: str | os.PathLike | None) -> FolderPr
                 modes.add(image.mode)
         except DECODE_ERRORS:
             continue  # counted and reported when the images are read
-    if not sides:
-        return FolderProfile(len(files) - held_out, 0, False)
-    return FolderProfile(len(files) - held_out, int(np.median(sides)), modes <= set(_GRAYSCALE_MODES))
+    side = int(np.median(sides)) if sides else 0
+    return FolderProfile(len(files) - held_out, side, bool(modes) and modes <= set(_GRAYSCALE_MODES))

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from timm.data import auto_augment as timm_auto_augment
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD, create_transform
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -27,7 +27,6 @@ from folders import (DECODE_ERRORS, HELD_OUT_SEED, IMG_EXTENSIONS, carves_valida
 from utils import UserError
 
 _logger = logging.getLogger(__name__)
-IMAGENET_MEAN, IMAGENET_STD = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 # Inputs this small get the small-image transform, the whole image resized: ImageNet's RandomResizedCrop (down to 8%
 # of the image) would crop a small detail out of most training views, and its centre crop would cut the border.
 SMALL_IMAGE = 96

@@ -33,8 +33,6 @@ from arch import HEAD_DIM, SpaceError, complete_arch, layer_dims
 from layers import SDPA_DEVICES
 from space import AutoformerSpace
 
-__all__ = ['MaskedSupernet']
-
 
 class MaskedSupernet(nn.Module):
     """``supernet`` (``space.build_supernet``'s, its parameters shared, not copied) with the arch as data.

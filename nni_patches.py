@@ -73,19 +73,10 @@ def check_nni_version() -> None:
                         f'(nni_patches.py): pip install nni=={NNI_VERSION}')
 
 
-@contextmanager
-def replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
-    """``owner.name`` is ``value`` inside the block, and what it was after."""
-    original = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
 def tolerant_tuner_channel() -> Any:
     """The block in which NNI's execution engine is built with ``TolerantTunerChannel``."""
+    from unittest import mock
+
     from nni.nas.execution import training_service
     from nni.runtime.tuner_command_channel import TunerCommandChannel
     from nni.runtime.tuner_command_channel.command_type import CommandType
@@ -99,7 +90,7 @@ def tolerant_tuner_channel() -> Any:
                 if command_type not in (CommandType.ImportData, CommandType.AddCustomizedTrialJob):
                     return command_type, data
 
-    return replaced(training_service, 'TunerCommandChannel', TolerantTunerChannel)
+    return mock.patch.object(training_service, 'TunerCommandChannel', TolerantTunerChannel)
 
 
 try:  # looked up here: loading a library between fork and exec can deadlock
@@ -148,6 +139,8 @@ def patient_check(started: list[subprocess.Popen], seconds: float = MANAGER_STAR
 def manager_start() -> Iterator[None]:
     """The block in which NNI starts its manager: with :func:`popen_dying_with_parent`, and checked by
     :func:`patient_check`."""
+    from unittest import mock
+
     from nni.experiment import launcher
 
     started: list[subprocess.Popen] = []
@@ -156,7 +149,8 @@ def manager_start() -> Iterator[None]:
         started.append(popen_dying_with_parent(*args, **kwargs))
         return started[-1]
 
-    with replaced(launcher, 'Popen', popen), replaced(launcher, '_check_rest_server', patient_check(started)):
+    with mock.patch.object(launcher, 'Popen', popen), \
+            mock.patch.object(launcher, '_check_rest_server', patient_check(started)):
         yield
 
 

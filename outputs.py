@@ -13,15 +13,24 @@ from failures import FOLDER as FAILURES
 from utils import UserError, read_json
 
 
+class _File:
+    """A file or folder of an output folder, by name: ``folder.best`` is ``folder.root / 'best.json'``."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, folder: Any, owner: type | None = None) -> Any:
+        return self if folder is None else folder.root / self.name
+
+
 @dataclass(frozen=True)
 class RunFolder:
     """The files of one training run's ``--output`` folder (scratch.py, finetune.py)."""
     root: Path
-
-    @property
-    def checkpoints(self) -> Path:
-        """Lightning's ``last.ckpt`` (what ``--resume`` continues) and ``best.ckpt``."""
-        return self.root / 'checkpoints'
+    checkpoints = _File('checkpoints')  # Lightning's last.ckpt (what --resume continues) and best.ckpt
+    record = _File('run.json')  # what a resumed run must match (engine.run_fingerprint)
+    metrics = _File('metrics.json')  # the last epoch's metrics, written with the weights
+    logs = _File('logs')  # Lightning's CSV logs, a version_N per (resumed) run
 
     @property
     def last_checkpoint(self) -> Path:
@@ -34,21 +43,6 @@ class RunFolder:
     def ema_weights(self, kind: str) -> Path:
         return self.root / f'{kind}-ema.pth'
 
-    @property
-    def record(self) -> Path:
-        """What a resumed run must match (``engine.run_fingerprint``)."""
-        return self.root / 'run.json'
-
-    @property
-    def metrics(self) -> Path:
-        """The last epoch's metrics, written with the weights."""
-        return self.root / 'metrics.json'
-
-    @property
-    def logs(self) -> Path:
-        """Lightning's CSV logs, a ``version_N`` per (resumed) run."""
-        return self.root / 'logs'
-
     def interrupted(self, kind: str) -> bool:
         """A run that wrote a checkpoint but not its weights: ``--resume`` continues it."""
         return self.last_checkpoint.is_file() and not self.weights(kind).is_file()
@@ -58,64 +52,24 @@ class RunFolder:
 class SearchFolder:
     """The files of one search's ``--output`` folder."""
     root: Path
-
-    @property
-    def candidates(self) -> Path:
-        """One record per finished candidate, named by :func:`arch.arch_key`."""
-        return self.root / 'candidates'
+    candidates = _File('candidates')  # one record per finished candidate, named by arch.arch_key
+    failures = _File(FAILURES)
+    latency = _File('latency.json')
+    worker_spec = _File('worker.json')
+    search_data = _File('search-data.pt')
+    best = _File('best.json')
+    experiment = _File('experiment.json')  # the experiment id, the command line and the fingerprint a resume matches
+    best_subnet = _File('best-subnet.pth')  # the best candidate's inherited weights, a subnet file
+    export = _File('export')  # --export's standalone files of the best candidate
+    pareto = _File('pareto.png')
+    results_json = _File('candidates.json')
+    results_csv = _File('candidates.csv')
 
     def record(self, arch: Mapping[str, Any]) -> Path:
         return self.candidates / f'{arch_key(arch)}.json'
 
     def records(self) -> list[Path]:
         return sorted(self.candidates.glob('*.json'))
-
-    @property
-    def failures(self) -> Path:
-        return self.root / FAILURES
-
-    @property
-    def latency(self) -> Path:
-        return self.root / 'latency.json'
-
-    @property
-    def worker_spec(self) -> Path:
-        return self.root / 'worker.json'
-
-    @property
-    def search_data(self) -> Path:
-        return self.root / 'search-data.pt'
-
-    @property
-    def best(self) -> Path:
-        return self.root / 'best.json'
-
-    @property
-    def experiment(self) -> Path:
-        """The experiment id, the command line and the fingerprint a resumed search must match."""
-        return self.root / 'experiment.json'
-
-    @property
-    def best_subnet(self) -> Path:
-        """The best candidate's inherited weights, a subnet file."""
-        return self.root / 'best-subnet.pth'
-
-    @property
-    def export(self) -> Path:
-        """``--export``'s standalone files of the best candidate."""
-        return self.root / 'export'
-
-    @property
-    def pareto(self) -> Path:
-        return self.root / 'pareto.png'
-
-    @property
-    def results_json(self) -> Path:
-        return self.root / 'candidates.json'
-
-    @property
-    def results_csv(self) -> Path:
-        return self.root / 'candidates.csv'
 
     def experiment_id(self) -> str:
         """The id of the search here, which ``--resume`` continues, read before a folder is made for nothing."""

@@ -66,9 +66,9 @@ def read_machine_list(path: Path) -> list[dict]:
                 isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus)):
             raise UserError(f'{where}: "gpus" must be a non-empty list of GPU indices such as [0, 1], got {gpus!r}')
         if machine.get('password') is None:
-            key_file = Path(machine.get('ssh_key_file') or '~/.ssh/id_rsa').expanduser()
-            if not key_file.is_file():
-                raise UserError(f'{where}: SSH key file {key_file} does not exist (give "ssh_key_file" or "password")')
+            if not key_file(machine).is_file():
+                raise UserError(f'{where}: SSH key file {key_file(machine)} does not exist (give "ssh_key_file" or '
+                                '"password")')
     pythons = sorted({m['python'] for m in machines})
     if len(pythons) > 1:
         raise UserError(f'--machines file {path}: the machines disagree on "python" ({", ".join(pythons)}): one '
@@ -106,13 +106,12 @@ def remote_machines(machines: list[dict]) -> list:
     and runs ``python -m pip install nni --upgrade`` with it when it connects); ``gpus`` restricts NNI to
     those GPUs, busy or not."""
     from nni.experiment.config import RemoteMachineConfig
-    configs = []
-    for m in machines:
-        password = m.get('password')
-        configs.append(RemoteMachineConfig(
-            host=m['host'], port=m.get('port', 22), user=m['user'], password=password,
-            ssh_key_file=None if password is not None else str(Path(m.get('ssh_key_file') or '~/.ssh/id_rsa')
-                                                               .expanduser()),
-            python_path=os.path.dirname(m['python']), gpu_indices=m.get('gpus'),
-            use_active_gpu=m.get('gpus') is not None))
-    return configs
+    return [RemoteMachineConfig(host=m['host'], port=m.get('port', 22), user=m['user'], password=m.get('password'),
+                                ssh_key_file=None if m.get('password') is not None else str(key_file(m)),
+                                python_path=os.path.dirname(m['python']), gpu_indices=m.get('gpus'),
+                                use_active_gpu=m.get('gpus') is not None) for m in machines]
+
+
+def key_file(machine: dict) -> Path:
+    """The machine's SSH key file: ``ssh_key_file``, else ``~/.ssh/id_rsa``."""
+    return Path(machine.get('ssh_key_file') or '~/.ssh/id_rsa').expanduser()

@@ -98,8 +98,7 @@ class RankSampler(Sampler[int]):
 
     def __len__(self) -> int:
         if self.balanced:
-            world = self._ranks()[0]
-            return len(self.dataset) // world
+            return len(self.dataset) // self._ranks()[0]
         shard = self._shard()
         return len(shard) if shard is not None else len(self.dataset)
 

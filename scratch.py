@@ -20,9 +20,7 @@ from arch import SEARCHED, complete_arch, complete_space_kwargs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser, dataset, recipe_name, recipe = recipe_parser(argv, recipes.SCRATCH, 'scratch', __doc__)
-    if retraining(argv):
-        recipe = {**recipe, **recipes.RETRAIN.get(recipe_name, {})}
+    parser, recipe = recipe_parser(argv, recipes.SCRATCH, 'scratch', __doc__, recipes.RETRAIN)
     add_name_arg(parser, 'search space preset (default: demo for digits and the small recipe, fashion for '
                          'fashion-mnist, tiny otherwise)')
     add_arch_arg(parser, 'retrain this one subnet from scratch',
@@ -34,7 +32,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='channels of a convolutional stem before the patch embedding (0: none, the official '
                              'model; default: 64 for a folder whose images the small recipe resizes to 64 or 96 px)')
     args = parse_checked(parser, argv)
-    args.dataset = dataset
     check_recipe(args)
     released = (args.arch or '').removeprefix('autoformer-')
     if args.name is None:
@@ -42,13 +39,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.space_file is None:
             print(f'space: the {args.name} preset (--name chooses another)', flush=True)
     return args
-
-
-def retraining(argv: list[str] | None) -> bool:
-    """Whether the command line names one subnet to retrain (``--arch``), read before the parser is built."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument('--arch', default=None)
-    return pre.parse_known_args(argv)[0].arch is not None
 
 
 def input_of(args: argparse.Namespace) -> dict[str, int]:

@@ -164,7 +164,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     derived['machine_list'], derived['manager_ip'] = (None, flags.manager_ip) if flags.machines is None else \
         read_machines(flags.machines, flags.engine, flags.web_ui_host, flags.port, flags.manager_ip)
     derived['metric'] = flags.metric or default_metric(derived['dataset'], flags.datapath)  # the data is read here
-    if derived.get('evolution_sample_size', 0) > derived.get('evolution_population_size', 0):
+    if derived['evolution_sample_size'] > derived['evolution_population_size']:
         print(f"--evolution-sample-size {derived['evolution_sample_size']} > --evolution-population-size "
               f"{derived['evolution_population_size']}: using {derived['evolution_population_size']}", flush=True)
         derived['evolution_sample_size'] = derived['evolution_population_size']
@@ -421,10 +421,8 @@ def write_interrupted_results(experiment: SearchExperiment, output: Path, supern
     from candidates import write_results
     records = write_results(output, settings.metric)
     command = ' '.join(shlex.quote(a) for a in SearchFolder(output).resume_argv())
-    best: dict = {'interrupted': signal_name}
-    if records:
-        best = write_best(records, output, supernet, space_kwargs, settings, experiment.id,
-                          {'interrupted': signal_name, 'nni_top_model': None})
+    best = write_best(records, output, supernet, space_kwargs, settings, experiment.id,
+                      {'interrupted': signal_name, 'nni_top_model': None}) if records else {'interrupted': signal_name}
     print(f'search stopped by {signal_name} after {len(records)} candidates'
           f'{"; best so far in " + str(SearchFolder(output).best) if records else ""}. Continue with: {command}',
           flush=True)

@@ -24,7 +24,6 @@ from samplers import balanced_subset, build_loader, per_class_cap
 from utils import UserError
 
 
-
 def search_source(dataset: str, datapath: str | os.PathLike | None) -> str:
     """Which images the search split holds (the rule above): ``'val'``, ``'folder'`` (the ``--datapath`` folder
     itself) or ``'train'`` (a class-balanced subset of the training split)."""

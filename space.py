@@ -27,8 +27,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from arch import (DEFAULTS, SEARCHED, STEM_STRIDE, complete_arch, complete_space_kwargs, count_flops, count_params,
-                  preset_name, preset_space, searched_arch)
+from arch import (DEFAULTS, SEARCHED, STEM_STRIDE, complete_arch, complete_space_kwargs, preset_name, preset_space,
+                  searched_arch)
 from checkpoints import (convert_nni_subnet, detect_layout, fit_to_space, is_subnet, load_checked, nni_download,
                          read_weights, resolve_space, sub_state_dict, to_project_layout, torch_load)
 from layers import Block, MixedPrefixLinear, MixedQKV, build_conv_stem
@@ -189,12 +189,6 @@ class AutoformerSpace(ModelSpace):
         supernet.load_state_dict(state_dict)
         return SupernetCheckpoint(supernet)
 
-    def count_params(self, arch: Mapping[str, Any]) -> int:
-        return count_params(arch, **self.space_kwargs)
-
-    def count_flops(self, arch: Mapping[str, Any]) -> int:
-        return count_flops(arch, **self.space_kwargs)
-
     def freeze(self, sample: Mapping[str, Any]) -> nn.Module:
         """A plain module for one architecture (refuses archs outside the space with a clear message).
 
@@ -258,7 +252,7 @@ def load_supernet_file(path: str | Path, name: str | Mapping[str, Any] | None = 
     return fit_to_space(converted, shapes, label, path), space_kwargs, meta
 
 
-def _searched_arch_of(size: str | None, weights: Any) -> dict[str, Any]:
+def _searched_arch_of(size: str | None) -> dict[str, Any]:
     if size not in SEARCHED:
         raise UserError(f'there is no pre-searched arch for the {size or "given"} space: say which subnet to use '
                         'with --arch (JSON text or file)')
@@ -280,13 +274,13 @@ def load_model(weights: str | Path | None, name: str | Mapping[str, Any] | None 
         arch = complete_arch(arch, space_kwargs)
     size = name if isinstance(name, str) else preset_name(space_kwargs)
     if raw and is_subnet(raw):
-        file_arch = meta.get('arch') or _searched_arch_of(size, weights)
+        file_arch = meta.get('arch') or _searched_arch_of(size)
         if arch is not None and complete_arch(arch, space_kwargs) != complete_arch(file_arch, space_kwargs):
             raise UserError(f'{weights} holds the weights of one subnet ({json.dumps(file_arch)}); '
                             'pass a supernet weights file to evaluate another arch')
         arch, state_dict = file_arch, convert_nni_subnet(raw)
     else:
-        arch = arch or _searched_arch_of(size, weights)
+        arch = arch or _searched_arch_of(size)
         if weights == 'nni':
             state_dict = convert_nni_subnet(torch_load(nni_download(f'autoformer-{size}-subnet'), 'NNI subnet'))
         elif raw:

@@ -95,13 +95,12 @@ def measure_latency(model: torch.nn.Module, img_size: int, batch_size: int, devi
     model.eval().to(device)
     images = torch.randn(batch_size, 3, img_size, img_size, device=device)
     times = []
+    synchronize = torch.cuda.synchronize if device.type == 'cuda' else lambda: None
     for i in range(warmup + repeats):
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
+        synchronize()
         start = time.perf_counter()
         model(images)
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
+        synchronize()
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
@@ -132,9 +131,6 @@ class AutoformerEvolution(Strategy):
 
     def extra_repr(self) -> str:
         return f'population={self.population}, select={self.select}, generations={self.generations}'
-
-    def _initialize(self, model_space, engine):
-        return model_space
 
     def state_dict(self) -> dict:
         return {}  # a resumed search replays its finished candidates from their records (CandidateEvaluator.evaluate)
@@ -279,8 +275,7 @@ class SearchLedger(StrategyMiddleware):
     def __init__(self, output: Path, planned: int, metric: str = 'top1') -> None:
         super().__init__()
         self.output, self.planned, self.metric = output, planned, metric
-        self.submitted = self.done = self.failed = self.recorded = self.repeats = 0
-        self.repeats_in_a_row = 0
+        self.submitted = self.done = self.failed = self.recorded = self.repeats = self.repeats_in_a_row = 0
         self.numbers: dict[str, int] = {}  # arch key -> its candidate number in this run
         self.pending: dict[int, ExecutableModelSpace] = {}  # NNI's engine keeps only weak references to them
         self.waiting: dict[str, list[ExecutableModelSpace]] = {}  # repeats of a candidate still evaluating

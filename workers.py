@@ -98,16 +98,6 @@ def worker_log_tail(spec: dict[str, Any], slot: str, lines: int = 5) -> str:
     return ' | '.join(line for line in text.strip().splitlines()[-lines:]) or f'(nothing in {path})'
 
 
-def stop_workers(spec: dict[str, Any]) -> None:
-    """Stop every worker of a search on this machine, mid-candidate or not, and wait until each has exited
-    (SIGKILL after 10 s)."""
-    for pid_file in workers_folder(spec).glob('*.pid'):
-        pid = worker_pid(spec, pid_file.stem)
-        if pid is not None and is_worker(pid, spec):
-            stop_process(pid)
-        pid_file.unlink(missing_ok=True)
-
-
 def stop_process(pid: int, patience: float = 10.0) -> None:
     """SIGTERM, then SIGKILL if the process is still there after ``patience`` seconds."""
     os.kill(pid, signal.SIGTERM)
@@ -163,7 +153,14 @@ def start_workers(spec_path: Path) -> None:
 
 
 def stop_all_workers(spec_path: Path | None) -> None:
-    """This machine's workers stopped; the spec removed, so that workers on other machines exit too."""
-    if spec_path is not None and spec_path.is_file():
-        stop_workers(read_spec(spec_path))
-        spec_path.unlink()
+    """Stop this machine's workers of a search, mid-candidate or not, and wait until each has exited (SIGKILL after
+    10 s); then remove the spec, so that workers on other machines exit too."""
+    if spec_path is None or not spec_path.is_file():
+        return
+    spec = read_spec(spec_path)
+    for pid_file in workers_folder(spec).glob('*.pid'):
+        pid = worker_pid(spec, pid_file.stem)
+        if pid is not None and is_worker(pid, spec):
+            stop_process(pid)
+        pid_file.unlink(missing_ok=True)
+    spec_path.unlink()
