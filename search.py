@@ -169,7 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
               f"{derived['evolution_population_size']}: using {derived['evolution_population_size']}", flush=True)
         derived['evolution_sample_size'] = derived['evolution_population_size']
     settings = argparse.Namespace(**{**vars(flags), **derived})
-    settings.planned = planned_candidates(settings)
+    settings.planned = settings.population * settings.generations if settings.strategy == 'autoformer' \
+        else settings.trials  # distinct candidates
     return settings
 
 
@@ -201,10 +202,6 @@ def strategy_settings(flags: argparse.Namespace) -> dict[str, Any]:
                             f'{flags.strategy}: leave it out, or choose that strategy')
     return {name: default if getattr(flags, name) is None else getattr(flags, name)
             for names in STRATEGY_FLAGS.values() for name, default in names.items()}
-
-
-def planned_candidates(settings: argparse.Namespace) -> int:
-    return settings.population * settings.generations if settings.strategy == 'autoformer' else settings.trials
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ at the top: keep it so. The worker imports the candidate server (torch, NNI, the
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import http.client
 import json
@@ -231,7 +232,8 @@ def serve(spec_path: str, slot: str) -> None:
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the trial was killed: nothing to answer
             except Exception as err:
-                _send_quietly(conn, {'error': f'{type(err).__name__}: {err}', 'traceback': traceback.format_exc()})
+                with contextlib.suppress(OSError):  # the trial is gone too
+                    conn.send({'error': f'{type(err).__name__}: {err}', 'traceback': traceback.format_exc()})
             last_request[0] = time.monotonic()
 
 
@@ -241,13 +243,6 @@ def _same_search(spec_path: str, spec: dict[str, Any]) -> bool:
         return read_spec(spec_path)['token'] == spec['token']
     except (OSError, ValueError, KeyError):
         return False
-
-
-def _send_quietly(conn: Connection, message: dict) -> None:
-    try:
-        conn.send(message)
-    except OSError:
-        pass
 
 
 def _load_evaluator(spec: dict[str, Any]) -> Callable[[str, Callable[[dict], None]], None]:
