@@ -266,7 +266,8 @@ def recipe_parser(argv: list[str] | None, recipes: Mapping[str, dict[str, Any]],
     them). ``--dataset`` / ``--datapath`` / ``--recipe`` / ``--arch`` are read first; without ``--recipe`` the recipe
     is chosen from the data (and printed)."""
     pre = argparse.ArgumentParser(add_help=False)
-    for flag in ('--dataset', '--datapath', '--recipe', '--arch'):
+    pre.add_argument('--dataset', choices=folders.DATASETS, default=None)  # an unknown one refused before it is used
+    for flag in ('--datapath', '--recipe', '--arch'):
         pre.add_argument(flag, default=None)
     known = pre.parse_known_args(argv)[0]
     dataset = folders.dataset_name(known.dataset, known.datapath)

@@ -65,10 +65,9 @@ def read_machine_list(path: Path) -> list[dict]:
         if gpus is not None and (not isinstance(gpus, list) or not gpus or not all(
                 isinstance(g, int) and not isinstance(g, bool) and g >= 0 for g in gpus)):
             raise UserError(f'{where}: "gpus" must be a non-empty list of GPU indices such as [0, 1], got {gpus!r}')
-        if machine.get('password') is None:
-            if not key_file(machine).is_file():
-                raise UserError(f'{where}: SSH key file {key_file(machine)} does not exist (give "ssh_key_file" or '
-                                '"password")')
+        if machine.get('password') is None and not key_file(machine).is_file():
+            raise UserError(f'{where}: SSH key file {key_file(machine)} does not exist (give "ssh_key_file" or '
+                            '"password")')
     pythons = sorted({m['python'] for m in machines})
     if len(pythons) > 1:
         raise UserError(f'--machines file {path}: the machines disagree on "python" ({", ".join(pythons)}): one '
