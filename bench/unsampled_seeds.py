@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from arch import extreme_arch  # noqa: E402
 from checkpoints import read_weights  # noqa: E402
+from metrics import mean_se, plus_minus  # noqa: E402
 from thin_details import write_data  # noqa: E402
 
 FIGURE = ('Test top-1', "Balanced accuracy on val/ (the last epoch's validation)")
@@ -50,11 +51,6 @@ def run(data: list[str], seed: int, flags: list[str], output: Path) -> dict[str,
     return figures
 
 
-def mean_se(values: list[float]) -> str:
-    se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float('nan')
-    return f'{statistics.mean(values):.2f} ± {se:.2f}'
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--dataset', default='digits', choices=['digits', 'fashion-mnist', 'folder'],
@@ -78,7 +74,8 @@ def main() -> None:
              '| way | smallest | largest | per seed (smallest / largest) | minutes of training per run |',
              '|---|---|---|---|---|']
     for way, runs in results.items():
-        lines.append(f"| {way} | {mean_se([r['smallest'] for r in runs])} | {mean_se([r['largest'] for r in runs])} | "
+        lines.append(f"| {way} | {plus_minus(*mean_se([r['smallest'] for r in runs]))} | "
+                     f"{plus_minus(*mean_se([r['largest'] for r in runs]))} | "
                      + ', '.join(f"{r['smallest']:.2f} / {r['largest']:.2f}" for r in runs)
                      + f" | {statistics.mean(r['minutes'] for r in runs):.1f} |")
     report = ROOT / 'bench' / 'results' / f'unsampled-{args.dataset}.md'
